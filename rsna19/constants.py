@@ -1,0 +1,26 @@
+"""Names and numbers shared by every stage."""
+
+from __future__ import annotations
+
+#: The five hemorrhage subtypes, in the order of the RSNA label csv.
+SUBTYPES: tuple[str, ...] = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+
+#: All six predicted classes; ``any`` is last, as in ``stage_2_train.csv``.
+CLASSES: tuple[str, ...] = (*SUBTYPES, "any")
+
+#: Competition weights: ``any`` counts twice.
+CLASS_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
+
+#: Probability column names used in every prediction parquet.
+PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{c}" for c in CLASSES)
+
+#: HU value used for air and for padding outside the image.
+AIR_HU: int = -1024
+
+#: Named CT windows (centre, width) in HU.
+WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "subdural": (80.0, 200.0),
+    "bone": (600.0, 2800.0),
+    "soft": (40.0, 380.0),
+}
