@@ -1,0 +1,134 @@
+"""Speed of `rsna19 index` against a bare ``pydicom.dcmread(stop_before_pixels=True)`` loop.
+
+Writes ``--files`` synthetic CT slices (``--size``² int16, RSNA-like headers, series of 40 slices in nested
+folders) with :func:`rsna19.io.dicom_write.write_ct_dicom` into a temporary folder, then times, on the same
+files, in one run and interleaved ``--repeats`` times (best time kept, files in the page cache for all):
+
+* ``bare``: walk the folder and ``dcmread(path, stop_before_pixels=True)`` every file, nothing else;
+* ``index wN``: the whole :func:`rsna19.io.index.build_index` with N workers (walk, header checks, pixel buffer
+  size check, geometry, slice order, parquet + errors csv written).
+
+Goals (issue 2): 1 worker ≥ 0.8× the bare loop's files/s; 2 workers ≥ 1.5× the 1-worker rate.
+
+Usage: python benchmarks/index_speed.py [--files 2000] [--size 512] [--workers 1,2] [--repeats 3] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from rsna19.io.dicom_write import SliceGeometry, StorageVariant, write_ct_dicom
+from rsna19.io.index import build_index
+
+SLICES_PER_SERIES = 40
+
+
+def make_files(root: Path, n: int, size: int) -> None:
+    """Write ``n`` slices as series of 40 in ``root/stage_2_train/<series>/`` (skipped if already there)."""
+    marker = root / f".done-{n}-{size}"
+    if marker.exists():
+        return
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1024, 1500, size=(size, size)).astype(np.float64)
+    for i in range(n):
+        s, k = divmod(i, SLICES_PER_SERIES)
+        folder = root / "stage_2_train" / f"s{s:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_ct_dicom(
+            folder / f"ID_{rng.integers(16**9):09x}.dcm",
+            hu,
+            SliceGeometry(ipp=(-125.0, -125.0, 5.0 * k), iop=(1, 0, 0, 0, 1, 0), pixel_spacing=(0.488, 0.488)),
+            sop_uid=f"ID_{i:09x}",
+            series_uid=f"ID_s{s:07x}",
+            study_uid=f"ID_t{s:07x}",
+            patient_id=f"ID_p{s // 2:07x}",
+            instance_number=k + 1,
+            variant=StorageVariant(wrap12=(s % 3 == 0)),
+            window_center=[36.0, 36.0],
+            window_width=[80.0, 80.0],
+        )
+    marker.touch()
+
+
+def bare_loop(root: Path) -> int:
+    """Walk ``root`` and read every file's header with pydicom; returns the number of files."""
+    n = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".dcm"):
+                pydicom.dcmread(os.path.join(folder, name), stop_before_pixels=True)
+                n += 1
+    return n
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}, pydicom {pydicom.__version__}, numpy {np.__version__}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dir", help="folder for the files (kept); default: a temporary folder, removed after")
+    args = ap.parse_args(argv)
+    workers = [int(w) for w in args.workers.split(",")]
+
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rsna19-index-bench-"))
+    try:
+        t = time.perf_counter()
+        make_files(root / "data", args.files, args.size)
+        print(f"{args.files} files of {args.size}x{args.size} in {root} ({time.perf_counter() - t:.1f} s to write)")
+        bare_loop(root / "data")  # warm the page cache and the imports
+        best: dict[str, float] = {}
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            n = bare_loop(root / "data")
+            best["bare"] = min(best.get("bare", np.inf), time.perf_counter() - t)
+            assert n == args.files
+            for w in workers:
+                t = time.perf_counter()
+                df = build_index(
+                    [root / "data"], out=root / f"index_w{w}.parquet", workers=w, progress=False, overwrite=True
+                )
+                best[f"index w{w}"] = min(best.get(f"index w{w}", np.inf), time.perf_counter() - t)
+                assert len(df) == args.files, len(df)
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print(f"machine: {machine()}")
+    print(f"command: python benchmarks/index_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    rate = {k: args.files / v for k, v in best.items()}
+    one = rate.get("index w1")
+    print(f"| method | files | seconds | files/s | vs bare | vs index w1 |\n|---|---:|---:|---:|---:|---:|")
+    for k, sec in best.items():
+        vs_one = f"{rate[k] / one:.2f}×" if one and k.startswith("index") else ""
+        print(f"| {k} | {args.files} | {sec:.3f} | {rate[k]:.0f} | {rate[k] / rate['bare']:.2f}× | {vs_one} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

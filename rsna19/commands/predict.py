@@ -1,0 +1,48 @@
+"""``rsna19 predict RUN --fold k --split oof|test [--tta ...]``: prediction parquet of one fold's model."""
+
+from __future__ import annotations
+
+import argparse
+
+from rsna19.inference.predict import DEFAULT_TTA
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared with ``models/predict.py``."""
+    p.add_argument("run", help="run directory RUNS/<config name> (or its fold_<k>)")
+    p.add_argument("--fold", type=int, required=True, help="fold k")
+    p.add_argument("--split", choices=("oof", "test"), default="oof", help="held-out patients or the test set")
+    p.add_argument("--tta", nargs="+", default=list(DEFAULT_TTA), help="views: none hflip vflip transpose")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--cache", help="override the run's cache path")
+    p.add_argument("--folds", help="override the run's folds.csv")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--out", help="output parquet (default: RUN/fold_<k>/<split>.parquet)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="predict OOF or test slices with one fold's model (+TTA)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rsna19.inference.predict import predict
+
+    path = predict(
+        args.run,
+        args.fold,
+        args.split,
+        tta=args.tta,
+        checkpoint=args.checkpoint,
+        cache=args.cache,
+        folds=args.folds,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.num_workers,
+        out=args.out,
+    )
+    print(path)
+    return 0

@@ -1,0 +1,21 @@
+"""Volume-aware conversion of DICOM series into the HU cache every model reads (DESIGN §3)."""
+
+from rsna19.conversion.series import (
+    CONVERSION_VERSION,
+    ConvertParams,
+    SeriesError,
+    convert_mask,
+    convert_series,
+    read_meta,
+    write_series,
+)
+
+__all__ = [
+    "CONVERSION_VERSION",
+    "ConvertParams",
+    "SeriesError",
+    "convert_mask",
+    "convert_series",
+    "read_meta",
+    "write_series",
+]

@@ -1,0 +1,1 @@
+"""Model inputs: folds, HU windows, augmentation and datasets over the conversion cache."""

@@ -1,0 +1,574 @@
+"""Find the studies and series in what a user hands to ``rsna19 predict-study``.
+
+The input is a folder (nested, several studies and series mixed, stray non-DICOM files) or a ``.zip``. This
+module extracts a zip safely, reads every file's DICOM header (no pixels), groups the files as
+study → series → files, and decides which series the models can read:
+
+* kept: CT series whose slices all share one orientation, one image size and one pixel spacing, with the slice
+  normal within :attr:`SelectionRules.max_axial_angle_deg` (35°) of the patient z axis: plain axials and
+  gantry-tilted axials (tilts up to 30°) pass, sagittal and coronal reformats do not;
+* skipped, with a reason each: non-CT modality, localizer / scout / topogram (``ImageType``), non-axial
+  orientation, mixed orientations, mixed image sizes or pixel spacings, no slice with usable geometry.
+
+A single-slice axial series is kept (the converter reads it); raise :attr:`SelectionRules.min_slices` to drop
+such series. Each file of a candidate series (CT, not a localizer) is validated by the index's own
+:func:`rsna19.io.dicom_header.read_header`, so a slice is accepted here exactly when ``rsna19 index`` would
+accept it; a rejected slice (no position, truncated, wrong pixel buffer, duplicated SOP UID) is listed with its
+reason under its study and the rest of the series is still used. Files that are not DICOM images at all are
+listed as skipped files of the input; nothing here raises for a bad file. Only an unsafe or broken zip stops the
+whole input (:class:`UnsafeArchiveError`), because then no member of it can be trusted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import stat
+import tempfile
+import warnings
+import zipfile
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from rsna19.errors import UserError
+from rsna19.io.dicom_header import read_header as read_index_header
+
+#: ImageType values that mark a planning image rather than a diagnostic series.
+LOCALIZER_TOKENS: frozenset[str] = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
+
+
+class UnsafeArchiveError(UserError):
+    """A zip that cannot be extracted safely (path traversal, links, zip bomb) or cannot be read at all."""
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """Caps applied when extracting a zip, against zip bombs.
+
+    Attributes:
+        max_members: most entries (files and folders) in the archive.
+        max_total_bytes: most uncompressed bytes in all, counted while writing (declared sizes can lie).
+        max_ratio: most uncompressed/compressed ratio of one member larger than ``ratio_min_bytes``; CT slices
+            deflate 2–20×, bombs 1000×.
+        ratio_min_bytes: members smaller than this are not ratio-checked (tiny text files compress well).
+    """
+
+    max_members: int = 200_000
+    max_total_bytes: int = 16 * 1024**3
+    max_ratio: float = 200.0
+    ratio_min_bytes: int = 1024**2
+
+
+@dataclass(frozen=True)
+class SelectionRules:
+    """Which series go to the models.
+
+    Attributes:
+        max_axial_angle_deg: largest angle between the slice normal and the z axis (|n_z| ≥ cos of it).
+        orientation_tol: largest difference of any ImageOrientationPatient cosine within one series.
+        spacing_rtol: largest relative difference of PixelSpacing within one series.
+        min_slices: fewest slices a kept series needs.
+    """
+
+    max_axial_angle_deg: float = 35.0
+    orientation_tol: float = 0.02
+    spacing_rtol: float = 1e-3
+    min_slices: int = 1
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that is not used, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class SeriesInput:
+    """One series of one study, kept or skipped.
+
+    Attributes:
+        series_uid, study_uid, patient_id: identifiers from the headers.
+        modality: Modality tag ("CT", "MR", ...; several joined by "/" if the files disagree).
+        description: SeriesDescription ("" if absent).
+        files: the files of the series; for a kept series in slice order (ascending ``positions``).
+        sop_uids: SOPInstanceUID of each file, same order.
+        positions: IPP · (row × col) of each file (mm), ascending; empty for a skipped series.
+        tilt_deg: gantry tilt from the orientation (``atan2(-col_z, col_y)``); None for a skipped series.
+        reason: why the series is skipped; None when it is kept.
+    """
+
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    modality: str
+    description: str
+    files: list[Path]
+    sop_uids: list[str]
+    positions: list[float] = field(default_factory=list)
+    tilt_deg: float | None = None
+    reason: str | None = None
+
+    @property
+    def used(self) -> bool:
+        """True when the series goes to the models."""
+        return self.reason is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (no file lists) for ``studies.json``."""
+        out: dict[str, Any] = {
+            "series_uid": self.series_uid,
+            "modality": self.modality,
+            "description": self.description,
+            "n_files": len(self.files),
+        }
+        if self.used:
+            out["tilt_deg"] = None if self.tilt_deg is None else round(self.tilt_deg, 3)
+        else:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclass
+class StudyInput:
+    """The series of one study, split into kept and skipped ones.
+
+    Attributes:
+        study_uid, patient_id: identifiers from the headers.
+        used: kept series, ordered by series UID.
+        skipped: skipped series with their reasons, ordered by series UID.
+        skipped_files: files of this study left out of a kept series (no geometry, duplicated SOP UID).
+    """
+
+    study_uid: str
+    patient_id: str
+    used: list[SeriesInput] = field(default_factory=list)
+    skipped: list[SeriesInput] = field(default_factory=list)
+    skipped_files: list[SkippedFile] = field(default_factory=list)
+
+    @property
+    def problem(self) -> str | None:
+        """A one-line message when the study has nothing to predict, else None."""
+        if self.used:
+            return None
+        reasons = "; ".join(f"{s.series_uid}: {s.reason}" for s in self.skipped)
+        return f"study {self.study_uid}: no usable axial CT series ({reasons or 'no series'})"
+
+    def to_dict(self, root: Path | None = None) -> dict[str, Any]:
+        """A JSON-ready summary for ``studies.json``; file paths are made relative to ``root`` when given."""
+        return {
+            "study_uid": self.study_uid,
+            "patient_id": self.patient_id,
+            "series_used": [s.to_dict() for s in self.used],
+            "series_skipped": [s.to_dict() for s in self.skipped],
+            "files_skipped": [{"path": _show(f.path, root), "reason": f.reason} for f in self.skipped_files],
+            "problem": self.problem,
+        }
+
+
+@dataclass
+class StudyInputs:
+    """Everything found in one input.
+
+    Attributes:
+        source: the folder or zip the user gave.
+        root: the folder that was scanned (the extraction folder for a zip, inside ``workdir``).
+        studies: study UID → :class:`StudyInput`, sorted by UID.
+        skipped_files: files that belong to no study (not DICOM, unreadable, no UIDs), with reasons.
+    """
+
+    source: Path
+    root: Path
+    studies: dict[str, StudyInput]
+    skipped_files: list[SkippedFile]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary of every study and every skipped file."""
+        return {
+            "source": str(self.source),
+            "studies": {uid: s.to_dict(self.root) for uid, s in self.studies.items()},
+            "files_skipped": [{"path": _show(f.path, self.root), "reason": f.reason} for f in self.skipped_files],
+        }
+
+
+def _show(path: Path, root: Path | None) -> str:
+    """``path`` relative to ``root`` when it lies below it (shorter, and stable across temp folders)."""
+    if root is not None:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Safe zip extraction
+
+
+def _unsafe_member_reason(info: zipfile.ZipInfo) -> str | None:
+    """Why a member name or type must not be extracted, judged from the archive alone; None if acceptable."""
+    name = info.filename
+    if "\x00" in name:
+        return "NUL byte in the name"
+    # Zip names use "/", but archives written on Windows may hold "\": judge both spellings.
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or name.startswith(("/", "\\")):
+        return "absolute path"
+    if ".." in posix.parts or ".." in windows.parts:
+        return "'..' component (path traversal)"
+    mode = info.external_attr >> 16
+    if info.create_system == 3 and stat.S_ISLNK(mode):  # 3 = Unix: the high 16 bits are st_mode
+        return "symbolic link"
+    if info.flag_bits & 0x1:
+        return "encrypted member"
+    return None
+
+
+def safe_extract_zip(
+    zip_path: str | os.PathLike[str], dest_parent: str | os.PathLike[str], limits: ZipLimits = ZipLimits()
+) -> Path:
+    """Extract ``zip_path`` into a new temporary folder inside ``dest_parent``.
+
+    Every member is checked before anything is written: absolute names, drive letters, ``..`` components,
+    symbolic links and encrypted members are refused, as is any name whose resolved path leaves the folder;
+    the member count, the declared total size and each member's compression ratio are capped. While writing,
+    the bytes actually produced are counted again (a header can lie). On any refusal the folder is removed and
+    :class:`UnsafeArchiveError` names the member and the reason; nothing is ever written outside the folder.
+
+    Args:
+        zip_path: the archive.
+        dest_parent: existing or new folder in which the extraction folder is created.
+        limits: caps against zip bombs.
+
+    Returns:
+        The extraction folder (``dest_parent/zip-XXXX``); the caller removes it when done.
+
+    Raises:
+        UnsafeArchiveError: the archive is unreadable, unsafe or over a limit.
+    """
+    zip_path = Path(zip_path)
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UnsafeArchiveError(f"{zip_path}: not a readable zip file ({exc})") from exc
+    with archive:
+        infos = archive.infolist()
+        if len(infos) > limits.max_members:
+            raise UnsafeArchiveError(
+                f"{zip_path}: rejected: {len(infos)} members, more than the limit of {limits.max_members} (zip bomb?)"
+            )
+        declared = 0
+        for info in infos:
+            reason = _unsafe_member_reason(info)
+            if reason is None and info.file_size >= limits.ratio_min_bytes:
+                ratio = info.file_size / max(info.compress_size, 1)
+                if ratio > limits.max_ratio:
+                    reason = f"compression ratio {ratio:.0f}, above the limit of {limits.max_ratio:.0f} (zip bomb?)"
+            if reason is not None:
+                raise UnsafeArchiveError(f"{zip_path}: rejected: member {info.filename!r}: {reason}")
+            declared += info.file_size
+        if declared > limits.max_total_bytes:
+            raise UnsafeArchiveError(
+                f"{zip_path}: rejected: {declared} bytes uncompressed, more than the limit of "
+                f"{limits.max_total_bytes} (zip bomb?)"
+            )
+
+        dest_parent = Path(dest_parent)
+        dest_parent.mkdir(parents=True, exist_ok=True)
+        dest = Path(tempfile.mkdtemp(prefix="zip-", dir=dest_parent)).resolve()
+        try:
+            _extract_members(archive, infos, dest, zip_path, limits)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+    return dest
+
+
+def _extract_members(
+    archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, zip_path: Path, limits: ZipLimits
+) -> None:
+    """Write the (already vetted) members below ``dest``, re-checking each target path and the byte count."""
+    written = 0
+    for info in infos:
+        target = (dest / info.filename).resolve()
+        # The names were vetted; this catches anything the name rules missed (e.g. platform quirks).
+        if target != dest and dest not in target.parents:
+            raise UnsafeArchiveError(f"{zip_path}: rejected: member {info.filename!r} resolves outside the folder")
+        try:
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(info) as src, open(target, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > limits.max_total_bytes:
+                        raise UnsafeArchiveError(
+                            f"{zip_path}: rejected: more than {limits.max_total_bytes} bytes uncompressed "
+                            f"while extracting {info.filename!r} (zip bomb?)"
+                        )
+                    dst.write(chunk)
+        except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, NotImplementedError) as exc:
+            # A corrupt member, an unsupported compression or a name clash (a file where a folder must go).
+            raise UnsafeArchiveError(f"{zip_path}: member {info.filename!r} cannot be extracted ({exc})") from exc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Header reading
+
+
+def read_identity(path: str | os.PathLike[str]) -> dict[str, Any] | str:
+    """Read what grouping and series selection need from one file: UIDs, modality, image type, description.
+
+    This is deliberately light: it only has to place a file in a study and series and tell CT from MR and a
+    localizer from an image series. Files of candidate series are then validated by the index's own
+    :func:`rsna19.io.dicom_header.read_header` (geometry, truncation, pixel buffer), so predict-study accepts and
+    rejects slices exactly like ``rsna19 index``.
+
+    Args:
+        path: any file.
+
+    Returns:
+        ``{"sop_uid", "study_uid", "series_uid", "patient_id", "modality", "image_type", "description"}``
+        (``image_type`` a tuple of upper-case str, ``modality`` upper case, "CT" for a CT SOP class without a
+        Modality element), or a one-line reason why the file is not a DICOM image. Never raises for a bad file.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with open(path, "rb") as fp, warnings.catch_warnings():
+            # Kaggle-style "ID_<hex>" UIDs and vendor quirks warn on every file; the checks below judge the file.
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=1 << 16)
+            except InvalidDicomError:
+                # Old files without the 128-byte preamble start directly with a group 0002 or 0008 element;
+                # forcing anything else would parse random bytes as tags.
+                fp.seek(0)
+                if fp.read(2) not in (b"\x02\x00", b"\x08\x00"):
+                    return "not a DICOM file (no 'DICM' prefix)"
+                fp.seek(0)
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=1 << 16, force=True)
+            get = ds.get
+            ident: dict[str, Any] = {key: str(get(tag, "") or "").strip() for key, tag in _UID_TAGS.items()}
+            modality = str(get("Modality", "") or "").strip().upper()
+            if not modality and str(get("SOPClassUID", "")).startswith(_CT_SOP_CLASS_PREFIX):
+                modality = "CT"
+            ident.update(
+                patient_id=str(get("PatientID", "") or "").strip(),
+                modality=modality,
+                image_type=tuple(str(v).strip().upper() for v in _as_list(get("ImageType"))),
+                description=str(get("SeriesDescription", "") or "").strip(),
+            )
+    except Exception as exc:  # noqa: BLE001 - a bad file must become a reason, whatever pydicom raises
+        return " ".join(f"unreadable DICOM header ({type(exc).__name__}: {exc})".split())[:200]
+
+    missing = [tag for key, tag in _UID_TAGS.items() if not ident[key]]
+    if len(missing) == len(_UID_TAGS):
+        return "not a DICOM image (no SOP, series or study UID; a DICOMDIR or a file cut short?)"
+    if missing:
+        return f"no {' / '.join(missing)}"
+    return ident
+
+
+_UID_TAGS: dict[str, str] = {
+    "sop_uid": "SOPInstanceUID",
+    "series_uid": "SeriesInstanceUID",
+    "study_uid": "StudyInstanceUID",
+}
+#: CT Image Storage and its enhanced / legacy-converted variants (1.2.840.10008.5.1.4.1.1.2[.x]).
+_CT_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        return [value]
+
+
+def _localizer_tokens(ident: dict[str, Any]) -> list[str]:
+    return sorted({t for t in ident["image_type"] if t in LOCALIZER_TOKENS})
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any] | str, dict[str, Any] | str | None]:
+    """Identity of one file and, for a CT image that is not a localizer, its validated index row (or reason)."""
+    ident = read_identity(path)
+    if isinstance(ident, str) or ident["modality"] != "CT" or _localizer_tokens(ident):
+        return ident, None
+    return ident, read_index_header(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Grouping and series selection
+
+_FileInfo = tuple[Path, dict[str, Any], "dict[str, Any] | str | None"]
+
+
+def _select_series(
+    series_uid: str, files: list[_FileInfo], rules: SelectionRules, root: Path
+) -> tuple[SeriesInput, list[SkippedFile]]:
+    """Decide whether one series is kept; returns it (with a reason if skipped) and the files dropped from it."""
+    files = sorted(files, key=lambda f: str(f[0]))
+    first = files[0][1]
+    modalities = sorted({ident["modality"] or "none" for _, ident, _ in files})
+
+    def make(kept: list[_FileInfo], reason: str | None, **kwargs: Any) -> SeriesInput:
+        return SeriesInput(
+            series_uid=series_uid,
+            study_uid=first["study_uid"],
+            patient_id=first["patient_id"],
+            modality="/".join(modalities),
+            description=first["description"],
+            files=[p for p, _, _ in kept],
+            sop_uids=[ident["sop_uid"] for _, ident, _ in kept],
+            reason=reason,
+            **kwargs,
+        )
+
+    if modalities != ["CT"]:
+        return make(files, f"modality {'/'.join(modalities)}, not CT"), []
+    localizer = sorted({t for _, ident, _ in files for t in _localizer_tokens(ident)})
+    if localizer:
+        return make(files, f"localizer image (ImageType contains {'/'.join(localizer)})"), []
+
+    dropped: list[SkippedFile] = []
+    kept: list[_FileInfo] = []
+    seen: dict[str, Path] = {}
+    for path, ident, row in files:
+        if not isinstance(row, dict):  # the index's reason: no position, truncated, wrong buffer size …
+            dropped.append(SkippedFile(path, str(row)))
+        elif ident["sop_uid"] in seen:
+            sop = ident["sop_uid"]
+            dropped.append(SkippedFile(path, f"duplicate SOPInstanceUID {sop} (also in {_show(seen[sop], root)})"))
+        else:
+            seen[ident["sop_uid"]] = path
+            kept.append((path, ident, row))
+    if not kept:
+        reasons = sorted({f.reason for f in dropped})
+        return make(files, f"no usable slice ({'; '.join(reasons)})"), dropped
+
+    rows = [row for _, _, row in kept]
+    iops = np.array([[r[f"iop_{i}"] for i in range(6)] for r in rows], dtype=np.float64)
+    if np.abs(iops - iops[0]).max() > rules.orientation_tol:
+        return make(kept, "mixed orientations within the series"), dropped
+    sizes = sorted({(r["rows"], r["cols"]) for r in rows})
+    if len(sizes) > 1:
+        return make(kept, f"mixed image sizes within the series ({', '.join(f'{a}x{b}' for a, b in sizes)})"), dropped
+    spacings = np.array([[r["pixel_spacing_row"], r["pixel_spacing_col"]] for r in rows], dtype=np.float64)
+    if not np.allclose(spacings, spacings[0], rtol=rules.spacing_rtol, atol=0):
+        return make(kept, "mixed pixel spacings within the series"), dropped
+
+    iop = iops.mean(axis=0)
+    normal = np.cross(iop[:3], iop[3:])
+    normal /= np.linalg.norm(normal)  # the index rejects degenerate orientations
+    angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
+    if angle > rules.max_axial_angle_deg:
+        return make(
+            kept,
+            f"not axial: slice normal {angle:.0f}° from the z axis (limit {rules.max_axial_angle_deg:g}°; "
+            "a sagittal or coronal reformat?)",
+        ), dropped
+    if len(kept) < rules.min_slices:
+        return make(kept, f"{len(kept)} slice(s), fewer than {rules.min_slices}"), dropped
+
+    ipps = np.array([[r["ipp_x"], r["ipp_y"], r["ipp_z"]] for r in rows], dtype=np.float64)
+    positions = ipps @ normal
+    order = sorted(range(len(kept)), key=lambda i: (positions[i], kept[i][1]["sop_uid"]))
+    # Same formula as the index (atan2(-col_z, col_y)); "+ 0.0" turns -0.0 into 0.0 for the json.
+    tilt = math.degrees(math.atan2(-iop[5], iop[4])) + 0.0
+    series = make([kept[i] for i in order], None, positions=[float(positions[i]) for i in order], tilt_deg=tilt)
+    return series, dropped
+
+
+def _walk(root: Path, exclude: Path | None) -> list[Path]:
+    """Every regular file below ``root`` (symlinked folders are not followed), sorted, skipping ``exclude``."""
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if exclude is not None and (here == exclude or exclude in here.parents):
+            dirnames[:] = []
+            continue
+        dirnames.sort()
+        files.extend(here / name for name in sorted(filenames))
+    return files
+
+
+def collect_studies(
+    path: str | os.PathLike[str],
+    workdir: str | os.PathLike[str],
+    *,
+    rules: SelectionRules = SelectionRules(),
+    limits: ZipLimits = ZipLimits(),
+    workers: int = 1,
+) -> StudyInputs:
+    """Group the DICOM files of a folder or zip into studies and series and pick the series to predict.
+
+    Args:
+        path: a folder (walked recursively), a ``.zip`` (extracted safely into a new folder inside ``workdir``)
+            or a single file.
+        workdir: scratch folder owned by the caller; a zip's extraction folder is created in it and stays there
+            (the converter reads the files later): remove ``workdir`` when done.
+        rules: series selection rules.
+        limits: zip-bomb caps.
+        workers: processes reading headers (1 reads in this process).
+
+    Returns:
+        The studies (kept and skipped series with reasons) and the files that belong to no study.
+
+    Raises:
+        UserError: ``path`` does not exist.
+        UnsafeArchiveError: the zip is unreadable, unsafe or over a limit.
+    """
+    source = Path(path)
+    workdir = Path(workdir)
+    if not source.exists():
+        raise UserError(f"{source}: no such file or folder")
+    if source.is_dir():
+        root = source.resolve()
+        # A workdir inside the input folder holds our own extracted copies: never read them as input.
+        files = _walk(root, workdir.resolve())
+    elif zipfile.is_zipfile(source):
+        root = safe_extract_zip(source, workdir, limits)
+        files = _walk(root, None)
+    else:
+        root = source.resolve().parent
+        files = [source.resolve()]
+
+    if workers > 1 and len(files) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            infos = list(pool.map(_read_file, files, chunksize=max(1, len(files) // (4 * workers))))
+    else:
+        infos = [_read_file(f) for f in files]
+
+    skipped_files: list[SkippedFile] = []
+    by_series: dict[tuple[str, str], list[_FileInfo]] = defaultdict(list)
+    for file, (ident, row) in zip(files, infos):
+        if isinstance(ident, str):
+            skipped_files.append(SkippedFile(file, ident))
+        else:
+            by_series[(ident["study_uid"], ident["series_uid"])].append((file, ident, row))
+
+    studies: dict[str, StudyInput] = {}
+    for (study_uid, series_uid), members in sorted(by_series.items()):
+        study = studies.get(study_uid)
+        if study is None:
+            study = studies[study_uid] = StudyInput(study_uid=study_uid, patient_id=members[0][1]["patient_id"])
+        series, dropped = _select_series(series_uid, members, rules, root)
+        (study.used if series.used else study.skipped).append(series)
+        study.skipped_files.extend(dropped)
+    return StudyInputs(source=source, root=root, studies=studies, skipped_files=skipped_files)

@@ -1,0 +1,380 @@
+"""Read the header of one DICOM file into an index row, or say in one line why the file cannot be used.
+
+Speed matters (the RSNA data has 870k files), so :func:`read_header` reads with
+``pydicom.dcmread(stop_before_pixels=True)`` and nothing more: pydicom leaves the file positioned on the
+PixelData element, whose 8- or 12-byte element header we then read ourselves to learn the buffer length
+without reading the buffer. The ~25 values we need are decoded from the raw element bytes, which costs a
+fraction of pydicom's per-element conversion. :func:`read_header` never raises for any file content.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import warnings
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+
+#: Columns of a header row, in the order of ``index.parquet`` (the index adds split, geometry and labels).
+HEADER_COLUMNS: tuple[str, ...] = (
+    "path",
+    "sop_uid",
+    "patient_id",
+    "study_uid",
+    "series_uid",
+    "instance_number",
+    "ipp_x",
+    "ipp_y",
+    "ipp_z",
+    "iop_0",
+    "iop_1",
+    "iop_2",
+    "iop_3",
+    "iop_4",
+    "iop_5",
+    "pixel_spacing_row",
+    "pixel_spacing_col",
+    "slice_thickness",
+    "rows",
+    "cols",
+    "bits_stored",
+    "bits_allocated",
+    "pixel_representation",
+    "rescale_slope",
+    "rescale_intercept",
+    "window_center",
+    "window_width",
+    "transfer_syntax",
+)
+
+# Tags read from the raw dataset.
+_SOP_CLASS = 0x00080016
+_SOP_UID = 0x00080018
+_MODALITY = 0x00080060
+_PATIENT_ID = 0x00100020
+_SLICE_THICKNESS = 0x00180050
+_STUDY_UID = 0x0020000D
+_SERIES_UID = 0x0020000E
+_INSTANCE_NUMBER = 0x00200013
+_IPP = 0x00200032
+_IOP = 0x00200037
+_SAMPLES = 0x00280002
+_FRAMES = 0x00280008
+_ROWS = 0x00280010
+_COLS = 0x00280011
+_SPACING = 0x00280030
+_BITS_ALLOCATED = 0x00280100
+_BITS_STORED = 0x00280101
+_PIXEL_REPRESENTATION = 0x00280103
+_WINDOW_CENTER = 0x00281050
+_WINDOW_WIDTH = 0x00281051
+_INTERCEPT = 0x00281052
+_SLOPE = 0x00281053
+_PIXEL_DATA = 0x7FE00010
+_OTHER_PIXEL_DATA = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
+
+#: SOP classes accepted as CT when a file has no Modality element.
+_CT_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
+_IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+#: Explicit-VR VRs with a 4-byte length (after 2 reserved bytes), PS3.5 7.1.2.
+_VR_LENGTH_32 = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+#: Values longer than this are skipped, not read: a corrupt length must not make us read gigabytes.
+_DEFER_SIZE = 1 << 16
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_US_LE = struct.Struct("<H").unpack
+_US_BE = struct.Struct(">H").unpack
+#: Transfer syntaxes whose pixel data is stored native (not encapsulated).
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+
+
+class _Bad(Exception):
+    """Internal: carries the one-line reason a file is unusable."""
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any] | str:
+    """Read one file's header.
+
+    Args:
+        path: the file.
+
+    Returns:
+        A dict with :data:`HEADER_COLUMNS` as keys if the file is a usable CT slice, otherwise a one-line
+        reason (``"empty file"``, ``"not DICOM: …"``, ``"truncated: …"``, ``"not CT: Modality=MR"``,
+        ``"no pixel data"``, ``"no ImagePositionPatient"``, ``"pixel buffer … bytes, expected …"``, …).
+        Never raises for any file content.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as fp:
+            size = os.fstat(fp.fileno()).st_size
+            if size == 0:
+                return "empty file"
+            with warnings.catch_warnings():
+                # Odd files make pydicom warn (truncated values, invalid VRs); the reason we return says it.
+                warnings.simplefilter("ignore")
+                ds = _read_dataset(fp)
+                return _row(path, fp, size, ds)
+    except _Bad as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    except Exception as exc:  # noqa: BLE001 — any content must give a reason, never a crash
+        return f"unreadable: {type(exc).__name__}: {_one_line(str(exc))}"
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _read_dataset(fp: Any) -> pydicom.FileDataset:
+    try:
+        return pydicom.dcmread(fp, stop_before_pixels=True, defer_size=_DEFER_SIZE)
+    except InvalidDicomError:
+        pass
+    # No "DICM" preamble: some writers omit it. Parse the bytes as a bare dataset and accept them only if
+    # they look like an image header; random bytes either fail here or yield no SOPInstanceUID.
+    try:
+        fp.seek(0)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=_DEFER_SIZE, force=True)
+    except Exception as exc:  # noqa: BLE001
+        raise _Bad("not DICOM: no DICM preamble and not parseable") from exc
+    if _SOP_UID not in ds or _ROWS not in ds:
+        raise _Bad("not DICOM: no DICM preamble and not parseable")
+    return ds
+
+
+def _values(ds: pydicom.Dataset) -> dict[int, bytes | str]:
+    """Raw value bytes of the top-level elements, by plain int tag; raises if one was cut short.
+
+    pydicom reads a value that the end of the file cuts short without complaint, so a truncated header is
+    found here. Deferred (too large) and empty values are left out. Plain int keys: pydicom's ``BaseTag``
+    keys compare slowly, and ``get_item()`` does more than we need.
+    """
+    out: dict[int, bytes | str] = {}
+    for tag, elem in ds.items():
+        if elem.__class__ is RawDataElement:
+            value = elem.value
+            if not value:
+                continue
+            if len(value) < elem.length and elem.length != _UNDEFINED_LENGTH:
+                n, length = len(value), elem.length
+                raise _Bad(f"truncated: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has {n} of {length} bytes")
+        else:  # already converted by pydicom (rare): re-encode the value as DICOM text
+            value = elem.value
+            if value is None or value == "":
+                continue
+            if isinstance(value, list | tuple | MultiValue):
+                value = "\\".join(str(v) for v in value)
+            value = str(value)  # a str, not bytes, marks it as converted
+        out[int(tag)] = value
+    return out
+
+
+def _text(values: dict[int, bytes | str], tag: int) -> str | None:
+    raw = values.get(tag)
+    if raw is None:
+        return None
+    if raw.__class__ is str:
+        return raw.strip(" \x00") or None
+    return raw.decode("latin-1").strip(" \x00") or None
+
+
+def _numbers(values: dict[int, bytes | str], tag: int, name: str) -> list[float] | None:
+    """Decode a DS/IS (possibly multi-valued) element; None if absent or empty."""
+    text = _text(values, tag)
+    if text is None:
+        return None
+    try:
+        numbers = [float(v) for v in text.split("\\")]
+    except ValueError:
+        raise _Bad(f"bad {name}: {text[:60]!r}") from None
+    if not math.isfinite(sum(numbers)):
+        raise _Bad(f"bad {name}: {text[:60]!r}")
+    return numbers
+
+
+def _us(values: dict[int, bytes | str], tag: int, little: bool) -> int | None:
+    """Decode a US element (2 bytes in the file's byte order); None if absent or empty."""
+    raw = values.get(tag)
+    if raw is None:
+        return None
+    if raw.__class__ is str:
+        return int(raw)
+    if len(raw) < 2:
+        raise _Bad(f"bad element ({tag >> 16:04X},{tag & 0xFFFF:04X}): {len(raw)} bytes for a US value")
+    return (_US_LE if little else _US_BE)(raw[:2])[0]
+
+
+def _row(path: str, fp: Any, size: int, ds: pydicom.FileDataset) -> dict[str, Any]:
+    """Validate the dataset and build the header row; raises :class:`_Bad` with the reason."""
+    pixel_pos = fp.tell()  # pydicom stopped (and rewound) at the pixel data element, or reached the end
+    elems = _values(ds)
+    if pixel_pos >= size:
+        # pydicom reached the end of the file without meeting pixel data. If the last element ends before
+        # it, the file was cut inside an element header (pydicom stops there silently).
+        ends = [e.value_tell + e.length for e in ds.values() if e.__class__ is RawDataElement]
+        if ends and _UNDEFINED_LENGTH not in (e.length for e in ds.values() if e.__class__ is RawDataElement):
+            end = max(ends)
+            if end < size:
+                raise _Bad(f"truncated: {size - end} stray bytes after the last complete element")
+    little = ds.original_encoding[1]
+
+    modality = _text(elems, _MODALITY)
+    if modality != "CT" and not (modality is None and _text(elems, _SOP_CLASS) in _CT_SOP_CLASSES):
+        raise _Bad(f"not CT: Modality={modality}" if modality else "not CT: no Modality")
+
+    sop = _text(elems, _SOP_UID)
+    if sop is None:
+        raise _Bad("no SOPInstanceUID")
+    series = _text(elems, _SERIES_UID)
+    if series is None:
+        raise _Bad("no SeriesInstanceUID")
+    study = _text(elems, _STUDY_UID)
+    if study is None:
+        raise _Bad("no StudyInstanceUID")
+    patient = _text(elems, _PATIENT_ID) or study  # grouping by patient needs a key; a study is the best fallback
+
+    ipp = _numbers(elems, _IPP, "ImagePositionPatient")
+    if ipp is None:
+        raise _Bad("no ImagePositionPatient")
+    if len(ipp) != 3:
+        raise _Bad(f"bad ImagePositionPatient: {len(ipp)} values")
+    iop = _numbers(elems, _IOP, "ImageOrientationPatient")
+    if iop is None:
+        raise _Bad("no ImageOrientationPatient")
+    if len(iop) != 6:
+        raise _Bad(f"bad ImageOrientationPatient: {len(iop)} values")
+    rx, ry, rz, cx, cy, cz = iop
+    nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
+    if nx * nx + ny * ny + nz * nz < 0.25:  # unit cosines give |n| = sin(angle between them); ~1 for valid IOP
+        raise _Bad("bad ImageOrientationPatient: row and column cosines are not orthogonal unit vectors")
+    spacing = _numbers(elems, _SPACING, "PixelSpacing")
+    if spacing is None:
+        raise _Bad("no PixelSpacing")
+    if len(spacing) != 2 or min(spacing) <= 0:
+        raise _Bad(f"bad PixelSpacing: {spacing}")
+
+    rows, cols = _us(elems, _ROWS, little), _us(elems, _COLS, little)
+    if not rows or not cols:
+        raise _Bad("no Rows/Columns")
+    bits_allocated = _us(elems, _BITS_ALLOCATED, little)
+    if bits_allocated is None:
+        raise _Bad("no BitsAllocated")
+    bits_stored = _us(elems, _BITS_STORED, little) or bits_allocated
+    pixel_representation = _us(elems, _PIXEL_REPRESENTATION, little) or 0
+    samples = _us(elems, _SAMPLES, little) or 1
+    frames = _numbers(elems, _FRAMES, "NumberOfFrames")
+    n_frames = int(frames[0]) if frames else 1
+    if n_frames != 1:
+        raise _Bad(f"multi-frame image (NumberOfFrames={n_frames}) not supported")
+
+    meta_ts = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta is not None else None
+    if meta_ts:
+        transfer_syntax = str(meta_ts)
+    else:  # no file meta (read with force): pydicom guessed the encoding
+        transfer_syntax = _IMPLICIT_VR_LE if ds.original_encoding[0] else _EXPLICIT_VR_LE
+    _check_pixel_data(fp, pixel_pos, size, ds, transfer_syntax, rows, cols, samples, bits_allocated)
+
+    thickness = _numbers(elems, _SLICE_THICKNESS, "SliceThickness")
+    instance = _numbers(elems, _INSTANCE_NUMBER, "InstanceNumber")
+    slope = _numbers(elems, _SLOPE, "RescaleSlope")
+    intercept = _numbers(elems, _INTERCEPT, "RescaleIntercept")
+    center = _numbers(elems, _WINDOW_CENTER, "WindowCenter")
+    width = _numbers(elems, _WINDOW_WIDTH, "WindowWidth")
+    nan = float("nan")
+    return {
+        "path": path,
+        "sop_uid": sop,
+        "patient_id": patient,
+        "study_uid": study,
+        "series_uid": series,
+        "instance_number": int(instance[0]) if instance else -1,
+        "ipp_x": ipp[0],
+        "ipp_y": ipp[1],
+        "ipp_z": ipp[2],
+        "iop_0": rx,
+        "iop_1": ry,
+        "iop_2": rz,
+        "iop_3": cx,
+        "iop_4": cy,
+        "iop_5": cz,
+        "pixel_spacing_row": spacing[0],
+        "pixel_spacing_col": spacing[1],
+        "slice_thickness": thickness[0] if thickness else nan,
+        "rows": rows,
+        "cols": cols,
+        "bits_stored": bits_stored,
+        "bits_allocated": bits_allocated,
+        "pixel_representation": pixel_representation,
+        "rescale_slope": slope[0] if slope else 1.0,
+        "rescale_intercept": intercept[0] if intercept else 0.0,
+        # Multi-valued window tags (e.g. [36, 36]) keep their first value (DESIGN §2).
+        "window_center": center[0] if center else nan,
+        "window_width": width[0] if width else nan,
+        "transfer_syntax": transfer_syntax,
+    }
+
+
+def _check_pixel_data(
+    fp: Any,
+    pos: int,
+    size: int,
+    ds: pydicom.FileDataset,
+    transfer_syntax: str,
+    rows: int,
+    cols: int,
+    samples: int,
+    bits_allocated: int,
+) -> None:
+    """Check that a PixelData element follows the header and that its buffer fits Rows × Columns.
+
+    The element header is parsed by hand from where pydicom stopped, so the buffer itself is never read.
+    Encapsulated (compressed) pixel data is only checked for presence: its length says nothing about the
+    image size. Deflated files are read by pydicom from an inflated copy, so their position is unknown here.
+    """
+    if transfer_syntax == _DEFLATED:
+        return
+    implicit, little = ds.original_encoding
+    fp.seek(pos)
+    head = fp.read(12)
+    if len(head) < 8:
+        if head:
+            raise _Bad(f"truncated: {len(head)} stray bytes where the next element should start")
+        raise _Bad("no pixel data")
+    group, elem = struct.unpack("<HH" if little else ">HH", head[:4])
+    tag = group << 16 | elem
+    if tag != _PIXEL_DATA:
+        if tag in _OTHER_PIXEL_DATA:
+            raise _Bad(f"no pixel data: {_OTHER_PIXEL_DATA[tag]} is not supported")
+        raise _Bad("no pixel data")
+    order = "<" if little else ">"
+    if implicit:
+        (length,) = struct.unpack(order + "L", head[4:8])
+        header_len = 8
+    elif head[4:6] in _VR_LENGTH_32:
+        if len(head) < 12:
+            raise _Bad("truncated: PixelData element header cut short")
+        (length,) = struct.unpack(order + "L", head[8:12])
+        header_len = 12
+    else:
+        (length,) = struct.unpack(order + "H", head[6:8])
+        header_len = 8
+    if length == _UNDEFINED_LENGTH or transfer_syntax not in _NATIVE_SYNTAXES:
+        return  # encapsulated: fragments of a compressed stream
+    n_bits = rows * cols * samples * bits_allocated
+    expected = (n_bits + 7) // 8
+    # PixelData values are padded to an even length.
+    if length != expected and length != expected + (expected & 1):
+        layout = f"{rows}×{cols}" + (f"×{samples}" if samples != 1 else "") + f"×{bits_allocated} bit"
+        raise _Bad(f"pixel buffer {length} bytes, expected {expected} ({layout})")
+    available = size - pos - header_len
+    if available < length:
+        raise _Bad(f"truncated: PixelData has {available} of {length} bytes")

@@ -1,0 +1,294 @@
+"""Per-study outputs of ``rsna19 predict-study``: the report picture and the ``studies.json`` summary.
+
+:func:`render_study_report` draws one PNG per study: the most suspicious slices (by ``p_any``) in the brain and
+subdural windows with their probabilities, an optional Grad-CAM heat map on the top slice, and the six class
+probabilities along the slices. :func:`summarise_study` condenses the per-slice predictions of a study into the
+dict written to ``studies.json``.
+
+The PNG is deterministic: same inputs, same bytes (no timestamp or software version in its metadata, a fixed
+size, the Agg renderer and no global pyplot state), so reports can be compared and cached.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from rsna19.constants import CLASSES, PROB_COLUMNS, WINDOWS
+from rsna19.utils.atomic import atomic_path
+
+#: Short names used on the picture (radiology abbreviations).
+SHORT_NAMES: dict[str, str] = {
+    "epidural": "EDH",
+    "intraparenchymal": "IPH",
+    "intraventricular": "IVH",
+    "subarachnoid": "SAH",
+    "subdural": "SDH",
+    "any": "any",
+}
+
+#: Line colours of the six classes (colour-blind friendly tab10 picks; ``any`` black).
+_COLOURS: dict[str, str] = {
+    "epidural": "tab:blue",
+    "intraparenchymal": "tab:orange",
+    "intraventricular": "tab:green",
+    "subarachnoid": "tab:purple",
+    "subdural": "tab:red",
+    "any": "black",
+}
+
+#: Report geometry in inches (the layout is placed by hand, so the size never depends on text extents).
+PANEL_INCHES: float = 2.0  # one montage cell, image plus gap
+_GAP = 0.08  # between images
+_LEFT = 0.35  # room for the window names
+_RIGHT = 0.1
+_HEADER = 0.3  # the study title
+_SLICE_TITLE = 0.5  # three lines of 7.5 pt above each slice
+_PLOT_GAP = 0.35  # between the montage and the plot (rank numbers)
+_PLOT = 2.0
+_FOOTER = 0.5  # x label
+_LEGEND = 0.75  # legend right of the plot
+DPI: int = 100
+#: The picture is never narrower than this many panels, so the probability plot stays readable.
+MIN_COLUMNS: int = 5
+
+
+def _windowed(hu: np.ndarray, name: str) -> np.ndarray:
+    """HU → [0, 1] through the named window of :data:`rsna19.constants.WINDOWS`."""
+    centre, width = WINDOWS[name]
+    return np.clip((np.asarray(hu, dtype=np.float32) - (centre - width / 2)) / width, 0.0, 1.0)
+
+
+def top_slices(p_any: np.ndarray, k: int, z: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the ``k`` slices with the highest ``p_any``, most suspicious first (ties: lower z first).
+
+    Args:
+        p_any: (Z,) probabilities.
+        k: how many (capped at Z).
+        z: (Z,) slice numbers breaking ties; the array index when None.
+
+    Returns:
+        (min(k, Z),) int indices into ``p_any``.
+    """
+    p_any = np.asarray(p_any, dtype=np.float64)
+    z = np.arange(p_any.shape[0]) if z is None else np.asarray(z)
+    return np.lexsort((z, -p_any))[: max(0, min(k, p_any.shape[0]))]
+
+
+def report_size(top_k: int, n_slices: int) -> tuple[int, int]:
+    """(width, height) in pixels of the PNG :func:`render_study_report` writes for these sizes."""
+    width, height = _figure_inches(max(min(top_k, n_slices), MIN_COLUMNS))
+    return round(width * DPI), round(height * DPI)
+
+
+def _figure_inches(cols: int) -> tuple[float, float]:
+    return _LEFT + cols * PANEL_INCHES + _RIGHT, _HEADER + _SLICE_TITLE + 2 * PANEL_INCHES + _PLOT_GAP + _PLOT + _FOOTER
+
+
+def _slice_title(rank: int, z: int, probs: np.ndarray, sop_uid: str, threshold: float) -> str:
+    """'#1 · z 12 · any 0.93', the subtypes above the threshold (at most 3; else the two likeliest), the SOP UID."""
+    sub = [(float(probs[i]), SHORT_NAMES[c]) for i, c in enumerate(CLASSES[:-1])]
+    sub.sort(key=lambda t: -t[0])
+    # At most three fit the panel width; they are the likeliest anyway.
+    shown = [t for t in sub if t[0] >= threshold][:3] or sub[:2]
+    classes = " ".join(f"{name} {p:.2f}" for p, name in shown)
+    uid = sop_uid if len(sop_uid) <= 18 else sop_uid[:17] + "…"
+    return f"#{rank} · z {z} · any {float(probs[-1]):.2f}\n{classes}\n{uid}"
+
+
+def render_study_report(
+    volume_hu: np.ndarray,
+    probs: np.ndarray,
+    sop_uids: Sequence[str],
+    positions: Sequence[float],
+    out_png: str | os.PathLike[str],
+    study_uid: str,
+    top_k: int = 6,
+    cam: np.ndarray | None = None,
+    threshold: float = 0.5,
+) -> list[int]:
+    """Draw the report of one study (one series) and write it atomically as PNG.
+
+    Layout: row 1, the ``top_k`` slices with the highest ``p_any`` in the brain window (40/80), most
+    suspicious first, each titled with its probabilities; row 2, the same slices in the subdural window
+    (80/200); bottom, the six probabilities along the slice index z with the threshold and the shown slices
+    marked. ``cam`` is drawn over the first (most suspicious) slice.
+
+    Args:
+        volume_hu: (Z, H, W) HU, slice order (z = 0 is the lowest position).
+        probs: (Z, 6) probabilities in :data:`rsna19.constants.CLASSES` order.
+        sop_uids: (Z,) SOPInstanceUID of each slice.
+        positions: (Z,) slice positions along the normal (mm), ascending.
+        out_png: output file.
+        study_uid: shown in the title.
+        top_k: slices in the montage.
+        cam: optional (h, w) heat map in [0, 1] for the top slice; stretched over the slice when its size differs
+            (a network input may be resized).
+        threshold: decision threshold drawn on the plot and used to pick the classes in the titles.
+
+    Returns:
+        The z indices shown, most suspicious first.
+
+    Raises:
+        ValueError: inconsistent shapes, no slices, or probabilities outside [0, 1].
+    """
+    volume_hu = np.asarray(volume_hu)
+    probs = np.asarray(probs, dtype=np.float64)
+    if volume_hu.ndim != 3 or volume_hu.shape[0] == 0:
+        raise ValueError(f"volume_hu must be (Z, H, W) with Z >= 1, got {volume_hu.shape}")
+    n = volume_hu.shape[0]
+    if probs.shape != (n, len(CLASSES)):
+        raise ValueError(f"probs must be ({n}, {len(CLASSES)}), got {probs.shape}")
+    if len(sop_uids) != n or len(positions) != n:
+        raise ValueError(f"sop_uids and positions need {n} entries, got {len(sop_uids)} and {len(positions)}")
+    if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
+        raise ValueError("probs must be finite and in [0, 1]")
+    if cam is not None and (np.asarray(cam).ndim != 2):
+        raise ValueError(f"cam must be a 2-D map, got shape {np.shape(cam)}")
+
+    shown = top_slices(probs[:, -1], top_k)
+    cols = max(len(shown), MIN_COLUMNS)
+    fig_w, fig_h = _figure_inches(cols)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
+
+    def add_axes(left: float, top: float, width: float, height: float) -> Any:
+        """Axes placed in inches from the top-left corner."""
+        return fig.add_axes((left / fig_w, 1 - (top + height) / fig_h, width / fig_w, height / fig_h))
+
+    flags = [SHORT_NAMES[c] for c, p in zip(CLASSES[:-1], probs.max(axis=0)) if p >= threshold]
+    verdict = "POSITIVE" if probs[:, -1].max() >= threshold else "negative"
+    fig.text(
+        0.5,
+        1 - 0.06 / fig_h,
+        f"study {study_uid} · {n} slices · max p(any) {probs[:, -1].max():.2f} → {verdict}"
+        + (f" ({', '.join(flags)})" if flags else ""),
+        ha="center",
+        va="top",
+        fontsize=11,
+        fontweight="bold",
+    )
+
+    height, width = volume_hu.shape[1:]
+    size = PANEL_INCHES - _GAP
+    for row, window in enumerate(("brain", "subdural")):
+        top = _HEADER + _SLICE_TITLE + row * PANEL_INCHES
+        for col, z in enumerate(int(v) for v in shown):
+            ax = add_axes(_LEFT + col * PANEL_INCHES, top, size, size)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.imshow(_windowed(volume_hu[z], window), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            if col == 0:
+                centre, w = WINDOWS[window]
+                ax.set_ylabel(f"{window} {centre:g}/{w:g}", fontsize=8)
+            if row == 0:
+                ax.set_title(_slice_title(col + 1, z, probs[z], str(sop_uids[z]), threshold), fontsize=7.5, pad=3)
+            if row == 0 and col == 0 and cam is not None:
+                heat = np.ma.masked_less(np.clip(np.asarray(cam, dtype=np.float32), 0, 1), 0.2)
+                ax.imshow(
+                    heat,
+                    cmap="jet",
+                    vmin=0,
+                    vmax=1,
+                    alpha=0.45,
+                    interpolation="bilinear",
+                    extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                )
+                ax.text(0.02, 0.02, "Grad-CAM (any)", transform=ax.transAxes, fontsize=7, color="yellow", va="bottom")
+
+    plot_top = _HEADER + _SLICE_TITLE + 2 * PANEL_INCHES + _PLOT_GAP
+    ax = add_axes(_LEFT + 0.15, plot_top, cols * PANEL_INCHES - _GAP - 0.15 - _LEGEND, _PLOT)
+    zs = np.arange(n)
+    for i, name in enumerate(CLASSES):
+        ax.plot(
+            zs,
+            probs[:, i],
+            color=_COLOURS[name],
+            lw=2.0 if name == "any" else 1.2,
+            marker="o" if n <= 40 else None,
+            ms=2.5,
+            label=SHORT_NAMES[name],
+        )
+    ax.axhline(threshold, color="grey", lw=0.8, ls="--")
+    for rank, z in enumerate(shown):
+        ax.axvline(int(z), color="0.75", lw=0.8, zorder=0)
+        ax.text(int(z), 1.03, str(rank + 1), ha="center", va="bottom", fontsize=7, color="0.35")
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("probability", fontsize=8)
+    ax.set_xlabel(
+        f"slice index z (0 = lowest; position {float(positions[0]):.1f} → {float(positions[-1]):.1f} mm); "
+        "numbers: slices shown above",
+        fontsize=8,
+    )
+    ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+
+    with atomic_path(out_png) as tmp:
+        # No "Software" entry (matplotlib version) and PNG has no date by default: same inputs, same bytes.
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    return [int(z) for z in shown]
+
+
+def summarise_study(df_slices: pd.DataFrame, top_k: int = 5, threshold: float = 0.5) -> dict[str, Any]:
+    """Condense the per-slice predictions of one study into the dict written to ``studies.json``.
+
+    Args:
+        df_slices: one row a slice with ``sop_uid``, the six ``p_<class>`` columns, and optionally ``z`` (or
+            ``slice_idx``), ``position`` and ``series_uid``. Without ``z``, slices are numbered by ``position``
+            (or row order).
+        top_k: slices listed in ``top_slices``.
+        threshold: decision threshold of the ``positive`` flags.
+
+    Returns:
+        ``{"n_slices", "threshold", "max_probability": {class: p}, "positive": {class: bool},
+        "positive_classes": [class, ...], "top_slices": [{"sop_uid", "z", "position", "p_any"[, "series_uid"]}]}``
+        with probabilities rounded to 6 decimals; ``top_slices`` is sorted by ``p_any`` descending.
+
+    Raises:
+        ValueError: no rows, a missing column, or probabilities that are not finite.
+    """
+    if len(df_slices) == 0:
+        raise ValueError("summarise_study: no slices")
+    missing = [c for c in ("sop_uid", *PROB_COLUMNS) if c not in df_slices.columns]
+    if missing:
+        raise ValueError(f"summarise_study: missing columns {missing}")
+    probs = df_slices[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(probs)):
+        raise ValueError("summarise_study: probabilities must be finite")
+
+    df = df_slices.reset_index(drop=True)
+    if "z" in df.columns:
+        z = df["z"].to_numpy()
+    elif "slice_idx" in df.columns:
+        z = df["slice_idx"].to_numpy()
+    elif "position" in df.columns:
+        z = df["position"].rank(method="first").to_numpy() - 1
+    else:
+        z = np.arange(len(df))
+    maxima = probs.max(axis=0)
+    top = []
+    for i in top_slices(probs[:, -1], top_k, z):
+        entry: dict[str, Any] = {
+            "sop_uid": str(df.at[i, "sop_uid"]),
+            "z": int(z[i]),
+            "position": float(df.at[i, "position"]) if "position" in df.columns else None,
+            "p_any": round(float(probs[i, -1]), 6),
+        }
+        if "series_uid" in df.columns:
+            entry["series_uid"] = str(df.at[i, "series_uid"])
+        top.append(entry)
+    return {
+        "n_slices": len(df),
+        "threshold": threshold,
+        "max_probability": {c: round(float(p), 6) for c, p in zip(CLASSES, maxima)},
+        "positive": {c: bool(p >= threshold) for c, p in zip(CLASSES, maxima)},
+        "positive_classes": [c for c, p in zip(CLASSES, maxima) if p >= threshold],
+        "top_slices": top,
+    }

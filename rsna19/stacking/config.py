@@ -1,0 +1,116 @@
+"""Schema of a second-level (stacking) config: ``configs/stack/*.yaml``.
+
+Example:
+    >>> from rsna19.config import load_config
+    >>> cfg = load_config(StackConfig, "configs/stack/demo.yaml", ["lgbm.num_boost_round=200"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FeatureConfig:
+    """Which neighbour features to build from each base model (DESIGN §7)."""
+
+    #: Probabilities at slice offsets −k..+k within the series.
+    offsets: int = 2
+    #: Centred rolling windows (odd lengths) over which mean and max are taken.
+    windows: tuple[int, ...] = (3, 5)
+
+
+@dataclass
+class LgbmConfig:
+    """LightGBM stacker: one binary booster per class, early-stopped on a patient-grouped inner split."""
+
+    enabled: bool = True
+    num_boost_round: int = 2000
+    early_stopping_rounds: int = 50
+    learning_rate: float = 0.03
+    num_leaves: int = 31
+    min_data_in_leaf: int = 100
+    feature_fraction: float = 0.5
+    bagging_fraction: float = 0.8
+    bagging_freq: int = 1
+    lambda_l2: float = 1.0
+    max_bin: int = 255
+    num_threads: int = 2
+    #: Fraction of the level-2 training patients held out for early stopping.
+    inner_val_fraction: float = 0.15
+
+
+@dataclass
+class MlpConfig:
+    """MLP stacker over the same features (logit of probabilities, standardised), in torch on CPU."""
+
+    enabled: bool = True
+    hidden: tuple[int, ...] = (128, 64)
+    dropout: float = 0.1
+    epochs: int = 30
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    #: Epochs without improvement of the inner-validation loss before stopping.
+    patience: int = 4
+    inner_val_fraction: float = 0.15
+    num_threads: int = 2
+
+
+@dataclass
+class ConvexConfig:
+    """The seed's baseline: a convex combination (w ≥ 0, Σw = 1) of the base models' probabilities."""
+
+    enabled: bool = True
+    #: One weight vector per class (True) or one shared by all classes (False).
+    per_class: bool = True
+
+
+@dataclass
+class BlendConfig:
+    """Non-negative weights summing to one over the stackers, fitted on their level-2 OOF predictions."""
+
+    enabled: bool = True
+    #: Stacker names to blend; empty means every enabled stacker.
+    members: list[str] = field(default_factory=list)
+    per_class: bool = True
+
+
+@dataclass
+class PostprocessConfig:
+    """Applied to every stacker's and the blend's output."""
+
+    #: Raise ``any`` to at least the largest subtype probability.
+    any_ge_max: bool = True
+    #: Clip probabilities to [clip, 1 − clip]; 0 disables.
+    clip: float = 1e-6
+
+
+@dataclass
+class StackConfig:
+    """A second-level run: which base-model runs to stack, where they are, and the stackers' settings.
+
+    Relative paths are taken from the current directory; the CLI options ``--runs``, ``--folds``, ``--out`` and
+    ``--test-labels`` override them.
+    """
+
+    #: Output goes to ``<out>/<name>/``; defaults to the config file's stem.
+    name: str = "stack"
+    #: Root of the base-model runs: ``<runs>/<model>/fold_<k>/{oof,test}.parquet``.
+    runs: str = "runs"
+    #: Base-model config names (run directories). Empty: every run under ``runs`` that has OOF predictions.
+    models: list[str] = field(default_factory=list)
+    #: Folds to use. Empty: every fold in ``folds_csv``.
+    folds: list[int] = field(default_factory=list)
+    #: ``patient_id, fold``: the patient-grouped folds of the base models, reused for level-2 CV.
+    folds_csv: str = "folds.csv"
+    out: str = "stack"
+    #: Optional Kaggle-format ``ID,Label`` csv with the test labels; fills ``wll_test`` in ``scores.csv``.
+    test_labels: str | None = None
+    seed: int = 0
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    lgbm: LgbmConfig = field(default_factory=LgbmConfig)
+    mlp: MlpConfig = field(default_factory=MlpConfig)
+    convex: ConvexConfig = field(default_factory=ConvexConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)

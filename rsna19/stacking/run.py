@@ -1,0 +1,271 @@
+"""The ``stack`` stage: base-model predictions → level-2 features → stackers by level-2 CV → blend → outputs.
+
+Output (written as one directory, atomically; a finished one is skipped unless ``force``)::
+
+    <out>/<name>/oof.parquet     key columns, fold, model (mean / convex / lgbm / mlp / blend), p_<class> ×6, labels
+    <out>/<name>/test.parquet    key columns, fold (−1), model, p_<class> ×6
+    <out>/<name>/scores.csv      name, kind, wll_oof, wll_test, loss_<class> ×6, auc_any
+    <out>/<name>/weights.json    convex (per level-2 fold) and blend weights
+    <out>/<name>/timings.json    seconds per step
+    <out>/<name>/config.yaml     the resolved config, with the base models actually used
+
+Example (one line on a finished demo run)::
+
+    run_stack(load_config(StackConfig, "configs/stack/demo.yaml", ["runs=demo_out/runs"]))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rsna19.config import save_config
+from rsna19.constants import CLASSES, PROB_COLUMNS
+from rsna19.errors import UserError
+from rsna19.stacking.base import Stacker
+from rsna19.stacking.blend import BlendResult, fit_blend
+from rsna19.stacking.config import StackConfig
+from rsna19.stacking.convex import ConvexStacker
+from rsna19.stacking.cv import CrossFitResult, cross_fit
+from rsna19.stacking.features import Level2Data, build_features
+from rsna19.stacking.inputs import KEY_COLUMNS, BaseInputs, load_base_inputs
+from rsna19.stacking.lgbm import LgbmStacker
+from rsna19.stacking.mlp import MlpStacker
+from rsna19.stacking.postprocess import postprocess
+from rsna19.stacking.report import format_score_table, score_frame, score_row
+from rsna19.utils.atomic import atomic_path, write_parquet, write_text
+
+log = logging.getLogger(__name__)
+
+#: Marker of a finished stack directory (written last inside the atomically renamed directory).
+DONE_FILE = "scores.csv"
+
+
+@dataclass
+class Level2Set:
+    """The level-2 problem: features, labels and folds of the OOF rows, and features of the test rows.
+
+    Attributes:
+        models: base model names (order of ``Level2Data.base``'s model axis).
+        oof_features, test_features: frames from :func:`build_features` (sorted by series, slice).
+        oof, test: the same as matrices for the stackers.
+        y: (N, 6) OOF labels; folds: (N,) fold of each OOF row; y_test: (N_test, 6) or None.
+    """
+
+    models: list[str]
+    oof_features: pd.DataFrame
+    test_features: pd.DataFrame
+    oof: Level2Data
+    test: Level2Data
+    y: np.ndarray
+    folds: np.ndarray
+    y_test: np.ndarray | None = None
+
+
+def prepare_level2(inputs: BaseInputs, offsets: int = 2, windows: tuple[int, ...] = (3, 5)) -> Level2Set:
+    """Build features for OOF and test rows and align labels and folds with them."""
+    oof_feats = build_features(inputs.oof, offsets, windows)
+    test_feats = build_features(inputs.test, offsets, windows)
+    ref = inputs.oof[inputs.models[0]].set_index("sop_uid")
+    y = ref.loc[oof_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64)
+    folds = oof_feats["patient_id"].map(inputs.fold_of_patient).to_numpy(int)
+    y_test = None
+    if inputs.test_labels is not None:
+        y_test = inputs.test_labels.loc[test_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64)
+    return Level2Set(
+        models=list(inputs.models),
+        oof_features=oof_feats,
+        test_features=test_feats,
+        oof=Level2Data.from_features(oof_feats, inputs.models),
+        test=Level2Data.from_features(test_feats, inputs.models),
+        y=y,
+        folds=folds,
+        y_test=y_test,
+    )
+
+
+def make_stackers(cfg: StackConfig) -> dict[str, Callable[[], Stacker]]:
+    """Factories of the enabled stackers, by name."""
+    out: dict[str, Callable[[], Stacker]] = {}
+    if cfg.convex.enabled:
+        out["convex"] = lambda: ConvexStacker(cfg.convex.per_class)
+    if cfg.lgbm.enabled:
+        out["lgbm"] = lambda: LgbmStacker(cfg.lgbm, cfg.seed)
+    if cfg.mlp.enabled:
+        out["mlp"] = lambda: MlpStacker(cfg.mlp, cfg.seed)
+    return out
+
+
+@dataclass
+class StackResult:
+    """What :func:`run_stack` produced.
+
+    Attributes:
+        out_dir: the stack directory.
+        scores: the score table (``scores.csv``).
+        skipped: True when a finished output was found and nothing was recomputed.
+        oof, test: method name → (N, 6) / (N_test, 6) final probabilities (empty when skipped).
+        timings: step → seconds.
+        level2: the level-2 problem (None when skipped).
+        stackers: name → cross-fit result; blend: the blend (None when skipped or disabled).
+    """
+
+    out_dir: Path
+    scores: pd.DataFrame
+    skipped: bool = False
+    oof: dict[str, np.ndarray] = field(default_factory=dict)
+    test: dict[str, np.ndarray] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    level2: Level2Set | None = None
+    stackers: dict[str, CrossFitResult] = field(default_factory=dict)
+    blend: BlendResult | None = None
+
+
+def fit_stackers(cfg: StackConfig, l2: Level2Set) -> tuple[dict[str, CrossFitResult], BlendResult | None]:
+    """Level-2 CV of every enabled stacker, then the blend of their (post-processed) OOF predictions."""
+    pp = cfg.postprocess
+    results: dict[str, CrossFitResult] = {}
+    for name, factory in make_stackers(cfg).items():
+        log.info("level-2 CV: %s on %d rows × %d features, %d folds", name, *l2.oof.X.shape, len(set(l2.folds)))
+        res = cross_fit(factory, l2.oof, l2.y, l2.folds, l2.test, keep_models=name == "convex")
+        res.oof = postprocess(res.oof, pp.any_ge_max, pp.clip)
+        res.test = postprocess(res.test, pp.any_ge_max, pp.clip)
+        log.info("level-2 CV: %s done in %.1f s", name, res.seconds)
+        results[name] = res
+    blend = None
+    members = list(cfg.blend.members) or list(results)
+    unknown = sorted(set(members) - set(results))
+    if unknown:
+        raise UserError(f"blend.members names stacker(s) {unknown} that are not enabled; enabled: {list(results)}")
+    if cfg.blend.enabled and members:
+        blend = fit_blend(
+            {m: results[m].oof for m in members},
+            {m: results[m].test for m in members},
+            l2.y,
+            l2.folds,
+            cfg.blend.per_class,
+        )
+        blend.oof = postprocess(blend.oof, pp.any_ge_max, pp.clip)
+        blend.test = postprocess(blend.test, pp.any_ge_max, pp.clip)
+    return results, blend
+
+
+def score_stack(
+    l2: Level2Set, stackers: dict[str, CrossFitResult], blend: BlendResult | None
+) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Score table plus the final OOF and test probabilities of the plain mean, each stacker and the blend."""
+    rows = []
+    for i, m in enumerate(l2.models):
+        rows.append(score_row(m, "base", l2.y, l2.oof.base[:, i], l2.y_test, l2.test.base[:, i]))
+    oof = {"mean": l2.oof.base.mean(axis=1, dtype=np.float64)}
+    test = {"mean": l2.test.base.mean(axis=1, dtype=np.float64)}
+    rows.append(score_row("mean", "mean", l2.y, oof["mean"], l2.y_test, test["mean"]))
+    for name, res in stackers.items():
+        oof[name], test[name] = res.oof, res.test
+        rows.append(score_row(name, "stacker", l2.y, res.oof, l2.y_test, res.test))
+    if blend is not None:
+        oof["blend"], test["blend"] = blend.oof, blend.test
+        rows.append(score_row("blend", "blend", l2.y, blend.oof, l2.y_test, blend.test))
+    return score_frame(rows), oof, test
+
+
+def predictions_frame(
+    features: pd.DataFrame, preds: dict[str, np.ndarray], fold: np.ndarray | int, labels: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Long prediction frame in the contract's schema: one row per slice and method (``model`` column)."""
+    keys = features[list(KEY_COLUMNS)].reset_index(drop=True)
+    parts = []
+    for name, p in preds.items():
+        df = keys.copy()
+        df["fold"] = fold
+        df["model"] = name
+        df[list(PROB_COLUMNS)] = np.asarray(p, dtype=np.float64)
+        if labels is not None:
+            df[list(CLASSES)] = labels
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True)
+
+
+def stack_dir(cfg: StackConfig) -> Path:
+    """``<out>/<name>``."""
+    return Path(cfg.out) / cfg.name
+
+
+def run_stack(cfg: StackConfig, force: bool = False) -> StackResult:
+    """Run the whole second level for ``cfg``.
+
+    Args:
+        cfg: the stack config (paths already resolved by the caller).
+        force: recompute even if ``<out>/<name>/scores.csv`` exists.
+
+    Returns:
+        The result; ``skipped`` when a finished output was reused.
+    """
+    out_dir = stack_dir(cfg)
+    if (out_dir / DONE_FILE).is_file() and not force:
+        log.info("stack output %s is complete; skipping (use --force to recompute)", out_dir)
+        return StackResult(out_dir, pd.read_csv(out_dir / DONE_FILE), skipped=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    inputs = load_base_inputs(cfg.runs, list(cfg.models), cfg.folds_csv, list(cfg.folds), cfg.test_labels)
+    timings["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows))
+    timings["features_s"] = time.perf_counter() - t0
+    log.info("features: %d OOF and %d test rows × %d features", len(l2.oof), len(l2.test), l2.oof.X.shape[1])
+    stackers, blend = fit_stackers(cfg, l2)
+    timings.update({f"{name}_cv_s": r.seconds for name, r in stackers.items()})
+    scores, oof, test = score_stack(l2, stackers, blend)
+
+    weights: dict[str, object] = {"classes": list(CLASSES), "base_models": l2.models}
+    if "convex" in stackers:
+        weights["convex_per_fold"] = {
+            str(k): np.asarray(m.weights).tolist() for k, m in stackers["convex"].models.items()
+        }
+    if blend is not None:
+        weights["blend"] = {"members": blend.members, "weights": blend.weights.tolist()}
+    resolved = dataclasses.replace(cfg, models=l2.models, folds=sorted(int(k) for k in set(l2.folds)))
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        predictions_frame(l2.oof_features, oof, l2.folds, l2.y).to_parquet(tmp / "oof.parquet", index=False)
+        predictions_frame(l2.test_features, test, -1).to_parquet(tmp / "test.parquet", index=False)
+        write_text(json.dumps(weights, indent=2), tmp / "weights.json")
+        write_text(json.dumps(timings, indent=2), tmp / "timings.json")
+        save_config(resolved, tmp / "config.yaml")
+        scores.to_csv(tmp / DONE_FILE, index=False)
+    log.info("stack output written to %s", out_dir)
+    return StackResult(out_dir, scores, False, oof, test, timings, l2, stackers, blend)
+
+
+def write_features(cfg: StackConfig, out_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Build and save the level-2 features (for inspection or other stackers).
+
+    Writes ``features_oof.parquet`` (key columns, ``fold``, labels, features) and ``features_test.parquet``
+    (key columns, features) to ``out_dir``, default ``<out>/<name>-features``.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out) / f"{cfg.name}-features"
+    inputs = load_base_inputs(cfg.runs, list(cfg.models), cfg.folds_csv, list(cfg.folds), cfg.test_labels)
+    l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows))
+    oof = l2.oof_features.copy()
+    oof.insert(len(KEY_COLUMNS), "fold", l2.folds)
+    labels = pd.DataFrame(l2.y, columns=list(CLASSES))
+    oof = pd.concat([oof.iloc[:, : len(KEY_COLUMNS) + 1], labels, oof.iloc[:, len(KEY_COLUMNS) + 1 :]], axis=1)
+    write_parquet(oof, out_dir / "features_oof.parquet")
+    write_parquet(l2.test_features, out_dir / "features_test.parquet")
+    return out_dir
+
+
+def print_scores(result: StackResult) -> None:
+    """Print the score table and the LightGBM level-2 CV time."""
+    print(format_score_table(result.scores))
+    if "lgbm_cv_s" in result.timings:
+        print(f"LightGBM level-2 CV: {result.timings['lgbm_cv_s']:.1f} s")

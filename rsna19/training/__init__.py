@@ -1,0 +1,1 @@
+"""One trainer for every model family (DESIGN §5)."""

@@ -1,0 +1,129 @@
+"""The training config schema: one YAML file per base-model experiment (``configs/``), dotted overrides on top.
+
+Paths (cache, folds, runs) are not part of the experiment: they come from ``--cache/--folds/--runs`` or the
+environment (``RSNA19_CACHE``, ``RSNA19_FOLDS``, ``RSNA19_RUNS``) and are recorded in the resolved config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rsna19.data.augment import AugmentConfig
+from rsna19.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """What a sample is: slices, windows, layout, image size and augmentation."""
+
+    cache: str | None = None
+    folds: str | None = None
+    windows: list[str] = field(default_factory=lambda: ["brain", "subdural", "bone"])
+    slices: int = 1
+    layout: Literal["channels", "stack"] = "channels"
+    resize: int | None = None
+    crop: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    samples_per_epoch: int | None = None
+    num_workers: int = 0
+    cdf_series: int = 16
+
+
+@dataclass
+class ModelConfig:
+    """A registered model (``rsna19 models``) and its arguments."""
+
+    name: str = "clf2d"
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    weights: str | None = None
+    drop_rate: float = 0.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and gradient clipping."""
+
+    name: Literal["adamw", "radam"] = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    clip_grad: float | None = 1.0
+
+
+@dataclass
+class SchedConfig:
+    """Learning-rate schedule, stepped per batch."""
+
+    name: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = 0.5
+    min_lr_ratio: float = 0.01
+
+
+@dataclass
+class TrainSection:
+    """Loop settings and hardware."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    val_batch_size: int | None = None
+    seed: int = 42
+    device: str = "auto"
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    channels_last: bool = True
+    freeze_backbone_epochs: int = 0
+    deterministic: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """A base-model experiment."""
+
+    name: str = "model"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    runs: str | None = None
+
+
+#: Keys that may change between a run and its resumption (where files are, how they are read, how it looks).
+VOLATILE_KEYS: tuple[str, ...] = ("data.cache", "data.folds", "runs", "data.num_workers", "train.progress", "train.device")
+
+
+def resolve_paths(
+    cfg: TrainConfig, cache: str | None = None, folds: str | None = None, runs: str | None = None
+) -> TrainConfig:
+    """Fill the data paths from arguments, then the environment; the config's own values come last.
+
+    Raises:
+        UserError: a path that is still unknown.
+    """
+    cfg.data.cache = cache or os.environ.get("RSNA19_CACHE") or cfg.data.cache
+    cfg.data.folds = folds or os.environ.get("RSNA19_FOLDS") or cfg.data.folds
+    cfg.runs = runs or os.environ.get("RSNA19_RUNS") or cfg.runs
+    for key, value, flag, env in (
+        ("cache", cfg.data.cache, "--cache", "RSNA19_CACHE"),
+        ("folds", cfg.data.folds, "--folds", "RSNA19_FOLDS"),
+        ("runs", cfg.runs, "--runs", "RSNA19_RUNS"),
+    ):
+        if not value:
+            raise UserError(f"no {key} path: pass {flag} or set {env}")
+    return cfg
+
+
+def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`rsna19.nets.build_model` for this config."""
+    return {
+        "backbone": cfg.model.backbone,
+        "n_windows": len(cfg.data.windows),
+        "n_slices": cfg.data.slices,
+        "pretrained": cfg.model.pretrained,
+        "weights": cfg.model.weights,
+        "drop_rate": cfg.model.drop_rate,
+        **cfg.model.args,
+    }

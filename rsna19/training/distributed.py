@@ -1,0 +1,98 @@
+"""DistributedDataParallel under ``torchrun`` (DESIGN §5): NCCL on GPUs, gloo on CPU.
+
+A process started by ``torchrun --nproc_per_node N`` finds ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in its
+environment; without them training runs in one process and every helper here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rsna19.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        """True under torchrun with more than one process."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes files and logs."""
+        return self.rank == 0
+
+
+def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → the local GPU if there is one, else CPU; ``cuda`` takes the local rank's GPU.
+
+    Raises:
+        UserError: ``cuda`` asked for without a GPU.
+    """
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(pref)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device is cuda but no GPU is visible")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_pref: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun; pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_pref, local)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local, device)
+
+
+def shutdown() -> None:
+    """Leave the process group (if any)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (no-op outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (``[obj]`` outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_across(value: float) -> float:
+    """Mean of a scalar over the processes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()

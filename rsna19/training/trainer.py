@@ -1,0 +1,391 @@
+"""The trainer shared by every model family (DESIGN §5).
+
+``train(cfg, fold)`` trains on the training-split slices of every patient not in fold ``k`` and validates on
+all slices of fold ``k``'s patients each epoch (weighted log loss, no TTA). It writes into
+``RUNS/<config name>/fold_<k>/``: the resolved ``config.yaml``, ``log.csv`` (one row an epoch), ``last.pt``
+(every epoch) and ``best.pt`` (best validation loss).
+
+Reproducibility: every random draw of an epoch comes from ``(seed, epoch)`` — the slice sample, the
+augmentation of each sample (seeded by its index) and torch's generator (dropout) — so a run killed after
+epoch ``e`` and resumed from ``last.pt`` continues exactly as the uninterrupted run would (bit-identical on
+CPU), and two runs of one config give identical predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from rsna19.config import save_config, to_dict
+from rsna19.constants import CLASS_WEIGHTS, CLASSES
+from rsna19.data.datasets import SliceDataset, fit_cdf, read_cache_index
+from rsna19.data.folds import read_folds, split_by_fold
+from rsna19.data.transforms import CDF, MultiWindow
+from rsna19.errors import UserError
+from rsna19.inference.predict import autocast, predict_probs, resolve_amp
+from rsna19.metrics import per_class_log_loss, weighted_log_loss
+from rsna19.nets import build_model, get_model_spec
+from rsna19.training.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from rsna19.training.config import VOLATILE_KEYS, TrainConfig, model_kwargs
+from rsna19.training.distributed import (
+    DistInfo,
+    all_gather_object,
+    barrier,
+    init_distributed,
+    mean_across,
+    shutdown,
+)
+from rsna19.utils.atomic import write_csv
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "val_wll", *(f"val_loss_{c}" for c in CLASSES), "lr", "time_s")
+
+
+def weighted_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The competition loss on logits: BCE per class weighted [1, 1, 1, 1, 1, 2], normalised, batch mean.
+
+    Args:
+        logits: (B, 6).
+        target: (B, 6) in {0, 1}.
+    """
+    w = torch.tensor(CLASS_WEIGHTS, device=logits.device, dtype=torch.float32)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    return ((bce * w).sum(dim=1) / w.sum()).mean()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_indices(n: int, samples: int | None, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """This process's training rows for ``epoch``: a seeded shuffle, cut (or repeated) to ``samples``.
+
+    The order is a function of ``(seed, epoch)`` only; it is padded to a multiple of ``world`` and dealt out
+    round-robin, so every process gets the same number of batches (like ``DistributedSampler``).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    want = samples or n
+    order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(want / n))])[:want]
+    pad = (-len(order)) % world
+    order = np.concatenate([order, order[:pad]])
+    return order[rank::world]
+
+
+def _worker_init(worker_id: int) -> None:
+    # Each loader process: one OpenCV thread (the loader parallelism is the processes) and fresh seeds.
+    cv2.setNumThreads(1)
+    info = torch.utils.data.get_worker_info()
+    seed = (info.seed if info is not None else worker_id) % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Backbone and head parameters as two groups (the backbone can then be frozen by its lr factor)."""
+    backbone = {id(p) for p in getattr(model, "backbone", nn.Identity()).parameters()}
+    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": []}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups["backbone" if id(p) in backbone else "head"].append(p)
+    return [
+        {"params": ps, "name": name, "weight_decay": weight_decay} for name, ps in groups.items() if ps
+    ]
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW or RAdam over the backbone/head parameter groups."""
+    groups = _param_groups(model, cfg.optim.weight_decay)
+    if cfg.optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    return torch.optim.RAdam(groups, lr=cfg.optim.lr, decoupled_weight_decay=True)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (linear warm-up, then cosine / one-cycle / constant)."""
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+    warm = cfg.sched.warmup_epochs * steps_per_epoch
+    floor = cfg.sched.min_lr_ratio
+    if cfg.sched.name == "onecycle":
+        # One cycle: warm-up from lr/25 over ~30 % of the run (or the set warm-up), cosine down to the floor.
+        warm = warm or 0.3 * total
+        if step < warm:
+            start = 1 / 25
+            return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * step / warm))
+    elif step < warm:
+        return (step + 1) / (warm + 1)
+    if cfg.sched.name == "constant":
+        return 1.0
+    t = min(1.0, (step - warm) / max(1.0, total - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        key = f"{prefix}{k}"
+        if key in VOLATILE_KEYS:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, key + ".")
+        elif va != vb:
+            out.append(key)
+    return out
+
+
+class Trainer:
+    """Trains one fold of one config; see the module docstring. Use :func:`train`."""
+
+    def __init__(self, cfg: TrainConfig, fold: int, dist: DistInfo) -> None:
+        self.cfg = cfg
+        self.fold = fold
+        self.dist = dist
+        self.device = dist.device
+        assert cfg.runs and cfg.data.cache and cfg.data.folds
+        self.run_dir = Path(cfg.runs) / cfg.name / f"fold_{fold}"
+        spec = get_model_spec(cfg.model.name)
+        if spec.input_layout != cfg.data.layout:
+            raise UserError(
+                f"model {spec.name!r} takes data.layout: {spec.input_layout}, the config has {cfg.data.layout}"
+            )
+        self.amp = resolve_amp(cfg.train.amp, self.device)
+        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
+        seed_everything(cfg.train.seed)
+        if cfg.train.deterministic and self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        index = read_cache_index(cfg.data.cache)
+        self.train_rows, self.val_rows = split_by_fold(index, read_folds(cfg.data.folds), fold)
+        if self.train_rows.empty or self.val_rows.empty:
+            raise UserError(f"fold {fold}: {len(self.train_rows)} training and {len(self.val_rows)} validation slices")
+        cdf = None
+        if CDF in cfg.data.windows:
+            cdf = fit_cdf(cfg.data.cache, self.train_rows["series_uid"].tolist(), cfg.data.cdf_series, cfg.train.seed)
+        self.hu_mapping = MultiWindow(cfg.data.windows, cdf=cdf)
+        common = dict(
+            windows=self.hu_mapping,
+            slices=cfg.data.slices,
+            layout=cfg.data.layout,
+            size=cfg.data.crop,
+            resize=cfg.data.resize,
+        )
+        self.train_ds = SliceDataset(
+            cfg.data.cache, self.train_rows, augment=cfg.data.augment, train=True, seed=cfg.train.seed, **common
+        )
+        self.val_ds = SliceDataset(cfg.data.cache, self.val_rows, train=False, **common)
+
+        self.model_name = cfg.model.name
+        self.model_kwargs = model_kwargs(cfg)
+        model = build_model(self.model_name, **self.model_kwargs).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = build_optimizer(cfg, model)
+        n_epoch = cfg.data.samples_per_epoch or len(self.train_ds)
+        self.steps_per_epoch = math.ceil(math.ceil(n_epoch / dist.world_size) / cfg.train.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, [self._group_lambda(g["name"]) for g in self.optimizer.param_groups]
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.net: nn.Module = (
+            DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if dist.enabled
+            else model
+        )
+        self.start_epoch = 0
+        self.best_wll = math.inf
+        self.log_rows: list[dict[str, Any]] = []
+
+    def _group_lambda(self, group: str):  # noqa: ANN202 - a closure for LambdaLR
+        def f(step: int) -> float:
+            factor = lr_factor(self.cfg, step, self.steps_per_epoch)
+            frozen = step < self.cfg.train.freeze_backbone_epochs * self.steps_per_epoch
+            # Frozen backbone: its learning rate is 0 (gradients still flow, which keeps DDP simple).
+            return 0.0 if group == "backbone" and frozen else factor
+
+        return f
+
+    # ---------------------------------------------------------------- checkpoints
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "model_kwargs": self.model_kwargs,
+            "config": to_dict(self.cfg),
+            "seed": self.cfg.train.seed,
+            "fold": self.fold,
+            "epoch": epoch,
+            "best_wll": self.best_wll,
+            "hu_mapping": self.hu_mapping.state(),
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def maybe_resume(self) -> None:
+        """Continue from ``last.pt`` when it exists and was written by the same config.
+
+        Raises:
+            UserError: ``last.pt`` exists but its config differs (names the differing keys).
+        """
+        path = self.run_dir / "last.pt"
+        if not path.is_file():
+            return
+        state = load_checkpoint(path, map_location=self.device)
+        diff = _config_diff(state["config"], to_dict(self.cfg))
+        if diff or state.get("fold") != self.fold:
+            raise UserError(
+                f"{path} was written with a different config (differs in: {', '.join(diff) or 'fold'}); "
+                "delete the run directory or give the config another name"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best_wll = float(state["best_wll"])
+        log_path = self.run_dir / "log.csv"
+        if log_path.is_file():
+            rows = pd.read_csv(log_path)
+            self.log_rows = rows[rows["epoch"] < self.start_epoch].to_dict("records")
+        if self.dist.is_main:
+            log.info("resuming %s from epoch %d (best val wll %.5f)", self.run_dir, self.start_epoch, self.best_wll)
+
+    # ---------------------------------------------------------------- loop
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over this epoch's sample; returns the mean training loss over all processes."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch)
+        self.train_ds.set_epoch(epoch)
+        idx = epoch_indices(
+            len(self.train_ds), cfg.data.samples_per_epoch, cfg.train.seed, epoch, self.dist.rank, self.dist.world_size
+        )
+        loader = DataLoader(
+            Subset(self.train_ds, idx.tolist()),
+            batch_size=cfg.train.batch_size,
+            shuffle=False,
+            num_workers=cfg.data.num_workers,
+            worker_init_fn=_worker_init,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        self.net.train()
+        total, count = 0.0, 0
+        bar = tqdm(
+            loader,
+            desc=f"{cfg.name} f{self.fold} e{epoch}",
+            disable=not (cfg.train.progress and self.dist.is_main),
+            leave=False,
+        )
+        for batch in bar:
+            x = batch["image"].to(self.device, non_blocking=True)
+            y = batch["target"].to(self.device, non_blocking=True)
+            if self.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.amp):
+                logits = self.net(x)
+            loss = weighted_bce(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.optim.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            total += float(loss.detach()) * len(x)
+            count += len(x)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        return mean_across(total / max(count, 1))
+
+    def validate(self) -> np.ndarray:
+        """Probabilities of every validation slice (no TTA), gathered over the processes in row order."""
+        n = len(self.val_ds)
+        mine = list(range(self.dist.rank, n, self.dist.world_size))
+        probs = predict_probs(
+            unwrap(self.model),
+            Subset(self.val_ds, mine),
+            self.device,
+            self.cfg.train.val_batch_size or self.cfg.train.batch_size,
+            ("none",),
+            self.amp,
+            self.cfg.data.num_workers,
+            self.channels_last,
+            progress=self.cfg.train.progress and self.dist.is_main,
+            desc="val",
+        )
+        out = np.zeros((n, len(CLASSES)), dtype=np.float32)
+        for rank_idx, rank_probs in all_gather_object((mine, probs)):
+            out[rank_idx] = rank_probs
+        return out
+
+    def fit(self) -> Path:
+        """Train the remaining epochs; returns the run directory."""
+        cfg = self.cfg
+        self.maybe_resume()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        if self.start_epoch >= cfg.train.epochs:
+            log.info("%s is complete (%d epochs); nothing to do", self.run_dir, cfg.train.epochs)
+        y_val = self.val_rows[list(CLASSES)].to_numpy(dtype=np.float64)
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            t0 = time.time()
+            train_loss = self.train_epoch(epoch)
+            probs = self.validate()
+            if self.dist.is_main:
+                wll = weighted_log_loss(y_val, probs)
+                per_class = per_class_log_loss(y_val, probs)
+                row = {"epoch": epoch, "train_loss": train_loss, "val_wll": wll}
+                row.update({f"val_loss_{c}": per_class[c] for c in CLASSES})
+                row.update({"lr": self.optimizer.param_groups[-1]["lr"], "time_s": time.time() - t0})
+                self.log_rows.append(row)
+                improved = wll < self.best_wll
+                if improved:
+                    self.best_wll = wll
+                state = self._state(epoch)
+                if improved:
+                    save_checkpoint(state, self.run_dir / "best.pt")
+                # last.pt after best.pt: a run killed in between redoes this epoch rather than losing its best.
+                save_checkpoint(state, self.run_dir / "last.pt")
+                write_csv(pd.DataFrame(self.log_rows, columns=list(LOG_COLUMNS)), self.run_dir / "log.csv")
+                log.info(
+                    "%s fold %d epoch %d: train %.4f val wll %.4f%s (%.1fs)",
+                    cfg.name, self.fold, epoch, train_loss, wll, " *" if improved else "", row["time_s"],
+                )
+            barrier()
+        return self.run_dir
+
+
+def train(cfg: TrainConfig, fold: int) -> Path:
+    """Train fold ``fold`` of ``cfg`` (paths already resolved); under torchrun, with DDP.
+
+    Returns:
+        ``RUNS/<config name>/fold_<k>``.
+    """
+    dist = init_distributed(cfg.train.device)
+    try:
+        return Trainer(cfg, fold, dist).fit()
+    finally:
+        shutdown()
+

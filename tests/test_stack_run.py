@@ -1,0 +1,154 @@
+"""The stack stage end to end on fake base-model predictions: honesty of level-2 CV, outputs, scores, restart."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from predfactory import make_work_dir
+
+from rsna19.cli import main
+from rsna19.config import load_config
+from rsna19.constants import CLASSES, PROB_COLUMNS
+from rsna19.errors import UserError
+from rsna19.stacking.config import StackConfig
+from rsna19.stacking.cv import cross_fit
+from rsna19.stacking.features import Level2Data
+from rsna19.stacking.inputs import KEY_COLUMNS
+from rsna19.stacking.report import SCORE_COLUMNS, format_score_table
+from rsna19.stacking.run import run_stack
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "stack" / "tiny.yaml"
+
+
+def _cfg(work, out: Path, *overrides: str) -> StackConfig:
+    paths = [f"runs={work.runs}", f"folds_csv={work.folds_csv}", f"out={out}", f"models=[{','.join(work.models)}]"]
+    return load_config(StackConfig, TINY, [*paths, *overrides])
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return make_work_dir(tmp_path_factory.mktemp("stack") / "work", n_patients=40, n_test_patients=8)
+
+
+@pytest.fixture(scope="module")
+def result(work):
+    cfg = _cfg(work, work.root / "stack", f"test_labels={work.test_labels}")
+    return run_stack(cfg)
+
+
+def test_scores_table(result, work):
+    scores = pd.read_csv(result.out_dir / "scores.csv")
+    assert list(scores.columns) == SCORE_COLUMNS
+    assert scores["name"].tolist() == [*work.models, "mean", "convex", "lgbm", "mlp", "blend"]
+    assert scores["kind"].tolist() == ["base"] * 3 + ["mean", "stacker", "stacker", "stacker", "blend"]
+    assert scores[["wll_oof", "wll_test", "auc_any"]].notna().all().all()
+    wll = scores.set_index("name")["wll_oof"]
+    # The neighbour features carry real information in the fake predictions: stacking must beat the base models.
+    assert wll["blend"] < wll[work.models].min()
+    assert wll["blend"] < wll["mean"]
+    assert wll["lgbm"] < wll[work.models].min()
+    text = format_score_table(scores)
+    assert "blend *" in text or "lgbm *" in text
+    assert len(text.splitlines()) == len(scores) + 2
+
+
+def test_prediction_files(result, work):
+    methods = ["mean", "convex", "lgbm", "mlp", "blend"]
+    oof = pd.read_parquet(result.out_dir / "oof.parquet")
+    test = pd.read_parquet(result.out_dir / "test.parquet")
+    assert list(oof.columns) == [*KEY_COLUMNS, "fold", "model", *PROB_COLUMNS, *CLASSES]
+    assert list(test.columns) == [*KEY_COLUMNS, "fold", "model", *PROB_COLUMNS]
+    assert sorted(oof["model"].unique()) == sorted(methods)
+    assert len(oof) == len(work.train) * len(methods) and len(test) == len(work.test) * len(methods)
+    for df in (oof, test):
+        p = df[list(PROB_COLUMNS)].to_numpy()
+        assert np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
+    stacked = oof[oof["model"] != "mean"]
+    p = stacked[list(PROB_COLUMNS)].to_numpy()
+    assert (p[:, 5] >= p[:, :5].max(axis=1) - 1e-12).all()  # post-processing: any ≥ max subtype
+    assert p.min() >= 1e-6 and p.max() <= 1 - 1e-6
+    # OOF labels and folds are those of the base models.
+    truth = work.train.set_index("sop_uid")
+    blend = oof[oof["model"] == "blend"].set_index("sop_uid")
+    assert (blend["fold"] == truth.loc[blend.index, "fold"]).all()
+    assert (blend[list(CLASSES)] == truth.loc[blend.index, list(CLASSES)]).all().all()
+    for name in ("weights.json", "timings.json", "config.yaml"):
+        assert (result.out_dir / name).is_file()
+
+
+def test_level2_oof_is_out_of_fold(result):
+    l2 = result.level2
+    for name, res in result.stackers.items():
+        for k, trained_on in res.train_patients.items():
+            held_out = np.unique(l2.oof.groups[l2.folds == k])
+            assert len(np.intersect1d(trained_on, held_out)) == 0, name
+            assert len(trained_on) + len(held_out) == len(np.unique(l2.oof.groups))
+
+
+class _PatientMemory:
+    """A stacker that memorises each training patient's mean label and answers 0.5 for strangers."""
+
+    name = "memory"
+
+    def fit(self, data: Level2Data, y: np.ndarray) -> None:
+        self.table = pd.DataFrame(y).groupby(data.groups).mean()
+
+    def predict(self, data: Level2Data) -> np.ndarray:
+        return self.table.reindex(data.groups).fillna(0.5).to_numpy()
+
+
+def test_memorising_stacker_learns_nothing_out_of_fold(result):
+    l2 = result.level2
+    res = cross_fit(_PatientMemory, l2.oof, l2.y, l2.folds, l2.test)
+    # Every OOF row was predicted by a model that never saw its patient.
+    assert np.all(res.oof == 0.5)
+    assert np.all(res.test == 0.5)
+
+
+def test_restart_skips_and_force_recomputes(result, work):
+    cfg = _cfg(work, work.root / "stack", f"test_labels={work.test_labels}")
+    stamp = (result.out_dir / "oof.parquet").stat().st_mtime_ns
+    again = run_stack(cfg)
+    assert again.skipped
+    assert (result.out_dir / "oof.parquet").stat().st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(again.scores, pd.read_csv(result.out_dir / "scores.csv"))
+    forced = run_stack(_cfg(work, work.root / "stack", "lgbm.enabled=false", "mlp.enabled=false"), force=True)
+    assert not forced.skipped
+    assert forced.scores["name"].tolist() == [*work.models, "mean", "convex", "blend"]
+    assert not list(result.out_dir.parent.glob(".*tmp*"))
+
+
+def test_without_test_labels_wll_test_is_empty(work, tmp_path):
+    cfg = _cfg(work, tmp_path, "lgbm.enabled=false", "mlp.enabled=false", "blend.enabled=false")
+    res = run_stack(cfg)
+    assert res.scores["wll_test"].isna().all()
+    lines = (res.out_dir / "scores.csv").read_text().splitlines()
+    assert lines[1].split(",")[3] == ""  # an empty cell, not "nan"
+    assert res.scores["name"].tolist() == [*work.models, "mean", "convex"]
+
+
+def test_unknown_blend_member(work, tmp_path):
+    cfg = _cfg(work, tmp_path, "lgbm.enabled=false", "mlp.enabled=false", "blend.members=[lgbm]")
+    with pytest.raises(UserError, match=r"blend.members names stacker\(s\) \['lgbm'\]"):
+        run_stack(cfg)
+
+
+def test_cli_stack(work, tmp_path, capsys):
+    argv = ["stack", str(TINY), "lgbm.enabled=false", "mlp.enabled=false", "--runs", str(work.runs)]
+    argv += ["--folds", str(work.folds_csv), "--out", str(tmp_path), "--test-labels", str(work.test_labels)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "wll_oof" in out and "blend" in out
+    assert (tmp_path / "tiny" / "scores.csv").is_file()
+    assert main(argv) == 0
+    assert "is complete" in capsys.readouterr().out
+    assert main(["stack", str(TINY), "--runs", str(tmp_path / "nowhere")]) == 1
+
+
+def test_timings_recorded(result):
+    print(result.timings)
+    assert result.timings["lgbm_cv_s"] > 0 and not math.isnan(result.timings["features_s"])
