@@ -42,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rsna19`` console script; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (`rsna19 stack CONFIG --force lgbm.num_threads=4`); argparse only
+    # takes a positional list before them, so the leftovers join the command's `overrides`.
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+        "=" in e and not e.startswith("-") for e in extra
+    ):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -115,3 +115,13 @@ def write_cache(
                 rows.append(row)
     pd.DataFrame(rows).to_parquet(root / "cache_index.parquet", index=False)
     return root
+
+
+def write_cache_and_folds(root: str | Path, n_folds: int = 3, **kwargs: object) -> tuple[Path, Path]:
+    """A cache under ``root/cache`` and its ``root/folds.csv``; kwargs go to :func:`write_cache`."""
+    from rsna19.data.folds import write_folds
+
+    root = Path(root)
+    cache = write_cache(root / "cache", **kwargs)  # type: ignore[arg-type]
+    write_folds(cache, root / "folds.csv", n_folds=n_folds, seed=0)
+    return cache, root / "folds.csv"

@@ -13,11 +13,14 @@ from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
 from rsna19.io.dicom_write import SliceGeometry, StorageVariant, write_ct_dicom
 from rsna19.io.hu import (
+    cells_to_hu,
     clamp_hu,
     dataset_to_hu,
     decoder_problem,
     first_value,
     has_wrap12_quirk,
+    hu_table,
+    native_to_hu,
     stored_to_hu,
     unwrap12,
 )
@@ -159,6 +162,38 @@ def test_clamp_and_float_path():
     np.testing.assert_array_equal(clamp_hu(np.array([-3024, -2000, -1025, -1024, 0, 40000])), [-1024] * 4 + [0, 32767])
     out = stored_to_hu(np.array([0, 1, 3], dtype=np.int16), slope=0.5, intercept=-1024.5, pixel_representation=1)
     np.testing.assert_array_equal(out, [-1024, -1024, -1023])
+
+
+@pytest.mark.parametrize("pr", [0, 1])
+@pytest.mark.parametrize("bits", [10, 12, 16])
+@pytest.mark.parametrize("intercept", [-1024.0, -1000.0, 0.0, -50.0, 1024.0, -2048.0, -31000.0, -1024.5])
+def test_fast_integer_path_equals_the_table(pr, bits, intercept):
+    """Every 16-bit cell maps to the same HU through the int16 fast path and the general lookup table."""
+    cells = np.arange(65536, dtype=np.uint16)
+    np.testing.assert_array_equal(cells_to_hu(cells, 1.0, intercept, bits, pr), hu_table(1.0, intercept, bits, pr))
+
+
+def test_table_masks_and_sign_extends_like_pydicom(tmp_path):
+    """Cells with bits set above BitsStored: the raw-buffer path and pydicom's pixel_array agree."""
+    raw = np.array([[0x0FFF, 0x1FFF, 0xF000, 0x0800], [0x07FF, 0xF800, 0x8001, 1]], dtype=np.uint16)
+    for variant in (StorageVariant(signed=False, bits_stored=12), StorageVariant(signed=True, bits_stored=12)):
+        path = tmp_path / "bits.dcm"
+        _write(path, np.zeros((2, 4)), variant)
+        with _quiet():
+            ds = pydicom.dcmread(path)
+            ds.PixelData = raw.tobytes()
+            via_pydicom = stored_to_hu(
+                ds.pixel_array, slope=1.0, intercept=-1024.0, bits_stored=12, pixel_representation=int(variant.signed)
+            )
+        direct = native_to_hu(
+            raw.tobytes(), 2, 4, slope=1.0, intercept=-1024.0, bits_stored=12, pixel_representation=int(variant.signed)
+        )
+        np.testing.assert_array_equal(direct, via_pydicom)
+
+
+def test_native_buffer_size_is_checked():
+    with pytest.raises(ValueError, match="pixel buffer is 6 bytes, expected 8"):
+        native_to_hu(b"\0" * 6, 2, 2, slope=1, intercept=0, bits_stored=16, pixel_representation=1)
 
 
 def test_first_value():

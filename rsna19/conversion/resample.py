@@ -73,12 +73,30 @@ def _coords(start: int, size: int, scale: float, shift: float) -> np.ndarray:
     return (start + np.arange(size, dtype=np.float64)) * scale - shift
 
 
+def _slice_padded(img: np.ndarray, start: int, size: int, axis: int, pad: float) -> np.ndarray:
+    """``img[start:start + size]`` along ``axis``, with ``pad`` where that leaves the image (a copy)."""
+    n = img.shape[axis]
+    shape = list(img.shape)
+    shape[axis] = size
+    out = np.full(shape, pad, dtype=img.dtype)
+    lo, hi = max(start, 0), min(start + size, n)
+    if lo < hi:
+        src = [slice(None)] * img.ndim
+        dst = [slice(None)] * img.ndim
+        src[axis] = slice(lo, hi)
+        dst[axis] = slice(lo - start, hi - start)
+        out[tuple(dst)] = img[tuple(src)]
+    return out
+
+
 def _gather(img: np.ndarray, coords: np.ndarray, axis: int, order: int, pad: float) -> np.ndarray:
     """Sample ``img`` along ``axis`` at ``coords`` (nearest for order 0, linear for 1); outside → ``pad``."""
     n = img.shape[axis]
     base = np.floor(coords + _INTEGER_TOL)
     frac = coords - base
     integer = np.all(np.abs(frac) <= _INTEGER_TOL)
+    if integer and len(coords) > 1 and np.all(np.diff(base) == 1):
+        return _slice_padded(img, int(base[0]), len(coords), axis, pad)
     if order == 0 or integer:
         idx = (np.floor(coords + 0.5) if order == 0 and not integer else base).astype(np.int64)
         valid = (idx >= 0) & (idx < n)

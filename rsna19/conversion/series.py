@@ -214,13 +214,15 @@ def convert_series(
     counts = np.zeros(len(slices))
     row_sums = np.zeros(len(slices))
     col_sums = np.zeros(len(slices))
+    # Every other row and column is plenty for a crop centre and four times cheaper.
+    row_idx, col_idx = np.arange(0, rows_in, 2), np.arange(0, cols_in, 2)
     for k, s in enumerate(slices):
-        fg = s.hu > 0
+        fg = (s.hu[::2, ::2] > 0).view(np.uint8)
         per_row = fg.sum(axis=1, dtype=np.int64)
         per_col = fg.sum(axis=0, dtype=np.int64)
         counts[k] = per_row.sum()
-        row_sums[k] = per_row @ np.arange(rows_in)
-        col_sums[k] = per_col @ np.arange(cols_in)
+        row_sums[k] = per_row @ row_idx
+        col_sums[k] = per_col @ col_idx
     centre = mass_centre(counts, row_sums, col_sums, shifts, scale)
     if centre is None:
         centre = ((frame[0] - 1) / 2.0, (frame[1] - 1) / 2.0)
@@ -315,7 +317,7 @@ def write_series(
     Returns:
         the series directory.
     """
-    from rsna19.preview import render_preview, save_png  # PIL is only needed when writing
+    from rsna19.preview import write_preview  # PIL is only needed when writing
 
     series = str(meta["series_uid"])
     if not series or os.sep in series or series.startswith("."):
@@ -331,7 +333,7 @@ def write_series(
         np.save(tmp / "volume.npy", np.ascontiguousarray(volume, dtype=np.int16))
         if preview:
             labels = {c: np.asarray([np.nan if v is None else v for v in meta["labels"][c]]) for c in CLASSES}
-            save_png(render_preview(volume, labels), tmp / "preview.png")
+            write_preview(volume, labels, tmp / "preview.png")
         (tmp / "meta.json").write_text(meta_json(meta), encoding="utf-8")
         if final.exists():
             # A directory cannot be renamed onto a non-empty one: move the stale one aside first.

@@ -175,7 +175,11 @@ class SliceDataset(Dataset):
         image = self.windows(np.ascontiguousarray(stack.transpose(2, 0, 1)), axis=1)  # (S, C, H, W)
         if self.layout == "channels":
             image = image.reshape(-1, *image.shape[2:])
-        return {"image": torch.from_numpy(image), "target": torch.from_numpy(self.targets[index].copy()), "index": index}
+        return {
+            "image": torch.from_numpy(image),
+            "target": torch.from_numpy(self.targets[index].copy()),
+            "index": index,
+        }
 
 
 def fit_cdf(

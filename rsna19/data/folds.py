@@ -69,7 +69,16 @@ def make_folds(frame: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> pd.DataF
         raise UserError(f"--n-folds must be >= 2, got {n_folds}")
     if n_patients < n_folds:
         raise UserError(f"cannot make {n_folds} folds from {n_patients} training patient(s)")
-    # Rare strata with fewer members than folds only trigger sklearn warnings; the grouping still holds.
+    # Strata with fewer studies than folds cannot be spread: merge them into one "other bleed" stratum, and
+    # give up stratification altogether if even that is too small (tiny datasets).
+    strata = studies["stratum"].to_numpy().copy()
+    counts = pd.Series(strata).value_counts()
+    rare = counts.index[counts < n_folds]
+    strata[np.isin(strata, rare) & (strata > 0)] = len(SUBTYPES) + 1
+    if (pd.Series(strata).value_counts() < n_folds).all():
+        strata[:] = 0
+    studies["stratum"] = strata
+    # Remaining rare strata only trigger sklearn warnings; the grouping still holds.
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold = np.full(len(studies), -1, dtype=np.int64)
     with warnings.catch_warnings():
@@ -77,6 +86,9 @@ def make_folds(frame: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> pd.DataF
         for k, (_, val_idx) in enumerate(sgkf.split(studies, studies["stratum"], groups=studies["patient_id"])):
             fold[val_idx] = k
     studies["fold"] = fold
+    # StratifiedGroupKFold keeps a group in one fold; check it, since every later stage relies on it.
+    if (studies.groupby("patient_id")["fold"].nunique() > 1).any():
+        raise RuntimeError("a patient was split over folds")
     out = studies.groupby("patient_id", sort=True)["fold"].first().reset_index()
     return out[["patient_id", "fold"]]
 

@@ -224,6 +224,12 @@ def predict(
     df = prediction_frame(rows, probs, fold, cfg.name, labels=split == "oof")
     path = Path(out) if out else fold_dir / f"{split}.parquet"
     write_parquet(df, path)
-    log.info("wrote %s: %d slices, TTA %s, checkpoint %s (epoch %d)", path, len(df), ",".join(tta), checkpoint,
-             state["epoch"])
+    log.info(
+        "wrote %s: %d slices, TTA %s, checkpoint %s (epoch %d)",
+        path,
+        len(df),
+        ",".join(tta),
+        checkpoint,
+        state["epoch"],
+    )
     return path

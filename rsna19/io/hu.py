@@ -9,6 +9,7 @@ HU = stored × RescaleSlope + RescaleIntercept, computed in float and rounded to
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,19 +85,102 @@ def stored_to_hu(
     Returns:
         (H, W) int16 Hounsfield units, ≥ −1024.
     """
+    stored = np.asarray(stored)
+    if stored.dtype in (np.uint16, np.int16):
+        return cells_to_hu(stored.view(np.uint16), slope, intercept, bits_stored, pixel_representation)
+    return _stored_to_hu(stored, float(slope), float(intercept), int(bits_stored), int(pixel_representation))
+
+
+def _stored_to_hu(
+    stored: np.ndarray, slope: float, intercept: float, bits_stored: int, pixel_representation: int
+) -> np.ndarray:
     if has_wrap12_quirk(bits_stored, pixel_representation, intercept):
         stored = unwrap12(stored)
-    if slope == 1.0 and float(intercept).is_integer():
-        # The common case stays in integers: exact and about twice as fast as the float path.
-        hu = stored.astype(np.int32) + int(intercept)
-    else:
-        hu = np.rint(stored.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+    hu = np.rint(stored.astype(np.float64) * slope + intercept)
     return clamp_hu(hu)
+
+
+def cells_to_hu(
+    cells: np.ndarray, slope: float, intercept: float, bits_stored: int, pixel_representation: int
+) -> np.ndarray:
+    """HU of 16-bit pixel cells (their bits as uint16), exactly as :func:`hu_table` maps them.
+
+    The usual case (slope 1, integer intercept, no wrap quirk) is computed in int16 with a clip, about four times
+    faster than the table lookup used for everything else.
+    """
+    slope, intercept = float(slope), float(intercept)
+    bits = min(max(int(bits_stored), 1), 16)
+    pr = int(pixel_representation)
+    if slope != 1.0 or not intercept.is_integer() or abs(intercept) > 30000 or has_wrap12_quirk(bits, pr, intercept):
+        return np.take(hu_table(slope, intercept, bits, pr), cells)
+    icpt = int(intercept)
+    if pr == 1:
+        values = cells.view(np.int16)
+        if bits < 16:  # sign-extend the low bits (shift up, arithmetic shift down)
+            values = (values << (16 - bits)) >> (16 - bits)
+        lo, hi = max(-32768, AIR_HU - icpt), min(32767, 32767 - icpt)
+    else:
+        values = cells & np.uint16((1 << bits) - 1) if bits < 16 else cells
+        lo, hi = max(0, AIR_HU - icpt), min(65535, 32767 - icpt)
+    # After the clip, value + intercept lies in [−1024, 32767]: adding in wrapping int16 arithmetic is exact.
+    out = np.clip(values, lo, hi).astype(np.int16)
+    out += np.int16(icpt)
+    return out
+
+
+def hu_table(slope: float, intercept: float, bits_stored: int, pixel_representation: int) -> np.ndarray:
+    """HU of every 16-bit pixel cell, indexed by its bits read as uint16: (65536,) int16.
+
+    The table also does what a decoder does with the cell: keep the low ``bits_stored`` bits and, for signed
+    data, sign-extend them (like pydicom's ``pixel_array``), so it applies to raw buffers and decoded arrays alike.
+    """
+    return _hu_table(float(slope), float(intercept), int(bits_stored), int(pixel_representation))
+
+
+@functools.lru_cache(maxsize=64)
+def _hu_table(slope: float, intercept: float, bits_stored: int, pixel_representation: int) -> np.ndarray:
+    bits = min(max(bits_stored, 1), 16)
+    cells = np.arange(65536, dtype=np.int64) & ((1 << bits) - 1)
+    if pixel_representation == 1:
+        cells = np.where(cells >= 1 << (bits - 1), cells - (1 << bits), cells)
+    table = _stored_to_hu(cells, slope, intercept, bits, pixel_representation)
+    table.flags.writeable = False
+    return table
 
 
 def clamp_hu(hu: np.ndarray) -> np.ndarray:
     """Clamp to [−1024, 32767] and cast to int16; values below air (outside the scan circle) become air."""
     return np.clip(hu, AIR_HU, np.iinfo(np.int16).max).astype(np.int16)
+
+
+def native_to_hu(
+    buffer: bytes,
+    rows: int,
+    cols: int,
+    *,
+    slope: float,
+    intercept: float,
+    bits_stored: int,
+    pixel_representation: int,
+) -> np.ndarray:
+    """HU straight from an uncompressed little-endian 16-bit PixelData buffer (no decoder round trip).
+
+    Args:
+        buffer: the PixelData bytes.
+        rows, cols: Rows, Columns.
+        slope, intercept, bits_stored, pixel_representation: as in the header.
+
+    Returns:
+        (rows, cols) int16 HU, identical to decoding with pydicom and :func:`stored_to_hu`.
+
+    Raises:
+        ValueError: the buffer does not hold Rows × Columns 16-bit pixels.
+    """
+    expected = rows * cols * 2
+    if len(buffer) != expected:
+        raise ValueError(f"pixel buffer is {len(buffer)} bytes, expected {expected} for {rows}×{cols}×16 bit")
+    cells = np.frombuffer(buffer, dtype="<u2").reshape(rows, cols)
+    return cells_to_hu(cells, slope, intercept, bits_stored, pixel_representation)
 
 
 def decoder_problem(transfer_syntax: str | UID) -> str | None:
@@ -143,6 +227,14 @@ def dataset_to_hu(ds: pydicom.Dataset) -> np.ndarray:
         raise ValueError(f"cannot decode pixel data: {exc}") from exc
     if stored.shape != (rows, cols):
         raise ValueError(f"pixel array shape {tuple(stored.shape)} does not match Rows×Columns {(rows, cols)}")
+    if stored.dtype not in (np.uint16, np.int16):
+        return _stored_to_hu(
+            stored,
+            first_value(ds.get("RescaleSlope"), 1.0),
+            first_value(ds.get("RescaleIntercept"), 0.0),
+            int(ds.get("BitsStored", 16)),
+            int(ds.get("PixelRepresentation", 0)),
+        )
     return stored_to_hu(
         stored,
         slope=first_value(ds.get("RescaleSlope"), 1.0),

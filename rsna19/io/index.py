@@ -64,30 +64,37 @@ def errors_path(out: str | os.PathLike[str]) -> Path:
     return Path(out).with_name("index_errors.csv")
 
 
-def list_files(dirs: Iterable[str | os.PathLike[str]], exclude: Iterable[Path] = ()) -> list[str]:
+def list_files(dirs: Iterable[str | os.PathLike[str]], exclude: Iterable[str | os.PathLike[str]] = ()) -> list[str]:
     """Every regular file under ``dirs`` (recursively; a file argument is taken as is), absolute and sorted.
+
+    Args:
+        dirs: folders or files.
+        exclude: files to leave out, with their atomic-write temporaries (our own outputs, when ``--out``
+            points inside a scanned folder).
 
     Raises:
         UserError: a path does not exist.
     """
     skip = {os.path.abspath(p) for p in exclude}
+    tmp_prefixes = tuple(f".{os.path.basename(p)}.tmp-" for p in skip)
     found: set[str] = set()
+
+    def walk(folder: str) -> None:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.is_dir():
+                    walk(entry.path)
+                elif entry.is_file() and entry.path not in skip and not entry.name.startswith(tmp_prefixes):
+                    found.add(entry.path)
+
     for d in dirs:
         d = os.path.abspath(d)
         if os.path.isfile(d):
             found.add(d)
-            continue
-        if not os.path.isdir(d):
+        elif os.path.isdir(d):
+            walk(d)
+        else:
             raise UserError(f"{d}: no such folder")
-        for root, subdirs, files in os.walk(d):
-            subdirs.sort()
-            for name in files:
-                path = os.path.join(root, name)
-                # Our own outputs (and their temporaries) when --out points inside a scanned folder.
-                if path in skip or any(name.startswith(f".{os.path.basename(s)}.tmp-") for s in skip):
-                    continue
-                if os.path.isfile(path):
-                    found.add(path)
     return sorted(found)
 
 
@@ -174,18 +181,11 @@ def add_geometry(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _is_train_path(paths: pd.Series) -> np.ndarray:
+def _is_train_path(paths: Sequence[str]) -> np.ndarray:
     """(N,) bool: the path has a parent folder named like :data:`TRAIN_FOLDER_PATTERN`."""
-    cache: dict[str, bool] = {}
-    out = np.zeros(len(paths), dtype=bool)
-    for i, p in enumerate(paths):
-        parent = os.path.dirname(p)
-        hit = cache.get(parent)
-        if hit is None:
-            hit = any(fnmatch.fnmatchcase(part, TRAIN_FOLDER_PATTERN) for part in Path(parent).parts)
-            cache[parent] = hit
-        out[i] = hit
-    return out
+    parents = [os.path.dirname(p) for p in paths]
+    hits = {d: any(fnmatch.fnmatchcase(part, TRAIN_FOLDER_PATTERN) for part in Path(d).parts) for d in set(parents)}
+    return np.array([hits[d] for d in parents], dtype=bool)
 
 
 def _drop_duplicate_sops(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -256,7 +256,7 @@ def build_index(
 
     if len(rows):
         df = add_geometry(rows)
-        df["split"] = np.where(_is_train_path(df["path"]), "train", "test")
+        df["split"] = np.where(_is_train_path(df["path"].tolist()), "train", "test")
         for c in CLASSES:
             df[c] = np.nan
         if labels is not None:

@@ -84,20 +84,34 @@ def build_features(
     # valid[k][i]: row i has a neighbour at offset k inside its own series.
     valid = {k: (pos + k >= 0) & (pos + k < length) for k in shifts}
 
-    cols: dict[str, np.ndarray] = {}
+    stat_names = _stat_names(offsets, windows)
+    common = [f"missing{k:+d}" for k in range(-offsets, offsets + 1) if k] + ["rel_pos", "n_slices"]
+    names_out = common + [f"{m}{SEP}{c}{SEP}{s}" for m in names for c in CLASSES for s in stat_names]
+    # One preallocated column-major block: each feature is a contiguous column, and pandas wraps the block
+    # without the copy-and-consolidate it would do for hundreds of separate arrays.
+    block = np.empty((len(keys), len(names_out)), dtype=np.float32, order="F")
+    j = 0
     for k in range(-offsets, offsets + 1):
         if k:
-            cols[f"missing{k:+d}"] = (~valid[k]).astype(np.float32)
-    cols["rel_pos"] = (pos / np.maximum(length - 1, 1)).astype(np.float32)
-    cols["n_slices"] = length.astype(np.float32)
+            block[:, j] = ~valid[k]
+            j += 1
+    block[:, j] = pos / np.maximum(length - 1, 1)
+    block[:, j + 1] = length
+    j += 2
 
-    order = pd.Index(keys["sop_uid"])
+    # One hash index of the reference order, reused by every model (string hashing dominates at 870k rows).
+    order = pd.Index(keys["sop_uid"].to_numpy(dtype=object), dtype=object)
+    counts = np.diff(np.append(starts, len(keys)))[:, None]
     for m in names:
         df = preds[m]
-        idx = pd.Index(df["sop_uid"]).get_indexer(order)
-        if (idx < 0).any():
-            raise UserError(f"model {m!r} lacks {int((idx < 0).sum())} slice(s) of model {names[0]!r}")
-        p = df[list(PROB_COLUMNS)].to_numpy(np.float32)[idx]  # (N, 6)
+        where = order.get_indexer(df["sop_uid"].to_numpy(dtype=object))
+        if len(df) != len(keys) or (where < 0).any():
+            raise UserError(
+                f"model {m!r} has {len(df)} rows, {int((where < 0).sum())} of them not among the "
+                f"{len(keys)} slices of model {names[0]!r}"
+            )
+        p = np.empty((len(keys), len(CLASSES)), dtype=np.float32)
+        p[where] = df[list(PROB_COLUMNS)].to_numpy(np.float32)  # (N, 6) in sorted order
         # shifted[k][i] = p[i + k]; rows that wrap around are masked by valid[k].
         shifted = {k: np.roll(p, -k, axis=0) for k in shifts}
         feats: dict[str, np.ndarray] = {}
@@ -115,14 +129,14 @@ def build_features(
                 peak = np.maximum(peak, np.where(ok, shifted[k], -np.inf))
             feats[f"mean{w}"] = total / count
             feats[f"max{w}"] = peak
-        counts = np.diff(np.append(starts, len(p)))[:, None]
         feats["smax"] = np.maximum.reduceat(p, starts, axis=0)[seg]
-        feats["smean"] = (np.add.reduceat(p.astype(np.float64), starts, axis=0) / counts)[seg].astype(np.float32)
-        for ci, c in enumerate(CLASSES):
-            for s in _stat_names(offsets, windows):
-                cols[f"{m}{SEP}{c}{SEP}{s}"] = feats[s][:, ci].astype(np.float32, copy=False)
-    out = pd.concat([keys, pd.DataFrame(cols)], axis=1)
-    return out
+        feats["smean"] = (np.add.reduceat(p.astype(np.float64), starts, axis=0) / counts)[seg]
+        for ci in range(len(CLASSES)):
+            for s in stat_names:
+                block[:, j] = feats[s][:, ci]
+                j += 1
+    assert j == len(names_out)
+    return pd.concat([keys, pd.DataFrame(block, columns=names_out, copy=False)], axis=1)
 
 
 def feature_columns(features: pd.DataFrame) -> list[str]:

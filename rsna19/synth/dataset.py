@@ -20,11 +20,14 @@ pixels, stored per series in the summary); ``any`` is the OR of the subtypes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from rsna19.constants import CLASSES, SUBTYPES
@@ -76,38 +80,69 @@ def render_series(plan: SeriesPlan, out_dir: str | os.PathLike[str]) -> SeriesRe
     masks = np.zeros((g.n_slices, g.rows, g.cols), dtype=np.uint8)
     counts = np.zeros((g.n_slices, len(SUBTYPES)), dtype=np.int64)
     split_dir = out_dir / SPLIT_DIRS[plan.split]
-    for k in range(g.n_slices):
-        hu, mask = render(plan.head, plan.bleeds, g.pixel_points(k))
-        hu = hu + rng.normal(0.0, plan.noise_sd, hu.shape)
-        hu = gaussian_filter(hu, plan.blur_px)  # scanner blur; also correlates the noise like real CT
-        hu[~circle] = plan.outside_hu
-        masks[k] = mask
-        counts[k] = [np.count_nonzero(mask & SUBTYPE_BIT[name]) for name in SUBTYPES]
-        path = split_dir / plan.file_names[k]
-        with warnings.catch_warnings():
-            # pydicom validates UIDs again on write; Kaggle's "ID_<hex>" values are deliberate.
-            warnings.filterwarnings("ignore", message="Invalid value for VR UI", category=UserWarning)
-            write_ct_dicom(
-                path,
-                hu,
-                g.slice_geometry(k),
-                sop_uid=plan.sop_uids[k],
-                series_uid=plan.series_uid,
-                study_uid=plan.study_uid,
-                patient_id=plan.patient_id,
-                instance_number=plan.instance_numbers[k],
-                variant=plan.variant,
-                window_center=plan.window_center,
-                window_width=plan.window_width,
-            )
-        if k == plan.corrupt_slice:
-            # A transfer cut short: the header survives, half of the pixel data is missing.
-            size = path.stat().st_size
-            os.truncate(path, size - g.rows * g.cols)
+    # The phantom does many tiny (M, 3) @ (3, k) products: a multi-threaded BLAS only spins on them, and
+    # stalls badly when worker processes share the cores.
+    with threadpool_limits(limits=1):
+        for k in range(g.n_slices):
+            _render_slice(plan, k, rng, circle, masks, counts, split_dir)
     np.savez_compressed(out_dir / "masks" / f"{plan.series_uid}.npz", mask=masks, sop_uids=np.array(plan.sop_uids))
     sub = (counts >= plan.min_pixels).astype(np.uint8)
     labels = np.concatenate([sub, sub.max(axis=1, keepdims=True)], axis=1)
     return SeriesResult(index=plan.index, labels=labels, mask_pixels=counts)
+
+
+def _render_slice(
+    plan: SeriesPlan,
+    k: int,
+    rng: np.random.Generator,
+    circle: np.ndarray,
+    masks: np.ndarray,
+    counts: np.ndarray,
+    split_dir: Path,
+) -> None:
+    """Render spatial slice ``k`` of ``plan``, write its file, fill ``masks[k]`` and ``counts[k]``."""
+    g = plan.geometry
+    hu, mask = render(plan.head, plan.bleeds, g.pixel_points(k))
+    hu = hu + rng.normal(0.0, plan.noise_sd, hu.shape)
+    hu = gaussian_filter(hu, plan.blur_px)  # scanner blur; also correlates the noise like real CT
+    hu[~circle] = plan.outside_hu
+    masks[k] = mask
+    counts[k] = [np.count_nonzero(mask & SUBTYPE_BIT[name]) for name in SUBTYPES]
+    path = split_dir / plan.file_names[k]
+    with _quiet_pydicom():
+        write_ct_dicom(
+            path,
+            hu,
+            g.slice_geometry(k),
+            sop_uid=plan.sop_uids[k],
+            series_uid=plan.series_uid,
+            study_uid=plan.study_uid,
+            patient_id=plan.patient_id,
+            instance_number=plan.instance_numbers[k],
+            variant=plan.variant,
+            window_center=plan.window_center,
+            window_width=plan.window_width,
+        )
+    if k == plan.corrupt_slice:
+        # A transfer cut short: the header survives, half of the pixel data is missing.
+        size = path.stat().st_size
+        os.truncate(path, size - g.rows * g.cols)
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom while writing: it warns *and logs* about Kaggle's deliberate ``ID_<hex>`` UI values
+    (validated again on write) and about the writer's pydicom-2-style endianness attributes."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Invalid value for VR UI", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*will be removed in v4.0", category=DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _render_job(args: tuple[SeriesPlan, str]) -> SeriesResult:
@@ -221,7 +256,7 @@ def _write_tables(root: Path, plans: list[SeriesPlan], results: list[SeriesResul
                 "n_slices": plan.geometry.n_slices,
                 "rows": plan.geometry.rows,
                 "pixel_spacing": round(plan.geometry.pixel_spacing[0], 4),
-                "table_step": round(plan.geometry.table_step, 3),
+                "table_step": round(plan.geometry.table_step, 4),
                 "tilt_deg": round(plan.geometry.tilt_deg, 3),
                 "storage": plan.variant_name,
                 "outside_hu": plan.outside_hu,

@@ -110,10 +110,6 @@ class HeadParams:
         q = self.to_head(pts)
         axes = np.asarray(self.axes)
         delta = _ellipsoid_distance(q, axes)
-        u = q / axes
-        rho = np.linalg.norm(u, axis=-1)
-        unit = u / (rho[:, None] + _EPS)
-
         rim = max(1.5, 0.6 * self.min_feature_mm)
         inside = delta <= 0
         brain = delta <= -rim
@@ -122,7 +118,7 @@ class HeadParams:
         idx = np.flatnonzero(inside)
         qi, di = q[idx], delta[idx]
         u = qi / axes
-        rho = np.linalg.norm(u, axis=-1)
+        rho = _norm3(u)
         unit = u / (rho[:, None] + _EPS)
         # Sulci: the zero set of a smooth random field on the sphere of directions, drawn with a constant
         # width in mm (|g| / |∇g| is the distance to the zero set) and a depth of ~12 mm under the rim.
@@ -130,9 +126,9 @@ class HeadParams:
         arg = unit @ waves[:, :3].T * waves[:, 3] + waves[:, 4]
         g = np.cos(arg).sum(axis=1)
         grad = -(np.sin(arg) * waves[:, 3]) @ waves[:, :3]
-        grad_tan = grad - (grad * unit).sum(axis=1, keepdims=True) * unit
+        grad_tan = grad - _dot3(grad, unit)[:, None] * unit
         radius_mm = rho * axes.mean()
-        dist_mm = np.abs(g) / (np.linalg.norm(grad_tan, axis=1) + _EPS) * radius_mm
+        dist_mm = np.abs(g) / (_norm3(grad_tan) + _EPS) * radius_mm
         half_width = max(1.0, 0.45 * self.min_feature_mm)
         bi = di <= -rim
         sulci = bi & (di > -(rim + 12.0)) & (dist_mm < half_width)
@@ -176,12 +172,11 @@ class HeadParams:
         x = d[bone] / skull
         hu[bone] = 1500.0 - 800.0 * np.sin(np.pi * x) ** 2  # dense inner/outer tables, lighter diploë
         hu[f.inside] = self.csf_hu
-        cortex = f.delta > -(f.rim + 4.0)
-        brain_hu = np.where(cortex | f.deep_grey, self.grey_hu, self.white_hu)
+        par = np.flatnonzero(f.brain & ~f.sub_csf)
+        cortex = f.delta[par] > -(f.rim + 4.0)
+        brain_hu = np.where(cortex | f.deep_grey[par], self.grey_hu, self.white_hu)
         tex = np.asarray(self.texture)
-        brain_hu = brain_hu + 1.5 * np.sin(f.q @ tex[:, :3].T + tex[:, 3]).mean(axis=1)
-        parenchyma = f.brain & ~f.sub_csf
-        hu[parenchyma] = brain_hu[parenchyma]
+        hu[par] = brain_hu + 1.5 * np.sin(f.q[par] @ tex[:, :3].T + tex[:, 3]).mean(axis=1)
         return hu
 
     def _headrest(self, pts: np.ndarray, hu: np.ndarray) -> None:
@@ -240,7 +235,7 @@ class SurfaceBleed:
         """(M,) bool: points covered by the bleed."""
         d = pts - np.asarray(self.anchor)
         t = d @ np.asarray(self.normal)
-        r2 = np.maximum((d * d).sum(axis=1) - t * t, 0.0)
+        r2 = np.maximum(_dot3(d, d) - t * t, 0.0)
         depth = -f.delta
         near = (t < self.radius) & (r2 < self.radius**2) & f.inside  # t bound: never the far side of the head
         frac = np.clip(1.0 - r2 / self.radius**2, 0.0, 1.0)
@@ -274,7 +269,7 @@ class BlobBleed:
 
     def _rho(self, pts: np.ndarray) -> np.ndarray:
         e = (pts - np.asarray(self.centre)) @ rotation_matrix(*self.angles).T / np.asarray(self.radii)
-        rho = np.linalg.norm(e, axis=1)
+        rho = _norm3(e)
         unit = e / (rho[:, None] + _EPS)
         amp, p1, p2, p3 = self.lumps
         lump = 1.0 + amp * np.sin(3 * unit[:, 0] + p1) * np.cos(2 * unit[:, 1] + p2) * np.cos(2 * unit[:, 2] + p3)
@@ -342,8 +337,8 @@ def render(head: HeadParams, bleeds: list[Bleed] | tuple[Bleed, ...], pts: np.nd
 
 def _ellipsoid_distance(q: np.ndarray, axes: np.ndarray) -> np.ndarray:
     """First-order signed distance (ρ − 1)/|∇ρ| to the ellipsoid |q/axes| = 1; exact on the surface."""
-    rho = np.linalg.norm(q / axes, axis=-1)
-    grad = np.linalg.norm(q / axes**2, axis=-1) / (rho + _EPS)
+    rho = _norm3(q / axes)
+    grad = _norm3(q / axes**2) / (rho + _EPS)
     return (rho - 1.0) / (grad + _EPS)
 
 
@@ -354,4 +349,15 @@ def _in_ellipsoid(
     d = q - np.asarray(centre)
     if yaw_deg:
         d = d @ rotation_matrix(yaw_deg, 0.0, 0.0).T
-    return ((d / np.asarray(radii)) ** 2).sum(axis=1) <= 1.0
+    e = d / np.asarray(radii)
+    return _dot3(e, e) <= 1.0
+
+
+def _dot3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot product of (..., 3) arrays (explicit: much faster than a reduction over a length-3 axis)."""
+    return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
+
+
+def _norm3(a: np.ndarray) -> np.ndarray:
+    """Row-wise Euclidean norm of a (..., 3) array."""
+    return np.sqrt(_dot3(a, a))

@@ -273,11 +273,11 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
                     numbers = numbers[::-1].copy()
             variant_name = variants[s]
             outside = -1024.0
-            if STORAGE_VARIANTS[variant_name].signed and not STORAGE_VARIANTS[variant_name].wrap12:
-                # Only signed storage can hold values under −1024; make sure each split shows one such series.
-                if not outside_done or rng.random() < 0.6:
-                    outside = float(rng.choice([-2000.0, -3024.0]))
-                    outside_done = True
+            signed = STORAGE_VARIANTS[variant_name].signed and not STORAGE_VARIANTS[variant_name].wrap12
+            # Only signed storage can hold values under −1024; make sure each split shows one such series.
+            if signed and (not outside_done or rng.random() < 0.6):
+                outside = float(rng.choice([-2000.0, -3024.0]))
+                outside_done = True
             if multi_windows[s]:
                 wc, ww = ([36.0, 36.0], [80.0, 80.0]) if rng.random() < 0.5 else ([40.0, 600.0], [80.0, 2800.0])
             else:

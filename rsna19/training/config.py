@@ -92,7 +92,14 @@ class TrainConfig:
 
 
 #: Keys that may change between a run and its resumption (where files are, how they are read, how it looks).
-VOLATILE_KEYS: tuple[str, ...] = ("data.cache", "data.folds", "runs", "data.num_workers", "train.progress", "train.device")
+VOLATILE_KEYS: tuple[str, ...] = (
+    "data.cache",
+    "data.folds",
+    "runs",
+    "data.num_workers",
+    "train.progress",
+    "train.device",
+)
 
 
 def resolve_paths(

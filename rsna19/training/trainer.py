@@ -105,9 +105,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     for p in model.parameters():
         if p.requires_grad:
             groups["backbone" if id(p) in backbone else "head"].append(p)
-    return [
-        {"params": ps, "name": name, "weight_decay": weight_decay} for name, ps in groups.items() if ps
-    ]
+    return [{"params": ps, "name": name, "weight_decay": weight_decay} for name, ps in groups.items() if ps]
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -371,7 +369,13 @@ class Trainer:
                 write_csv(pd.DataFrame(self.log_rows, columns=list(LOG_COLUMNS)), self.run_dir / "log.csv")
                 log.info(
                     "%s fold %d epoch %d: train %.4f val wll %.4f%s (%.1fs)",
-                    cfg.name, self.fold, epoch, train_loss, wll, " *" if improved else "", row["time_s"],
+                    cfg.name,
+                    self.fold,
+                    epoch,
+                    train_loss,
+                    wll,
+                    " *" if improved else "",
+                    row["time_s"],
                 )
             barrier()
         return self.run_dir
@@ -388,4 +392,3 @@ def train(cfg: TrainConfig, fold: int) -> Path:
         return Trainer(cfg, fold, dist).fit()
     finally:
         shutdown()
-

@@ -1,0 +1,24 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` synthetic RSNA dataset (seed 0), generated once per test session (per xdist worker).
+
+    Layout: see docs/contracts.md ("RSNA layout") and ``synth_summary.json`` in the returned folder. Treat it as
+    read-only: tests that modify data must copy it first (``shutil.copytree``).
+
+    Returns:
+        Path of the dataset root (holds ``stage_2_train/``, ``stage_2_train.csv``, ``masks/`` ...).
+    """
+    from rsna19.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth_tiny") / "data"
+    generate_dataset(root, preset="tiny", seed=0, workers=1, progress=False)
+    return root

@@ -1,0 +1,80 @@
+"""``rsna19 submit``: the Kaggle csv from a finished stack is complete, valid and in the sample's order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from predfactory import make_work_dir
+
+from rsna19.cli import main
+from rsna19.config import load_config
+from rsna19.constants import CLASSES
+from rsna19.errors import UserError
+from rsna19.stacking.config import StackConfig
+from rsna19.stacking.run import run_stack
+from rsna19.stacking.submit import check_submission, write_stack_submission
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "stack" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory):
+    work = make_work_dir(tmp_path_factory.mktemp("submit") / "work", n_patients=15, n_test_patients=4)
+    overrides = [f"runs={work.runs}", f"folds_csv={work.folds_csv}", f"out={work.root / 'stack'}"]
+    cfg = load_config(StackConfig, TINY, [*overrides, "lgbm.enabled=false", "mlp.enabled=false"])
+    return work, run_stack(cfg).out_dir
+
+
+def test_submission_matches_sample(stacked, tmp_path):
+    work, stack_dir = stacked
+    out = write_stack_submission(stack_dir, tmp_path / "sub.csv", "blend", work.sample_submission)
+    sub = pd.read_csv(out)
+    sample = pd.read_csv(work.sample_submission)
+    assert list(sub.columns) == ["ID", "Label"]
+    assert sub["ID"].tolist() == sample["ID"].tolist()
+    assert sub["Label"].between(0, 1).all()
+    # The labels are the blend's test probabilities.
+    test = pd.read_parquet(stack_dir / "test.parquet")
+    blend = test[test["model"] == "blend"].set_index("sop_uid")
+    row = sub.iloc[0]
+    sop, cls = row["ID"].rsplit("_", 1)
+    assert row["Label"] == pytest.approx(blend.loc[sop, f"p_{cls}"], rel=1e-9)
+
+
+def test_cli_submit_without_sample(stacked, tmp_path, capsys):
+    _, stack_dir = stacked
+    assert main(["submit", str(stack_dir), "--out", str(tmp_path / "s.csv"), "--which", "convex"]) == 0
+    sub = pd.read_csv(tmp_path / "s.csv")
+    assert len(sub) % len(CLASSES) == 0
+    assert "convex predictions written" in capsys.readouterr().out
+    assert main(["submit", str(stack_dir), "--out", str(tmp_path / "s.csv"), "--which", "lgbm"]) == 1
+    assert "available: blend, convex, mean" in capsys.readouterr().err
+
+
+def test_sample_mismatch_is_an_error(stacked, tmp_path):
+    work, stack_dir = stacked
+    sample = pd.read_csv(work.sample_submission)
+    sample.iloc[:-6].to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(UserError, match=r"0 ID\(s\) of the sample submission missing and 6 not in it"):
+        write_stack_submission(stack_dir, tmp_path / "sub.csv", "blend", tmp_path / "short.csv")
+    assert not (tmp_path / "sub.csv").exists()
+
+
+def test_check_submission_rejects_bad_values():
+    ids = [f"ID_000000001_{c}" for c in CLASSES]
+    good = pd.DataFrame({"ID": ids, "Label": np.linspace(0, 1, 6)})
+    check_submission(good)
+    with pytest.raises(UserError, match="not a probability"):
+        check_submission(good.assign(Label=[0.1, 0.2, np.nan, 0.3, 1.5, 0.2]))
+    with pytest.raises(UserError, match="exactly six"):
+        check_submission(good.iloc[:5])
+    with pytest.raises(UserError, match="malformed"):
+        check_submission(good.assign(ID=["x"] * 6))
+
+
+def test_missing_stack_dir(tmp_path):
+    with pytest.raises(UserError, match="run `rsna19 stack` first"):
+        write_stack_submission(tmp_path, tmp_path / "s.csv")

@@ -1,0 +1,201 @@
+"""The trainer: run directory contents, determinism, resume after SIGKILL, config checks, DDP on CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from cachefactory import write_cache_and_folds
+
+from rsna19.cli import main
+from rsna19.config import load_config
+from rsna19.errors import UserError
+from rsna19.inference.predict import predict
+from rsna19.training.checkpoint import load_checkpoint
+from rsna19.training.config import TrainConfig, resolve_paths
+from rsna19.training.trainer import LOG_COLUMNS, epoch_indices, lr_factor, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_cache_and_folds(tmp_path_factory.mktemp("data"), n_patients=6, n_test_patients=1, size=32)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _cfg(data, runs, name="clf2d", overrides=()):
+    cache, folds = data
+    cfg = load_config(TrainConfig, TINY / f"{name}.yaml", list(overrides))
+    return resolve_paths(cfg, str(cache), str(folds), str(runs))
+
+
+def _env(data, runs):
+    cache, folds = data
+    return {
+        **os.environ,
+        "RSNA19_CACHE": str(cache),
+        "RSNA19_FOLDS": str(folds),
+        "RSNA19_RUNS": str(runs),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def test_run_dir_contents_and_checkpoint(data, tmp_path):
+    run = train(_cfg(data, tmp_path, overrides=["train.epochs=2"]), fold=0)
+    assert run == tmp_path / "clf2d" / "fold_0"
+    assert {"config.yaml", "log.csv", "best.pt", "last.pt"} <= {p.name for p in run.iterdir()}
+    log = pd.read_csv(run / "log.csv")
+    assert list(log.columns) == list(LOG_COLUMNS) and log["epoch"].tolist() == [0, 1]
+    assert log["val_wll"].notna().all() and (log["time_s"] > 0).all()
+    state = load_checkpoint(run / "last.pt")
+    assert state["model_name"] == "clf2d" and state["epoch"] == 1 and state["seed"] == 42
+    assert state["model_kwargs"]["backbone"] == "test_resnet" and state["model_kwargs"]["n_windows"] == 3
+    assert state["config"]["data"]["cache"] == str(data[0]) and "state" in state["optimizer"]
+    best = load_checkpoint(run / "best.pt")
+    assert best["best_wll"] == pytest.approx(log["val_wll"].min())
+    saved = load_config(TrainConfig, run / "config.yaml")
+    assert saved.train.epochs == 2 and saved.name == "clf2d"
+
+
+def test_two_runs_give_identical_oof(data, tmp_path):
+    preds = []
+    for k in range(2):
+        runs = tmp_path / f"r{k}"
+        train(_cfg(data, runs, overrides=["train.epochs=1", "optim.name=radam", "sched.name=onecycle"]), fold=1)
+        preds.append(pd.read_parquet(predict(runs / "clf2d", 1, "oof", tta=["none", "hflip"], progress=False)))
+    pd.testing.assert_frame_equal(preds[0], preds[1])
+
+
+def test_resume_after_sigkill_matches_uninterrupted(data, tmp_path):
+    overrides = ["train.epochs=3", "data.samples_per_epoch=48", "train.freeze_backbone_epochs=1"]
+    ref = train(_cfg(data, tmp_path / "ref", overrides=overrides), fold=2)
+
+    runs = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rsna19.cli", "train", str(TINY / "clf2d.yaml"), "--fold", "2", *overrides]
+    proc = subprocess.Popen(cmd, env=_env(data, runs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = runs / "clf2d" / "fold_2" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), proc.stderr.read().decode()[-2000:]
+    killed_at = load_checkpoint(last)["epoch"]
+    if killed_at == 2:
+        pytest.skip("the run finished before it could be killed")
+
+    # The same command again resumes from last.pt and finishes.
+    assert (
+        main(
+            [
+                "train",
+                str(TINY / "clf2d.yaml"),
+                "--fold",
+                "2",
+                "--cache",
+                str(data[0]),
+                "--folds",
+                str(data[1]),
+                "--runs",
+                str(runs),
+                *overrides,
+            ]
+        )
+        == 0
+    )
+    log = pd.read_csv(runs / "clf2d" / "fold_2" / "log.csv")
+    assert log["epoch"].tolist() == [0, 1, 2]
+    a, b = load_checkpoint(ref / "last.pt"), load_checkpoint(last)
+    assert b["epoch"] == 2
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=f"{k} differs after resume")
+    pd.testing.assert_frame_equal(pd.read_csv(ref / "log.csv").drop(columns="time_s"), log.drop(columns="time_s"))
+
+
+def test_resume_refuses_another_config(data, tmp_path):
+    train(_cfg(data, tmp_path, overrides=["train.epochs=1"]), fold=0)
+    with pytest.raises(UserError, match="optim.lr"):
+        train(_cfg(data, tmp_path, overrides=["train.epochs=1", "optim.lr=0.1"]), fold=0)
+    # A finished run with the same config is a no-op.
+    assert train(_cfg(data, tmp_path, overrides=["train.epochs=1"]), fold=0).is_dir()
+
+
+def test_config_errors(data, tmp_path, monkeypatch):
+    for var in ("RSNA19_CACHE", "RSNA19_FOLDS", "RSNA19_RUNS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(UserError, match="--cache"):
+        resolve_paths(load_config(TrainConfig, TINY / "clf2d.yaml"))
+    with pytest.raises(UserError, match="unknown key"):
+        load_config(TrainConfig, TINY / "clf2d.yaml", ["optim.lrr=1"])
+    with pytest.raises(UserError, match="layout"):
+        train(_cfg(data, tmp_path, overrides=["model.name=combine_last", "data.slices=3"]), fold=0)
+    with pytest.raises(UserError, match="fp16"):
+        train(_cfg(data, tmp_path, overrides=["train.amp=fp16"]), fold=0)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for d in ("tiny", "demo", "rsna2019") for p in (REPO / "configs" / d).glob("*.yaml"))
+)
+def test_configs_load_and_match_their_model(path):
+    cfg = load_config(TrainConfig, path)
+    from rsna19.nets import get_model_spec
+
+    assert get_model_spec(cfg.model.name).input_layout == cfg.data.layout
+    assert cfg.name == path.stem
+
+
+def test_sampling_and_schedule():
+    a = epoch_indices(10, 25, seed=1, epoch=3)
+    assert len(a) == 25 and set(a) == set(range(10))
+    assert (a == epoch_indices(10, 25, seed=1, epoch=3)).all()
+    shards = [epoch_indices(10, 7, 1, 0, rank=r, world=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 4
+    cfg = TrainConfig()
+    cfg.train.epochs, cfg.sched.warmup_epochs = 4, 1
+    f = [lr_factor(cfg, s, 10) for s in range(40)]
+    assert f[0] < f[9] <= 1.0 and f[-1] < 0.05 and max(f) <= 1.0
+    cfg.sched.name = "onecycle"
+    g = [lr_factor(cfg, s, 10) for s in range(40)]
+    assert g[0] == pytest.approx(1 / 25) and max(g) == pytest.approx(1.0, abs=0.01) and g[-1] < 0.05
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_gloo(data, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "rsna19.cli",
+        "train",
+        str(TINY / "clf2d.yaml"),
+        "--fold",
+        "0",
+        "train.epochs=1",
+    ]
+    res = subprocess.run(cmd, env=_env(data, tmp_path), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "clf2d" / "fold_0"
+    log = pd.read_csv(run / "log.csv")
+    assert log["epoch"].tolist() == [0] and log["val_wll"].notna().all()
+    assert load_checkpoint(run / "last.pt")["epoch"] == 0
