@@ -151,6 +151,6 @@ def write_ct_dicom(
     ds.RescaleSlope = f"{variant.slope:g}"
     ds.SliceThickness = f"{geometry.slice_thickness:g}"
     ds.PixelData = stored.tobytes()
-    ds.is_little_endian = True
-    ds.is_implicit_VR = False
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the ID_<hex> UIDs are validated again on write
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
