@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     folds = slices.set_index("sop_uid").loc[feats["sop_uid"]].index.map(dict(zip(slices["sop_uid"], folds))).to_numpy()
     best_base = min(weighted_log_loss(y, data.base[:, i]) for i in range(data.base.shape[1]))
 
-    print(f"# level-2 speed: {len(feats)} slices × {args.models} models, {data.X.shape[1]} features, "
-          f"{args.folds} folds, {args.threads} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"# level-2 speed: {len(feats)} slices × {args.models} models, {data.X.shape[1]} features, "
+        f"{args.folds} folds, {args.threads} threads, {platform.processor() or platform.machine()}"
+    )
     print(f"build_features: {feat_s:.2f} s; best base model OOF wll {best_base:.4f}\n")
     print("| stacker | level-2 CV (s) | per fold (s) | OOF wll | mean best iteration |")
     print("|---|---:|---:|---:|---:|")

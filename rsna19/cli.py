@@ -45,8 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may follow options (`rsna19 stack CONFIG --force lgbm.num_threads=4`); argparse only
     # takes a positional list before them, so the leftovers join the command's `overrides`.
-    if extra and isinstance(getattr(args, "overrides", None), list) and all(
-        "=" in e and not e.startswith("-") for e in extra
+    if (
+        extra
+        and isinstance(getattr(args, "overrides", None), list)
+        and all("=" in e and not e.startswith("-") for e in extra)
     ):
         args.overrides = [*args.overrides, *extra]
     elif extra:

@@ -153,8 +153,14 @@ def make_work_dir(
     long[["ID", "Label"]].to_csv(root / "test_labels.csv", index=False)
     long.assign(Label=0.5)[["ID", "Label"]].to_csv(root / "sample_submission.csv", index=False)
     return FakeWork(
-        root, root / "runs", root / "folds.csv", root / "test_labels.csv", root / "sample_submission.csv",
-        [m.name for m in models], train, test,
+        root,
+        root / "runs",
+        root / "folds.csv",
+        root / "test_labels.csv",
+        root / "sample_submission.csv",
+        [m.name for m in models],
+        train,
+        test,
     )
 
 

@@ -193,7 +193,7 @@ def test_masked_seq_loss_counts_only_masked_labelled_slices():
     want = torch.stack([weighted_bce(logits[i, t][None], y[i, t][None]) for i, t in keep]).mean()
     torch.testing.assert_close(masked_seq_loss(logits, y, mask), want)
     empty = masked_seq_loss(logits.requires_grad_(), y, torch.zeros(2, 4, dtype=torch.bool))
-    assert float(empty) == 0.0 and empty.requires_grad
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
 
 
 # -------------------------------------------------------------------------------------------------------- slab
@@ -537,3 +537,14 @@ def test_clf3d_and_seg_aux_train_a_step_and_predict(cache, tmp_path):
     with torch.no_grad():
         p = torch.sigmoid(model.classify(batch["image"]))
     assert p.shape == (len(batch["image"]), 6)
+
+
+def test_neighbour_deltas_are_zero_at_the_ends_and_padding():
+    from rsna19.nets.seq import length_mask, neighbour_deltas
+
+    x = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1) ** 2
+    x[1, 2:] = float("nan")  # padding
+    out = neighbour_deltas(x, length_mask(torch.tensor([4, 2]), 4))
+    assert out[0, :, 1].tolist() == [0, 1, 3, 5] and out[0, :, 2].tolist() == [1, 3, 5, 0]
+    assert out[1, :, 1].tolist() == [0, 9, 0, 0] and out[1, :, 2].tolist() == [9, 0, 0, 0]
+    assert out[1, 2:].abs().sum() == 0

@@ -39,7 +39,5 @@ def test_notebook_runs(tmp_path, monkeypatch):
         out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
     )
     assert "wll_oof" in text and "blend" in text
-    images = [
-        out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})
-    ]
+    images = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
     assert len(images) == 2  # the per-class loss bars and the slices of a positive series

@@ -140,7 +140,9 @@ def test_unknown_blend_member(work, tmp_path):
 def test_cli_stack(work, tmp_path, capsys):
     argv = ["stack", str(TINY), "lgbm.enabled=false", "mlp.enabled=false", "--runs", str(work.runs)]
     argv += ["--folds", str(work.folds_csv), "--out", str(tmp_path), "--test-labels", str(work.test_labels)]
+    argv += ["blend.per_class=false"]  # an override after the options still counts
     assert main(argv) == 0
+    assert "per_class: false" in (tmp_path / "tiny" / "config.yaml").read_text().split("blend:")[1]
     out = capsys.readouterr().out
     assert "wll_oof" in out and "blend" in out
     assert (tmp_path / "tiny" / "scores.csv").is_file()
@@ -150,5 +152,4 @@ def test_cli_stack(work, tmp_path, capsys):
 
 
 def test_timings_recorded(result):
-    print(result.timings)
     assert result.timings["lgbm_cv_s"] > 0 and not math.isnan(result.timings["features_s"])

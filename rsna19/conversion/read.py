@@ -207,31 +207,36 @@ def read_slice(path: str | os.PathLike[str]) -> Slice:
             files; pydicom's InvalidDicomError for non-DICOM files.
     """
     with lenient_reading():
-        ds = pydicom.dcmread(path)
-        h = _Header(ds)
-        modality = h.string(_MODALITY)
-        if modality and modality != "CT":
-            raise ValueError(f"not CT (Modality={modality})")
-        ipp = h.floats(_IPP, 3, "ImagePositionPatient")
-        iop = h.floats(_IOP, 6, "ImageOrientationPatient")
-        if np.linalg.norm(np.cross(iop[:3], iop[3:])) < 0.5:
-            raise ValueError(f"ImageOrientationPatient {iop.tolist()} has parallel row and column vectors")
-        spacing = h.floats(_SPACING, 2, "PixelSpacing")
-        if np.any(spacing <= 0):
-            raise ValueError(f"PixelSpacing {spacing.tolist()} is not positive")
-        hu = _hu(ds, h)
-        return Slice(
-            path=str(path),
-            sop_uid=h.string(_SOP_UID),
-            series_uid=h.string(_SERIES_UID),
-            study_uid=h.string(_STUDY_UID),
-            patient_id=h.string(_PATIENT_ID),
-            hu=hu,
-            ipp=ipp,
-            iop=iop,
-            pixel_spacing=(float(spacing[0]), float(spacing[1])),
-            slice_thickness=h.number(_SLICE_THICKNESS, 0.0),
-        )
+        return read_slice_unguarded(path)
+
+
+def read_slice_unguarded(path: str | os.PathLike[str]) -> Slice:
+    """:func:`read_slice` for callers that already hold :func:`lenient_reading` (one context per series)."""
+    ds = pydicom.dcmread(path)
+    h = _Header(ds)
+    modality = h.string(_MODALITY)
+    if modality and modality != "CT":
+        raise ValueError(f"not CT (Modality={modality})")
+    ipp = h.floats(_IPP, 3, "ImagePositionPatient")
+    iop = h.floats(_IOP, 6, "ImageOrientationPatient")
+    if np.linalg.norm(np.cross(iop[:3], iop[3:])) < 0.5:
+        raise ValueError(f"ImageOrientationPatient {iop.tolist()} has parallel row and column vectors")
+    spacing = h.floats(_SPACING, 2, "PixelSpacing")
+    if np.any(spacing <= 0):
+        raise ValueError(f"PixelSpacing {spacing.tolist()} is not positive")
+    hu = _hu(ds, h)
+    return Slice(
+        path=str(path),
+        sop_uid=h.string(_SOP_UID),
+        series_uid=h.string(_SERIES_UID),
+        study_uid=h.string(_STUDY_UID),
+        patient_id=h.string(_PATIENT_ID),
+        hu=hu,
+        ipp=ipp,
+        iop=iop,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        slice_thickness=h.number(_SLICE_THICKNESS, 0.0),
+    )
 
 
 def describe_error(exc: BaseException) -> str:

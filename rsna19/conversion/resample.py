@@ -73,6 +73,10 @@ def _coords(start: int, size: int, scale: float, shift: float) -> np.ndarray:
     return (start + np.arange(size, dtype=np.float64)) * scale - shift
 
 
+def _is_integer(coords: np.ndarray) -> bool:
+    return bool(np.all(np.abs(coords - np.floor(coords + _INTEGER_TOL)) <= _INTEGER_TOL))
+
+
 def _slice_padded(img: np.ndarray, start: int, size: int, axis: int, pad: float) -> np.ndarray:
     """``img[start:start + size]`` along ``axis``, with ``pad`` where that leaves the image (a copy)."""
     n = img.shape[axis]
@@ -112,8 +116,11 @@ def _gather(img: np.ndarray, coords: np.ndarray, axis: int, order: int, pad: flo
     v1 = _gather(img, i1.astype(np.float64), axis, 0, pad).astype(np.float32)
     shape = [1] * img.ndim
     shape[axis] = -1
-    w = frac.astype(np.float32).reshape(shape)
-    return v0 + (v1 - v0) * w
+    # v0 + (v1 − v0)·w, in place: this is the whole cost of a tilted slice.
+    v1 -= v0
+    v1 *= frac.astype(np.float32).reshape(shape)
+    v0 += v1
+    return v0
 
 
 def sample_window(img: np.ndarray, window: Window, shift: tuple[float, float], order: int, pad: float) -> np.ndarray:
@@ -131,8 +138,11 @@ def sample_window(img: np.ndarray, window: Window, shift: tuple[float, float], o
     """
     rows = _coords(window.y0, window.height, window.scale[0], shift[0])
     cols = _coords(window.x0, window.width, window.scale[1], shift[1])
-    out = _gather(img, rows, 0, order, pad)
-    out = _gather(out, cols, 1, order, pad)
+    if _is_integer(cols) and not _is_integer(rows):
+        # Cut the exact axis first so the interpolation runs on the smaller array (a tilt shifts rows only).
+        out = _gather(_gather(img, cols, 1, order, pad), rows, 0, order, pad)
+    else:
+        out = _gather(_gather(img, rows, 0, order, pad), cols, 1, order, pad)
     if out.dtype != img.dtype:
         out = np.rint(out).astype(img.dtype) if np.issubdtype(img.dtype, np.integer) else out.astype(img.dtype)
     return out

@@ -30,7 +30,7 @@ from rsna19.conversion.geometry import (
     tilt_deg,
     tilt_shifts,
 )
-from rsna19.conversion.read import Slice, describe_error, read_slice
+from rsna19.conversion.read import Slice, describe_error, lenient_reading, read_slice_unguarded
 from rsna19.conversion.resample import (
     Window,
     centred_window,
@@ -173,12 +173,14 @@ def convert_series(
     dropped: list[dict[str, str]] = []
     slices: list[Slice] = []
     by_path: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        by_path[r["path"]] = r
-        try:
-            slices.append(read_slice(r["path"]))
-        except Exception as exc:  # one bad file must not stop the series: report it and go on
-            dropped.append({"path": r["path"], "sop_uid": str(r.get("sop_uid", "")), "reason": describe_error(exc)})
+    with lenient_reading():
+        for r in rows:
+            by_path[r["path"]] = r
+            try:
+                slices.append(read_slice_unguarded(r["path"]))
+            except Exception as exc:  # one bad file must not stop the series: report it and go on
+                reason = describe_error(exc)
+                dropped.append({"path": r["path"], "sop_uid": str(r.get("sop_uid", "")), "reason": reason})
     if not slices:
         reasons = sorted({d["reason"] for d in dropped})
         raise SeriesError(f"no usable slice ({len(dropped)} unreadable: {'; '.join(reasons)})", dropped)

@@ -142,9 +142,15 @@ class SegAux(nn.Module):
             file = found[0]
         if file is not None:
             load_encoder_weights(self.net.encoder, file)
-        # The trainer's backbone/head parameter groups (and frozen-backbone warm-up) look for `.backbone`.
-        self.backbone = self.net.encoder
         self.num_features = self.net.encoder.out_channels[-1]
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The encoder: the trainer's backbone parameter group (frozen-backbone warm-up, learning rates).
+
+        A property, not an attribute, so the encoder is not registered twice (its weights once in checkpoints).
+        """
+        return self.net.encoder
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Global-average-pooled deepest encoder features (B, num_features), e.g. embeddings."""

@@ -76,7 +76,9 @@ def build_features(
     if any(w < 1 or w % 2 == 0 for w in windows):
         raise UserError(f"rolling windows must be odd and positive, got {list(windows)}")
     keys = (
-        preds[names[0]][list(KEY_COLUMNS)].sort_values(["series_uid", "slice_idx"], kind="stable").reset_index(drop=True)
+        preds[names[0]][list(KEY_COLUMNS)]
+        .sort_values(["series_uid", "slice_idx"], kind="stable")
+        .reset_index(drop=True)
     )
     starts, seg, pos, length = _series_layout(keys)
     reach = max([offsets, *(w // 2 for w in windows)])

@@ -70,7 +70,9 @@ def load_oof(runs: str | os.PathLike[str], model: str, folds: list[int]) -> pd.D
     df = pd.concat(parts, ignore_index=True)
     dup = df["sop_uid"].duplicated()
     if dup.any():
-        raise UserError(f"OOF predictions of model {model!r}: {int(dup.sum())} slice(s) predicted by more than one fold")
+        raise UserError(
+            f"OOF predictions of model {model!r}: {int(dup.sum())} slice(s) predicted by more than one fold"
+        )
     return df
 
 
