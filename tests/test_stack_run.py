@@ -19,7 +19,7 @@ from rsna19.stacking.cv import cross_fit
 from rsna19.stacking.features import Level2Data
 from rsna19.stacking.inputs import KEY_COLUMNS
 from rsna19.stacking.report import SCORE_COLUMNS, format_score_table
-from rsna19.stacking.run import run_stack
+from rsna19.stacking.run import run_stack, write_features
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "stack" / "tiny.yaml"
 
@@ -153,3 +153,13 @@ def test_cli_stack(work, tmp_path, capsys):
 
 def test_timings_recorded(result):
     assert result.timings["lgbm_cv_s"] > 0 and not math.isnan(result.timings["features_s"])
+
+
+def test_write_features(work, tmp_path):
+    out = write_features(_cfg(work, tmp_path))
+    assert out == tmp_path / "tiny-features"
+    oof = pd.read_parquet(out / "features_oof.parquet")
+    test = pd.read_parquet(out / "features_test.parquet")
+    assert list(oof.columns[:12]) == [*KEY_COLUMNS, "fold", *CLASSES]
+    assert len(oof) == len(work.train) and len(test) == len(work.test)
+    assert list(test.columns[len(KEY_COLUMNS) :]) == list(oof.columns[len(KEY_COLUMNS) + 7 :])
