@@ -396,10 +396,12 @@ def test_rerun_converts_only_what_is_missing_or_stale(tmp_path):
     assert run_convert(index, cache, crop=40, progress=False).converted == 2
     assert np.load(cache / "ID_a" / "volume.npy").shape == (3, 40, 40)
     assert run_convert(index, cache, crop=40, force=True, progress=False).converted == 2
-    # A series directory without meta.json (never complete) is redone.
+    # Leftovers of a killed run (its pid is gone) are removed; a series directory without meta.json is redone.
+    (cache / ".tmp-ID_a-999999999").mkdir()
+    (cache / ".cache_index.parquet.tmp-999999999-abc").write_bytes(b"partial")
     (cache / "ID_b" / "meta.json").unlink()
     assert run_convert(index, cache, crop=40, progress=False).converted == 1
-    assert not list(cache.glob(".tmp-*"))
+    assert sorted(p.name for p in cache.iterdir()) == ["ID_a", "ID_b", "cache_index.parquet", "convert_errors.csv"]
 
 
 def test_kill_and_resume_is_byte_identical(tmp_path):

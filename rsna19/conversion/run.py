@@ -59,6 +59,7 @@ class ConvertSummary:
         dropped_slices: slices left out of written series (unreadable, duplicates …) this run.
         peak_rss_mb: the largest peak resident memory of a process that converted series (MiB).
         seconds: wall time.
+        errors: the rows of convert_errors.csv (series_uid, path, reason).
     """
 
     n_series: int = 0
@@ -138,16 +139,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_tmp(cache: Path) -> int:
-    """Remove temporary series directories left by killed runs (their writer's pid is gone)."""
+    """Remove temporaries left by killed runs whose writer is gone: series directories being written
+    (``.tmp-<series>-<pid>``) and the index/error files of :func:`rsna19.utils.atomic.atomic_path`."""
     removed = 0
-    for p in cache.glob(f"{TMP_PREFIX}*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-        except (IndexError, ValueError):
-            pid = -1
+    stale = [(p, p.name.rsplit("-", 1)[-1]) for p in cache.glob(f"{TMP_PREFIX}*")]
+    for name in ("cache_index.parquet", "convert_errors.csv"):
+        stale += [(p, p.name.split(".tmp-", 1)[1].split("-", 1)[0]) for p in cache.glob(f".{name}.tmp-*")]
+    for p, pid_text in stale:
+        pid = int(pid_text) if pid_text.isdigit() else -1
         if pid > 0 and pid != os.getpid() and _pid_alive(pid):
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         removed += 1
     return removed
 

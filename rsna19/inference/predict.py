@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -143,6 +144,48 @@ def prediction_frame(rows: pd.DataFrame, probs: np.ndarray, fold: int, model_nam
     return df
 
 
+def model_from_state(
+    model_name: str,
+    kwargs: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    channels_last: bool = False,
+) -> nn.Module:
+    """Rebuild a registered model from its name, builder arguments and state dict, in eval mode on ``device``.
+
+    Shared by :func:`predict` (checkpoints) and :mod:`rsna19.bundle` (safetensors), so both build the same net.
+    """
+    model = build_model(model_name, **{**kwargs, "pretrained": False, "weights": None})
+    model.load_state_dict(weights)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def prediction_dataset(
+    cfg: TrainConfig, hu_mapping: dict[str, Any], cache: str | os.PathLike[str], rows: pd.DataFrame
+) -> SliceDataset:
+    """The evaluation dataset of a run: the run's slices, layout, resize and centre crop, no augmentation.
+
+    Args:
+        cfg: the run's resolved config.
+        hu_mapping: the run's :meth:`MultiWindow.state` (windows and fitted CDF knots).
+        cache: a conversion cache holding the rows' series.
+        rows: cache-index rows (``series_uid``, ``z``; labels if known).
+    """
+    return SliceDataset(
+        cache,
+        rows,
+        MultiWindow.from_state(hu_mapping),
+        slices=cfg.data.slices,
+        layout=cfg.data.layout,
+        size=cfg.data.crop,
+        resize=cfg.data.resize,
+        train=False,
+    )
+
+
 def predict(
     run_dir: str | os.PathLike[str],
     fold: int,
@@ -200,22 +243,9 @@ def predict(
     if rows.empty:
         raise UserError(f"no {split} slices to predict for fold {fold} in {cache}")
     dev = resolve_device(device)
-    model = build_model(state["model_name"], **{**state["model_kwargs"], "pretrained": False, "weights": None})
-    model.load_state_dict(state["model"])
-    model.to(dev)
     channels_last = cfg.train.channels_last and dev.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    ds = SliceDataset(
-        cache,
-        rows,
-        MultiWindow.from_state(state["hu_mapping"]),
-        slices=cfg.data.slices,
-        layout=cfg.data.layout,
-        size=cfg.data.crop,
-        resize=cfg.data.resize,
-        train=False,
-    )
+    model = model_from_state(state["model_name"], state["model_kwargs"], state["model"], dev, channels_last)
+    ds = prediction_dataset(cfg, state["hu_mapping"], cache, rows)
     bs = batch_size or cfg.train.val_batch_size or cfg.train.batch_size
     amp = resolve_amp(cfg.train.amp, dev)
     probs = predict_probs(

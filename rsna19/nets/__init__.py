@@ -4,7 +4,7 @@ Importing this package registers every family, so ``build_model("clf2dc", ...)``
 ``import rsna19.nets``.
 """
 
-from rsna19.nets import clf2d, clf2dc, combine_last  # noqa: F401  (registration side effects)
+from rsna19.nets import clf2d, clf2dc, clf3d, combine_last, seg_aux, seq  # noqa: F401  (registration side effects)
 from rsna19.nets.registry import build_model, get_model_spec, list_models, register_model
 
 __all__ = ["build_model", "get_model_spec", "list_models", "register_model"]

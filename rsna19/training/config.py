@@ -21,14 +21,26 @@ class DataConfig:
     cache: str | None = None
     folds: str | None = None
     windows: list[str] = field(default_factory=lambda: ["brain", "subdural", "bone"])
-    slices: int = 1
-    layout: Literal["channels", "stack"] = "channels"
+    slices: int = 1  # neighbours per sample (2D/2.5D), or the slab length S (layout "slab")
+    layout: Literal["channels", "stack", "slab", "sequence"] = "channels"
     resize: int | None = None
     crop: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     samples_per_epoch: int | None = None
     num_workers: int = 0
     cdf_series: int = 16
+    slab_stride: int | None = None  # slab: prediction stride (default slices // 2)
+    label_slices: int | None = None  # slab: the middle positions that count in the training loss (None: all)
+    masks: str | None = None  # seg_aux: the masks/ folder (--masks, $RSNA19_MASKS); None: no masks
+    embeddings: str | None = None  # sequence: the image run under RUNS whose fold-k embeddings are read
+
+
+@dataclass
+class LossConfig:
+    """Weights of the auxiliary loss terms (segmentation-aided models)."""
+
+    mask_weight: float = 1.0  # λ: classification BCE + λ · mask loss
+    dice_weight: float = 1.0  # mask loss = pixel BCE + dice_weight · soft Dice
 
 
 @dataclass
@@ -88,6 +100,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    loss: LossConfig = field(default_factory=LossConfig)
     runs: str | None = None
 
 
@@ -95,6 +108,7 @@ class TrainConfig:
 VOLATILE_KEYS: tuple[str, ...] = (
     "data.cache",
     "data.folds",
+    "data.masks",
     "runs",
     "data.num_workers",
     "train.progress",
@@ -103,14 +117,21 @@ VOLATILE_KEYS: tuple[str, ...] = (
 
 
 def resolve_paths(
-    cfg: TrainConfig, cache: str | None = None, folds: str | None = None, runs: str | None = None
+    cfg: TrainConfig,
+    cache: str | None = None,
+    folds: str | None = None,
+    runs: str | None = None,
+    masks: str | None = None,
 ) -> TrainConfig:
     """Fill the data paths from arguments, then the environment; the config's own values come last.
+
+    ``masks`` (``$RSNA19_MASKS``) is optional: only the segmentation-aided family reads it.
 
     Raises:
         UserError: a path that is still unknown.
     """
     cfg.data.cache = cache or os.environ.get("RSNA19_CACHE") or cfg.data.cache
+    cfg.data.masks = masks or os.environ.get("RSNA19_MASKS") or cfg.data.masks
     cfg.data.folds = folds or os.environ.get("RSNA19_FOLDS") or cfg.data.folds
     cfg.runs = runs or os.environ.get("RSNA19_RUNS") or cfg.runs
     for key, value, flag, env in (

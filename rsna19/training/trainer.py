@@ -1,7 +1,8 @@
 """The trainer shared by every model family (DESIGN §5).
 
 ``train(cfg, fold)`` trains on the training-split slices of every patient not in fold ``k`` and validates on
-all slices of fold ``k``'s patients each epoch (weighted log loss, no TTA). It writes into
+all slices of fold ``k``'s patients each epoch (weighted log loss, no TTA). What an item is, its loss and how its
+outputs become one prediction per slice depend on the model family (:mod:`rsna19.training.tasks`). It writes into
 ``RUNS/<config name>/fold_<k>/``: the resolved ``config.yaml``, ``log.csv`` (one row an epoch), ``last.pt``
 (every epoch) and ``best.pt`` (best validation loss).
 
@@ -24,21 +25,17 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from rsna19.config import save_config, to_dict
-from rsna19.constants import CLASS_WEIGHTS, CLASSES
-from rsna19.data.datasets import SliceDataset, fit_cdf, read_cache_index
-from rsna19.data.folds import read_folds, split_by_fold
-from rsna19.data.transforms import CDF, MultiWindow
+from rsna19.constants import CLASSES
 from rsna19.errors import UserError
-from rsna19.inference.predict import autocast, predict_probs, resolve_amp
+from rsna19.inference.predict import resolve_amp
 from rsna19.metrics import per_class_log_loss, weighted_log_loss
-from rsna19.nets import build_model, get_model_spec
+from rsna19.nets import build_model
 from rsna19.training.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from rsna19.training.config import VOLATILE_KEYS, TrainConfig, model_kwargs
 from rsna19.training.distributed import (
@@ -49,23 +46,13 @@ from rsna19.training.distributed import (
     mean_across,
     shutdown,
 )
+from rsna19.training.losses import weighted_bce  # noqa: F401  (re-exported: the competition loss)
+from rsna19.training.tasks import Runtime, finish_rows, get_task, predict_rows
 from rsna19.utils.atomic import write_csv
 
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "val_wll", *(f"val_loss_{c}" for c in CLASSES), "lr", "time_s")
-
-
-def weighted_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The competition loss on logits: BCE per class weighted [1, 1, 1, 1, 1, 2], normalised, batch mean.
-
-    Args:
-        logits: (B, 6).
-        target: (B, 6) in {0, 1}.
-    """
-    w = torch.tensor(CLASS_WEIGHTS, device=logits.device, dtype=torch.float32)
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-    return ((bce * w).sum(dim=1) / w.sum()).mean()
 
 
 def seed_everything(seed: int) -> None:
@@ -160,39 +147,24 @@ class Trainer:
         self.device = dist.device
         assert cfg.runs and cfg.data.cache and cfg.data.folds
         self.run_dir = Path(cfg.runs) / cfg.name / f"fold_{fold}"
-        spec = get_model_spec(cfg.model.name)
-        if spec.input_layout != cfg.data.layout:
-            raise UserError(
-                f"model {spec.name!r} takes data.layout: {spec.input_layout}, the config has {cfg.data.layout}"
-            )
+        self.task = get_task(cfg)
         self.amp = resolve_amp(cfg.train.amp, self.device)
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
+        self.rt = Runtime(self.device, self.amp, self.channels_last)
         seed_everything(cfg.train.seed)
         if cfg.train.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-        index = read_cache_index(cfg.data.cache)
-        self.train_rows, self.val_rows = split_by_fold(index, read_folds(cfg.data.folds), fold)
-        if self.train_rows.empty or self.val_rows.empty:
-            raise UserError(f"fold {fold}: {len(self.train_rows)} training and {len(self.val_rows)} validation slices")
-        cdf = None
-        if CDF in cfg.data.windows:
-            cdf = fit_cdf(cfg.data.cache, self.train_rows["series_uid"].tolist(), cfg.data.cdf_series, cfg.train.seed)
-        self.hu_mapping = MultiWindow(cfg.data.windows, cdf=cdf)
-        common = dict(
-            windows=self.hu_mapping,
-            slices=cfg.data.slices,
-            layout=cfg.data.layout,
-            size=cfg.data.crop,
-            resize=cfg.data.resize,
-        )
-        self.train_ds = SliceDataset(
-            cfg.data.cache, self.train_rows, augment=cfg.data.augment, train=True, seed=cfg.train.seed, **common
-        )
-        self.val_ds = SliceDataset(cfg.data.cache, self.val_rows, train=False, **common)
+        data = self.task.fold_data(fold, self.device, dist.is_main)
+        self.train_ds, self.val_ds, self.val_frame = data.train, data.val, data.val_frame
+        self.hu_mapping = data.mapping
 
         self.model_name = cfg.model.name
         self.model_kwargs = model_kwargs(cfg)
+        clash = {k for k, v in data.model_kwargs.items() if k in cfg.model.args and cfg.model.args[k] != v}
+        if clash:
+            raise UserError(f"model.args {', '.join(sorted(clash))} disagree with the data ({data.model_kwargs})")
+        self.model_kwargs.update(data.model_kwargs)
         model = build_model(self.model_name, **self.model_kwargs).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -232,7 +204,7 @@ class Trainer:
             "fold": self.fold,
             "epoch": epoch,
             "best_wll": self.best_wll,
-            "hu_mapping": self.hu_mapping.state(),
+            "hu_mapping": self.hu_mapping.state() if self.hu_mapping is not None else None,
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -274,7 +246,8 @@ class Trainer:
         """One pass over this epoch's sample; returns the mean training loss over all processes."""
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch)
-        self.train_ds.set_epoch(epoch)
+        if hasattr(self.train_ds, "set_epoch"):
+            self.train_ds.set_epoch(epoch)
         idx = epoch_indices(
             len(self.train_ds), cfg.data.samples_per_epoch, cfg.train.seed, epoch, self.dist.rank, self.dist.world_size
         )
@@ -286,6 +259,7 @@ class Trainer:
             worker_init_fn=_worker_init,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            collate_fn=self.task.collate,
         )
         self.net.train()
         total, count = 0.0, 0
@@ -296,13 +270,7 @@ class Trainer:
             leave=False,
         )
         for batch in bar:
-            x = batch["image"].to(self.device, non_blocking=True)
-            y = batch["target"].to(self.device, non_blocking=True)
-            if self.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.amp):
-                logits = self.net(x)
-            loss = weighted_bce(logits, y)
+            loss, n = self.task.loss(self.net, batch, self.rt)  # n: labelled slices the loss averages over
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.optim.clip_grad:
@@ -311,31 +279,32 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            total += float(loss.detach()) * len(x)
-            count += len(x)
+            total += float(loss.detach()) * n
+            count += n
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
         return mean_across(total / max(count, 1))
 
     def validate(self) -> np.ndarray:
-        """Probabilities of every validation slice (no TTA), gathered over the processes in row order."""
-        n = len(self.val_ds)
-        mine = list(range(self.dist.rank, n, self.dist.world_size))
-        probs = predict_probs(
+        """Probabilities of every validation slice (no TTA) in ``val_frame`` order, over all processes.
+
+        Each process predicts every ``world``-th item (a slice, a slab window or a series) and sums its
+        probabilities per slice; the sums of all processes are added, then averaged per slice.
+        """
+        total, count = predict_rows(
+            self.task,
             unwrap(self.model),
-            Subset(self.val_ds, mine),
-            self.device,
+            self.val_ds,
+            len(self.val_frame),
+            self.rt,
             self.cfg.train.val_batch_size or self.cfg.train.batch_size,
             ("none",),
-            self.amp,
-            self.cfg.data.num_workers,
-            self.channels_last,
+            items=range(self.dist.rank, len(self.val_ds), self.dist.world_size),
+            num_workers=self.cfg.data.num_workers,
             progress=self.cfg.train.progress and self.dist.is_main,
             desc="val",
         )
-        out = np.zeros((n, len(CLASSES)), dtype=np.float32)
-        for rank_idx, rank_probs in all_gather_object((mine, probs)):
-            out[rank_idx] = rank_probs
-        return out
+        parts = all_gather_object((total, count))
+        return finish_rows(sum(p[0] for p in parts), sum(p[1] for p in parts))
 
     def fit(self) -> Path:
         """Train the remaining epochs; returns the run directory."""
@@ -346,7 +315,7 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         if self.start_epoch >= cfg.train.epochs:
             log.info("%s is complete (%d epochs); nothing to do", self.run_dir, cfg.train.epochs)
-        y_val = self.val_rows[list(CLASSES)].to_numpy(dtype=np.float64)
+        y_val = self.val_frame[list(CLASSES)].to_numpy(dtype=np.float64)
         for epoch in range(self.start_epoch, cfg.train.epochs):
             t0 = time.time()
             train_loss = self.train_epoch(epoch)
