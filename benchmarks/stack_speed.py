@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=100_000)
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--stackers", default="lgbm", help="comma-separated: lgbm, mlp, convex")
+    parser.add_argument("--stackers", default="lgbm", help="comma-separated: lgbm, mlp, convex; '' = features only")
     parser.add_argument("--config", default=str(ROOT / "configs" / "stack" / "demo.yaml"))
     parser.add_argument("--threads", type=int, default=2, help="LightGBM / torch threads")
     args = parser.parse_args(argv)
@@ -77,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         f"# level-2 speed: {len(feats)} slices × {args.models} models, {data.X.shape[1]} features, "
         f"{args.folds} folds, {args.threads} threads, {platform.processor() or platform.machine()}"
     )
-    print(f"build_features: {feat_s:.2f} s; best base model OOF wll {best_base:.4f}\n")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"build_features: {feat_s:.2f} s; peak RSS {rss:.1f} GB; best base model OOF wll {best_base:.4f}\n")
+    if not args.stackers:
+        return 0
     print("| stacker | level-2 CV (s) | per fold (s) | OOF wll | mean best iteration |")
     print("|---|---:|---:|---:|---:|")
     factories = make_stackers(cfg)

@@ -1,4 +1,8 @@
-"""Every registered model: forward/backward on tiny inputs; registry, combine-last init, offline weights."""
+"""Every registered model: forward/backward on tiny inputs; registry, combine-last init, offline weights.
+
+Inputs come from a per-layout builder (:func:`_case`), so a newly registered family is covered as soon as its
+layout is known here: channels/stack (one slice), slab (a window of slices), sequence (padded embeddings).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from rsna19.errors import UserError
 from rsna19.nets import build_model, get_model_spec, list_models
 
 #: Slices per sample of each model family built here; other registered families default to 3.
-SLICES = {"clf2d": 1, "clf2dc": 3, "clf2dc_3x3": 9, "combine_last": 3}
+SLICES = {"clf2d": 1, "clf2dc": 3, "clf2dc_3x3": 9, "combine_last": 3, "seg_aux": 1, "clf3d": 4}
+#: Builder arguments beyond the common ones (smp needs its ``tu-`` prefix for timm encoders).
+EXTRA = {"seg_aux": {"backbone": "tu-test_resnet", "decoder_channels": [8, 8, 8, 8, 8]}, "seq": {"hidden": 8}}
 ALL = sorted(s.name for s in list_models())
 
 
@@ -25,33 +31,51 @@ def _threads():
     torch.set_num_threads(old)
 
 
-def _input(name: str, n_windows: int = 2, size: int = 32) -> torch.Tensor:
+def _case(name: str, n_windows: int = 2, size: int = 32) -> tuple[dict, tuple[torch.Tensor, ...], tuple[int, ...]]:
+    """Builder arguments, a batch of 2 inputs and the classification output shape of a registered model."""
     s = SLICES.get(name, 3)
     layout = get_model_spec(name).input_layout
+    kwargs = {"backbone": "test_resnet", "n_windows": n_windows, "n_slices": s, "drop_rate": 0.1, **EXTRA.get(name, {})}
+    if layout == "channels":
+        return kwargs, (torch.randn(2, s * n_windows, size, size),), (2, 6)
     if layout == "stack":
-        return torch.randn(2, s, n_windows, size, size)
-    if layout != "channels":
-        pytest.skip(f"{name}: layout {layout!r} is exercised by its own family's tests")
-    return torch.randn(2, s * n_windows, size, size)
+        return kwargs, (torch.randn(2, s, n_windows, size, size),), (2, 6)
+    if layout == "slab":
+        return kwargs, (torch.randn(2, s, n_windows, size, size),), (2, s, 6)
+    if layout == "sequence":
+        d, t = 8, 5  # embeddings of size 8; series of 5 and 3 slices (the second padded)
+        kwargs = {**kwargs, "in_features": d, "backbone": None}
+        return kwargs, (torch.randn(2, t, d), torch.tensor([t, 3])), (2, t, 6)
+    raise AssertionError(f"{name}: no test input for layout {layout!r}; add it to _case")
 
 
 def test_base_families_are_registered():
     assert set(SLICES) <= set(ALL)
+    assert {"clf3d", "seg_aux", "seq"} <= set(ALL)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_forward_backward(name):
     torch.manual_seed(0)
-    x = _input(name)
-    model = build_model(name, backbone="test_resnet", n_windows=2, n_slices=SLICES.get(name, 3), drop_rate=0.1)
-    out = model(x)
-    assert out.shape == (2, 6)
-    assert torch.isfinite(out).all()
-    out.sum().backward()
+    kwargs, inputs, shape = _case(name)
+    model = build_model(name, **kwargs)
+    out = model(*inputs)
+    # Segmentation-aided models also give mask logits (B, 5, H, W); every output must reach the loss.
+    extra = out[1:] if isinstance(out, tuple) else ()
+    logits = out[0] if isinstance(out, tuple) else out
+    assert logits.shape == shape
+    assert torch.isfinite(logits).all()
+    for e in extra:
+        assert e.shape == (2, 5, *inputs[0].shape[-2:]) and torch.isfinite(e).all()
+    (logits.sum() + sum(e.mean() for e in extra)).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without gradient: {missing[:5]}"
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    assert model.features(x).shape == (2, model.num_features)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if hasattr(model, "classify"):  # prediction reads the class logits alone
+        torch.testing.assert_close(model.eval().classify(*inputs), model(*inputs)[0])
+    if hasattr(model, "features"):  # embeddings for the sequence model: one vector per slice
+        f = model.features(*inputs)
+        assert f.shape == (*shape[:-1], model.num_features)
 
 
 def test_combine_last_starts_as_the_centre_slice_model():

@@ -12,6 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", help="conversion cache (default: $RSNA19_CACHE)")
     p.add_argument("--folds", help="folds.csv (default: $RSNA19_FOLDS)")
     p.add_argument("--runs", help="runs directory (default: $RSNA19_RUNS)")
+    p.add_argument("--masks", help="subtype masks/ folder for segmentation-aided models (default: $RSNA19_MASKS)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
 
 
@@ -31,7 +32,13 @@ def run(args: argparse.Namespace) -> int:
     from rsna19.training.config import TrainConfig, resolve_paths
     from rsna19.training.trainer import train
 
-    cfg = resolve_paths(load_config(TrainConfig, args.config, args.overrides), args.cache, args.folds, args.runs)
+    cfg = resolve_paths(
+        load_config(TrainConfig, args.config, args.overrides),
+        args.cache,
+        args.folds,
+        args.runs,
+        getattr(args, "masks", None),
+    )
     run_dir = train(cfg, args.fold)
     print(run_dir)
     return 0

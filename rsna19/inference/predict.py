@@ -19,13 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rsna19.config import from_dict
 from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.data.datasets import SliceDataset, read_cache_index
-from rsna19.data.folds import read_folds, split_by_fold
+from rsna19.data.datasets import SliceDataset
 from rsna19.data.transforms import MultiWindow
 from rsna19.errors import UserError
 from rsna19.nets import build_model
@@ -229,28 +228,31 @@ def predict(
     fold_dir = run_dir if run_dir.name == f"fold_{fold}" else run_dir / f"fold_{fold}"
     state = load_checkpoint(fold_dir / f"{checkpoint}.pt")
     cfg = from_dict(TrainConfig, state["config"])
-    cache = cache or os.environ.get("RSNA19_CACHE") or cfg.data.cache
-    if not cache:
-        raise UserError("no cache path: pass --cache or set RSNA19_CACHE")
-    index = read_cache_index(cache)
-    if split == "oof":
-        folds_path = folds or os.environ.get("RSNA19_FOLDS") or cfg.data.folds
-        if not folds_path:
-            raise UserError("no folds path: pass --folds or set RSNA19_FOLDS")
-        _, rows = split_by_fold(index, read_folds(folds_path), fold)
-    else:
-        rows = index[index["split"] == "test"].reset_index(drop=True)
-    if rows.empty:
-        raise UserError(f"no {split} slices to predict for fold {fold} in {cache}")
+    # The family's task says what the items are and how their outputs become one prediction per slice.
+    from rsna19.training.tasks import Runtime, finish_rows, get_task, predict_rows
+
+    task = get_task(cfg)
+    rows, ds = task.prediction_data(state, fold_dir, fold, split, cache, folds)
     dev = resolve_device(device)
     channels_last = cfg.train.channels_last and dev.type == "cuda"
     model = model_from_state(state["model_name"], state["model_kwargs"], state["model"], dev, channels_last)
-    ds = prediction_dataset(cfg, state["hu_mapping"], cache, rows)
     bs = batch_size or cfg.train.val_batch_size or cfg.train.batch_size
-    amp = resolve_amp(cfg.train.amp, dev)
-    probs = predict_probs(
-        model, Subset(ds, range(len(ds))), dev, bs, tta, amp, num_workers, channels_last, progress, f"{split} f{fold}"
+    rt = Runtime(dev, resolve_amp(cfg.train.amp, dev), channels_last)
+    total, count = predict_rows(
+        task,
+        model,
+        ds,
+        len(rows),
+        rt,
+        bs,
+        parse_tta(tta),
+        num_workers=num_workers,
+        progress=progress,
+        desc=f"{split} f{fold}",
     )
+    probs = finish_rows(total, count)
+    if not task.uses_tta:
+        tta = ("none",)
     df = prediction_frame(rows, probs, fold, cfg.name, labels=split == "oof")
     path = Path(out) if out else fold_dir / f"{split}.parquet"
     write_parquet(df, path)

@@ -26,7 +26,9 @@ class ModelSpec:
     family: str
     description: str
     builder: Callable[..., nn.Module]
-    input_layout: str  # "channels": (B, S·C, H, W); "stack": (B, S, C, H, W)
+    # "channels": (B, S·C, H, W); "stack": (B, S, C, H, W); "slab": (B, S, C, H, W) → a prediction per slice;
+    # "sequence": embeddings (B, T, D) + lengths (B,). rsna19.training.tasks maps each layout to its data and loss.
+    input_layout: str
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -41,7 +43,8 @@ def register_model(
         name: registry key used in configs (``model.name``).
         family: family shown by ``rsna19 models`` (defaults to ``name``).
         description: one line for ``rsna19 models`` (defaults to the builder's first docstring line).
-        input_layout: the dataset layout the model expects, ``"channels"`` or ``"stack"``.
+        input_layout: the dataset layout the model expects: ``"channels"``, ``"stack"``, ``"slab"`` or
+            ``"sequence"`` (``data.layout`` of its configs).
     """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

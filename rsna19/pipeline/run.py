@@ -22,12 +22,13 @@ test) and the time of each stage, also written to ``WORK/pipeline_summary.json``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -470,9 +471,24 @@ def format_result(result: PipelineResult) -> str:
         if i == 0:
             lines.append("  " + "  ".join("-" * x for x in w))
     lines += ["", "time per stage"]
-    for s in STAGES:
-        if s in result.timings:
-            flag = " (skipped: already done)" if result.skipped.get(s) else ""
-            lines.append(f"  {s:<8} {result.timings[s]:8.1f} s{flag}")
+    for s, seconds in result.timings.items():
+        flag = " (skipped: already done)" if result.skipped.get(s) else ""
+        lines.append(f"  {s:<8} {seconds:8.1f} s{flag}")
     lines.append(f"  {'total':<8} {sum(result.timings.values()):8.1f} s")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def quiet_logs(quiet: bool = True) -> Iterator[None]:
+    """Keep the package's INFO logs (one a training epoch, one a stage step) off the console during a run.
+
+    The pipeline prints its own line per stage; warnings and errors still show.
+    """
+    logger = logging.getLogger("rsna19")
+    old = logger.level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)

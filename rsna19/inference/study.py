@@ -1,0 +1,373 @@
+"""``rsna19 predict-study``: a folder or zip of DICOM files → per-slice and per-study predictions and reports.
+
+For each study found by :func:`rsna19.inference.inputs.collect_studies` (which groups the files into series and
+keeps the axial CT ones, with a reason for every series and file it skips):
+
+1. every kept series goes through :func:`rsna19.conversion.series.convert_series` with the bundle's conversion
+   options, i.e. exactly the training conversion, into a private scratch cache;
+2. every base model of the bundle predicts every slice with the same dataset code, input mapping and TTA as the
+   training pipeline's test predictions (:func:`rsna19.inference.predict.prediction_dataset` and
+   :func:`~rsna19.inference.predict.predict_probs`), averaged over the bundled folds;
+3. the level-2 features of the series (:func:`rsna19.stacking.features.build_features`) go through the bundled
+   stacker.
+
+Outputs in ``OUT``: ``slices.csv`` (study, series, sop_uid, z, position, six probabilities), ``studies.json`` (per
+study: max probabilities, top slices, series used and skipped with reasons, or the error that stopped it) and
+``report_<study>.png`` (:func:`rsna19.report.render_study_report`, with a Grad-CAM map of ``any`` on the top slice
+where a 2D model allows it). A study that fails is reported with its message; the others are still processed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rsna19.constants import CLASSES, PROB_COLUMNS
+from rsna19.errors import UserError
+from rsna19.utils.atomic import write_csv, write_text
+
+log = logging.getLogger(__name__)
+
+#: Columns of ``slices.csv``.
+SLICE_COLUMNS: tuple[str, ...] = ("study_uid", "series_uid", "sop_uid", "z", "position", *PROB_COLUMNS)
+
+
+def report_name(study_uid: str) -> str:
+    """``report_<study>.png`` with characters that are unsafe in file names replaced by ``_``."""
+    return f"report_{re.sub(r'[^A-Za-z0-9._-]', '_', study_uid)}.png"
+
+
+@dataclass
+class SeriesPrediction:
+    """One converted and predicted series.
+
+    Attributes:
+        series_uid: the series.
+        volume: (Z, H, W) int16 HU as converted.
+        meta: the conversion's meta (sop_uids, positions, ...).
+        per_model: model name → (Z, 6) fold-averaged probabilities.
+        stacked: (Z, 6) the stacker's probabilities (slice order).
+    """
+
+    series_uid: str
+    volume: np.ndarray
+    meta: dict[str, Any]
+    per_model: dict[str, np.ndarray] = field(default_factory=dict)
+    stacked: np.ndarray | None = None
+
+
+def _rows(meta: dict[str, Any]) -> pd.DataFrame:
+    """Cache-index rows (docs/contracts.md) of one converted series."""
+    n = len(meta["sop_uids"])
+    return pd.DataFrame(
+        {
+            "sop_uid": [str(s) for s in meta["sop_uids"]],
+            "series_uid": str(meta["series_uid"]),
+            "study_uid": str(meta["study_uid"]),
+            "patient_id": str(meta["patient_id"]),
+            "split": "test",
+            "z": np.arange(n, dtype=np.int64),
+            "n_slices": n,
+        }
+    )
+
+
+def model_probabilities(bundle: Any, cache: Path, rows: pd.DataFrame, batch_size: int | None = None) -> dict[str, Any]:
+    """Each bundled model's probabilities for ``rows`` of ``cache``, averaged over its folds.
+
+    Same dataset, HU mapping, TTA and AMP rule as :func:`rsna19.inference.predict.predict` on the test split.
+
+    Returns:
+        model name → (N, 6) float32, in ``rows`` order.
+    """
+    from torch.utils.data import Subset
+
+    from rsna19.inference.predict import predict_probs, prediction_dataset, resolve_amp
+
+    out = {}
+    for bm in bundle.models:
+        amp = resolve_amp(bm.cfg.train.amp, bundle.device)
+        bs = batch_size or bm.cfg.train.val_batch_size or bm.cfg.train.batch_size
+        acc = np.zeros((len(rows), len(CLASSES)), dtype=np.float64)
+        for net, hu in zip(bm.nets, bm.hu_mappings):
+            ds = prediction_dataset(bm.cfg, hu, cache, rows)
+            acc += predict_probs(net, Subset(ds, range(len(ds))), bundle.device, bs, bundle.tta, amp)
+        out[bm.name] = (acc / len(bm.nets)).astype(np.float32)
+    return out
+
+
+def stack_probabilities(bundle: Any, rows: pd.DataFrame, per_model: dict[str, np.ndarray]) -> np.ndarray:
+    """The bundled stacker's (N, 6) probabilities for ``rows`` (one or more series), in ``rows`` order."""
+    from rsna19.stacking.features import Level2Data, build_features
+
+    st = bundle.stacker
+    preds = {}
+    for m in st.models:
+        df = rows[["sop_uid", "series_uid", "study_uid", "patient_id"]].copy()
+        df["slice_idx"] = rows["z"].to_numpy()
+        df[list(PROB_COLUMNS)] = per_model[m]
+        preds[m] = df
+    feats = build_features(preds, st.offsets, st.windows)
+    stacked = st.predict(Level2Data.from_features(feats, st.models))
+    where = pd.Index(feats["sop_uid"]).get_indexer(rows["sop_uid"])
+    return np.asarray(stacked, dtype=np.float64)[where]
+
+
+def _cam_target(net: Any) -> Any:
+    """The last 4-D feature stage of a 2D model's backbone (timm ResNets: ``layer4``), else its last Conv2d."""
+    from torch import nn
+
+    backbone = getattr(net, "backbone", net)
+    for name in ("layer4", "stages", "features", "blocks"):
+        if hasattr(backbone, name):
+            return getattr(backbone, name)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1] if convs else None
+
+
+def top_slice_cam(bundle: Any, cache: Path, rows: pd.DataFrame, z: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """Grad-CAM of ``any`` on slice ``z`` from the first single-slice-input (channels layout) model, or None.
+
+    The network sees the slice resized to ``data.resize`` and centre-cropped to ``data.crop``; the map is put back
+    in that frame (zeros outside the crop) so that stretching it over the slice lines it up.
+    """
+    from rsna19.inference.gradcam import grad_cam
+    from rsna19.inference.predict import prediction_dataset
+
+    models = sorted(
+        (bm for bm in bundle.models if bm.cfg.data.layout == "channels"),
+        key=lambda bm: bm.cfg.data.slices,  # a plain 2D model first: one backbone pass, the clearest map
+    )
+    if not models:
+        return None
+    bm = models[0]
+    net = bm.nets[0]
+    target = _cam_target(net)
+    if target is None:
+        return None
+    ds = prediction_dataset(bm.cfg, bm.hu_mappings[0], cache, rows)
+    x = ds[z]["image"][None].to(bundle.device)
+    cam = grad_cam(net, x, CLASSES.index("any"), target_layer=target)
+    frame = bm.cfg.data.resize or shape[0]
+    full = np.zeros((frame, frame), dtype=np.float32)
+    h, w = cam.shape
+    y0, x0 = max((frame - h) // 2, 0), max((frame - w) // 2, 0)
+    full[y0 : y0 + h, x0 : x0 + w] = cam[: frame - y0, : frame - x0]
+    return full
+
+
+def predict_series(bundle: Any, files: list[Path], cache: Path) -> SeriesPrediction:
+    """Convert one series like the training cache, predict it with every model and the stacker."""
+    from rsna19.conversion.series import convert_series, write_series
+
+    c = bundle.convert
+    volume, meta = convert_series(
+        [str(f) for f in files], crop=c["crop"], spacing=c["spacing"], correct_tilt=c["correct_tilt"]
+    )
+    write_series(volume, meta, cache, preview=False)
+    rows = _rows(meta)
+    sp = SeriesPrediction(str(meta["series_uid"]), volume, meta)
+    sp.per_model = model_probabilities(bundle, cache, rows)
+    sp.stacked = stack_probabilities(bundle, rows, sp.per_model)
+    return sp
+
+
+def _study_frame(study_uid: str, series: list[SeriesPrediction]) -> pd.DataFrame:
+    parts = []
+    for sp in series:
+        df = pd.DataFrame(
+            {
+                "study_uid": study_uid,
+                "series_uid": sp.series_uid,
+                "sop_uid": [str(s) for s in sp.meta["sop_uids"]],
+                "z": np.arange(len(sp.meta["sop_uids"])),
+                "position": np.asarray(sp.meta["positions"], dtype=np.float64),
+            }
+        )
+        df[list(PROB_COLUMNS)] = sp.stacked
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True)
+
+
+def predict_studies(
+    path: str | os.PathLike[str],
+    bundle: Any,
+    out: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    workers: int = 1,
+    top_k: int = 6,
+    threshold: float = 0.5,
+    cam: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Predict every study in a folder or zip and write ``slices.csv``, ``studies.json`` and the reports.
+
+    Args:
+        path: a folder (searched recursively; several studies, series and stray files are fine) or a zip.
+        bundle: a bundle folder, or a :class:`rsna19.bundle.Bundle` already loaded.
+        out: output folder (created).
+        device: ``cpu``, ``cuda`` or ``auto`` (when ``bundle`` is a path).
+        workers: processes reading the DICOM headers.
+        top_k: slices in each report's montage and in ``top_slices``.
+        threshold: decision threshold of the ``positive`` flags and the report.
+        cam: draw a Grad-CAM map of ``any`` over the top slice.
+        say: where the one-line-per-study messages go.
+
+    Returns:
+        The ``studies.json`` dict.
+
+    Raises:
+        UserError: ``path`` missing, an unsafe zip, or an unusable bundle (errors of single studies are reported in
+            ``studies.json`` instead).
+    """
+    from rsna19.bundle import Bundle, load_bundle
+    from rsna19.inference.inputs import collect_studies
+    from rsna19.report import render_study_report, summarise_study
+
+    t_start = time.perf_counter()
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle, device=device)
+    load_s = time.perf_counter() - t_start
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = []
+    studies_out = []
+    with _quiet_pydicom(), tempfile.TemporaryDirectory(prefix="rsna19-study-") as scratch:
+        scratch = Path(scratch)
+        inputs = collect_studies(path, scratch / "input", workers=workers)
+        if not inputs.studies:
+            say(f"{path}: no DICOM study found ({len(inputs.skipped_files)} file(s) skipped)")
+        for study_uid, study in inputs.studies.items():
+            t0 = time.perf_counter()
+            entry: dict[str, Any] = {**study.to_dict(inputs.root), "status": "ok", "error": None}
+            try:
+                if study.problem:
+                    raise UserError(study.problem)
+                done: list[SeriesPrediction] = []
+                failed = []
+                for s in study.used:
+                    try:
+                        done.append(predict_series(bundle, s.files, scratch / "cache"))
+                    except Exception as exc:  # noqa: BLE001 - one bad series must not lose the study's others
+                        failed.append({**s.to_dict(), "reason": f"conversion/prediction failed: {_message(exc)}"})
+                entry["series_failed"] = failed
+                if not done:
+                    raise UserError(
+                        f"study {study_uid}: no series could be predicted ("
+                        + "; ".join(f"{f['series_uid']}: {f['reason']}" for f in failed)
+                        + ")"
+                    )
+                df = _study_frame(study_uid, done)
+                frames.append(df)
+                entry["prediction"] = summarise_study(df, top_k=top_k, threshold=threshold)
+                entry["per_model_max"] = {
+                    m: {
+                        c: round(float(v), 6)
+                        for c, v in zip(CLASSES, np.max([sp.per_model[m].max(axis=0) for sp in done], axis=0))
+                    }
+                    for m in done[0].per_model
+                }
+                # The report shows the series with the most suspicious slice.
+                best = max(done, key=lambda sp: float(sp.stacked[:, -1].max()))
+                heat, cam_note = None, None
+                if cam:
+                    try:
+                        z_top = int(np.argmax(best.stacked[:, -1]))
+                        heat = top_slice_cam(bundle, scratch / "cache", _rows(best.meta), z_top, best.volume.shape[1:])
+                    except Exception as exc:  # noqa: BLE001 - the picture is optional, the prediction is not
+                        cam_note = f"no Grad-CAM: {_message(exc)}"
+                png = out / report_name(study_uid)
+                render_study_report(
+                    best.volume,
+                    np.clip(best.stacked, 0.0, 1.0),
+                    best.meta["sop_uids"],
+                    best.meta["positions"],
+                    png,
+                    study_uid,
+                    top_k=top_k,
+                    cam=heat,
+                    threshold=threshold,
+                )
+                entry["report"] = png.name
+                entry["report_series"] = best.series_uid
+                if cam_note:
+                    entry["report_note"] = cam_note
+                p = entry["prediction"]["max_probability"]
+                say(
+                    f"study {study_uid}: {sum(len(sp.meta['sop_uids']) for sp in done)} slices in {len(done)} series, "
+                    f"max p_any {p['any']:.3f}"
+                    + (
+                        f" ({', '.join(entry['prediction']['positive_classes'])})"
+                        if entry["prediction"]["positive_classes"]
+                        else ""
+                    )
+                    + f", {time.perf_counter() - t0:.1f} s"
+                )
+            except Exception as exc:  # noqa: BLE001 - a bad study is reported; the others go on
+                entry["status"] = "error"
+                entry["error"] = _message(exc)
+                say(f"study {study_uid}: error: {entry['error']}")
+                log.debug("study %s failed", study_uid, exc_info=True)
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            studies_out.append(entry)
+        files_skipped = inputs.to_dict()["files_skipped"]
+
+    slices = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SLICE_COLUMNS))
+    write_csv(slices[list(SLICE_COLUMNS)], out / "slices.csv")
+    summary = {
+        "source": str(path),
+        "bundle": str(bundle.path),
+        "device": str(bundle.device),
+        "n_studies": len(studies_out),
+        "n_ok": sum(s["status"] == "ok" for s in studies_out),
+        "n_errors": sum(s["status"] == "error" for s in studies_out),
+        "bundle_load_s": round(load_s, 3),
+        "total_s": round(time.perf_counter() - t_start, 3),
+        "files_skipped": files_skipped,
+        "studies": studies_out,
+    }
+    write_text(json.dumps(summary, indent=1, default=_json_default) + "\n", out / "studies.json")
+    return summary
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's per-file warnings for the duration.
+
+    Headers of real scanners are full of values that break the VR rules (a UI with letters, a DS with too many
+    digits); they are read leniently, and a warning per file would bury the one-line-per-study messages.
+    """
+    logger = logging.getLogger("pydicom")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def _message(exc: BaseException) -> str:
+    """A one-line message: the text of expected errors, the type as well for unexpected ones."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, UserError | ValueError) else f"{type(exc).__name__}: {text}"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
