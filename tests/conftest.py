@@ -22,3 +22,21 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth_tiny") / "data"
     generate_dataset(root, preset="tiny", seed=0, workers=1, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``rsna19 run`` of ``configs/pipelines/tiny.yaml`` on :func:`tiny_dataset` (3 families × 2 folds + stack).
+
+    Generated once per test session (per xdist worker); treat it as read-only.
+
+    Returns:
+        The work folder (``pipeline.yaml``, ``cache/``, ``folds.csv``, ``runs/``, ``stack/``, ``submission.csv``).
+    """
+    from rsna19.pipeline.config import load_pipeline
+    from rsna19.pipeline.run import run_pipeline
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "pipelines" / "tiny.yaml"
+    work = tmp_path_factory.mktemp("tiny_run") / "work"
+    run_pipeline(tiny_dataset, work, load_pipeline(config), say=lambda _line: None)
+    return work

@@ -35,7 +35,7 @@ from rsna19.conversion.series import (
     write_series,
 )
 from rsna19.errors import UserError
-from rsna19.utils.atomic import write_csv, write_parquet
+from rsna19.utils.atomic import OutputError, ensure_writable_dir, write_csv, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,9 @@ def convert_one(series_uid: str, rows: list[dict[str, Any]], cache: str, params:
         result.update(ok=True, n_slices=int(volume.shape[0]), dropped=meta["dropped"])
     except SeriesError as exc:
         result.update(reason=str(exc), dropped=exc.dropped)
+    except OutputError as exc:
+        # Disk full or read-only: every later series would fail the same way, so the run stops (see collect).
+        result.update(reason=str(exc), fatal=True)
     except Exception as exc:  # a bug or a disk error in one series must not stop an 870k-file run
         result.update(reason=f"{type(exc).__name__}: {exc}")
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -236,8 +239,7 @@ def run_convert(
     if spacing is not None and spacing <= 0:
         raise UserError(f"--spacing must be > 0, got {spacing}")
     params = ConvertParams(crop=int(crop) if crop else None, spacing=spacing, correct_tilt=bool(correct_tilt))
-    cache = Path(out)
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = ensure_writable_dir(out)
     removed = clean_stale_tmp(cache)
     if removed:
         log.info("removed %d unfinished series folder(s) left by an interrupted run", removed)
@@ -266,6 +268,8 @@ def run_convert(
     def collect(res: dict[str, Any]) -> None:
         bar.update()
         summary.peak_rss_mb = max(summary.peak_rss_mb, float(res["peak_rss_mb"]))
+        if res.get("fatal"):
+            raise OutputError(res["reason"])
         if res["ok"]:
             summary.converted += 1
             summary.n_slices += res["n_slices"]

@@ -39,6 +39,7 @@ from rsna19.conversion.resample import (
     sample_window,
     scale_factors,
 )
+from rsna19.utils.atomic import ensure_writable_dir, output_error
 
 #: Bump when the conversion changes what it writes: every cached series is then out of date.
 CONVERSION_VERSION = 1
@@ -324,8 +325,7 @@ def write_series(
     series = str(meta["series_uid"])
     if not series or os.sep in series or series.startswith("."):
         raise SeriesError(f"series UID {series!r} cannot name a directory")
-    cache = Path(cache)
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = ensure_writable_dir(cache)
     final = cache / series
     tmp = cache / f"{TMP_PREFIX}{series}-{os.getpid()}"
     if tmp.exists():
@@ -345,6 +345,12 @@ def write_series(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+    except OSError as exc:
+        # Disk full, read-only, no permission: one clear line naming the series folder (the temporary is removed).
+        err = output_error(exc, final)
+        if err is None:
+            raise
+        raise err from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -35,7 +35,7 @@ from rsna19.constants import CLASSES
 from rsna19.errors import UserError
 from rsna19.io.dicom_header import HEADER_COLUMNS, read_header
 from rsna19.io.rsna_csv import read_labels
-from rsna19.utils.atomic import write_csv, write_parquet
+from rsna19.utils.atomic import ensure_writable_dir, write_csv, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ def build_index(
         log.info("%s exists, not rebuilt (overwrite to rebuild)", out)
         return pd.read_parquet(out)
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    ensure_writable_dir(out.parent)  # fail now, not after reading 870k headers
     if not dirs:
         raise UserError("no folder to index")
     labels = read_labels(labels_csv) if labels_csv is not None else None

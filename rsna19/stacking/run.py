@@ -42,7 +42,13 @@ from rsna19.stacking.lgbm import LgbmStacker
 from rsna19.stacking.mlp import MlpStacker
 from rsna19.stacking.postprocess import postprocess
 from rsna19.stacking.report import format_score_table, score_frame, score_row
-from rsna19.utils.atomic import atomic_path, write_parquet, write_text
+from rsna19.utils.atomic import (
+    atomic_path,
+    ensure_writable_dir,
+    remove_stale_temporaries,
+    write_parquet,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +220,8 @@ def run_stack(cfg: StackConfig, force: bool = False) -> StackResult:
     if (out_dir / DONE_FILE).is_file() and not force:
         log.info("stack output %s is complete; skipping (use --force to recompute)", out_dir)
         return StackResult(out_dir, pd.read_csv(out_dir / DONE_FILE), skipped=True)
+    ensure_writable_dir(out_dir.parent)  # fail before the level-2 CV, not after it
+    remove_stale_temporaries(out_dir)  # left by a run that was killed while writing
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     inputs = load_base_inputs(cfg.runs, list(cfg.models), cfg.folds_csv, list(cfg.folds), cfg.test_labels)

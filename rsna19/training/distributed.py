@@ -88,6 +88,18 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every process rank ``src``'s buffers (no-op outside a process group).
+
+    DDP broadcasts buffers at the start of each training forward, so after the last step every process holds
+    BatchNorm statistics updated by its own last batch; evaluation must use one set (the one saved by rank 0).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src)
+
+
 def mean_across(value: float) -> float:
     """Mean of a scalar over the processes."""
     if not (dist.is_available() and dist.is_initialized()):

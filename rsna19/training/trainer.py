@@ -42,6 +42,7 @@ from rsna19.training.distributed import (
     DistInfo,
     all_gather_object,
     barrier,
+    broadcast_buffers,
     init_distributed,
     mean_across,
     shutdown,
@@ -290,6 +291,7 @@ class Trainer:
         Each process predicts every ``world``-th item (a slice, a slab window or a series) and sums its
         probabilities per slice; the sums of all processes are added, then averaged per slice.
         """
+        broadcast_buffers(unwrap(self.model))  # every process validates rank 0's model (BatchNorm statistics)
         total, count = predict_rows(
             self.task,
             unwrap(self.model),
@@ -333,9 +335,10 @@ class Trainer:
                 state = self._state(epoch)
                 if improved:
                     save_checkpoint(state, self.run_dir / "best.pt")
-                # last.pt after best.pt: a run killed in between redoes this epoch rather than losing its best.
-                save_checkpoint(state, self.run_dir / "last.pt")
+                # last.pt after best.pt and log.csv: a run killed in between redoes this epoch (resume drops log
+                # rows from this epoch on) rather than losing its best model or its log row.
                 write_csv(pd.DataFrame(self.log_rows, columns=list(LOG_COLUMNS)), self.run_dir / "log.csv")
+                save_checkpoint(state, self.run_dir / "last.pt")
                 log.info(
                     "%s fold %d epoch %d: train %.4f val wll %.4f%s (%.1fs)",
                     cfg.name,
