@@ -253,11 +253,11 @@ def test_enospc_in_a_write_is_a_clear_error_and_leaves_nothing(tmp_path):
     target = tmp_path / "out" / "table.csv"
     target.parent.mkdir()
     target.write_text("old complete output\n")
-    with pytest.raises(OutputError, match=rf"cannot write {target}: no space left on the device") as info:
-        with atomic_path(target) as tmp:
-            tmp.write_text("half a tab")
-            # What write(2) returns on a full disk, raised where the write happens.
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    full = pytest.raises(OutputError, match=rf"cannot write {target}: no space left on the device")
+    with full as info, atomic_path(target) as tmp:
+        tmp.write_text("half a tab")
+        # What write(2) returns on a full disk, raised where the write happens.
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
     assert isinstance(info.value, UserError) and info.value.__cause__.errno == errno.ENOSPC
     assert sorted(p.name for p in target.parent.iterdir()) == ["table.csv"]  # no temporary left
     assert target.read_text() == "old complete output\n"  # the previous output is untouched
@@ -266,16 +266,14 @@ def test_enospc_in_a_write_is_a_clear_error_and_leaves_nothing(tmp_path):
 @pytest.mark.parametrize("code", [errno.EDQUOT, errno.EROFS, errno.EACCES])
 def test_other_write_failures_name_the_target(tmp_path, code):
     target = tmp_path / "x.parquet"
-    with pytest.raises(OutputError, match=f"cannot write {target}: "):
-        with atomic_path(target):
-            raise OSError(code, os.strerror(code))
+    with pytest.raises(OutputError, match=f"cannot write {target}: "), atomic_path(target):
+        raise OSError(code, os.strerror(code))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unrelated_oserror_passes_through(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        with atomic_path(tmp_path / "x.csv"):
-            raise FileNotFoundError(errno.ENOENT, "an input is missing")
+    with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "x.csv"):
+        raise FileNotFoundError(errno.ENOENT, "an input is missing")
 
 
 def _small_file_limit(limit: int) -> Callable[[], None]:

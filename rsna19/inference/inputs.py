@@ -416,6 +416,17 @@ def _read_file(path: Path) -> tuple[dict[str, Any] | str, dict[str, Any] | str |
 # --------------------------------------------------------------------------------------------------------------
 # Grouping and series selection
 
+
+def _is_ct_image(ident: dict[str, Any]) -> bool:
+    return ident["modality"] == "CT" and not _localizer_tokens(ident)
+
+
+def _not_ct_image_reason(ident: dict[str, Any]) -> str:
+    if ident["modality"] != "CT":
+        return f"modality {ident['modality'] or 'none'} in a CT series"
+    return f"localizer image (ImageType contains {'/'.join(_localizer_tokens(ident))}) in a CT series"
+
+
 _FileInfo = tuple[Path, dict[str, Any], "dict[str, Any] | str | None"]
 
 
@@ -424,6 +435,12 @@ def _select_series(
 ) -> tuple[SeriesInput, list[SkippedFile]]:
     """Decide whether one series is kept; returns it (with a reason if skipped) and the files dropped from it."""
     files = sorted(files, key=lambda f: str(f[0]))
+    # A file whose Modality or ImageType disagrees with CT image files of the same series UID is a damaged or
+    # misfiled file: it is dropped alone (with its reason) rather than taking the whole series down with it.
+    odd: list[SkippedFile] = []
+    if any(_is_ct_image(ident) for _, ident, _ in files) and not all(_is_ct_image(ident) for _, ident, _ in files):
+        odd = [SkippedFile(p, _not_ct_image_reason(ident)) for p, ident, _ in files if not _is_ct_image(ident)]
+        files = [f for f in files if _is_ct_image(f[1])]
     first = files[0][1]
     modalities = sorted({ident["modality"] or "none" for _, ident, _ in files})
 
@@ -446,7 +463,7 @@ def _select_series(
     if localizer:
         return make(files, f"localizer image (ImageType contains {'/'.join(localizer)})"), []
 
-    dropped: list[SkippedFile] = []
+    dropped: list[SkippedFile] = odd
     kept: list[_FileInfo] = []
     seen: dict[str, Path] = {}
     for path, ident, row in files:

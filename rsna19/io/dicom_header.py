@@ -318,6 +318,9 @@ def _row(path: str, fp: Any, size: int, parsed: _Parsed) -> dict[str, Any]:
     if study is None:
         raise _Bad("no StudyInstanceUID")
     patient = _text(elems, _PATIENT_ID) or study  # grouping by patient needs a key; a study is the best fallback
+    for name, uid in (("SOPInstanceUID", sop), ("SeriesInstanceUID", series), ("StudyInstanceUID", study)):
+        if "\\" in uid:  # UIDs have one value; every later stage keys on them
+            raise _Bad(f"bad {name}: {uid[:60]!r} has several values")
 
     ipp = _numbers(elems, _IPP, "ImagePositionPatient")
     if ipp is None:
@@ -369,7 +372,8 @@ def _row(path: str, fp: Any, size: int, parsed: _Parsed) -> dict[str, Any]:
         "patient_id": patient,
         "study_uid": study,
         "series_uid": series,
-        "instance_number": int(instance[0]) if instance else -1,
+        # Not needed for ordering (position is): a value that does not fit the int64 column counts as absent.
+        "instance_number": int(instance[0]) if instance and abs(instance[0]) < 2**31 else -1,
         "ipp_x": ipp[0],
         "ipp_y": ipp[1],
         "ipp_z": ipp[2],
