@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from _bench import add_common_arguments, apply_quick, write_json
 from torch.utils.data import DataLoader
 
 from rsna19.constants import CLASSES
@@ -107,7 +108,9 @@ def main() -> None:
     p.add_argument("--backbone", default="resnet34", help="model for the train-step rate ('' to skip)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
+    add_common_arguments(p)
     args = p.parse_args()
+    apply_quick(args, size=96, crop=64, samples=40, workers=[1], backbone="test_resnet", batch=4, steps=2)
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
@@ -142,6 +145,16 @@ def main() -> None:
     print(f"{'what':<58} {'rate':>10}")
     for what, rate, unit in rows:
         print(f"{what:<58} {rate:>10.1f} {unit}")
+    single = [rate for what, rate, _ in rows if what.startswith("loader, 1 worker")]
+    write_json(
+        args,
+        "loader",
+        f"Loader: {args.slices} slices × {len(args.windows)} windows, crop {args.crop}² of {args.size}²",
+        "≥ 500 samples/s per loader worker",
+        [{"case": what, "value": rate, "unit": unit} for what, rate, unit in rows],
+        None if args.quick or not single else min(single) >= 500,
+        {"size": args.size, "crop": args.crop, "samples": args.samples},
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import add_common_arguments, apply_quick, write_json
 from loader_speed import synthetic_cache
 from torch.utils.data import DataLoader
 
@@ -70,7 +71,9 @@ def main() -> None:
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--cache", help="real conversion cache (default: synthetic in a temp dir)")
+    add_common_arguments(p)
     args = p.parse_args()
+    apply_quick(args, backbone="test_resnet", crop=64, size=80, batch=8, steps=3, workers=0)
 
     device = resolve_device(args.device)
     amp = resolve_amp(args.amp, device)
@@ -128,6 +131,15 @@ def main() -> None:
     print(f"{'input':<32} {'images/s':>10} {'ms/step':>10}")
     for what, rate in rows:
         print(f"{what:<32} {rate:>10.1f} {1000 * args.batch / rate:>10.1f}")
+    write_json(
+        args,
+        "train",
+        f"Train step: {args.model}/{args.backbone}, input {tuple(shape)}, batch {args.batch}, {name}, amp {amp}",
+        "loader batches within 10 % of random tensors (the input pipeline is not the bottleneck)",
+        [{"case": what, "value": rate, "unit": "images/s"} for what, rate in rows],
+        rows[1][1] >= 0.9 * rows[0][1],
+        {"device": str(device), "amp": amp, "channels_last": channels_last, "batch": args.batch},
+    )
 
 
 if __name__ == "__main__":

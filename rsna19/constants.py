@@ -24,3 +24,9 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "bone": (600.0, 2800.0),
     "soft": (40.0, 380.0),
 }
+
+#: Deterministic test-time augmentation views, averaged by default at prediction.
+DEFAULT_TTA: tuple[str, ...] = ("none", "hflip", "vflip", "transpose")
+
+#: Splits for which per-slice embeddings are written (train/oof of one fold's patients, and test).
+EMBED_SPLITS: tuple[str, ...] = ("train", "oof", "test")

@@ -123,6 +123,8 @@ def split_elements(data: bytes) -> tuple[bytes, list[tuple[int, bytes, bytes]]]:
         group, elem = struct.unpack_from("<HH", data, pos)
         vr = data[pos + 4 : pos + 6]
         if vr in _VR_LENGTH_32:
+            if pos + 12 > len(data):
+                break
             (length,) = struct.unpack_from("<L", data, pos + 8)
             start = pos + 12
         else:
@@ -133,6 +135,8 @@ def split_elements(data: bytes) -> tuple[bytes, list[tuple[int, bytes, bytes]]]:
         if group != 0x0002:
             elements.append((group << 16 | elem, vr, data[start : start + length]))
         pos = start + length
+    if head_end is None:  # cut inside the file meta: nothing to edit
+        return data, []
     return data[:head_end], elements
 
 
@@ -151,6 +155,8 @@ def join_elements(head: bytes, elements: list[tuple[int, bytes, bytes]]) -> byte
 def set_element(data: bytes, name: str, vr: bytes | None, value: bytes | None) -> bytes:
     """Replace (``value``), retype (``vr``) or drop (``value is None``) one dataset element."""
     head, elements = split_elements(data)
+    if not elements:
+        return data
     tag = TAGS[name]
     out = []
     for t, v, val in elements:

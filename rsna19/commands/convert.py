@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rsna19.conversion.run import run_convert
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The convert options (shared with data_scripts/convert_dataset.py)."""
@@ -21,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the stage; exit code 0 (failed series are listed in convert_errors.csv, not fatal)."""
+    from rsna19.conversion.run import run_convert
+
     summary = run_convert(
         args.index,
         args.out,

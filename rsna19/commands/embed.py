@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rsna19.data.embeddings import EMBED_SPLITS
-from rsna19.inference.predict import DEFAULT_TTA
+from rsna19.constants import DEFAULT_TTA, EMBED_SPLITS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

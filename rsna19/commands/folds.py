@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rsna19.data.folds import write_folds
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -23,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rsna19.data.folds import write_folds
+
     folds = write_folds(args.index, args.out, n_folds=args.n_folds, seed=args.seed, force=args.force)
     sizes = folds["fold"].value_counts().sort_index()
     print(f"{args.out}: {len(folds)} patients; per fold: " + ", ".join(f"{k}: {v}" for k, v in sizes.items()))

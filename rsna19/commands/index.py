@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rsna19.io.index import build_index, errors_path
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``index`` subcommand."""
@@ -30,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the index; the summary goes to the log."""
+    from rsna19.io.index import build_index, errors_path
+
     df = build_index(
         args.dirs,
         labels_csv=args.labels,

@@ -6,7 +6,12 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("models", help="list the registered models (name, family, input, description)")
+    p = subparsers.add_parser(
+        "models",
+        help="list the registered models (name, family, input, description)",
+        description="List every model a config can name in `model.name`: its family, the input layout its dataset "
+        "must produce (channels, stack, slab, sequence) and a one-line description.",
+    )
     p.set_defaults(func=run)
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rsna19.submission import format_scores, score_submission
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``score`` subcommand."""
@@ -25,5 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the score table."""
+    from rsna19.submission import format_scores, score_submission
+
     print(format_scores(score_submission(args.submission, args.labels)))
     return 0

@@ -26,11 +26,10 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from rsna19.constants import CLASSES
+from rsna19.constants import CLASSES, EMBED_SPLITS
 from rsna19.errors import UserError
 
 #: Splits ``rsna19 embed`` writes.
-EMBED_SPLITS: tuple[str, ...] = ("train", "oof", "test")
 
 #: Metadata columns of ``embeddings_<split>.parquet``.
 EMBED_COLUMNS: tuple[str, ...] = ("sop_uid", "series_uid", "study_uid", "patient_id", "slice_idx", "fold", "split")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rsna19.config import from_dict
-from rsna19.constants import CLASSES, PROB_COLUMNS
+from rsna19.constants import CLASSES, DEFAULT_TTA, PROB_COLUMNS
 from rsna19.data.datasets import SliceDataset
 from rsna19.data.transforms import MultiWindow
 from rsna19.errors import UserError
@@ -43,7 +43,6 @@ TTA: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "transpose": lambda x: x.transpose(-1, -2),
 }
 _TTA_ALIASES = {"identity": "none"}
-DEFAULT_TTA: tuple[str, ...] = ("none", "hflip", "vflip", "transpose")
 
 
 def parse_tta(names: Sequence[str]) -> list[str]:

@@ -33,6 +33,9 @@ class DataConfig:
     label_slices: int | None = None  # slab: the middle positions that count in the training loss (None: all)
     masks: str | None = None  # seg_aux: the masks/ folder (--masks, $RSNA19_MASKS); None: no masks
     embeddings: str | None = None  # sequence: the image run under RUNS whose fold-k embeddings are read
+    # sequence: training embeddings of fold k are "oof" (each fold j≠k's OOF embeddings, by fold j's image model)
+    # or "fold" (fold k's image model's own training patients: cleaner than the validation ones, it overfits)
+    embedding_source: Literal["oof", "fold"] = "oof"
 
 
 @dataclass
