@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_OUT ?= demo_out
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean venv
+.PHONY: demo test test-slow lint bench fuzz clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# Many more fuzz examples than `make test` runs, then the atheris target (skipped with a message if not installed).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz_dicom.py -q -p no:xdist
+	$(BIN)/python fuzz/atheris_dicom.py fuzz/corpus -max_total_time=$${FUZZ_SECONDS:-300} -timeout=5 -rss_limit_mb=2048
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

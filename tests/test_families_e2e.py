@@ -19,6 +19,7 @@ from rsna19.cli import main
 from rsna19.config import load_config
 from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.data.datasets import read_cache_index
+from rsna19.data.embeddings import SequenceDataset, read_embeddings
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.training.checkpoint import load_checkpoint
 from rsna19.training.config import TrainConfig, resolve_paths
@@ -65,9 +66,9 @@ def _paths(p: dict[str, Path]) -> list[str]:
     return ["--cache", str(p["cache"]), "--folds", str(p["folds"]), "--runs", str(p["runs"])]
 
 
-def _train(p: dict[str, Path], name: str, *extra: str) -> Path:
-    assert main(["train", str(TINY / f"{name}.yaml"), "--fold", "0", *_paths(p), *extra]) == 0
-    run = p["runs"] / name / "fold_0"
+def _train(p: dict[str, Path], name: str, *extra: str, fold: int = 0) -> Path:
+    assert main(["train", str(TINY / f"{name}.yaml"), "--fold", str(fold), *_paths(p), *extra]) == 0
+    run = p["runs"] / name / f"fold_{fold}"
     log = pd.read_csv(run / "log.csv")
     assert len(log) >= 1 and np.isfinite(log[["train_loss", "val_wll"]].to_numpy()).all()
     return run
@@ -124,20 +125,57 @@ def test_seg_aux_trains_with_masks_and_predicts(prepared):
     _predict_and_check(prepared, "seg_aux")
 
 
-def test_seq_trains_on_the_embeddings_of_a_2d_run_and_predicts(prepared, capsys):
-    # Without the image run there is nothing to read: a one-line error says what to run first.
+def test_seq_trains_on_the_oof_embeddings_of_every_fold_and_predicts(prepared, capsys):
+    # Without the image run there is nothing to read: a one-line error names the missing fold runs.
     assert main(["train", str(TINY / "seq.yaml"), "--fold", "0", *_paths(prepared)]) == 1
-    assert "train the image run first" in capsys.readouterr().err
-    # The seq trainer computes the missing fold-0 embeddings of RUNS/clf2d itself (train + oof) ...
+    err = capsys.readouterr().err
+    assert "train the image run first" in err and "fold_0" in err and "fold_1" in err
+    # embedding_source "oof" (the default) needs every fold of the image run, not only fold 0.
+    image = prepared["runs"] / "clf2d"
     _train(prepared, "clf2d", "train.epochs=1", "data.samples_per_epoch=16")
+    assert main(["train", str(TINY / "seq.yaml"), "--fold", "0", *_paths(prepared)]) == 1
+    err = capsys.readouterr().err
+    assert str(image / "fold_1") in err and str(image / "fold_0") not in err
+    _train(prepared, "clf2d", "train.epochs=1", "data.samples_per_epoch=16", fold=1)
+
+    # The seq trainer computes the missing OOF embeddings of both folds itself ...
     run = _train(prepared, "seq", "train.epochs=1")
-    image = prepared["runs"] / "clf2d" / "fold_0"
-    assert {f"embeddings_{s}.json" for s in ("train", "oof")} <= {f.name for f in image.iterdir()}
+    for k in (0, 1):
+        assert (image / f"fold_{k}" / "embeddings_oof.json").is_file()
+    assert not (image / "fold_0" / "embeddings_train.json").exists()  # fold 0's own training embeddings: unused
     state = load_checkpoint(run / "best.pt")
     assert state["hu_mapping"] is None and state["model_kwargs"]["in_features"] > 0
+    # ... and fold 0 trained on fold 1's patients embedded by fold 1's image model (held out for it), validated
+    # on fold 0's patients embedded by fold 0's.
+    cfg = resolve_paths(
+        load_config(TrainConfig, run / "config.yaml"),
+        str(prepared["cache"]),
+        str(prepared["folds"]),
+        str(prepared["runs"]),
+        None,
+    )
+    assert cfg.data.embedding_source == "oof"
+    data = get_task(cfg).fold_data(0, torch.device("cpu"))
+    folds = read_folds(prepared["folds"])
+    fold1 = set(folds.loc[folds["fold"] == 1, "patient_id"])
+    frame1, x1, _ = read_embeddings(image / "fold_1", "oof")
+    train = data.train
+    assert isinstance(train, SequenceDataset) and set(train.frame["patient_id"]) == fold1
+    np.testing.assert_array_equal(train.features, x1)
+    assert train.frame["sop_uid"].tolist() == frame1["sop_uid"].tolist()
+    frame0, _, _ = read_embeddings(image / "fold_0", "oof")
+    assert data.val_frame["sop_uid"].tolist() == frame0["sop_uid"].tolist()
+
     # ... and prediction those of the test split; TTA views do not apply to a sequence model.
     _predict_and_check(prepared, "seq", tta=("none", "hflip", "vflip"))
-    assert (image / "embeddings_test.json").is_file()
+    assert (image / "fold_0" / "embeddings_test.json").is_file()
+
+    # embedding_source "fold" (the old way): fold 0's image model's own training patients.
+    cfg.data.embedding_source = "fold"
+    train = get_task(cfg).fold_data(0, torch.device("cpu")).train
+    frame_tr, _, _ = read_embeddings(image / "fold_0", "train")
+    assert isinstance(train, SequenceDataset) and train.frame["sop_uid"].tolist() == frame_tr["sop_uid"].tolist()
+    assert set(train.frame["patient_id"]) == fold1  # 2 folds: the same patients, but fold 0's model's view
 
 
 CONFIGS = sorted(p for p in TINY.parent.glob("*/*.yaml") if p.parent.name not in ("stack", "pipelines"))

@@ -7,8 +7,10 @@
     embeddings_<split>.json      what wrote them (checkpoint epoch, TTA, dim); written last: marks them complete
 
 Splits: ``train`` (fold k's training patients), ``oof`` (fold k's held-out patients) and ``test``. Every split of
-fold k comes from fold k's image model, so a sequence model trained on ``train`` and validated on ``oof`` of
-fold k never sees an embedding computed by a model that trained on its validation patients.
+fold k comes from fold k's image model. A sequence model of fold k validates on fold k's ``oof`` and trains on the
+other folds' ``oof`` (``data.embedding_source: oof``: held-out embeddings like the validation ones) or on fold k's
+``train`` (``fold``: in-sample embeddings, cleaner than the held-out ones); see
+:class:`rsna19.training.tasks.SequenceTask`.
 
 :class:`SequenceDataset` serves one series per item, slices in ``slice_idx`` order; :func:`collate_sequences`
 pads a batch and gives the lengths the model packs with.

@@ -28,7 +28,7 @@ import stat
 import tempfile
 import warnings
 import zipfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -479,6 +479,7 @@ def _select_series(
         reasons = sorted({f.reason for f in dropped})
         return make(files, f"no usable slice ({'; '.join(reasons)})"), dropped
 
+    kept = _majority_geometry(kept, dropped)
     rows = [row for _, _, row in kept]
     iops = np.array([[r[f"iop_{i}"] for i in range(6)] for r in rows], dtype=np.float64)
     if np.abs(iops - iops[0]).max() > rules.orientation_tol:
@@ -510,6 +511,32 @@ def _select_series(
     tilt = math.degrees(math.atan2(-iop[5], iop[4])) + 0.0
     series = make([kept[i] for i in order], None, positions=[float(positions[i]) for i in order], tilt_deg=tilt)
     return series, dropped
+
+
+def _geometry_key(row: dict[str, Any]) -> tuple:
+    """What must agree between the slices of a series: image size, orientation, pixel spacing (as the converter)."""
+    return (
+        (row["rows"], row["cols"]),
+        tuple(round(float(row[f"iop_{i}"]), 2) for i in range(6)),
+        (round(float(row["pixel_spacing_row"]), 4), round(float(row["pixel_spacing_col"]), 4)),
+    )
+
+
+def _majority_geometry(kept: list[_FileInfo], dropped: list[SkippedFile]) -> list[_FileInfo]:
+    """Drop the files whose geometry differs from that of a strict majority of the series (damaged or misfiled
+    files); without a strict majority the series is left whole, for the mixed-geometry checks to skip it."""
+    counts = Counter(_geometry_key(row) for _, _, row in kept)
+    if len(counts) < 2:
+        return kept
+    best, n = counts.most_common(1)[0]
+    if 2 * n <= len(kept):
+        return kept
+    for path, _, row in kept:
+        if _geometry_key(row) != best:
+            dropped.append(
+                SkippedFile(path, f"geometry {_geometry_key(row)} differs from the rest of the series {best}")
+            )
+    return [f for f in kept if _geometry_key(f[2]) == best]
 
 
 def _walk(root: Path, exclude: Path | None) -> list[Path]:

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from rsna19.constants import CLASSES
@@ -356,9 +356,18 @@ def ensure_embeddings(
 class SequenceTask(Task):
     """Second-stage sequence models over the per-slice embeddings of an image run (``data.embeddings``).
 
-    Fold k trains on ``embeddings_train`` and validates on ``embeddings_oof`` of the image run's fold k, both from
-    fold k's image model, so no validation embedding comes from a model that saw its patients. Missing
-    embeddings are computed first (the image run's ``best.pt``). An item is a whole series in slice order.
+    Fold k validates on ``embeddings_oof`` of the image run's fold k (fold k's image model never saw those
+    patients). What it trains on is ``data.embedding_source``:
+
+    * ``"oof"`` (default, the usual stacking recipe): the series of each fold j ≠ k's patients, embedded by fold
+      j's image model (its OOF embeddings). Every training embedding is then held out for the model that made
+      it, like the validation ones. This needs every fold of the image run. The leak is the small, standard one
+      of stacking: fold j's image model trained on fold k's patients, so the training inputs of fold k carry a
+      little knowledge of its validation patients' labels.
+    * ``"fold"``: ``embeddings_train`` of fold k's image model, i.e. the embeddings of the very patients it
+      trained on. No leak at all, but they are cleaner than the held-out ones and the sequence model overfits.
+
+    Missing embeddings are computed first (the image runs' ``best.pt``). An item is a whole series in slice order.
     """
 
     uses_tta = False
@@ -375,37 +384,66 @@ class SequenceTask(Task):
     def fold_data(self, fold: int, device: torch.device, is_main: bool = True) -> FoldData:
         cfg = self.cfg
         assert cfg.runs and cfg.data.folds
-        src = self._image_fold_dir(cfg.runs, fold)
+        folds = read_folds(cfg.data.folds)
+        if cfg.data.embedding_source == "fold":
+            sources = {fold: ("train", "oof")}
+        else:
+            sources = {j: ("oof",) for j in range(int(folds["fold"].max()) + 1)}
+            self._require_image_folds(sources)
         if is_main:
-            ensure_embeddings(src, fold, ("train", "oof"), cfg.data.cache, cfg.data.folds, device, cfg.train.progress)
+            for j, splits in sources.items():
+                src = self._image_fold_dir(cfg.runs, j)
+                ensure_embeddings(src, j, splits, cfg.data.cache, cfg.data.folds, device, cfg.train.progress)
         barrier()
-        train_frame, train_x, info = read_embeddings(src, "train")
+        src = self._image_fold_dir(cfg.runs, fold)
         val_frame, val_x, val_info = read_embeddings(src, "oof")
-        if info["dim"] != val_info["dim"]:
-            raise UserError(f"{src}: train and oof embeddings differ in size ({info['dim']} vs {val_info['dim']})")
-        self._check_folds(src, fold, train_frame, val_frame)
-        if train_frame.empty or val_frame.empty:
-            raise UserError(f"fold {fold}: {len(train_frame)} training and {len(val_frame)} validation embeddings")
+        self._check_held_out(src, folds, fold, val_frame, held=True)
+        if cfg.data.embedding_source == "fold":
+            train_sources = [(fold, "train", False)]  # (image fold, split, whether its patients are that fold's)
+        else:
+            train_sources = [(j, "oof", True) for j in sources if j != fold]
+        parts: list[SequenceDataset] = []
+        for j, split, held in train_sources:
+            other = self._image_fold_dir(cfg.runs, j)
+            frame, x, info = read_embeddings(other, split)
+            self._check_held_out(other, folds, j if held else fold, frame, held=held)
+            if info["dim"] != val_info["dim"]:
+                raise UserError(f"{other}: {split} embeddings have {info['dim']} features, {src} oof {val_info['dim']}")
+            parts.append(SequenceDataset(frame, x))
+        # One dataset per source keeps each memory map as it is; the loss reads x/target/mask, not frame rows.
+        train: Dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+        if len(train) == 0 or val_frame.empty:
+            raise UserError(f"fold {fold}: {len(train)} training series and {len(val_frame)} validation embeddings")
         return FoldData(
-            SequenceDataset(train_frame, train_x),
-            SequenceDataset(val_frame, val_x),
-            val_frame,
-            None,
-            {"in_features": int(info["dim"])},
+            train, SequenceDataset(val_frame, val_x), val_frame, None, {"in_features": int(val_info["dim"])}
         )
 
-    def _check_folds(self, src: Path, fold: int, train_frame: pd.DataFrame, val_frame: pd.DataFrame) -> None:
-        """The embeddings' split must be this config's fold ``fold``: otherwise the OOF would not be honest."""
-        assert self.cfg.data.folds
-        folds = read_folds(self.cfg.data.folds)
-        held = set(folds.loc[folds["fold"] == fold, "patient_id"].astype(str))
-        leaked = set(train_frame["patient_id"].astype(str)) & held
-        foreign = set(val_frame["patient_id"].astype(str)) - held
-        if leaked or foreign:
+    def _require_image_folds(self, sources: dict[int, Sequence[str]]) -> None:
+        """Every fold of the image run must have its OOF embeddings or a checkpoint to compute them with."""
+        assert self.cfg.runs
+        missing = []
+        for j, splits in sources.items():
+            src = self._image_fold_dir(self.cfg.runs, j)
+            have = all(embedding_paths(src, s)["json"].is_file() for s in splits)
+            if not have and not (src / "best.pt").is_file():
+                missing.append(str(src))
+        if missing:
+            raise UserError(
+                f"data.embedding_source: oof reads the OOF embeddings of every fold of the image run, and "
+                f"{len(missing)} fold run(s) have neither embeddings nor best.pt: {', '.join(missing)}; train the "
+                f"image run first (rsna19 train <its config> --fold j), or set data.embedding_source=fold"
+            )
+
+    def _check_held_out(self, src: Path, folds: pd.DataFrame, fold: int, frame: pd.DataFrame, held: bool) -> None:
+        """``frame``'s patients must be all in fold ``fold`` (``held``) or all outside it: else the folds differ."""
+        in_fold = set(folds.loc[folds["fold"] == fold, "patient_id"].astype(str))
+        patients = set(frame["patient_id"].astype(str))
+        wrong = patients - in_fold if held else patients & in_fold
+        if wrong:
+            where = "outside" if held else "inside"
             raise UserError(
                 f"{src}: the embeddings were split with other folds than {self.cfg.data.folds} "
-                f"({len(leaked)} fold-{fold} patients in train, {len(foreign)} other patients in oof); "
-                "re-embed with the same folds file"
+                f"({len(wrong)} patients {where} fold {fold}); re-embed with the same folds file"
             )
 
     def prediction_data(
