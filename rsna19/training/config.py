@@ -34,7 +34,7 @@ class DataConfig:
     masks: str | None = None  # seg_aux: the masks/ folder (--masks, $RSNA19_MASKS); None: no masks
     embeddings: str | None = None  # sequence: the image run under RUNS whose fold-k embeddings are read
     # sequence: training embeddings of fold k are "oof" (each fold j≠k's OOF embeddings, by fold j's image model)
-    # or "fold" (fold k's image model's own training patients: cleaner than the validation ones, it overfits)
+    # or "fold" (fold k's image model's own training patients: in-sample, but one feature space; see SequenceTask)
     embedding_source: Literal["oof", "fold"] = "oof"
 
 
