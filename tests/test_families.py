@@ -160,6 +160,24 @@ def test_seq_forward_backward(rnn):
     assert _all_params_have_grad(model) == []
 
 
+def test_seq_logit_skip_starts_at_the_image_model_and_learns_a_correction():
+    torch.manual_seed(0)
+    model = build_model("seq", in_features=12, hidden=8, drop_rate=0.0, logit_skip=True)
+    x, base = torch.randn(3, 7, 12), torch.randn(3, 7, 6)
+    lengths = torch.tensor([7, 3, 5])
+    mask = torch.arange(7)[None] < lengths[:, None]
+    logits = model(x, lengths, base)
+    # Zero-initialised correction: the output is the image model's logits at the real positions, zero elsewhere.
+    torch.testing.assert_close(logits[mask], base[mask])
+    assert float(logits.detach()[~mask].abs().sum()) == 0.0
+    masked_seq_loss(logits, (torch.rand(3, 7, 6) > 0.5).float(), mask).backward()
+    assert model.head.weight.grad is not None and float(model.head.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="base"):
+        model(x, lengths)  # logit_skip without its base logits
+    with pytest.raises(ValueError, match="base"):
+        build_model("seq", in_features=12, hidden=8)(x, lengths, base)  # base logits given to a model without it
+
+
 def test_seq_padding_never_leaks():
     torch.manual_seed(0)
     model = build_model("seq", in_features=10, hidden=8, layers=2).eval()
@@ -439,7 +457,15 @@ def test_embed_a_trained_run_and_train_seq_on_it(tmp_path):
     cfg = load_config(TrainConfig, CONFIGS / "tiny" / "clf2d.yaml", ["train.epochs=1", "data.samples_per_epoch=16"])
     run = train(resolve_paths(cfg, str(cache), str(tmp_path / "folds.csv"), str(tmp_path / "runs")), 0)
 
-    assert main(["embed", str(run.parent), "--fold", "0", "--tta", "none", "hflip", "--device", "cpu"]) == 0
+    # TTA "none" first: the stored logits are then exactly the logits behind `rsna19 predict`'s OOF probabilities.
+    assert main(["embed", str(run.parent), "--fold", "0", "--splits", "oof", "--tta", "none", "--device", "cpu"]) == 0
+    assert main(["predict", str(run.parent), "--fold", "0", "--split", "oof", "--tta", "none", "--device", "cpu"]) == 0
+    frame, _, info = read_embeddings(run, "oof")
+    assert info["logits"] is True
+    oof = pd.read_parquet(run / "oof.parquet").set_index("sop_uid")
+    got = 1 / (1 + np.exp(-frame[[f"logit_{c}" for c in CLASSES]].to_numpy(dtype=np.float64)))
+    np.testing.assert_allclose(got, oof.loc[frame["sop_uid"], [f"p_{c}" for c in CLASSES]].to_numpy(), atol=1e-5)
+    assert main(["embed", str(run.parent), "--fold", "0", "--tta", "none", "hflip", "--device", "cpu", "--overwrite"]) == 0
     folds = pd.read_csv(tmp_path / "folds.csv", dtype={"patient_id": str})
     held_out = set(folds.loc[folds["fold"] == 0, "patient_id"])
     sizes = {}
@@ -471,6 +497,15 @@ def test_embed_a_trained_run_and_train_seq_on_it(tmp_path):
     loss = masked_seq_loss(logits, batch["target"], batch["mask"])
     loss.backward()
     assert torch.isfinite(loss) and _all_params_have_grad(model) == []
+    # With the image model's logits: the batch carries them padded like x, and a logit-skip model reads them.
+    with_logits = SequenceDataset(frame, feats, with_logits=True)
+    lbatch = collate_sequences([with_logits[i] for i in range(len(with_logits))])
+    assert lbatch["base"].shape == (*lbatch["mask"].shape, 6)
+    assert float(lbatch["base"][~lbatch["mask"]].abs().sum()) == 0.0
+    skip = build_model("seq", in_features=info["dim"], hidden=8, logit_skip=True)
+    torch.testing.assert_close(skip(lbatch["x"], lbatch["lengths"], lbatch["base"]), lbatch["base"])
+    with pytest.raises(UserError, match="no image-model logits"):
+        SequenceDataset(frame.drop(columns=["logit_any"]), feats, with_logits=True)
     probs = torch.sigmoid(logits).detach().numpy()
     rows = batch["rows"].numpy()
     per_row = aggregate(probs, rows, len(frame))  # every slice exactly one prediction

@@ -3,7 +3,8 @@
 ``rsna19 embed RUN --fold k`` (:mod:`rsna19.inference.embed`) writes, per split, into ``RUNS/<config>/fold_<k>/``::
 
     embeddings_<split>.npy       (N, D) float32 (or float16) pooled features, TTA-averaged, row i ↔ parquet row i
-    embeddings_<split>.parquet   sop_uid, series_uid, study_uid, patient_id, slice_idx, fold, split (+ 6 labels)
+    embeddings_<split>.parquet   sop_uid, series_uid, study_uid, patient_id, slice_idx, fold, split (+ 6 labels),
+                                 logit_<class> × 6: the image model's TTA-averaged logits of the slice
     embeddings_<split>.json      what wrote them (checkpoint epoch, TTA, dim); written last: marks them complete
 
 Splits: ``train`` (fold k's training patients), ``oof`` (fold k's held-out patients) and ``test``. Every split of
@@ -31,7 +32,8 @@ from torch.utils.data import Dataset
 from rsna19.constants import CLASSES, EMBED_SPLITS
 from rsna19.errors import UserError
 
-#: Splits ``rsna19 embed`` writes.
+#: The image model's logits in ``embeddings_<split>.parquet`` (the sequence model's ``logit_skip`` base).
+LOGIT_COLUMNS: tuple[str, ...] = tuple(f"logit_{c}" for c in CLASSES)
 
 #: Metadata columns of ``embeddings_<split>.parquet``.
 EMBED_COLUMNS: tuple[str, ...] = ("sop_uid", "series_uid", "study_uid", "patient_id", "slice_idx", "fold", "split")
@@ -43,6 +45,17 @@ def embedding_paths(fold_dir: str | os.PathLike[str], split: str) -> dict[str, P
         raise UserError(f"unknown embedding split {split!r}; known: {', '.join(EMBED_SPLITS)}")
     base = Path(fold_dir)
     return {ext: base / f"embeddings_{split}.{ext}" for ext in ("npy", "parquet", "json")}
+
+
+def embeddings_complete(fold_dir: str | os.PathLike[str], split: str) -> bool:
+    """Whether one split's embeddings are complete and current (older ones, without the logits, are not)."""
+    path = embedding_paths(fold_dir, split)["json"]
+    if not path.is_file():
+        return False
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("logits", False))
+    except (OSError, ValueError):
+        return False
 
 
 def read_embeddings(
@@ -68,18 +81,31 @@ class SequenceDataset(Dataset):
     """Whole series of embeddings in slice order.
 
     Args:
-        frame: one row a slice: ``series_uid``, ``slice_idx`` (+ the six labels for training).
+        frame: one row a slice: ``series_uid``, ``slice_idx`` (+ the six labels for training, + ``logit_<class>``).
         features: (len(frame), D) embeddings, row-aligned with ``frame`` (a memory map is fine).
+        with_logits: also serve the image model's logits (the ``logit_<class>`` columns) as ``base``.
 
     Each item is a dict: ``x`` (T, D) float32, ``target`` (T, 6) float32 (NaN where unknown), ``rows`` (T,)
-    int64 frame rows in slice order, ``index`` the series number.
+    int64 frame rows in slice order, ``index`` the series number, and with ``with_logits`` ``base`` (T, 6).
+
+    Raises:
+        UserError: rows and features disagree, or ``with_logits`` and the frame has no logit columns.
     """
 
-    def __init__(self, frame: pd.DataFrame, features: np.ndarray) -> None:
+    def __init__(self, frame: pd.DataFrame, features: np.ndarray, with_logits: bool = False) -> None:
         if len(frame) != len(features):
             raise UserError(f"{len(frame)} rows but {len(features)} embeddings")
         self.frame = frame.reset_index(drop=True)
         self.features = features
+        self.logits: np.ndarray | None = None
+        if with_logits:
+            missing = [c for c in LOGIT_COLUMNS if c not in self.frame.columns]
+            if missing:
+                raise UserError(
+                    "these embeddings carry no image-model logits (written by an older rsna19 embed): recompute "
+                    "them with `rsna19 embed RUN --fold k --overwrite`, or set model.args.logit_skip=false"
+                )
+            self.logits = self.frame[list(LOGIT_COLUMNS)].to_numpy(dtype=np.float32)
         if all(c in self.frame.columns for c in CLASSES):
             self.targets = self.frame[list(CLASSES)].to_numpy(dtype=np.float32)
         else:
@@ -101,12 +127,15 @@ class SequenceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rows = self.rows[index]
         x = np.asarray(self.features[rows], dtype=np.float32)
-        return {
+        item = {
             "x": torch.from_numpy(x),
             "target": torch.from_numpy(self.targets[rows]),
             "rows": torch.from_numpy(rows.astype(np.int64)),
             "index": index,
         }
+        if self.logits is not None:
+            item["base"] = torch.from_numpy(self.logits[rows])
+        return item
 
 
 def collate_sequences(items: list[dict[str, Any]], pad_to: int | None = None) -> dict[str, torch.Tensor]:
@@ -114,7 +143,8 @@ def collate_sequences(items: list[dict[str, Any]], pad_to: int | None = None) ->
 
     Returns:
         ``x`` (B, T, D) zero-padded, ``lengths`` (B,), ``mask`` (B, T) bool real slices, ``target`` (B, T, 6) NaN
-        at padding, ``rows`` (B, T) −1 at padding, ``index`` (B,).
+        at padding, ``rows`` (B, T) −1 at padding, ``index`` (B,), and ``base`` (B, T, 6) zero-padded when the
+        items have it.
     """
     lengths = torch.tensor([len(it["x"]) for it in items], dtype=torch.long)
     t = max(int(lengths.max()), pad_to or 0)
@@ -128,7 +158,7 @@ def collate_sequences(items: list[dict[str, Any]], pad_to: int | None = None) ->
         target[i, :n] = it["target"]
         rows[i, :n] = it["rows"]
     mask = torch.arange(t)[None, :] < lengths[:, None]
-    return {
+    out = {
         "x": x,
         "lengths": lengths,
         "mask": mask,
@@ -136,3 +166,9 @@ def collate_sequences(items: list[dict[str, Any]], pad_to: int | None = None) ->
         "rows": rows,
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
     }
+    if "base" in items[0]:
+        base = torch.zeros(b, t, len(CLASSES), dtype=torch.float32)
+        for i, it in enumerate(items):
+            base[i, : len(it["base"])] = it["base"]
+        out["base"] = base
+    return out

@@ -2,9 +2,10 @@
 
 ``extract_embeddings(run_dir, fold)`` loads fold k's checkpoint like :func:`rsna19.inference.predict.predict`,
 reads every slice of the requested splits with the run's own input mapping, and stores the model's pooled
-features (``model.features(x)``: what its head sees), averaged over the TTA views, as described in
-:mod:`rsna19.data.embeddings`. All splits of fold k come from fold k's model: the ``oof`` embeddings of the fold's
-held-out patients are never computed by a model that trained on them.
+features (``model.features(x)``: what its head sees) and its six logits (``model.head`` of those features), both
+averaged over the TTA views, as described in :mod:`rsna19.data.embeddings`. All splits of fold k come from fold
+k's model: the ``oof`` embeddings of the fold's held-out patients are never computed by a model that trained on
+them.
 
 Finished splits are skipped on re-run (the ``.json`` is written last); ``overwrite=True`` recomputes them.
 """
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from rsna19.config import from_dict
 from rsna19.constants import CLASSES
 from rsna19.data.datasets import SliceDataset, read_cache_index
-from rsna19.data.embeddings import EMBED_COLUMNS, EMBED_SPLITS, embedding_paths
+from rsna19.data.embeddings import EMBED_COLUMNS, EMBED_SPLITS, embedding_paths, embeddings_complete
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.data.transforms import MultiWindow
 from rsna19.errors import UserError
@@ -53,38 +54,48 @@ def embed_features(
     channels_last: bool = False,
     progress: bool = False,
     desc: str = "embed",
-) -> np.ndarray:
-    """``model.features`` of every item of ``dataset``, averaged over the TTA views.
+) -> tuple[np.ndarray, np.ndarray]:
+    """``model.features`` of every item of ``dataset`` and the logits of its ``head``, each averaged over TTA views.
 
     Returns:
-        (len(dataset), D) float32 in dataset order.
+        features (len(dataset), D) and logits (len(dataset), 6), float32 in dataset order.
 
     Raises:
-        UserError: the model has no ``features`` method giving one vector per item.
+        UserError: the model has no ``features`` method giving one vector per item, or no ``head``.
     """
-    if not callable(getattr(model, "features", None)):
-        raise UserError(f"{type(model).__name__} has no features() method: it cannot give embeddings")
+    if not callable(getattr(model, "features", None)) or not callable(getattr(model, "head", None)):
+        raise UserError(f"{type(model).__name__} has no features() and head(): it cannot give embeddings")
     model.eval()
     views = parse_tta(tta)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    chunks: list[np.ndarray] = []
+    feats: list[np.ndarray] = []
+    logits: list[np.ndarray] = []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x = batch["image"].to(device, non_blocking=True)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        acc = None
+        acc_f = acc_l = None
         for v in views:
             with autocast(device, amp):
-                f = model.features(TTA[v](x)).float()
+                f = model.features(TTA[v](x))
+                z = model.head(f)
             if f.ndim != 2:
                 raise UserError(f"{type(model).__name__}.features gives {tuple(f.shape)}, not one vector per slice")
-            acc = f if acc is None else acc + f
-        chunks.append((acc / len(views)).cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+            f, z = f.float(), z.float()
+            acc_f = f if acc_f is None else acc_f + f
+            acc_l = z if acc_l is None else acc_l + z
+        feats.append((acc_f / len(views)).cpu().numpy())
+        logits.append((acc_l / len(views)).cpu().numpy())
+    if not feats:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros((0, len(CLASSES)), dtype=np.float32)
+    return np.concatenate(feats), np.concatenate(logits)
 
 
-def embedding_frame(rows: pd.DataFrame, fold: int, split: str) -> pd.DataFrame:
-    """The ``embeddings_<split>.parquet`` table for ``rows`` of the cache index (labels kept where present)."""
+def embedding_frame(rows: pd.DataFrame, fold: int, split: str, logits: np.ndarray | None = None) -> pd.DataFrame:
+    """The ``embeddings_<split>.parquet`` table for ``rows`` of the cache index (labels kept where present).
+
+    ``logits`` (len(rows), 6): the image model's TTA-averaged logits, stored as ``logit_<class>`` columns.
+    """
     df = pd.DataFrame(
         {
             "sop_uid": rows["sop_uid"].astype(str).to_numpy(),
@@ -100,6 +111,9 @@ def embedding_frame(rows: pd.DataFrame, fold: int, split: str) -> pd.DataFrame:
     if split != "test":
         for c in CLASSES:
             df[c] = rows[c].to_numpy(dtype=np.float64)
+    if logits is not None:
+        for i, c in enumerate(CLASSES):
+            df[f"logit_{c}"] = logits[:, i].astype(np.float32)
     return df
 
 
@@ -149,7 +163,7 @@ def extract_embeddings(
         embedding_paths(".", s)  # validates the name
     run_dir = Path(run_dir)
     fold_dir = run_dir if run_dir.name == f"fold_{fold}" else run_dir / f"fold_{fold}"
-    todo = [s for s in dict.fromkeys(splits) if overwrite or not embedding_paths(fold_dir, s)["json"].is_file()]
+    todo = [s for s in dict.fromkeys(splits) if overwrite or not embeddings_complete(fold_dir, s)]
     out = {s: embedding_paths(fold_dir, s)["npy"] for s in dict.fromkeys(splits)}
     if not todo:
         log.info("embeddings of %s (%s) are complete; nothing to do", fold_dir, ", ".join(out))
@@ -204,12 +218,14 @@ def extract_embeddings(
             resize=cfg.data.resize,
             train=False,
         )
-        feats = embed_features(model, ds, dev, bs, views, amp, num_workers, channels_last, progress, f"embed {split}")
+        feats, logits = embed_features(
+            model, ds, dev, bs, views, amp, num_workers, channels_last, progress, f"embed {split}"
+        )
         paths = embedding_paths(fold_dir, split)
         paths["json"].unlink(missing_ok=True)  # incomplete until the json is back
         with atomic_path(paths["npy"]) as tmp, open(tmp, "wb") as fh:
             np.save(fh, feats.astype(dtype))
-        write_parquet(embedding_frame(rows, fold, split), paths["parquet"])
+        write_parquet(embedding_frame(rows, fold, split, logits), paths["parquet"])
         info = {
             "run": str(fold_dir),
             "model": cfg.name,
@@ -222,6 +238,7 @@ def extract_embeddings(
             "n": int(feats.shape[0]),
             "dim": int(feats.shape[1]),
             "dtype": dtype,
+            "logits": True,  # logit_<class> columns in the parquet (older embeddings lack them)
         }
         write_text(json.dumps(info, indent=1) + "\n", paths["json"])
         log.info(

@@ -7,7 +7,14 @@ output at a real position does not depend on how (or with what) the batch was pa
 the (T, 3D) input is added to the RNN output (a residual: the model starts close to a per-slice linear
 classifier of the embedding and learns the context on top), and a linear head gives six logits per slice.
 
-Input ``x`` (B, T, D) and ``lengths`` (B,) → logits (B, T, 6); positions ``t >= lengths[b]`` are zero.
+With ``logit_skip`` the model also reads the image model's own logits of each slice, ``base`` (B, T, 6): they join
+the embedding as six more input features (with their neighbour deltas, so the RNN sees the neighbours' verdicts),
+and the output is ``base + head(...)`` with the head initialised to zero. The model starts exactly at the image
+model's predictions and learns a correction from the context. The logits mean the same thing in every fold's image
+model, unlike the embeddings of image models trained apart, so held-out (``oof``) training inputs stay usable.
+
+Input ``x`` (B, T, D), ``lengths`` (B,) [and ``base`` (B, T, 6)] → logits (B, T, 6); positions
+``t >= lengths[b]`` are zero.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class SeqModel(nn.Module):
         dropout: dropout on the input features, between RNN layers and before the head.
         norm: LayerNorm the embeddings first (embeddings of different image models differ in scale).
         num_classes: outputs per slice (6).
+        logit_skip: read the image model's logits ``base`` too and predict ``base`` + a learned correction.
     """
 
     def __init__(
@@ -70,6 +78,7 @@ class SeqModel(nn.Module):
         dropout: float = 0.1,
         norm: bool = True,
         num_classes: int = len(CLASSES),
+        logit_skip: bool = False,
     ) -> None:
         super().__init__()
         if rnn not in ("gru", "lstm"):
@@ -77,34 +86,53 @@ class SeqModel(nn.Module):
         if in_features < 1:
             raise UserError(f"seq model needs in_features >= 1 (the embedding size), got {in_features}")
         self.in_features = in_features
+        self.num_classes = num_classes
+        self.logit_skip = logit_skip
         self.norm = nn.LayerNorm(in_features) if norm else nn.Identity()
         self.drop_in = nn.Dropout(dropout)
+        n_in = 3 * (in_features + (num_classes if logit_skip else 0))
         cls = nn.GRU if rnn == "gru" else nn.LSTM
         self.rnn = cls(
-            3 * in_features,
+            n_in,
             hidden,
             num_layers=layers,
             batch_first=True,
             bidirectional=True,
             dropout=dropout if layers > 1 else 0.0,
         )
-        self.residual = nn.Linear(3 * in_features, 2 * hidden)
+        self.residual = nn.Linear(n_in, 2 * hidden)
         self.drop_out = nn.Dropout(dropout)
         self.head = nn.Linear(2 * hidden, num_classes)
+        if logit_skip:
+            # Start at the image model's predictions: the correction is zero until the context earns a say.
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, 6) of embeddings ``x`` (B, T, D) with ``lengths`` (B,) real slices per series."""
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, 6) of embeddings ``x`` (B, T, D) with ``lengths`` (B,) real slices per series.
+
+        ``base`` (B, T, 6): the image model's logits, required with ``logit_skip`` and refused without it.
+        """
         if x.ndim != 3 or x.shape[-1] != self.in_features:
             raise ValueError(f"seq expects (B, T, {self.in_features}), got {tuple(x.shape)}")
+        if self.logit_skip != (base is not None):
+            raise ValueError("seq with logit_skip needs base logits (B, T, 6); without it, none")
         b, t, _ = x.shape
         lengths = lengths.to(torch.long)
         mask = length_mask(lengths.to(x.device), t)
-        z = self.drop_in(neighbour_deltas(self.norm(x), mask))  # (B, T, 3D); LayerNorm is per position
+        h = self.norm(x)
+        if base is not None:
+            if base.shape != (b, t, self.num_classes):
+                raise ValueError(f"seq base logits must be {(b, t, self.num_classes)}, got {tuple(base.shape)}")
+            h = torch.cat([h, base.to(h.dtype)], dim=-1)
+        z = self.drop_in(neighbour_deltas(h, mask))  # (B, T, 3D'); LayerNorm is per position
         packed = pack_padded_sequence(z, lengths.cpu().clamp(min=1), batch_first=True, enforce_sorted=False)
         out, _ = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)  # (B, T, 2H), zeros at padding
         out = out + self.residual(z)
         logits = self.head(self.drop_out(out))
+        if base is not None:
+            logits = logits + base.to(logits.dtype)
         return logits * mask.unsqueeze(-1).to(logits.dtype)
 
 
@@ -122,6 +150,7 @@ def seq(
     drop_rate: float = 0.1,
     norm: bool = True,
     num_classes: int = len(CLASSES),
+    logit_skip: bool = False,
     backbone: str | None = None,
     n_windows: int | None = None,
     n_slices: int | None = None,
@@ -136,4 +165,4 @@ def seq(
     del backbone, n_windows, n_slices
     if pretrained or weights:
         raise UserError("the seq model has no pretrained weights; set model.pretrained: false and no model.weights")
-    return SeqModel(in_features, hidden, layers, rnn, drop_rate, norm, num_classes)
+    return SeqModel(in_features, hidden, layers, rnn, drop_rate, norm, num_classes, logit_skip)

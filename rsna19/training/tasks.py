@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from rsna19.constants import CLASSES
 from rsna19.data.datasets import SliceDataset, fit_cdf, read_cache_index
-from rsna19.data.embeddings import SequenceDataset, collate_sequences, embedding_paths, read_embeddings
+from rsna19.data.embeddings import SequenceDataset, collate_sequences, embeddings_complete, read_embeddings
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.data.masks import SegSliceDataset
 from rsna19.data.slab import SlabDataset
@@ -338,7 +338,7 @@ def ensure_embeddings(
     Raises:
         UserError: the image run has no checkpoint for this fold (it must be trained first).
     """
-    missing = [s for s in splits if not embedding_paths(image_fold_dir, s)["json"].is_file()]
+    missing = [s for s in splits if not embeddings_complete(image_fold_dir, s)]
     if not missing:
         return
     if not (image_fold_dir / "best.pt").is_file():
@@ -377,6 +377,11 @@ class SequenceTask(Task):
     def collate(items: list[Batch]) -> Batch:  # type: ignore[override]
         return collate_sequences(items)
 
+    @property
+    def _logit_skip(self) -> bool:
+        """The model reads the image model's logits too (``model.args.logit_skip``; see :class:`SeqModel`)."""
+        return bool(self.cfg.model.args.get("logit_skip", False))
+
     def _image_fold_dir(self, runs: str | os.PathLike[str], fold: int) -> Path:
         if not self.cfg.data.embeddings:
             raise UserError("a sequence model needs data.embeddings: the image run whose embeddings it reads")
@@ -410,13 +415,17 @@ class SequenceTask(Task):
             self._check_held_out(other, folds, j if held else fold, frame, held=held)
             if info["dim"] != val_info["dim"]:
                 raise UserError(f"{other}: {split} embeddings have {info['dim']} features, {src} oof {val_info['dim']}")
-            parts.append(SequenceDataset(frame, x))
+            parts.append(SequenceDataset(frame, x, with_logits=self._logit_skip))
         # One dataset per source keeps each memory map as it is; the loss reads x/target/mask, not frame rows.
         train: Dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         if len(train) == 0 or val_frame.empty:
             raise UserError(f"fold {fold}: {len(train)} training series and {len(val_frame)} validation embeddings")
         return FoldData(
-            train, SequenceDataset(val_frame, val_x), val_frame, None, {"in_features": int(val_info["dim"])}
+            train,
+            SequenceDataset(val_frame, val_x, with_logits=self._logit_skip),
+            val_frame,
+            None,
+            {"in_features": int(val_info["dim"])},
         )
 
     def _require_image_folds(self, sources: dict[int, Sequence[str]]) -> None:
@@ -425,7 +434,7 @@ class SequenceTask(Task):
         missing = []
         for j, splits in sources.items():
             src = self._image_fold_dir(self.cfg.runs, j)
-            have = all(embedding_paths(src, s)["json"].is_file() for s in splits)
+            have = all(embeddings_complete(src, s) for s in splits)
             if not have and not (src / "best.pt").is_file():
                 missing.append(str(src))
         if missing:
@@ -465,17 +474,20 @@ class SequenceTask(Task):
             raise UserError(f"{src}: {split} embeddings have {info['dim']} features, the model reads {want}")
         if frame.empty:
             raise UserError(f"no {split} embeddings to predict for fold {fold} in {src}")
-        return frame.rename(columns={"slice_idx": "z"}), SequenceDataset(frame, x)
+        skip = bool(state["model_kwargs"].get("logit_skip", False))
+        return frame.rename(columns={"slice_idx": "z"}), SequenceDataset(frame, x, with_logits=skip)
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
         x, y, mask = rt.to(batch["x"]), rt.to(batch["target"]), rt.to(batch["mask"])
         with rt.autocast():
-            logits = net(x, batch["lengths"])  # (B, T, 6); lengths stay on the CPU for packing
+            # (B, T, 6); lengths stay on the CPU for packing
+            logits = net(x, batch["lengths"], rt.to(batch["base"]) if "base" in batch else None)
         return masked_seq_loss(logits, y, mask), _count(mask, y)
 
     def probs(self, model: nn.Module, batch: Batch, rt: Runtime, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         with rt.autocast():
-            logits = model(rt.to(batch["x"]), batch["lengths"])
+            base = rt.to(batch["base"]) if "base" in batch else None
+            logits = model(rt.to(batch["x"]), batch["lengths"], base)
         return batch["rows"].numpy(), torch.sigmoid(logits.float()).cpu().numpy()
 
 
