@@ -465,7 +465,9 @@ def test_embed_a_trained_run_and_train_seq_on_it(tmp_path):
     oof = pd.read_parquet(run / "oof.parquet").set_index("sop_uid")
     got = 1 / (1 + np.exp(-frame[[f"logit_{c}" for c in CLASSES]].to_numpy(dtype=np.float64)))
     np.testing.assert_allclose(got, oof.loc[frame["sop_uid"], [f"p_{c}" for c in CLASSES]].to_numpy(), atol=1e-5)
-    assert main(["embed", str(run.parent), "--fold", "0", "--tta", "none", "hflip", "--device", "cpu", "--overwrite"]) == 0
+    assert (
+        main(["embed", str(run.parent), "--fold", "0", "--tta", "none", "hflip", "--device", "cpu", "--overwrite"]) == 0
+    )
     folds = pd.read_csv(tmp_path / "folds.csv", dtype={"patient_id": str})
     held_out = set(folds.loc[folds["fold"] == 0, "patient_id"])
     sizes = {}
