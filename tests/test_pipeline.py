@@ -134,3 +134,22 @@ def test_submission_fills_unreadable_test_slices(tiny_run, tiny_dataset, tmp_pat
     wide, expected, n_filled = _submission_frame(tiny_run / "stack" / "tiny", "blend", layout)
     assert n_filled == 1 and expected[0] == "ID_000000bad" and list(wide["sop_uid"]) == expected
     assert validate_submission(wide, expected_sops=expected) is not None
+
+
+def test_parallel_jobs_run_in_their_own_processes_and_report_failures(tmp_path):
+    """``run_jobs`` with 2 spawned processes: every job runs, results come back, and a failing job is raised."""
+    from rsna19.pipeline.run import run_jobs
+    from rsna19.utils.atomic import OutputError, write_text
+
+    done: dict[str, float] = {}
+    jobs = [(f"job{i}", write_text, (f"payload {i}\n", tmp_path / f"out{i}.txt")) for i in range(3)]
+    run_jobs(jobs, n_jobs=2, threads_per_job=1, on_done=lambda key, s: done.__setitem__(key, s))
+    assert sorted(done) == ["job0", "job1", "job2"] and all(s >= 0 for s in done.values())
+    assert [(tmp_path / f"out{i}.txt").read_text() for i in range(3)] == [f"payload {i}\n" for i in range(3)]
+
+    # A job whose output folder is a file fails in its worker; the error reaches the caller with its reason.
+    (tmp_path / "afile").write_text("")
+    bad = [("ok", write_text, ("x\n", tmp_path / "ok.txt")), ("bad", write_text, ("x\n", tmp_path / "afile" / "f"))]
+    with pytest.raises(OutputError, match="not a folder"):
+        run_jobs(bad, n_jobs=2)
+    assert (tmp_path / "ok.txt").read_text() == "x\n"  # the other job still finished

@@ -10,7 +10,7 @@ from torch import nn
 from rsna19.constants import CLASSES
 from rsna19.errors import UserError
 from rsna19.nets.clf2d import Clf2d
-from rsna19.nets.common import GlobalPool, Head, Pool
+from rsna19.nets.common import GlobalPool, Head, Pool, scale_neighbour_inputs
 from rsna19.nets.pretrained import create_backbone
 from rsna19.nets.registry import register_model
 
@@ -73,12 +73,22 @@ def clf2dc(
     drop_path_rate: float = 0.0,
     pool: Pool = "avg",
     branches: int = 1,
+    neighbour_init: float | None = None,
 ) -> nn.Module:
-    """2.5D classifier; ``branches > 1`` splits the slices into groups through a shared encoder."""
+    """2.5D classifier; ``branches > 1`` splits the slices into groups through a shared encoder.
+
+    ``neighbour_init``: scale of the first convolution's weights for the non-centre slices after creation (0
+    starts as a 2D model of the centre slice, see :func:`scale_neighbour_inputs`); None leaves timm's init.
+    """
     if branches < 1 or n_slices % branches:
         raise UserError(f"clf2dc: data.slices ({n_slices}) must be a multiple of branches ({branches})")
     if branches == 1:
-        return Clf2d(backbone, n_slices * n_windows, num_classes, pretrained, weights, drop_rate, drop_path_rate, pool)
+        model = Clf2d(backbone, n_slices * n_windows, num_classes, pretrained, weights, drop_rate, drop_path_rate, pool)
+        if neighbour_init is not None:
+            scale_neighbour_inputs(model.backbone, n_slices, n_windows, neighbour_init)
+        return model
+    if neighbour_init is not None:
+        raise UserError("clf2dc: neighbour_init applies to the one-branch form (branches: 1)")
     in_chans = n_slices // branches * n_windows
     return BranchClf(backbone, in_chans, branches, num_classes, pretrained, weights, drop_rate, drop_path_rate, pool)
 

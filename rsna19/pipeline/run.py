@@ -206,6 +206,57 @@ def _newer(path: Path, *than: Path) -> bool:
     return all(t >= p.stat().st_mtime for p in than if p.is_file())
 
 
+def _job_init(threads: int) -> None:
+    """Pool-process initialiser: ``threads`` torch threads (the parent's setting does not carry over)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _timed(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t0
+
+
+def run_jobs(
+    jobs: list[tuple],
+    n_jobs: int,
+    threads_per_job: int = 1,
+    on_done: Callable[[Any, float], None] | None = None,
+) -> None:
+    """Run ``(key, fn, args[, kwargs])`` jobs, in this process (``n_jobs`` ≤ 1) or in ``n_jobs`` processes.
+
+    Processes are spawned (never forked: a forked torch with threads may deadlock) and reused; ``fn`` must be a
+    module-level function with picklable arguments. ``on_done(key, seconds)`` runs in this process in completion
+    order. The first failure cancels the jobs not yet started and is raised once the running ones end: what
+    finished stays finished, so a re-run resumes.
+    """
+    norm = [(j[0], j[1], j[2], j[3] if len(j) > 3 else {}) for j in jobs]
+    if n_jobs <= 1 or len(norm) <= 1:
+        for key, fn, args, kwargs in norm:
+            seconds = _timed(fn, args, kwargs)
+            if on_done:
+                on_done(key, seconds)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(min(n_jobs, len(norm)), ctx, _job_init, (threads_per_job,)) as pool:
+        futures = {pool.submit(_timed, fn, args, kwargs): key for key, fn, args, kwargs in norm}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)  # report each job as it ends
+            for f in done:
+                if f.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise f.exception()
+                if on_done:
+                    on_done(futures[f], f.result())
+
+
 def check_no_leakage(cache_index: pd.DataFrame, folds: pd.DataFrame) -> None:
     """The two invariants every score relies on.
 
@@ -372,39 +423,40 @@ def run_pipeline(
     # 4. train every model × fold
     st = _Stage("train", timings, skipped, say)
     train_cfgs = {Path(p).stem: load_train_config(cfg, p, paths) for p in cfg.models}
-    trained = 0
-    for name, tc in train_cfgs.items():
-        for k in range(n_folds):
-            fold_dir = paths.runs / name / f"fold_{k}"
-            if train_done(fold_dir, tc.train.epochs):
-                continue
-            t0 = time.perf_counter()
-            train(tc, k)
-            trained += 1
-            best = pd.read_csv(fold_dir / "log.csv")["val_wll"].min()
-            say(f"      train {name} fold {k}: {time.perf_counter() - t0:.1f} s, best val wll {best:.4f}")
+    todo = [
+        (name, k)
+        for name, tc in train_cfgs.items()
+        for k in range(n_folds)
+        if not train_done(paths.runs / name / f"fold_{k}", tc.train.epochs)
+    ]
+
+    def trained_line(job: tuple[str, int], seconds: float) -> None:
+        name, k = job
+        best = pd.read_csv(paths.runs / name / f"fold_{k}" / "log.csv")["val_wll"].min()
+        say(f"      train {name} fold {k}: {seconds:.1f} s, best val wll {best:.4f}")
+
+    run_jobs([(job, train, (train_cfgs[job[0]], job[1])) for job in todo], cfg.jobs, cfg.threads_per_job, trained_line)
+    trained = len(todo)
     total = len(train_cfgs) * n_folds
     st.done(f"{total} model × fold runs, {trained} trained, {total - trained} already done", skipped=trained == 0)
 
     # 5. predict OOF and test
     st = _Stage("predict", timings, skipped, say)
-    predicted = 0
+    pjobs = []
     for name in train_cfgs:
         for k in range(n_folds):
             fold_dir = paths.runs / name / f"fold_{k}"
             for split in ("oof", "test"):
-                if _newer(fold_dir / f"{split}.parquet", fold_dir / "best.pt"):
-                    continue
-                predict(
-                    fold_dir,
-                    k,
-                    split,
-                    tta=cfg.tta,
-                    device=cfg.device,
-                    batch_size=cfg.predict_batch_size,
-                    progress=progress,
-                )
-                predicted += 1
+                if not _newer(fold_dir / f"{split}.parquet", fold_dir / "best.pt"):
+                    kwargs = {
+                        "tta": cfg.tta,
+                        "device": cfg.device,
+                        "batch_size": cfg.predict_batch_size,
+                        "progress": progress and cfg.jobs <= 1,  # bars of parallel jobs would interleave
+                    }
+                    pjobs.append(((name, k, split), predict, (fold_dir, k, split), kwargs))
+    run_jobs(pjobs, cfg.jobs, cfg.threads_per_job)
+    predicted = len(pjobs)
     total = 2 * len(train_cfgs) * n_folds
     st.done(f"{total} prediction files (TTA {'+'.join(cfg.tta)}), {predicted} written", skipped=predicted == 0)
 
