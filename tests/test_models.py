@@ -91,6 +91,24 @@ def test_combine_last_starts_as_the_centre_slice_model():
         torch.testing.assert_close(model(x_other), model(x))
 
 
+@pytest.mark.parametrize("backbone", ["test_resnet", "resnet10t"])
+def test_clf2dc_neighbour_init_zero_starts_as_a_centre_slice_model(backbone):
+    torch.manual_seed(0)
+    model = build_model("clf2dc", backbone=backbone, n_windows=2, n_slices=5, neighbour_init=0.0).eval()
+    x = torch.randn(2, 10, 32, 32)
+    x_other = x.clone()
+    x_other[:, [0, 1, 2, 3, 6, 7, 8, 9]] = torch.randn(2, 8, 32, 32)  # every channel but the centre slice's two
+    with torch.no_grad():
+        torch.testing.assert_close(model(x_other), model(x))
+    # The neighbours' weights are zero, not frozen: training reaches them.
+    model.train()
+    model(x).sum().backward()
+    conv = next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d))
+    assert float(conv.weight.detach()[:, :4].abs().sum()) == 0.0 and float(conv.weight.grad[:, :4].abs().sum()) > 0
+    with pytest.raises(UserError, match="one-branch"):
+        build_model("clf2dc", backbone=backbone, n_windows=1, n_slices=9, branches=3, neighbour_init=0.0)
+
+
 def test_3x3_branches_share_the_encoder():
     model = build_model("clf2dc_3x3", backbone="test_resnet", n_windows=1).eval()
     assert next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)).in_channels == 3
