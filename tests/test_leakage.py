@@ -130,3 +130,19 @@ def test_same_seed_same_oof_on_cpu(data, tmp_path, family):
     # The OOF rows are exactly the held-out patients of fold 0.
     folds = read_folds(data[1])
     assert set(preds[0]["patient_id"]) == set(folds.loc[folds["fold"] == 0, "patient_id"])
+
+
+def test_seq_same_seed_same_oof_on_cpu(data, tmp_path):
+    """The sequence family too: two trainings over the same embeddings give identical OOF predictions."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    train(_cfg(data, runs, "clf2d"), fold=0)
+    preds = []
+    for k in range(2):
+        train(_cfg(data, runs, "seq", "data.embedding_source=fold"), fold=0)
+        preds.append(pd.read_parquet(predict(runs / "seq", 0, "oof", progress=False)))
+        shutil.move(runs / "seq", tmp_path / f"seq{k}")  # the second training starts from nothing
+    pd.testing.assert_frame_equal(preds[0], preds[1], check_exact=True)
+    folds = read_folds(data[1])
+    assert set(preds[0]["patient_id"]) == set(folds.loc[folds["fold"] == 0, "patient_id"])
