@@ -127,3 +127,45 @@ def test_errors(cache, tmp_path):
     ds = SliceDataset(tmp_path, index.iloc[:1], ["brain"])
     with pytest.raises(UserError, match="volume not found"):
         ds[0]
+
+
+FORKED_WORKERS_SCRIPT = """
+import numpy as np
+import torch
+from rsna19.data.augment import AugmentConfig, StackAugment
+from rsna19.training.trainer import _worker_init
+
+aug = StackAugment(384, None, AugmentConfig(affine=1.0), True)
+x = np.random.default_rng(0).random((400, 400, 5), dtype=np.float32)
+aug(x, 1)  # an OpenCV warp in the parent: with OpenCV's default thread pool this creates the pool
+
+
+class Stack(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.ascontiguousarray(aug(x, i)))
+
+
+loader = torch.utils.data.DataLoader(
+    Stack(), batch_size=2, num_workers=2, multiprocessing_context="fork", worker_init_fn=_worker_init
+)
+print(sum(len(b) for b in loader))
+"""
+
+
+def test_forked_loader_workers_do_not_hang_after_opencv_ran_in_the_parent():
+    """Regression: forked workers hung in ``cv2.setNumThreads`` once the parent had used OpenCV's thread pool.
+
+    With ``cv2.setNumThreads(4)`` added after the imports this script hangs; rsna19 keeps OpenCV single-threaded
+    (rsna19.utils.cv2_threads), so the pool never exists. Run in a subprocess: a regression is a timeout, not a hang.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED_WORKERS_SCRIPT], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "4"

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import albumentations as A
-import cv2
 import numpy as np
 
 from rsna19.constants import AIR_HU
+from rsna19.utils.cv2_threads import cv2
 
 
 @dataclass

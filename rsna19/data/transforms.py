@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from rsna19.constants import WINDOWS
 from rsna19.errors import UserError
+from rsna19.utils.cv2_threads import cv2
 
 #: Name of the CDF mapping in a ``windows:`` list.
 CDF = "cdf"

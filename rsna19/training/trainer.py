@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -50,6 +49,7 @@ from rsna19.training.distributed import (
 from rsna19.training.losses import weighted_bce  # noqa: F401  (re-exported: the competition loss)
 from rsna19.training.tasks import Runtime, finish_rows, get_task, predict_rows
 from rsna19.utils.atomic import write_csv
+from rsna19.utils.cv2_threads import cv2
 
 log = logging.getLogger(__name__)
 
