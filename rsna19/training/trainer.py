@@ -157,6 +157,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         data = self.task.fold_data(fold, self.device, dist.is_main)
+        # Preparing the data may draw from the RNGs (e.g. a sequence model computing missing embeddings iterates a
+        # DataLoader, which draws its base seed): seed again, so the model's init does not depend on what was cached.
+        seed_everything(cfg.train.seed)
         self.train_ds, self.val_ds, self.val_frame = data.train, data.val, data.val_frame
         self.hu_mapping = data.mapping
 
