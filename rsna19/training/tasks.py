@@ -353,6 +353,11 @@ def ensure_embeddings(
     extract_embeddings(image_fold_dir, fold, missing, cache=cache, folds=folds, device=str(device), progress=progress)
 
 
+def _base_logits(batch: Batch, rt: Runtime) -> torch.Tensor | None:
+    """The image model's logits (B, T, 6) of a sequence batch on the device, or None (no ``logit_skip``)."""
+    return rt.to(batch["base"]) if "base" in batch else None
+
+
 class SequenceTask(Task):
     """Second-stage sequence models over the per-slice embeddings of an image run (``data.embeddings``).
 
@@ -363,8 +368,9 @@ class SequenceTask(Task):
       j's image model (its OOF embeddings). Every training embedding is then held out for the model that made
       it, like the validation ones. This needs every fold of the image run. The leak is the small, standard one
       of stacking: fold j's image model trained on fold k's patients, so the training inputs of fold k carry a
-      little knowledge of its validation patients' labels. It assumes the folds' image models embed alike; ones
-      trained from scratch do not (on the demo: 0.397 OOF wll vs 0.308 with ``"fold"``, docs/benchmarks.md).
+      little knowledge of its validation patients' labels. Embeddings of image models trained apart need not
+      align across folds; their logits do, so use ``model.args.logit_skip`` with it (on the demo, with the skip:
+      0.232 OOF wll vs 0.2195 with ``"fold"``; without it 0.397 vs 0.308; docs/benchmarks.md, "Families").
     * ``"fold"``: ``embeddings_train`` of fold k's image model, i.e. the embeddings of the very patients it
       trained on. No leak at all, but they are cleaner than the held-out ones, so the sequence model may overfit.
 
@@ -480,14 +486,12 @@ class SequenceTask(Task):
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
         x, y, mask = rt.to(batch["x"]), rt.to(batch["target"]), rt.to(batch["mask"])
         with rt.autocast():
-            # (B, T, 6); lengths stay on the CPU for packing
-            logits = net(x, batch["lengths"], rt.to(batch["base"]) if "base" in batch else None)
+            logits = net(x, batch["lengths"], _base_logits(batch, rt))  # (B, T, 6); lengths stay on the CPU
         return masked_seq_loss(logits, y, mask), _count(mask, y)
 
     def probs(self, model: nn.Module, batch: Batch, rt: Runtime, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         with rt.autocast():
-            base = rt.to(batch["base"]) if "base" in batch else None
-            logits = model(rt.to(batch["x"]), batch["lengths"], base)
+            logits = model(rt.to(batch["x"]), batch["lengths"], _base_logits(batch, rt))
         return batch["rows"].numpy(), torch.sigmoid(logits.float()).cpu().numpy()
 
 
