@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from cachefactory import write_cache
 
 from rsna19.constants import AIR_HU, CLASSES, WINDOWS
-from rsna19.data.augment import AugmentConfig
+from rsna19.data.augment import AugmentConfig, StackAugment, affine_matrix, dihedral_matrix
 from rsna19.data.datasets import SliceDataset, read_cache_index
-from rsna19.data.transforms import CdfMapping, MultiWindow, Window
+from rsna19.data.transforms import CdfMapping, MultiWindow, Window, decode_image
 from rsna19.errors import UserError
 
 
@@ -127,6 +129,96 @@ def test_errors(cache, tmp_path):
     ds = SliceDataset(tmp_path, index.iloc[:1], ["brain"])
     with pytest.raises(UserError, match="volume not found"):
         ds[0]
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+@pytest.mark.parametrize("vflip", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("quarter", [0, 1, 2, 3])
+def test_dihedral_matrix_matches_numpy(hflip, vflip, transpose, quarter):
+    """The fused map of flips, transpose and quarter turns equals the numpy ops applied in that order."""
+    img = np.random.default_rng(0).normal(size=(9, 9)).astype(np.float32)
+    want = img
+    if hflip:
+        want = want[:, ::-1]
+    if vflip:
+        want = want[::-1]
+    if transpose:
+        want = want.T
+    want = np.rot90(want, k=quarter)
+    m = dihedral_matrix(9, hflip, vflip, transpose, quarter)[:2]
+    got = cv2.warpAffine(img, m, (9, 9), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_affine_matrix_rotates_zooms_and_shifts_about_the_centre():
+    img = np.random.default_rng(1).normal(size=(11, 11)).astype(np.float32)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+
+    def warp(m: np.ndarray) -> np.ndarray:
+        return cv2.warpAffine(img, m[:2], (11, 11), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=-9.0)
+
+    # 90° about the centre is a quarter turn (image y points down: clockwise on screen = np.rot90 with k = -1).
+    np.testing.assert_allclose(warp(affine_matrix((11, 11), 1.0, 90.0, (0.0, 0.0))), np.rot90(img, -1), atol=1e-4)
+    # A shift of (2, 1) pixels moves the content right 2 and down 1; what comes in is the border (air).
+    shifted = warp(affine_matrix((11, 11), 1.0, 0.0, (2.0, 1.0)))
+    np.testing.assert_allclose(shifted[1:, 2:], img[:-1, :-2], atol=1e-5)
+    assert (shifted[0] == -9.0).all() and (shifted[:, :2] == -9.0).all()
+    # A zoom by 2 keeps the centre pixel and doubles distances from it.
+    zoomed = warp(affine_matrix((11, 11), 2.0, 0.0, (0.0, 0.0)))
+    assert zoomed[5, 5] == pytest.approx(img[5, 5], abs=1e-5)
+    assert zoomed[5, 9] == pytest.approx(img[5, 7], abs=1e-5)
+
+
+def test_stack_augment_crop_resize_and_air(tmp_path):
+    rng = np.random.default_rng(2)
+    planes = [rng.integers(-500, 500, (20, 20)).astype(np.int16) for _ in range(3)]
+    # Centre crop without augmentation: a plain copy of the middle.
+    out = StackAugment(12, None, None, train=False)(planes)
+    assert out.shape == (3, 12, 12) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, np.stack(planes)[:, 4:16, 4:16])
+    # A crop larger than the slice is centred in air.
+    big = StackAugment(24, None, None, train=False)(planes)
+    np.testing.assert_array_equal(big[:, 2:22, 2:22], np.stack(planes))
+    assert (big[:, :2] == AIR_HU).all() and (big[:, :, 22:] == AIR_HU).all()
+    # Resize is area averaging: 20 → 10 averages 2 × 2 blocks.
+    small = StackAugment(None, 10, None, train=False)(planes)
+    np.testing.assert_allclose(small[0], planes[0].reshape(10, 2, 10, 2).mean(axis=(1, 3)), atol=1e-3)
+    # Flips only (no affine): whole pixels move, exactly (nearest), from a random crop of the slice.
+    cfg = AugmentConfig(affine=0.0, hflip=1.0, vflip=0.0, transpose=1.0)
+    flips = StackAugment(16, None, cfg, train=True)
+    origins = set()
+    for seed in range(8):
+        got = flips(planes, seed)
+        undone = got.transpose(0, 2, 1)[:, :, ::-1]  # undo the transpose, then the hflip
+        found = [
+            (oy, ox)
+            for oy in range(5)
+            for ox in range(5)
+            if np.array_equal(undone, np.stack(planes)[:, oy : oy + 16, ox : ox + 16])
+        ]
+        assert len(found) == 1
+        origins.add(found[0])
+    assert len(origins) > 1  # the crop is random
+
+
+def test_uint8_images_decode_to_the_float_images(cache):
+    index = read_cache_index(cache)
+    windows = ["brain", "subdural", "bone", "cdf"]
+    kwargs = {"slices": 3, "size": 20, "augment": AugmentConfig(affine=1.0), "train": True, "seed": 3}
+    f32 = SliceDataset(cache, index, windows, **kwargs)
+    u8 = SliceDataset(cache, index, windows, image_dtype="uint8", **kwargs)
+    for i in range(0, len(index), 5):
+        a, b = f32[i]["image"], u8[i]["image"]
+        assert b.dtype == torch.uint8 and b.shape == a.shape
+        decoded = decode_image(b)
+        assert decoded.dtype == torch.float32
+        want = a.clone()
+        want[3::4] = (want[3::4] + 1) / 2  # the CDF channel: [-1, 1] → [0, 1] in uint8 images
+        torch.testing.assert_close(decoded, want, atol=0.5 / 255 + 1e-6, rtol=0)
+    assert decode_image(a) is a  # float passes unchanged
+    with pytest.raises(UserError, match="image_dtype"):
+        SliceDataset(cache, index, windows, image_dtype="float16")
 
 
 FORKED_WORKERS_SCRIPT = """

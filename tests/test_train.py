@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -16,8 +17,10 @@ from cachefactory import write_cache_and_folds
 
 from rsna19.cli import main
 from rsna19.config import load_config
+from rsna19.constants import PROB_COLUMNS
+from rsna19.data.datasets import read_cache_index
 from rsna19.errors import UserError
-from rsna19.inference.predict import predict
+from rsna19.inference.predict import model_from_state, predict, predict_probs, prediction_dataset
 from rsna19.training.checkpoint import load_checkpoint
 from rsna19.training.config import TrainConfig, resolve_paths
 from rsna19.training.trainer import LOG_COLUMNS, epoch_indices, lr_factor, train
@@ -81,6 +84,26 @@ def test_two_runs_give_identical_oof(data, tmp_path):
         train(_cfg(data, runs, overrides=["train.epochs=1", "optim.name=radam", "sched.name=onecycle"]), fold=1)
         preds.append(pd.read_parquet(predict(runs / "clf2d", 1, "oof", tta=["none", "hflip"], progress=False)))
     pd.testing.assert_frame_equal(preds[0], preds[1])
+
+
+def test_uint8_images_train_and_predict_like_float_images(data, tmp_path):
+    """``data.image_dtype: uint8``: the loader sends bytes, the trainer and predict decode them on the device."""
+    run = train(_cfg(data, tmp_path, overrides=["train.epochs=1", "data.image_dtype=uint8"]), fold=0)
+    saved = load_config(TrainConfig, run / "config.yaml")
+    assert saved.data.image_dtype == "uint8"
+    oof = pd.read_parquet(predict(tmp_path / "clf2d", 0, "oof", tta=["none"], progress=False))
+    state = load_checkpoint(run / "best.pt")
+    net = model_from_state(state["model_name"], state["model_kwargs"], state["model"], torch.device("cpu"))
+    rows = read_cache_index(data[0]).set_index("sop_uid").loc[oof["sop_uid"]].reset_index()
+    probs = {}
+    for dtype in ("uint8", "float32"):
+        saved.data.image_dtype = dtype
+        ds = prediction_dataset(saved, state["hu_mapping"], data[0], rows)
+        assert ds[0]["image"].dtype == getattr(torch, dtype)
+        probs[dtype] = predict_probs(net, ds, torch.device("cpu"), 8, ["none"], "none")
+    np.testing.assert_allclose(probs["uint8"], oof[list(PROB_COLUMNS)].to_numpy(), atol=1e-5)
+    # The same net on float images: 8-bit windows move the probabilities by a hair.
+    np.testing.assert_allclose(probs["uint8"], probs["float32"], atol=2e-3)
 
 
 def test_resume_after_sigkill_matches_uninterrupted(data, tmp_path):

@@ -1,23 +1,32 @@
-"""Geometric augmentation of a slice stack (DESIGN §5).
+"""Geometric augmentation of a slice stack (DESIGN §5), as one fused warp per slice.
 
-The stack of ``S`` neighbouring slices of one sample is passed to albumentations as one ``(H, W, S)``
-multi-channel image, so every slice gets exactly the same flip, rotation, shift and crop. It runs on HU
-values (before windowing), which lets the affine fill with air (−1024 HU) whatever the windows are.
+Every sample's geometry — resize, random (or centre) crop, shift-scale-rotate, flips, transpose and rot90 — is
+composed into a single 2×3 matrix that maps an output pixel to its source pixel, and each slice of the stack goes
+through one ``cv2.warpAffine`` with it. All slices of a sample therefore get exactly the same transform, and each
+output pixel is interpolated once (a chain of separate ops would resample, copy and re-layout the stack several
+times: that chain ran at 150 samples/s per worker at 5 × 384², the fused warp at ~500, docs/benchmarks.md).
 
-Each sample is augmented with a generator seeded from ``(seed, epoch, index)``: the result depends neither on
-the worker that loads it nor on the order, so training is reproducible and a resumed run sees the same
-augmentations as an uninterrupted one.
+It runs on HU values (before windowing), so whatever the windows, pixels that come from outside the slice are
+air (−1024 HU). A crop followed by a rotation pulls real pixels from beyond the crop into the corners instead of
+padding there, as the warp reads the whole slice.
+
+Each sample is augmented with a generator seeded from ``(seed, epoch, index)``: the result depends neither on the
+worker that loads it nor on the order, so training is reproducible and a resumed run sees the same augmentations
+as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import albumentations as A
 import numpy as np
 
 from rsna19.constants import AIR_HU
 from rsna19.utils.cv2_threads import cv2
+
+_AREA = cv2.INTER_AREA  # resize: area averaging, a clean downsampling
 
 
 @dataclass
@@ -35,73 +44,179 @@ class AugmentConfig:
     rotate: float = 15.0
 
 
-class StackAugment:
-    """Resize, crop, flips, transpose/rot90 and shift-scale-rotate of an (H, W, S) HU stack.
+def _translate(tx: float, ty: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
 
-    Resize, crop and the affine are an albumentations ``A.Compose`` over the stack as one multi-channel image.
-    Flips, transpose and rot90 are the dihedral group of the square: they are applied as numpy *views* after
-    it (no pixel is copied; the windowing that follows reads through the view), which keeps the loader above
-    500 samples/s per worker at 5 × 384².
+
+def dihedral_matrix(n: int, hflip: bool, vflip: bool, transpose: bool, rot90: int) -> np.ndarray:
+    """3×3 output → input pixel map of flips, transpose and ``rot90`` quarter turns of an ``n × n`` image.
+
+    The ops apply to the image in the order hflip, vflip, transpose, rot90 (``np.rot90`` direction); pixel
+    centres are at integer coordinates ``(x, y)`` = (column, row).
+    """
+    m = np.eye(3)
+    last = n - 1.0
+    if hflip:  # out[y, x] = in[y, last - x]
+        m = m @ np.array([[-1.0, 0.0, last], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    if vflip:
+        m = m @ np.array([[1.0, 0.0, 0.0], [0.0, -1.0, last], [0.0, 0.0, 1.0]])
+    if transpose:
+        m = m @ np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    for _ in range(rot90 % 4):  # np.rot90: out[y, x] = in[x, last - y]
+        m = m @ np.array([[0.0, -1.0, last], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    return m
+
+
+def affine_matrix(size: tuple[int, int], scale: float, angle_deg: float, shift: tuple[float, float]) -> np.ndarray:
+    """3×3 output → input map of a zoom by ``scale`` and a rotation by ``angle_deg`` about the image centre,
+    then a shift of ``shift`` pixels (x, y).
 
     Args:
-        size: output crop (random crop when training, centre crop otherwise); None keeps the input size.
-        resize: resize the (square) input to this size first; None keeps it.
+        size: (height, width) of the image the transform acts on.
+    """
+    h, w = size
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    a = math.radians(angle_deg)
+    # The forward map is p' = s·R·(p − c) + c + t; the warp needs its inverse p = R^T·(p' − c − t)/s + c.
+    inv = np.array([[math.cos(a), math.sin(a), 0.0], [-math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]]) / scale
+    inv[2, 2] = 1.0
+    return _translate(cx, cy) @ inv @ _translate(-cx - shift[0], -cy - shift[1])
+
+
+class StackAugment:
+    """Resize, crop, shift-scale-rotate, flips and transpose/rot90 of an (S, H, W) HU stack, in one warp per slice.
+
+    Args:
+        size: output crop (random crop when training, centre crop otherwise; air beyond the slice); None keeps
+            the (resized) input size.
+        resize: resize the (square) input to this size first (area interpolation: a clean downsampling); None
+            keeps it.
         cfg: augmentation settings; None or ``enabled=False`` means geometry only (resize + centre crop).
         train: random crop and augmentations when True, deterministic centre crop when False.
     """
 
     def __init__(self, size: int | None, resize: int | None, cfg: AugmentConfig | None, train: bool) -> None:
+        self.size = size
+        self.resize = resize
+        self.train = train
         self.cfg = cfg if (train and cfg is not None and cfg.enabled) else None
-        ops: list[A.BasicTransform] = []
-        if resize:
-            ops.append(A.Resize(resize, resize, interpolation=cv2.INTER_AREA))
-        if size:
-            # Crop first: every later op then touches fewer pixels.
-            crop = A.RandomCrop if self.cfg else A.CenterCrop
-            ops.append(crop(size, size, pad_if_needed=True, border_mode=cv2.BORDER_CONSTANT, fill=AIR_HU))
-        if self.cfg and self.cfg.affine > 0:
-            c = self.cfg
-            ops.append(
-                A.Affine(
-                    translate_percent=(-c.shift, c.shift),
-                    scale=(1 - c.scale, 1 + c.scale),
-                    rotate=(-c.rotate, c.rotate),
-                    interpolation=cv2.INTER_LINEAR,
-                    border_mode=cv2.BORDER_CONSTANT,
-                    fill=AIR_HU,
-                    p=c.affine,
-                )
-            )
-        self.geometry = A.Compose(ops, seed=0) if ops else None
+        self._scratch: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        # Loader workers make their own scratch buffers.
+        return {**self.__dict__, "_scratch": {}}
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array kept between calls: a fresh multi-MB array per sample costs more in page faults
+        (~0.15 ms per 400² slice on a 2-core VM) than the copy into it."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self._scratch[name] = np.empty(shape, dtype=np.float32)
+        return buf
 
     @property
     def is_identity(self) -> bool:
         """True when the stack passes unchanged (no resize, no crop, no augmentation)."""
-        return self.geometry is None and self.cfg is None
+        return self.size is None and self.resize is None and self.cfg is None
 
-    def __call__(self, stack: np.ndarray, seed: int = 0) -> np.ndarray:
-        """Transform ``stack`` (H, W, S) float32 HU; the result may be a non-contiguous view.
+    def output_shape(self, in_shape: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the output for an input slice of ``in_shape``."""
+        h, w = (self.resize, self.resize) if self.resize else in_shape
+        return (self.size, self.size) if self.size else (h, w)
+
+    def matrix(self, in_shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+        """The 2×3 output → input pixel map of one sample (after the resize) for ``cv2.WARP_INVERSE_MAP``.
 
         Args:
-            stack: the neighbouring slices of one sample as channels.
+            in_shape: (H, W) of the (resized) input slices.
             seed: the sample's seed (see :func:`sample_seed`); only used when augmenting.
         """
-        if self.geometry is not None:
-            if self.cfg is not None:
-                self.geometry.set_random_seed(seed)
-            stack = self.geometry(image=stack)["image"]
-        if self.cfg is not None:
-            # A separate stream for the dihedral draws, so they do not depend on which geometry ops exist.
-            u = np.random.default_rng([seed, 1]).random(4)
-            if u[0] < self.cfg.hflip:
-                stack = stack[:, ::-1]
-            if u[1] < self.cfg.vflip:
-                stack = stack[::-1]
-            if u[2] < self.cfg.transpose:
-                stack = stack.transpose(1, 0, 2)
-            if u[3] < self.cfg.rot90:
-                stack = np.rot90(stack, k=1 + int(u[3] / self.cfg.rot90 * 3) % 3, axes=(0, 1))
-        return stack
+        h, w = in_shape
+        oh, ow = (self.size, self.size) if self.size else (h, w)
+        rng = np.random.default_rng([seed, 3]) if self.cfg is not None else None
+        # Crop: offset of the output window in the input; a window larger than the input is centred (air around).
+        if rng is not None:
+            oy = int(rng.integers(0, h - oh + 1)) if h >= oh else (h - oh) // 2
+            ox = int(rng.integers(0, w - ow + 1)) if w >= ow else (w - ow) // 2
+        else:
+            oy, ox = (h - oh) // 2, (w - ow) // 2
+        m = _translate(ox, oy)
+        c = self.cfg
+        if c is not None and rng is not None:
+            u = rng.random(6)
+            if u[0] < c.affine:
+                scale = rng.uniform(1 - c.scale, 1 + c.scale)
+                angle = rng.uniform(-c.rotate, c.rotate)
+                shift = rng.uniform(-c.shift, c.shift, 2) * (ow, oh)
+                m = m @ affine_matrix((oh, ow), scale, angle, (float(shift[0]), float(shift[1])))
+            square = oh == ow  # transpose and quarter turns keep the shape only of a square output
+            quarter = 1 + int(u[5] / c.rot90 * 3) % 3 if u[4] < c.rot90 and square else 0
+            m = m @ dihedral_matrix(oh, u[1] < c.hflip, u[2] < c.vflip, bool(u[3] < c.transpose and square), quarter)
+        return m[:2]
+
+    def slices(self, planes: Sequence[np.ndarray] | np.ndarray, seed: int = 0) -> Iterator[np.ndarray]:
+        """Transform a stack of HU slices one slice at a time.
+
+        The loader windows each slice as it comes out (:class:`~rsna19.data.datasets.SliceDataset`): the slice
+        is converted, warped and windowed while it is still in the CPU cache, which on a 2-core VM is worth more
+        than any change of the warp itself.
+
+        Args:
+            planes: S slices (H, W), any numeric dtypes (e.g. memory-mapped int16 planes), or an (S, H, W) array.
+            seed: the sample's seed (see :func:`sample_seed`); only used when augmenting.
+
+        Yields:
+            S float32 (h, w) slices in order, each in a buffer this object reuses for the next one.
+        """
+        planes = [np.asarray(p) for p in planes]
+        h, w = planes[0].shape
+        size = (self.resize, self.resize) if self.resize else (h, w)
+        oh, ow = (self.size, self.size) if self.size else size
+        m = self.matrix(size, seed)
+        ox, oy = m[0, 2], m[1, 2]
+        crop = None
+        if np.array_equal(m[:, :2], np.eye(2)) and ox == int(ox) and oy == int(oy):
+            ox, oy = int(ox), int(oy)
+            if min(ox, oy) >= 0 and oy + oh <= size[0] and ox + ow <= size[1]:  # a plain crop: no resampling
+                crop = (slice(oy, oy + oh), slice(ox, ox + ow))
+        # A map that only permutes whole pixels (flips, transpose, integer crop) is exact with nearest neighbour,
+        # which is also ~2× faster than linear.
+        exact = np.all(np.isin(m[:, :2], (-1.0, 0.0, 1.0))) and np.all(m[:, 2] == np.round(m[:, 2]))
+        flags = (cv2.INTER_NEAREST if exact else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
+        dst = self._buffer("out", (oh, ow))
+        for p in planes:
+            if self.resize:
+                p = cv2.resize(self._float(p), size[::-1], dst=self._buffer("resized", size), interpolation=_AREA)
+            if crop is not None:
+                np.copyto(dst, p[crop])
+            else:
+                # float32 input: OpenCV's linear warp of int16 is ~4× slower than converting first.
+                cv2.warpAffine(
+                    self._float(p),
+                    m,
+                    (ow, oh),
+                    dst=dst,
+                    flags=flags,
+                    borderMode=cv2.BORDER_CONSTANT,
+                    borderValue=float(AIR_HU),
+                )
+            yield dst
+
+    def __call__(self, planes: Sequence[np.ndarray] | np.ndarray, seed: int = 0) -> np.ndarray:
+        """Transform a stack of HU slices (see :meth:`slices`).
+
+        Returns:
+            (S, h, w) float32 HU, a new array.
+        """
+        return np.stack([s.copy() for s in self.slices(planes, seed)])
+
+    def _float(self, plane: np.ndarray) -> np.ndarray:
+        """``plane`` as float32, through a kept buffer (a fresh 640 kB array per slice costs page faults)."""
+        if plane.dtype == np.float32:
+            return plane
+        buf = self._buffer("float", plane.shape)
+        np.copyto(buf, plane)
+        return buf
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

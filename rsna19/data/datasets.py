@@ -2,8 +2,9 @@
 
 One sample is one slice ``z`` of one series, with its ``slices`` neighbours ``z - slices//2 … z + slices//2``
 read from ``CACHE/<series>/volume.npy`` through a memory map. Neighbours beyond the ends of the series are
-air (−1024 HU). The stack is augmented in HU (:mod:`rsna19.data.augment`), then mapped to window channels
-(:mod:`rsna19.data.transforms`):
+air (−1024 HU). The stack is resized, cropped and augmented in HU by one warp per slice
+(:mod:`rsna19.data.augment`), then mapped to window channels (:mod:`rsna19.data.transforms`): float32, or with
+``image_dtype="uint8"`` bytes that the consumer decodes on its device (:func:`rsna19.data.transforms.decode_image`):
 
 * ``layout="channels"``: image ``(S·C, H, W)``, channel ``s·C + c`` = window ``c`` of neighbour ``s`` (2D when
   ``S = 1``, 2.5D otherwise: ``3c``, ``5c``, ``3x3`` …).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +27,7 @@ from torch.utils.data import Dataset
 
 from rsna19.constants import AIR_HU, CLASSES
 from rsna19.data.augment import AugmentConfig, StackAugment, sample_seed
-from rsna19.data.transforms import CdfMapping, MultiWindow
+from rsna19.data.transforms import CdfMapping, MultiWindow, parse_image_dtype
 from rsna19.errors import UserError
 
 #: Columns a cache index needs for the datasets.
@@ -90,8 +92,11 @@ class VolumeCache:
         return {"cache_dir": self.cache_dir, "capacity": self.capacity, "_open": OrderedDict()}
 
 
-def read_stack(vol: np.ndarray, z: int, offsets: np.ndarray) -> np.ndarray:
-    """Slices ``z + offsets`` of ``vol`` as an (H, W, S) float32 stack; slices outside the volume are air.
+def read_planes(vol: np.ndarray, z: int, offsets: np.ndarray) -> list[np.ndarray]:
+    """Slices ``z + offsets`` of ``vol`` as S (H, W) planes; slices outside the volume are air.
+
+    The planes are views into ``vol`` (no copy from a memory map until the warp reads them) and one shared
+    read-only air plane.
 
     Args:
         vol: (Z, H, W) volume (a memory map is fine).
@@ -99,13 +104,27 @@ def read_stack(vol: np.ndarray, z: int, offsets: np.ndarray) -> np.ndarray:
         offsets: (S,) integer offsets.
     """
     n_z, h, w = vol.shape
-    out = np.empty((h, w, len(offsets)), dtype=np.float32)
-    for s, off in enumerate(offsets):
+    air = None
+    planes = []
+    for off in offsets:
         zz = z + int(off)
         if 0 <= zz < n_z:
-            out[:, :, s] = vol[zz]
+            planes.append(vol[zz])
         else:
-            out[:, :, s] = AIR_HU
+            if air is None:
+                air = np.broadcast_to(np.asarray(AIR_HU, dtype=vol.dtype), (h, w))
+            planes.append(air)
+    return planes
+
+
+def window_slices(slices: Iterable[np.ndarray], n: int, windows: MultiWindow, dtype: np.dtype) -> np.ndarray:
+    """Window each of ``n`` (h, w) HU slices as it comes (:meth:`StackAugment.slices`) into (n, C, h, w)."""
+    out = None
+    for s, hu in enumerate(slices):
+        if out is None:
+            out = np.empty((n, windows.n_channels, *hu.shape), dtype=dtype)
+        windows.map_slice(hu, out[s])
+    assert out is not None
     return out
 
 
@@ -123,9 +142,10 @@ class SliceDataset(Dataset):
         augment: augmentation settings, used when ``train``.
         train: random crop + augmentation when True.
         seed: base seed of the per-sample augmentation generators.
+        image_dtype: ``float32`` or ``uint8`` images (see :mod:`rsna19.data.transforms`).
 
-    Each item is a dict: ``image`` float32 tensor, ``target`` (6,) float32 (NaN where labels are unknown),
-    ``index`` the row number in ``frame``.
+    Each item is a dict: ``image`` tensor of ``image_dtype``, ``target`` (6,) float32 (NaN where labels are
+    unknown), ``index`` the row number in ``frame``.
     """
 
     def __init__(
@@ -140,6 +160,7 @@ class SliceDataset(Dataset):
         augment: AugmentConfig | None = None,
         train: bool = False,
         seed: int = 0,
+        image_dtype: str = "float32",
     ) -> None:
         if layout not in ("channels", "stack"):
             raise UserError(f"data.layout must be 'channels' or 'stack', got {layout!r}")
@@ -158,6 +179,7 @@ class SliceDataset(Dataset):
         self.epoch = 0
         self.volumes = VolumeCache(cache_dir)
         self.aug = StackAugment(size, resize, augment, train)
+        self.image_dtype = parse_image_dtype(image_dtype)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch`` (call before iterating, in every process)."""
@@ -166,13 +188,15 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.frame)
 
+    def sample_seed(self, index: int) -> int:
+        """The augmentation seed of item ``index`` in the current epoch (0 when not training)."""
+        return sample_seed(self.seed, self.epoch, index) if self.train else 0
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         vol = self.volumes(self.series[index])
-        stack = read_stack(vol, int(self.z[index]), self.offsets)  # (H, W, S) HU
-        if not self.aug.is_identity:
-            stack = self.aug(stack, sample_seed(self.seed, self.epoch, index) if self.train else 0)
-        # (H, W, S) view → contiguous (S, H, W): one copy, then every window reads contiguous planes.
-        image = self.windows(np.ascontiguousarray(stack.transpose(2, 0, 1)), axis=1)  # (S, C, H, W)
+        planes = read_planes(vol, int(self.z[index]), self.offsets)
+        slices = self.aug.slices(planes, self.sample_seed(index))
+        image = window_slices(slices, len(planes), self.windows, self.image_dtype)  # (S, C, H, W)
         if self.layout == "channels":
             image = image.reshape(-1, *image.shape[2:])
         return {

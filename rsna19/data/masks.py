@@ -24,8 +24,7 @@ import torch
 from rsna19.constants import AIR_HU, SUBTYPES
 from rsna19.conversion import convert_mask
 from rsna19.conversion.geometry import TILT_THRESHOLD_DEG
-from rsna19.data.augment import sample_seed
-from rsna19.data.datasets import SliceDataset, read_meta, read_stack
+from rsna19.data.datasets import SliceDataset, read_meta, read_planes
 from rsna19.errors import UserError
 
 #: HU stand-ins of mask values 0/1 while a mask rides through the HU augmentation with the image (see
@@ -149,28 +148,25 @@ class SegSliceDataset(SliceDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         series, z = self.series[index], int(self.z[index])
         vol = self.volumes(series)
-        stack = read_stack(vol, z, self.offsets)  # (H, W, S) HU
+        planes = read_planes(vol, z, self.offsets)  # S (H, W) HU planes
         full = self.masks(series)
         has_mask = full is not None
         if has_mask:
             if full.shape != vol.shape:
                 raise UserError(f"series {series}: mask {full.shape} does not match volume {vol.shape}")
-            # The 5 mask channels ride along as extra HU channels (0 → air, 1 → +1024), so they get exactly the
+            # The 5 mask channels ride along as extra HU planes (0 → air, 1 → +1024), so they get exactly the
             # image's resize/crop/affine/flips; linear resampling thresholded at the midpoint is a clean mask
             # resampling, and padding (air) reads as "no blood".
-            planes = np.where(unpack_bits(full[z]).transpose(1, 2, 0) > 0, _MASK_ON, _MASK_OFF).astype(np.float32)
-            stack = np.concatenate([stack, planes], axis=2)
-        if not self.aug.is_identity:
-            stack = self.aug(stack, sample_seed(self.seed, self.epoch, index) if self.train else 0)
+            planes += list(np.where(unpack_bits(full[z]) > 0, _MASK_ON, _MASK_OFF).astype(np.float32))
+        stack = self.aug(planes, self.sample_seed(index))  # (S [+ 5], H, W)
         n = len(self.offsets)
-        hu = np.ascontiguousarray(stack[:, :, :n].transpose(2, 0, 1))
-        image = self.windows(hu, axis=1)  # (S, C, H, W)
+        image = self.windows(stack[:n], axis=1, dtype=self.image_dtype)  # (S, C, H, W)
         if self.layout == "channels":
             image = image.reshape(-1, *image.shape[2:])
         if has_mask:
-            mask = (np.ascontiguousarray(stack[:, :, n:].transpose(2, 0, 1)) > 0).astype(np.float32)
+            mask = (stack[n:] > 0).astype(np.float32)
         else:
-            mask = np.zeros((len(SUBTYPES), *hu.shape[1:]), dtype=np.float32)
+            mask = np.zeros((len(SUBTYPES), *stack.shape[1:]), dtype=np.float32)
         return {
             "image": torch.from_numpy(image),
             "target": torch.from_numpy(self.targets[index].copy()),

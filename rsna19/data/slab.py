@@ -27,8 +27,8 @@ from torch.utils.data import Dataset
 
 from rsna19.constants import CLASSES
 from rsna19.data.augment import AugmentConfig, StackAugment, sample_seed
-from rsna19.data.datasets import VolumeCache, read_stack
-from rsna19.data.transforms import MultiWindow
+from rsna19.data.datasets import VolumeCache, read_planes, window_slices
+from rsna19.data.transforms import MultiWindow, parse_image_dtype
 from rsna19.errors import UserError
 
 
@@ -99,11 +99,11 @@ class SlabDataset(Dataset):
         label_slices: in training, the middle ``M`` positions that count in the loss (their context is
             complete); positions nearer a window edge count only where that edge is the end of the series,
             so every slice is trained. None: all positions.
-        size, resize, augment, train, seed: as :class:`~rsna19.data.datasets.SliceDataset`.
+        size, resize, augment, train, seed, image_dtype: as :class:`~rsna19.data.datasets.SliceDataset`.
 
-    Each item is a dict: ``image`` (S, C, H, W) float32; ``target`` (S, 6) float32 (NaN where unknown or padded);
-    ``rows`` (S,) int64 frame row of each position (−1: padding or not in ``frame``); ``valid`` (S,) bool real
-    slices; ``loss_mask`` (S,) bool positions that count in the loss; ``index`` the item number.
+    Each item is a dict: ``image`` (S, C, H, W) of ``image_dtype``; ``target`` (S, 6) float32 (NaN where unknown
+    or padded); ``rows`` (S,) int64 frame row of each position (−1: padding or not in ``frame``); ``valid`` (S,)
+    bool real slices; ``loss_mask`` (S,) bool positions that count in the loss; ``index`` the item number.
     """
 
     def __init__(
@@ -119,6 +119,7 @@ class SlabDataset(Dataset):
         augment: AugmentConfig | None = None,
         train: bool = False,
         seed: int = 0,
+        image_dtype: str = "float32",
     ) -> None:
         if slab < 1:
             raise UserError(f"slab must be >= 1 slices, got {slab}")
@@ -132,6 +133,7 @@ class SlabDataset(Dataset):
         self.epoch = 0
         self.volumes = VolumeCache(cache_dir)
         self.aug = StackAugment(size, resize, augment, train)
+        self.image_dtype = parse_image_dtype(image_dtype)
         if all(c in self.frame.columns for c in CLASSES):
             self.targets = self.frame[list(CLASSES)].to_numpy(dtype=np.float32)
         else:
@@ -193,10 +195,9 @@ class SlabDataset(Dataset):
         rows, valid, start = self._rows(index)
         n_z = len(self.row_of_z[s])
         vol = self.volumes(self.series[s])
-        stack = read_stack(vol, start, np.arange(self.slab))  # (H, W, S) HU; beyond the end: air
-        if not self.aug.is_identity:
-            stack = self.aug(stack, sample_seed(self.seed, self.epoch, index) if self.train else 0)
-        image = self.windows(np.ascontiguousarray(stack.transpose(2, 0, 1)), axis=1)  # (S, C, H, W)
+        seed = sample_seed(self.seed, self.epoch, index) if self.train else 0
+        slices = self.aug.slices(read_planes(vol, start, np.arange(self.slab)), seed)  # beyond the end: air
+        image = window_slices(slices, self.slab, self.windows, self.image_dtype)  # (S, C, H, W)
         target = np.full((self.slab, len(CLASSES)), np.nan, dtype=np.float32)
         target[rows >= 0] = self.targets[rows[rows >= 0]]
         pos = np.arange(self.slab)

@@ -30,7 +30,7 @@ from rsna19.constants import CLASSES
 from rsna19.data.datasets import SliceDataset, read_cache_index
 from rsna19.data.embeddings import EMBED_COLUMNS, EMBED_SPLITS, embedding_paths, embeddings_complete
 from rsna19.data.folds import read_folds, split_by_fold
-from rsna19.data.transforms import MultiWindow
+from rsna19.data.transforms import MultiWindow, decode_image
 from rsna19.errors import UserError
 from rsna19.inference.predict import DEFAULT_TTA, TTA, autocast, parse_tta, resolve_amp
 from rsna19.nets import build_model, get_model_spec
@@ -71,7 +71,7 @@ def embed_features(
     feats: list[np.ndarray] = []
     logits: list[np.ndarray] = []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x = batch["image"].to(device, non_blocking=True)
+        x = decode_image(batch["image"].to(device, non_blocking=True))
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         acc_f = acc_l = None
@@ -217,6 +217,7 @@ def extract_embeddings(
             size=cfg.data.crop,
             resize=cfg.data.resize,
             train=False,
+            image_dtype=cfg.data.image_dtype,
         )
         feats, logits = embed_features(
             model, ds, dev, bs, views, amp, num_workers, channels_last, progress, f"embed {split}"

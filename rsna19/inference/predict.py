@@ -25,7 +25,7 @@ from tqdm import tqdm
 from rsna19.config import from_dict
 from rsna19.constants import CLASSES, DEFAULT_TTA, PROB_COLUMNS
 from rsna19.data.datasets import SliceDataset
-from rsna19.data.transforms import MultiWindow
+from rsna19.data.transforms import MultiWindow, decode_image
 from rsna19.errors import UserError
 from rsna19.nets import build_model
 from rsna19.training.checkpoint import load_checkpoint
@@ -108,7 +108,7 @@ def predict_probs(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     pos = 0
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x = batch["image"].to(device, non_blocking=True)
+        x = decode_image(batch["image"].to(device, non_blocking=True))
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         acc = torch.zeros(x.shape[0], len(CLASSES), device=device)
@@ -181,6 +181,7 @@ def prediction_dataset(
         size=cfg.data.crop,
         resize=cfg.data.resize,
         train=False,
+        image_dtype=cfg.data.image_dtype,
     )
 
 

@@ -143,6 +143,7 @@ def top_slice_cam(bundle: Any, cache: Path, rows: pd.DataFrame, z: int, shape: t
     The network sees the slice resized to ``data.resize`` and centre-cropped to ``data.crop``; the map is put back
     in that frame (zeros outside the crop) so that stretching it over the slice lines it up.
     """
+    from rsna19.data.transforms import decode_image
     from rsna19.inference.gradcam import grad_cam
     from rsna19.inference.predict import prediction_dataset
 
@@ -158,7 +159,7 @@ def top_slice_cam(bundle: Any, cache: Path, rows: pd.DataFrame, z: int, shape: t
     if target is None:
         return None
     ds = prediction_dataset(bm.cfg, bm.hu_mappings[0], cache, rows)
-    x = ds[z]["image"][None].to(bundle.device)
+    x = decode_image(ds[z]["image"][None].to(bundle.device))
     cam = grad_cam(net, x, CLASSES.index("any"), target_layer=target)
     frame = bm.cfg.data.resize or shape[0]
     full = np.zeros((frame, frame), dtype=np.float32)

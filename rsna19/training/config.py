@@ -25,6 +25,8 @@ class DataConfig:
     layout: Literal["channels", "stack", "slab", "sequence"] = "channels"
     resize: int | None = None
     crop: int | None = None
+    # images from the loader: float32, or uint8 decoded on the device (4× less to write, collate and transfer)
+    image_dtype: Literal["float32", "uint8"] = "float32"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     samples_per_epoch: int | None = None
     num_workers: int = 0

@@ -40,7 +40,7 @@ from rsna19.data.embeddings import SequenceDataset, collate_sequences, embedding
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.data.masks import SegSliceDataset
 from rsna19.data.slab import SlabDataset
-from rsna19.data.transforms import CDF, MultiWindow
+from rsna19.data.transforms import CDF, MultiWindow, decode_image
 from rsna19.errors import UserError
 from rsna19.inference.predict import TTA, autocast
 from rsna19.nets import get_model_spec
@@ -71,6 +71,10 @@ class Runtime:
         if self.channels_last and x.ndim == 4 and x.is_floating_point():
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def image(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of loader images on the device as float (uint8 images are decoded there, after the copy)."""
+        return self.to(decode_image(x.to(self.device, non_blocking=True)))
 
 
 @dataclass
@@ -217,7 +221,13 @@ class SliceTask(ImageTask):
 
     def _slice_kwargs(self) -> dict[str, Any]:
         d = self.cfg.data
-        return {"slices": d.slices, "layout": d.layout, "size": d.crop, "resize": d.resize}
+        return {
+            "slices": d.slices,
+            "layout": d.layout,
+            "size": d.crop,
+            "resize": d.resize,
+            "image_dtype": d.image_dtype,
+        }
 
     def train_dataset(self, rows: pd.DataFrame, mapping: MultiWindow) -> Dataset:
         d = self.cfg.data
@@ -230,13 +240,13 @@ class SliceTask(ImageTask):
         return SliceDataset(cache, rows, mapping, train=False, **self._slice_kwargs())
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
-        x, y = rt.to(batch["image"]), rt.to(batch["target"])
+        x, y = rt.image(batch["image"]), rt.to(batch["target"])
         with rt.autocast():
             logits = net(x)
         return weighted_bce(logits, y), len(x)
 
     def probs(self, model: nn.Module, batch: Batch, rt: Runtime, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        p = self._tta(model, rt.to(batch["image"]), rt, views)  # (B, 6)
+        p = self._tta(model, rt.image(batch["image"]), rt, views)  # (B, 6)
         return batch["index"].numpy()[:, None], p[:, None].cpu().numpy()
 
 
@@ -272,7 +282,7 @@ class SegAuxTask(SliceTask):
         return model.classify(x)
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
-        x, y = rt.to(batch["image"]), rt.to(batch["target"])
+        x, y = rt.image(batch["image"]), rt.to(batch["target"])
         with rt.autocast():
             cls, masks = net(x)
         lc = self.cfg.loss
@@ -291,7 +301,7 @@ class SlabTask(ImageTask):
 
     def _slab_kwargs(self) -> dict[str, Any]:
         d = self.cfg.data
-        return {"slab": d.slices, "size": d.crop, "resize": d.resize}
+        return {"slab": d.slices, "size": d.crop, "resize": d.resize, "image_dtype": d.image_dtype}
 
     def train_dataset(self, rows: pd.DataFrame, mapping: MultiWindow) -> Dataset:
         d = self.cfg.data
@@ -311,13 +321,13 @@ class SlabTask(ImageTask):
         return SlabDataset(cache, rows, mapping, stride=self.cfg.data.slab_stride, train=False, **self._slab_kwargs())
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
-        x, y, keep = rt.to(batch["image"]), rt.to(batch["target"]), rt.to(batch["loss_mask"])
+        x, y, keep = rt.image(batch["image"]), rt.to(batch["target"]), rt.to(batch["loss_mask"])
         with rt.autocast():
             logits = net(x)  # (B, S, 6)
         return masked_seq_loss(logits, y, keep), _count(keep, y)
 
     def probs(self, model: nn.Module, batch: Batch, rt: Runtime, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        p = self._tta(model, rt.to(batch["image"]), rt, views)  # (B, S, 6)
+        p = self._tta(model, rt.image(batch["image"]), rt, views)  # (B, S, 6)
         return batch["rows"].numpy(), p.cpu().numpy()
 
 

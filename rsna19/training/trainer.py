@@ -364,6 +364,10 @@ def train(cfg: TrainConfig, fold: int) -> Path:
     """
     dist = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, fold, dist).fit()
+        run_dir = Trainer(cfg, fold, dist).fit()
+        # Every rank finishes before the group is torn down: under load a gloo rank still talking to a peer that
+        # already destroyed the group aborted ("terminate called without an active exception", seen in CI-like runs).
+        barrier()
+        return run_dir
     finally:
         shutdown()
