@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 
 from rsna19.data.augment import AugmentConfig
 from rsna19.data.datasets import SliceDataset, read_cache_index
-from rsna19.inference.predict import autocast, resolve_amp
+from rsna19.inference.predict import resolve_amp
 from rsna19.nets import build_model, get_model_spec
 from rsna19.training.distributed import resolve_device
+from rsna19.training.tasks import Runtime
 from rsna19.training.trainer import _worker_init, weighted_bce
 
 
@@ -33,18 +34,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, opt, scaler, batches, device, amp, channels_last, steps, warmup=2) -> float:  # noqa: ANN001
-    """Images/s over ``steps`` optimiser steps after ``warmup`` (batches: an iterator of (x, y))."""
+def time_steps(model, opt, scaler, batches, rt: Runtime, steps: int, warmup: int = 2) -> float:  # noqa: ANN001
+    """Images/s over ``steps`` optimiser steps after ``warmup`` (batches: an iterator of loader-style dicts).
+
+    Each batch goes through the trainer's input path (:meth:`Runtime.image`: copy, uint8 decode, device-side
+    affine, channels-last), so its cost is part of the step, as in ``rsna19 train``.
+    """
     seen, t0 = 0, None
-    for i, (x, y) in enumerate(itertools.islice(batches, warmup + steps)):
+    for i, batch in enumerate(itertools.islice(batches, warmup + steps)):
         if i == warmup:
-            _sync(device)
+            _sync(rt.device)
             t0 = time.perf_counter()
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
+        x, y = rt.image(batch), rt.to(batch["target"])
+        with rt.autocast():
             loss = weighted_bce(model(x), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -52,7 +54,7 @@ def time_steps(model, opt, scaler, batches, device, amp, channels_last, steps, w
         scaler.update()
         if i >= warmup:
             seen += len(x)
-    _sync(device)
+    _sync(rt.device)
     return seen / (time.perf_counter() - t0)
 
 
@@ -71,6 +73,13 @@ def main() -> None:
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--cache", help="real conversion cache (default: synthetic in a temp dir)")
+    p.add_argument("--image-dtype", default="uint8", choices=("float32", "uint8"), help="data.image_dtype")
+    p.add_argument(
+        "--affine-on-device",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="data.augment.affine_on_device (default on, as in configs/rsna2019)",
+    )
     add_common_arguments(p)
     args = p.parse_args()
     apply_quick(args, backbone="test_resnet", crop=64, size=80, batch=8, steps=3, workers=0)
@@ -96,8 +105,9 @@ def main() -> None:
             slices=args.slices,
             layout=layout,
             size=args.crop,
-            augment=AugmentConfig(),
+            augment=AugmentConfig(affine_on_device=args.affine_on_device),
             train=True,
+            image_dtype=args.image_dtype,
         )
         loader = DataLoader(
             ds,
@@ -109,18 +119,19 @@ def main() -> None:
             worker_init_fn=_worker_init,
             persistent_workers=args.workers > 0,
         )
-        real = ((b["image"], b["target"]) for _ in itertools.count() for b in loader)
+        real = (b for _ in itertools.count() for b in loader)
         shape = ds[0]["image"].shape
-        x = torch.randn(args.batch, *shape, device=device)
+        x = torch.rand(args.batch, *shape, device=device)
         y = torch.rand(args.batch, 6, device=device).round()
+        rt = Runtime(device, amp, channels_last)
         rows = [
             (
                 "random tensors on device",
-                time_steps(model, opt, scaler, itertools.repeat((x, y)), device, amp, channels_last, args.steps),
+                time_steps(model, opt, scaler, itertools.repeat({"image": x, "target": y}), rt, args.steps),
             ),
             (
                 f"loader batches ({args.workers} workers)",
-                time_steps(model, opt, scaler, real, device, amp, channels_last, args.steps),
+                time_steps(model, opt, scaler, real, rt, args.steps),
             ),
         ]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

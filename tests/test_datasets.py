@@ -10,10 +10,11 @@ import torch
 from cachefactory import write_cache
 
 from rsna19.constants import AIR_HU, CLASSES, WINDOWS
-from rsna19.data.augment import AugmentConfig, StackAugment, affine_matrix, dihedral_matrix
+from rsna19.data.augment import AugmentConfig, StackAugment, affine_matrix, device_affine, dihedral_matrix
 from rsna19.data.datasets import SliceDataset, read_cache_index
 from rsna19.data.transforms import CdfMapping, MultiWindow, Window, decode_image
 from rsna19.errors import UserError
+from rsna19.training.tasks import Runtime
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +201,48 @@ def test_stack_augment_crop_resize_and_air(tmp_path):
         assert len(found) == 1
         origins.add(found[0])
     assert len(origins) > 1  # the crop is random
+
+
+@pytest.mark.parametrize("image_dtype", ["float32", "uint8"])
+def test_device_affine_matches_the_loader_affine(tmp_path, image_dtype):
+    """``affine_on_device``: the loader leaves the shift-scale-rotate to the device; the result is the same image."""
+    yy, xx = np.mgrid[:40, :40]
+    smooth = 40 + 30 * np.sin(yy / 7.0) * np.cos(xx / 9.0)  # 10…70 HU: inside the brain window, no clipping
+    smooth[:, :3] = AIR_HU  # some air at the edge
+    (tmp_path / "S").mkdir()
+    np.save(tmp_path / "S" / "volume.npy", np.stack([smooth, smooth + 5, smooth - 5]).astype(np.int16))
+    frame = pd.DataFrame({"series_uid": ["S"], "z": [1]})
+    windows = ["brain", "cdf"]
+    no_flips = {"hflip": 0.0, "vflip": 0.0, "transpose": 0.0, "affine": 1.0, "rotate": 20.0}
+    kwargs = {"slices": 3, "size": 40, "train": True, "image_dtype": image_dtype}
+    rt = Runtime(torch.device("cpu"))
+    for seed in range(4):
+        on_loader = SliceDataset(tmp_path, frame, windows, augment=AugmentConfig(**no_flips), seed=seed, **kwargs)
+        on_device = SliceDataset(
+            tmp_path, frame, windows, augment=AugmentConfig(**no_flips, affine_on_device=True), seed=seed, **kwargs
+        )
+        want = rt.image(torch.utils.data.default_collate([on_loader[0]]))
+        item = on_device[0]
+        assert item["affine"].shape == (2, 3) and item["fill"].shape == (6,)
+        assert not torch.equal(item["affine"], torch.eye(3)[:2])
+        got = rt.image(torch.utils.data.default_collate([item]))
+        # Same transform: inside the image (away from the air column and the borders, where interpolating HU and
+        # interpolating windowed values differ) the two paths agree to float precision.
+        inner = (slice(None), slice(None), slice(12, 28), slice(12, 28))
+        step = 1 / 255 if image_dtype == "uint8" else 0.0  # uint8: rounding before vs after the interpolation
+        torch.testing.assert_close(got[inner], want[inner], atol=1e-4 + step, rtol=0)
+        assert (got - want).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("fill", [0.0, -1.0])
+def test_device_affine_shift_brings_in_the_fill(fill):
+    x = torch.arange(2 * 3 * 8 * 10, dtype=torch.float32).reshape(2, 3, 8, 10)
+    theta = torch.tensor([[1.0, 0.0, -0.4], [0.0, 1.0, 0.0]]).expand(2, 2, 3)  # output x reads input x − 2 px
+    got = device_affine(x, theta, torch.full((2, 3), fill))
+    torch.testing.assert_close(got[..., 2:], x[..., :-2])
+    assert (got[..., :2] == fill).all()
+    stack = device_affine(x.reshape(2, 3, 1, 8, 10), theta, fill).reshape(x.shape)  # (B, S, C, H, W) as well
+    torch.testing.assert_close(stack, got)
 
 
 def test_uint8_images_decode_to_the_float_images(cache):

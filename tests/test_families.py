@@ -32,6 +32,7 @@ from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
 from rsna19.nets import build_model, get_model_spec
 from rsna19.training import trainer
 from rsna19.training.losses import mask_loss, masked_seq_loss, seg_aux_loss, weighted_bce
+from rsna19.training.tasks import Runtime
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -368,14 +369,15 @@ def test_mask_lands_on_the_object_in_the_cache_frame(tmp_path):
             "n_slices": len(volume),
         }
     )
-    for train in (False, True):
+    rt = Runtime(torch.device("cpu"))
+    for train, on_device in ((False, False), (True, False), (True, True)):
         ds = SegSliceDataset(
             cache,
             frame,
             ["bone"],
             slices=3,
             size=40,
-            augment=AugmentConfig(affine=1.0),
+            augment=AugmentConfig(affine=1.0, affine_on_device=on_device),
             train=train,
             seed=1,
             masks_dir=masks_dir,
@@ -384,8 +386,12 @@ def test_mask_lands_on_the_object_in_the_cache_frame(tmp_path):
         for i in range(len(ds)):
             item = ds[i]
             assert item["has_mask"] and item["mask"].shape == (5, 40, 40) and item["image"].shape == (3, 40, 40)
-            m = item["mask"][1].bool()
-            bright = item["image"][1] > 0.45  # the centre slice, bone window: the sphere (800 HU) ≈ 0.5
+            assert ("affine" in item) == on_device
+            # The trainer's view of the sample (Runtime.image / .mask apply a device-side affine).
+            batch = torch.utils.data.default_collate([item])
+            image, mask = rt.image(batch)[0], rt.mask(batch)[0]
+            m = mask[1].bool()
+            bright = image[1] > 0.45  # the centre slice, bone window: the sphere (800 HU) ≈ 0.5
             inside.append(int((m & bright).sum()))
             outside.append(int((m ^ bright).sum()))
         assert sum(inside) > 300 and sum(outside) < 0.15 * sum(inside), (train, sum(inside), sum(outside))

@@ -87,10 +87,12 @@ def test_two_runs_give_identical_oof(data, tmp_path):
 
 
 def test_uint8_images_train_and_predict_like_float_images(data, tmp_path):
-    """``data.image_dtype: uint8``: the loader sends bytes, the trainer and predict decode them on the device."""
-    run = train(_cfg(data, tmp_path, overrides=["train.epochs=1", "data.image_dtype=uint8"]), fold=0)
+    """``data.image_dtype: uint8``: the loader sends bytes, the trainer and predict decode them on the device (here
+    with the shift-scale-rotate applied there too)."""
+    overrides = ["train.epochs=1", "data.image_dtype=uint8", "data.augment.affine_on_device=true"]
+    run = train(_cfg(data, tmp_path, overrides=overrides), fold=0)
     saved = load_config(TrainConfig, run / "config.yaml")
-    assert saved.data.image_dtype == "uint8"
+    assert saved.data.image_dtype == "uint8" and saved.data.augment.affine_on_device
     oof = pd.read_parquet(predict(tmp_path / "clf2d", 0, "oof", tta=["none"], progress=False))
     state = load_checkpoint(run / "best.pt")
     net = model_from_state(state["model_name"], state["model_kwargs"], state["model"], torch.device("cpu"))

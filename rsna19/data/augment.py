@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from rsna19.constants import AIR_HU
 from rsna19.utils.cv2_threads import cv2
@@ -42,6 +44,10 @@ class AugmentConfig:
     shift: float = 0.0625
     scale: float = 0.1
     rotate: float = 15.0
+    # Draw the shift-scale-rotate in the loader but apply it on the training device (bilinear ``grid_sample`` of the
+    # windowed batch, :func:`device_affine`): the loader then only crops and flips, which is exact and ~2× faster
+    # per worker. For GPU training; on a CPU it moves the same work into the training process.
+    affine_on_device: bool = False
 
 
 def _translate(tx: float, ty: float) -> np.ndarray:
@@ -125,11 +131,38 @@ class StackAugment:
         return (self.size, self.size) if self.size else (h, w)
 
     def matrix(self, in_shape: tuple[int, int], seed: int = 0) -> np.ndarray:
-        """The 2×3 output → input pixel map of one sample (after the resize) for ``cv2.WARP_INVERSE_MAP``.
+        """The 2×3 output → input pixel map that the loader applies to one sample (after the resize), for
+        ``cv2.WARP_INVERSE_MAP``.
 
         Args:
             in_shape: (H, W) of the (resized) input slices.
             seed: the sample's seed (see :func:`sample_seed`); only used when augmenting.
+        """
+        return self.draw(in_shape, seed)[0][:2]
+
+    def device_theta(self, plane_shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+        """The sample's shift-scale-rotate as a ``torch.nn.functional.affine_grid`` ``theta`` (2, 3), for
+        ``affine_on_device`` (identity when not drawn, or when the affine is applied by the loader).
+
+        Args:
+            plane_shape: (H, W) of the slices given to :meth:`slices` (before the resize).
+            seed: the sample's seed, as given to :meth:`slices`.
+        """
+        in_shape = (self.resize, self.resize) if self.resize else plane_shape
+        m = self.draw(in_shape, seed)[1]
+        h, w = (self.size, self.size) if self.size else in_shape
+        if m is None:
+            return np.eye(3)[:2].astype(np.float32)
+        # Pixel centres (x = 0 … w − 1) → the normalised coordinates of align_corners=False (−1 … 1 at the edges).
+        to_norm = np.array([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]])
+        return (to_norm @ m @ np.linalg.inv(to_norm))[:2].astype(np.float32)
+
+    def draw(self, in_shape: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """The sample's random geometry: (loader map, device affine), both 3×3 output → input pixel maps.
+
+        The loader map composes the crop, the shift-scale-rotate (unless ``affine_on_device``) and the flips; the
+        device affine is the shift-scale-rotate when ``affine_on_device`` draws one, else None. Moving the affine
+        after the flips does not change its distribution (rotation, shift and zoom ranges are symmetric).
         """
         h, w = in_shape
         oh, ow = (self.size, self.size) if self.size else (h, w)
@@ -141,6 +174,7 @@ class StackAugment:
         else:
             oy, ox = (h - oh) // 2, (w - ow) // 2
         m = _translate(ox, oy)
+        device = None
         c = self.cfg
         if c is not None and rng is not None:
             u = rng.random(6)
@@ -148,11 +182,20 @@ class StackAugment:
                 scale = rng.uniform(1 - c.scale, 1 + c.scale)
                 angle = rng.uniform(-c.rotate, c.rotate)
                 shift = rng.uniform(-c.shift, c.shift, 2) * (ow, oh)
-                m = m @ affine_matrix((oh, ow), scale, angle, (float(shift[0]), float(shift[1])))
+                aff = affine_matrix((oh, ow), scale, angle, (float(shift[0]), float(shift[1])))
+                if c.affine_on_device:
+                    device = aff
+                else:
+                    m = m @ aff
             square = oh == ow  # transpose and quarter turns keep the shape only of a square output
             quarter = 1 + int(u[5] / c.rot90 * 3) % 3 if u[4] < c.rot90 and square else 0
             m = m @ dihedral_matrix(oh, u[1] < c.hflip, u[2] < c.vflip, bool(u[3] < c.transpose and square), quarter)
-        return m[:2]
+        return m, device
+
+    @property
+    def on_device(self) -> bool:
+        """Whether items carry a shift-scale-rotate for the training device (``affine_on_device``)."""
+        return self.cfg is not None and self.cfg.affine_on_device and self.cfg.affine > 0
 
     def slices(self, planes: Sequence[np.ndarray] | np.ndarray, seed: int = 0) -> Iterator[np.ndarray]:
         """Transform a stack of HU slices one slice at a time.
@@ -217,6 +260,29 @@ class StackAugment:
         buf = self._buffer("float", plane.shape)
         np.copyto(buf, plane)
         return buf
+
+
+def device_affine(x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Apply per-sample shift-scale-rotates (from :meth:`StackAugment.device_theta`) to a batch on its device.
+
+    Args:
+        x: (B, ..., H, W) float images; all channels of a sample get its transform.
+        theta: (B, 2, 3) ``affine_grid`` matrices (output → input, normalised, ``align_corners=False``).
+        fill: what comes from outside the image, per channel: a scalar, or (B, ...) matching ``x`` without H, W
+            (the mapped value of air).
+
+    Returns:
+        the transformed batch, shape of ``x``, bilinear.
+    """
+    b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    flat = x.reshape(b, -1, h, w)
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+    if isinstance(fill, torch.Tensor):
+        fill = fill.to(device=x.device, dtype=x.dtype).reshape(b, -1, 1, 1)
+    # grid_sample pads with zeros: sample (x − fill) and add fill back, so the padding is air in every channel.
+    out = F.grid_sample(flat - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    return out.reshape(x.shape)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

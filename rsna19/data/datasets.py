@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from rsna19.constants import AIR_HU, CLASSES
 from rsna19.data.augment import AugmentConfig, StackAugment, sample_seed
-from rsna19.data.transforms import CdfMapping, MultiWindow, parse_image_dtype
+from rsna19.data.transforms import CdfMapping, MultiWindow, decode_image, parse_image_dtype
 from rsna19.errors import UserError
 
 #: Columns a cache index needs for the datasets.
@@ -128,6 +128,16 @@ def window_slices(slices: Iterable[np.ndarray], n: int, windows: MultiWindow, dt
     return out
 
 
+def air_fill(windows: MultiWindow, dtype: np.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The decoded value of air (−1024 HU) in every channel of an image of ``shape`` without H, W: (S·C,) or (S, C).
+
+    0 in every window, −1 in a float32 CDF channel, 0 in a uint8 one (see :mod:`rsna19.data.transforms`).
+    """
+    air = windows(np.full((1, 1), AIR_HU, dtype=np.float32), axis=0, dtype=dtype)[:, 0, 0]  # (C,)
+    values = decode_image(torch.from_numpy(air))
+    return values.repeat(int(np.prod(shape)) // len(values)).reshape(shape)
+
+
 class SliceDataset(Dataset):
     """Slices of cached series with their neighbours, augmented and windowed.
 
@@ -195,15 +205,21 @@ class SliceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         vol = self.volumes(self.series[index])
         planes = read_planes(vol, int(self.z[index]), self.offsets)
-        slices = self.aug.slices(planes, self.sample_seed(index))
-        image = window_slices(slices, len(planes), self.windows, self.image_dtype)  # (S, C, H, W)
+        seed = self.sample_seed(index)
+        image = window_slices(self.aug.slices(planes, seed), len(planes), self.windows, self.image_dtype)
         if self.layout == "channels":
             image = image.reshape(-1, *image.shape[2:])
-        return {
-            "image": torch.from_numpy(image),
-            "target": torch.from_numpy(self.targets[index].copy()),
-            "index": index,
-        }
+        target = torch.from_numpy(self.targets[index].copy())
+        item = {"image": torch.from_numpy(image), "target": target, "index": index}
+        return self.add_device_affine(item, planes[0].shape, seed)
+
+    def add_device_affine(self, item: dict[str, Any], plane_shape: tuple[int, int], seed: int) -> dict[str, Any]:
+        """With ``augment.affine_on_device``: add the sample's ``affine`` (2, 3) ``theta`` and ``fill``, the value
+        of air in each image channel (the image's shape without H, W), for :func:`device_affine`."""
+        if self.aug.on_device:
+            item["affine"] = torch.from_numpy(self.aug.device_theta(plane_shape, seed))
+            item["fill"] = air_fill(self.windows, self.image_dtype, item["image"].shape[:-2])
+        return item
 
 
 def fit_cdf(

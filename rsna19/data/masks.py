@@ -158,7 +158,8 @@ class SegSliceDataset(SliceDataset):
             # image's resize/crop/affine/flips; linear resampling thresholded at the midpoint is a clean mask
             # resampling, and padding (air) reads as "no blood".
             planes += list(np.where(unpack_bits(full[z]) > 0, _MASK_ON, _MASK_OFF).astype(np.float32))
-        stack = self.aug(planes, self.sample_seed(index))  # (S [+ 5], H, W)
+        seed = self.sample_seed(index)
+        stack = self.aug(planes, seed)  # (S [+ 5], H, W)
         n = len(self.offsets)
         image = self.windows(stack[:n], axis=1, dtype=self.image_dtype)  # (S, C, H, W)
         if self.layout == "channels":
@@ -167,10 +168,11 @@ class SegSliceDataset(SliceDataset):
             mask = (stack[n:] > 0).astype(np.float32)
         else:
             mask = np.zeros((len(SUBTYPES), *stack.shape[1:]), dtype=np.float32)
-        return {
+        item = {
             "image": torch.from_numpy(image),
             "target": torch.from_numpy(self.targets[index].copy()),
             "mask": torch.from_numpy(mask),
             "has_mask": has_mask,
             "index": index,
         }
+        return self.add_device_affine(item, planes[0].shape, seed)  # the task warps the mask with the image

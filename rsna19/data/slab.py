@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from rsna19.constants import CLASSES
 from rsna19.data.augment import AugmentConfig, StackAugment, sample_seed
-from rsna19.data.datasets import VolumeCache, read_planes, window_slices
+from rsna19.data.datasets import VolumeCache, air_fill, read_planes, window_slices
 from rsna19.data.transforms import MultiWindow, parse_image_dtype
 from rsna19.errors import UserError
 
@@ -205,7 +205,7 @@ class SlabDataset(Dataset):
         counted |= (pos < self.label_lo) & (start == 0)  # the series' first slices are never in a middle
         counted |= (pos >= self.label_hi) & (start + self.slab >= n_z)  # nor its last ones
         loss_mask = counted & (rows >= 0) & np.isfinite(target).all(axis=1)
-        return {
+        item = {
             "image": torch.from_numpy(image),
             "target": torch.from_numpy(target),
             "rows": torch.from_numpy(rows),
@@ -213,6 +213,10 @@ class SlabDataset(Dataset):
             "loss_mask": torch.from_numpy(loss_mask),
             "index": index,
         }
+        if self.aug.on_device:
+            item["affine"] = torch.from_numpy(self.aug.device_theta(vol.shape[1:], seed))
+            item["fill"] = air_fill(self.windows, self.image_dtype, image.shape[:-2])
+        return item
 
     def aggregate(self, window_values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """One value per frame row from per-window values (W, S, K) in dataset order: see :func:`aggregate`.

@@ -35,6 +35,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from rsna19.constants import CLASSES
+from rsna19.data.augment import device_affine
 from rsna19.data.datasets import SliceDataset, fit_cdf, read_cache_index
 from rsna19.data.embeddings import SequenceDataset, collate_sequences, embeddings_complete, read_embeddings
 from rsna19.data.folds import read_folds, split_by_fold
@@ -72,9 +73,20 @@ class Runtime:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def image(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch of loader images on the device as float (uint8 images are decoded there, after the copy)."""
-        return self.to(decode_image(x.to(self.device, non_blocking=True)))
+    def image(self, batch: Batch) -> torch.Tensor:
+        """The batch's images on the device as float: uint8 images are decoded there (after the 4× smaller copy),
+        and a shift-scale-rotate drawn by the loader for the device (``augment.affine_on_device``) is applied."""
+        x = decode_image(batch["image"].to(self.device, non_blocking=True))
+        if "affine" in batch:
+            x = device_affine(x, batch["affine"], batch["fill"])
+        return self.to(x)
+
+    def mask(self, batch: Batch) -> torch.Tensor:
+        """The batch's subtype masks on the device, warped like :meth:`image` (bilinear, thresholded at 0.5)."""
+        m = self.to(batch["mask"])
+        if "affine" in batch:
+            m = (device_affine(m, batch["affine"]) > 0.5).to(m.dtype)
+        return m
 
 
 @dataclass
@@ -240,13 +252,13 @@ class SliceTask(ImageTask):
         return SliceDataset(cache, rows, mapping, train=False, **self._slice_kwargs())
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
-        x, y = rt.image(batch["image"]), rt.to(batch["target"])
+        x, y = rt.image(batch), rt.to(batch["target"])
         with rt.autocast():
             logits = net(x)
         return weighted_bce(logits, y), len(x)
 
     def probs(self, model: nn.Module, batch: Batch, rt: Runtime, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        p = self._tta(model, rt.image(batch["image"]), rt, views)  # (B, 6)
+        p = self._tta(model, rt.image(batch), rt, views)  # (B, 6)
         return batch["index"].numpy()[:, None], p[:, None].cpu().numpy()
 
 
@@ -282,13 +294,11 @@ class SegAuxTask(SliceTask):
         return model.classify(x)
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
-        x, y = rt.image(batch["image"]), rt.to(batch["target"])
+        x, y = rt.image(batch), rt.to(batch["target"])
         with rt.autocast():
             cls, masks = net(x)
         lc = self.cfg.loss
-        loss = seg_aux_loss(
-            cls, masks, y, rt.to(batch["mask"]), rt.to(batch["has_mask"]), lc.mask_weight, lc.dice_weight
-        )
+        loss = seg_aux_loss(cls, masks, y, rt.mask(batch), rt.to(batch["has_mask"]), lc.mask_weight, lc.dice_weight)
         return loss, len(x)
 
 
@@ -321,13 +331,13 @@ class SlabTask(ImageTask):
         return SlabDataset(cache, rows, mapping, stride=self.cfg.data.slab_stride, train=False, **self._slab_kwargs())
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
-        x, y, keep = rt.image(batch["image"]), rt.to(batch["target"]), rt.to(batch["loss_mask"])
+        x, y, keep = rt.image(batch), rt.to(batch["target"]), rt.to(batch["loss_mask"])
         with rt.autocast():
             logits = net(x)  # (B, S, 6)
         return masked_seq_loss(logits, y, keep), _count(keep, y)
 
     def probs(self, model: nn.Module, batch: Batch, rt: Runtime, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        p = self._tta(model, rt.image(batch["image"]), rt, views)  # (B, S, 6)
+        p = self._tta(model, rt.image(batch), rt, views)  # (B, S, 6)
         return batch["rows"].numpy(), p.cpu().numpy()
 
 
@@ -494,7 +504,7 @@ class SequenceTask(Task):
         return frame.rename(columns={"slice_idx": "z"}), SequenceDataset(frame, x, with_logits=skip)
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
-        x, y, mask = rt.to(batch["x"]), rt.to(batch["target"]), rt.to(batch["mask"])
+        x, y, mask = rt.to(batch["x"]), rt.to(batch["target"]), rt.mask(batch)
         with rt.autocast():
             logits = net(x, batch["lengths"], _base_logits(batch, rt))  # (B, T, 6); lengths stay on the CPU
         return masked_seq_loss(logits, y, mask), _count(mask, y)
