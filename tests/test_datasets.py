@@ -10,7 +10,14 @@ import torch
 from cachefactory import write_cache
 
 from rsna19.constants import AIR_HU, CLASSES, WINDOWS
-from rsna19.data.augment import AugmentConfig, StackAugment, affine_matrix, device_affine, dihedral_matrix
+from rsna19.data.augment import (
+    AugmentConfig,
+    StackAugment,
+    affine_matrix,
+    device_affine,
+    dihedral_matrix,
+    pixel_view,
+)
 from rsna19.data.datasets import SliceDataset, read_cache_index
 from rsna19.data.transforms import CdfMapping, MultiWindow, Window, decode_image
 from rsna19.errors import UserError
@@ -150,6 +157,28 @@ def test_dihedral_matrix_matches_numpy(hflip, vflip, transpose, quarter):
     m = dihedral_matrix(9, hflip, vflip, transpose, quarter)[:2]
     got = cv2.warpAffine(img, m, (9, 9), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
     np.testing.assert_array_equal(got, want)
+
+
+def test_pixel_view_equals_the_nearest_warp():
+    """Crops, flips and transposes are served as numpy views; they must equal OpenCV's warp of the same map."""
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(13, 13)).astype(np.float32)
+    seen = {True: 0, False: 0}
+    for _ in range(200):
+        flips = rng.random(3) < 0.5
+        m = np.array([[1.0, 0.0, rng.integers(-2, 6)], [0.0, 1.0, rng.integers(-2, 6)], [0.0, 0.0, 1.0]])
+        m = m @ dihedral_matrix(10, *flips, int(rng.integers(0, 4)))
+        index = pixel_view(m, (10, 10), img.shape)
+        want = cv2.warpAffine(img, m[:2], (10, 10), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=-99.0)
+        seen[index is None] += 1
+        if index is None:
+            assert (want == -99.0).any()  # None only when the map reads outside the image
+            continue
+        rows, cols, transposed = index
+        got = img[rows, cols].T if transposed else img[rows, cols]
+        np.testing.assert_array_equal(got, want)
+    assert seen[True] and seen[False]
+    assert pixel_view(affine_matrix((10, 10), 1.1, 5.0, (0.0, 0.0)), (10, 10), (13, 13)) is None  # resamples
 
 
 def test_affine_matrix_rotates_zooms_and_shifts_about_the_centre():

@@ -73,6 +73,46 @@ def dihedral_matrix(n: int, hflip: bool, vflip: bool, transpose: bool, rot90: in
     return m
 
 
+def pixel_view(
+    m: np.ndarray, out_shape: tuple[int, int], in_shape: tuple[int, int]
+) -> tuple[slice, slice, bool] | None:
+    """Numpy indexing that equals the output → input map ``m`` when it moves whole pixels within the input.
+
+    Args:
+        m: 2×3 (or 3×3) map; its linear part must be a signed permutation (flips, transpose) and its offset whole
+            pixels.
+        out_shape: (h, w) of the output.
+        in_shape: (H, W) of the input.
+
+    Returns:
+        ``(rows, cols, transposed)`` such that ``out = p[rows, cols]`` (then ``.T`` if ``transposed``), or None
+        when ``m`` resamples or reads outside the input.
+    """
+    a, t = m[:2, :2], m[:2, 2]
+    if not (np.all(np.isin(a, (-1.0, 0.0, 1.0))) and np.all(t == np.round(t))):
+        return None
+    oh, ow = out_shape
+    tx, ty = int(t[0]), int(t[1])
+    transposed = a[0, 0] == 0
+    if transposed:  # x_in = b·y + tx, y_in = c·x + ty: index by (x, y), then transpose
+        rows, cols = _pixel_axis(ty, a[1, 0], ow, in_shape[0]), _pixel_axis(tx, a[0, 1], oh, in_shape[1])
+    else:  # x_in = a·x + tx, y_in = d·y + ty
+        rows, cols = _pixel_axis(ty, a[1, 1], oh, in_shape[0]), _pixel_axis(tx, a[0, 0], ow, in_shape[1])
+    if rows is None or cols is None:
+        return None
+    return rows, cols, bool(transposed)
+
+
+def _pixel_axis(start: int, sign: float, n: int, size: int) -> slice | None:
+    """The slice of ``start, start ± 1, …`` (n indices) within ``[0, size)``, or None if it leaves it."""
+    if sign > 0:
+        return slice(start, start + n) if start >= 0 and start + n <= size else None
+    last = start - n + 1
+    if last < 0 or start >= size:
+        return None
+    return slice(start, last - 1 if last > 0 else None, -1)
+
+
 def affine_matrix(size: tuple[int, int], scale: float, angle_deg: float, shift: tuple[float, float]) -> np.ndarray:
     """3×3 output → input map of a zoom by ``scale`` and a rotation by ``angle_deg`` about the image centre,
     then a shift of ``shift`` pixels (x, y).
@@ -107,6 +147,7 @@ class StackAugment:
         self.train = train
         self.cfg = cfg if (train and cfg is not None and cfg.enabled) else None
         self._scratch: dict[str, np.ndarray] = {}
+        self._last_draw: tuple[tuple[tuple[int, ...], int], tuple[np.ndarray, np.ndarray | None]] | None = None
 
     def __getstate__(self) -> dict[str, object]:
         # Loader workers make their own scratch buffers.
@@ -158,6 +199,13 @@ class StackAugment:
         return (to_norm @ m @ np.linalg.inv(to_norm))[:2].astype(np.float32)
 
     def draw(self, in_shape: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        # The loader asks twice per sample (slices, then device_theta): keep the last draw.
+        key = (tuple(in_shape), seed)
+        if self._last_draw is None or self._last_draw[0] != key:
+            self._last_draw = (key, self._draw(in_shape, seed))
+        return self._last_draw[1]
+
+    def _draw(self, in_shape: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The sample's random geometry: (loader map, device affine), both 3×3 output → input pixel maps.
 
         The loader map composes the crop, the shift-scale-rotate (unless ``affine_on_device``) and the flips; the
@@ -216,22 +264,20 @@ class StackAugment:
         size = (self.resize, self.resize) if self.resize else (h, w)
         oh, ow = (self.size, self.size) if self.size else size
         m = self.matrix(size, seed)
-        ox, oy = m[0, 2], m[1, 2]
-        crop = None
-        if np.array_equal(m[:, :2], np.eye(2)) and ox == int(ox) and oy == int(oy):
-            ox, oy = int(ox), int(oy)
-            if min(ox, oy) >= 0 and oy + oh <= size[0] and ox + ow <= size[1]:  # a plain crop: no resampling
-                crop = (slice(oy, oy + oh), slice(ox, ox + ow))
-        # A map that only permutes whole pixels (flips, transpose, integer crop) is exact with nearest neighbour,
-        # which is also ~2× faster than linear.
+        # A map that only permutes whole pixels (crop, flips, transpose) inside the slice is a numpy view: one
+        # strided copy per slice, which also converts to float32. Otherwise one warp: nearest neighbour when the
+        # map is still whole pixels (exact; with air around), linear for a shift-scale-rotate.
+        index = pixel_view(m, (oh, ow), size)
         exact = np.all(np.isin(m[:, :2], (-1.0, 0.0, 1.0))) and np.all(m[:, 2] == np.round(m[:, 2]))
         flags = (cv2.INTER_NEAREST if exact else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
         dst = self._buffer("out", (oh, ow))
         for p in planes:
             if self.resize:
                 p = cv2.resize(self._float(p), size[::-1], dst=self._buffer("resized", size), interpolation=_AREA)
-            if crop is not None:
-                np.copyto(dst, p[crop])
+            if index is not None:
+                rows, cols, transposed = index
+                view = p[rows, cols]
+                np.copyto(dst, view.T if transposed else view)
             else:
                 # float32 input: OpenCV's linear warp of int16 is ~4× slower than converting first.
                 cv2.warpAffine(

@@ -190,6 +190,7 @@ class SliceDataset(Dataset):
         self.volumes = VolumeCache(cache_dir)
         self.aug = StackAugment(size, resize, augment, train)
         self.image_dtype = parse_image_dtype(image_dtype)
+        self._fill: dict[tuple[int, ...], torch.Tensor] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch`` (call before iterating, in every process)."""
@@ -218,7 +219,10 @@ class SliceDataset(Dataset):
         of air in each image channel (the image's shape without H, W), for :func:`device_affine`."""
         if self.aug.on_device:
             item["affine"] = torch.from_numpy(self.aug.device_theta(plane_shape, seed))
-            item["fill"] = air_fill(self.windows, self.image_dtype, item["image"].shape[:-2])
+            shape = tuple(item["image"].shape[:-2])
+            if shape not in self._fill:  # the same for every item: computed once
+                self._fill[shape] = air_fill(self.windows, self.image_dtype, shape)
+            item["fill"] = self._fill[shape]
         return item
 
 

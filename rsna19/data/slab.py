@@ -134,6 +134,7 @@ class SlabDataset(Dataset):
         self.volumes = VolumeCache(cache_dir)
         self.aug = StackAugment(size, resize, augment, train)
         self.image_dtype = parse_image_dtype(image_dtype)
+        self._fill: torch.Tensor | None = None
         if all(c in self.frame.columns for c in CLASSES):
             self.targets = self.frame[list(CLASSES)].to_numpy(dtype=np.float32)
         else:
@@ -215,7 +216,9 @@ class SlabDataset(Dataset):
         }
         if self.aug.on_device:
             item["affine"] = torch.from_numpy(self.aug.device_theta(vol.shape[1:], seed))
-            item["fill"] = air_fill(self.windows, self.image_dtype, image.shape[:-2])
+            if self._fill is None:  # the same for every item: computed once
+                self._fill = air_fill(self.windows, self.image_dtype, image.shape[:-2])
+            item["fill"] = self._fill
         return item
 
     def aggregate(self, window_values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
