@@ -34,8 +34,10 @@ def main() -> int:
         print(f"no OOF predictions under {runs}", file=sys.stderr)
         return 1
     frames = {n: sorted((runs / n).glob("fold_*/oof.parquet")) for n in names}
-    n_folds = max(len(f) for f in frames.values())
-    print(f"| model | slices | OOF wll | {' | '.join(f'fold {k}' for k in range(n_folds))} |")
+    # Columns are the folds that have files (fold_0 and fold_2 only → two columns, named by their number).
+    folds = sorted({int(f.parent.name.removeprefix("fold_")) for files in frames.values() for f in files})
+    n_folds = len(folds)
+    print(f"| model | slices | OOF wll | {' | '.join(f'fold {k}' for k in folds)} |")
     print(f"|---|---:|---:|{'---:|' * n_folds}")
     for name, files in frames.items():
         if not files:
@@ -43,7 +45,7 @@ def main() -> int:
             continue
         df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
         per = {int(k): score(g) for k, g in df.groupby("fold")}
-        cells = " | ".join(f"{per[k]:.4f}" if k in per else "" for k in range(n_folds))
+        cells = " | ".join(f"{per[k]:.4f}" if k in per else "" for k in folds)
         print(f"| {name} | {len(df)} | {score(df):.4f} | {cells} |")
     return 0
 
