@@ -274,6 +274,31 @@ def test_device_affine_shift_brings_in_the_fill(fill):
     torch.testing.assert_close(stack, got)
 
 
+@pytest.mark.parametrize("image_dtype", ["float32", "uint8"])
+def test_extra_albumentations_transforms_are_seeded_and_pixel_level(cache, image_dtype):
+    index = read_cache_index(cache)
+    extra = [{"name": "GaussNoise", "std_range": [0.05, 0.1], "p": 1.0}, {"name": "RandomGamma", "p": 0.5}]
+    kwargs = {"slices": 3, "size": 20, "train": True, "seed": 4, "image_dtype": image_dtype}
+    plain = SliceDataset(cache, index, ["brain", "bone"], augment=AugmentConfig(), **kwargs)
+    noisy = SliceDataset(cache, index, ["brain", "bone"], augment=AugmentConfig(extra=extra), **kwargs)
+    a, b = plain[2]["image"], noisy[2]["image"]
+    assert b.shape == a.shape == (6, 20, 20) and b.dtype == a.dtype
+    assert not torch.equal(a, b)  # the noise is there ...
+    scale = 255.0 if image_dtype == "uint8" else 1.0
+    assert (b.float() - a.float()).abs().mean() < 0.2 * scale  # ... on the same geometry
+    torch.testing.assert_close(noisy[2]["image"], b)  # same (seed, epoch, index) → same draws
+    assert not torch.equal(noisy[3]["image"][:1], b[:1])
+    # Not in evaluation; geometric or unknown transforms are refused with the entry's position.
+    evaluation = SliceDataset(cache, index, ["brain"], augment=AugmentConfig(extra=extra), train=False)
+    torch.testing.assert_close(evaluation[2]["image"], SliceDataset(cache, index, ["brain"])[2]["image"])
+    with pytest.raises(UserError, match=r"extra\[0\]: HorizontalFlip is not a pixel-level transform"):
+        SliceDataset(cache, index, ["brain"], augment=AugmentConfig(extra=[{"name": "HorizontalFlip"}]), train=True)
+    with pytest.raises(UserError, match=r"extra\[1\]: 'Sparkle' is not an albumentations transform"):
+        SliceDataset(
+            cache, index, ["brain"], augment=AugmentConfig(extra=[*extra[:1], {"name": "Sparkle"}]), train=True
+        )
+
+
 def test_uint8_images_decode_to_the_float_images(cache):
     index = read_cache_index(cache)
     windows = ["brain", "subdural", "bone", "cdf"]

@@ -10,6 +10,10 @@ It runs on HU values (before windowing), so whatever the windows, pixels that co
 air (−1024 HU). A crop followed by a rotation pulls real pixels from beyond the crop into the corners instead of
 padding there, as the warp reads the whole slice.
 
+Pixel-level augmentations beyond the geometry (noise, brightness / contrast, blur …) are albumentations
+transforms listed in ``AugmentConfig.extra`` (:class:`PixelAugment`); they run on the windowed image, all slices
+and windows of a sample as the channels of one image.
+
 Each sample is augmented with a generator seeded from ``(seed, epoch, index)``: the result depends neither on the
 worker that loads it nor on the order, so training is reproducible and a resumed run sees the same augmentations
 as an uninterrupted one.
@@ -19,13 +23,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import albumentations as A
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rsna19.constants import AIR_HU
+from rsna19.errors import UserError
 from rsna19.utils.cv2_threads import cv2
 
 _AREA = cv2.INTER_AREA  # resize: area averaging, a clean downsampling
@@ -48,6 +55,9 @@ class AugmentConfig:
     # windowed batch, :func:`device_affine`): the loader then only crops and flips, which is exact and ~2× faster
     # per worker. For GPU training; on a CPU it moves the same work into the training process.
     affine_on_device: bool = False
+    # Pixel-level albumentations transforms applied after the windowing, e.g.
+    # [{name: GaussNoise, std_range: [0.01, 0.03], p: 0.3}, {name: RandomBrightnessContrast, p: 0.3}].
+    extra: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _translate(tx: float, ty: float) -> np.ndarray:
@@ -306,6 +316,56 @@ class StackAugment:
         buf = self._buffer("float", plane.shape)
         np.copyto(buf, plane)
         return buf
+
+
+class PixelAugment:
+    """The ``extra`` albumentations transforms of an :class:`AugmentConfig`, on windowed images.
+
+    Only pixel-level transforms (``A.ImageOnlyTransform``) are accepted: the geometry is :class:`StackAugment`'s,
+    and masks of segmentation-aided models must keep matching the image. The slices and windows of a sample are the
+    channels of one image, so a transform that draws once per image (brightness, blur) treats them alike, and one
+    that draws per pixel (noise) draws for every channel. Float images are expected in ``[0, 1]``, so a float32
+    CDF channel (``[-1, 1]``) would be clipped by some transforms: use ``image_dtype: uint8`` with it.
+
+    Args:
+        specs: transform specs, each ``{"name": <albumentations class>, **arguments}``.
+        train: only training applies them.
+
+    Raises:
+        UserError: an unknown name, a geometric transform, or arguments the transform rejects.
+    """
+
+    def __init__(self, specs: Sequence[dict[str, Any]], train: bool) -> None:
+        self.compose: A.Compose | None = None
+        if not train or not specs:
+            return
+        transforms = []
+        for i, spec in enumerate(specs):
+            args = dict(spec)
+            name = args.pop("name", None)
+            cls = getattr(A, str(name), None)
+            if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+                raise UserError(f"data.augment.extra[{i}]: {name!r} is not an albumentations transform")
+            if not issubclass(cls, A.ImageOnlyTransform):
+                raise UserError(
+                    f"data.augment.extra[{i}]: {name} is not a pixel-level transform (the geometry is set by "
+                    "hflip / vflip / transpose / rot90 / affine)"
+                )
+            try:
+                transforms.append(cls(**args))
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"data.augment.extra[{i}]: {name}: {exc}") from None
+        self.compose = A.Compose(transforms, seed=0)
+
+    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
+        """Augment ``image`` (..., H, W), float32 in ``[0, 1]`` or uint8; returns the same shape and dtype."""
+        if self.compose is None:
+            return image
+        shape = image.shape
+        hwc = np.ascontiguousarray(image.reshape(-1, *shape[-2:]).transpose(1, 2, 0))
+        self.compose.set_random_seed(seed)
+        out = np.asarray(self.compose(image=hwc)["image"], dtype=image.dtype).reshape(hwc.shape)
+        return np.ascontiguousarray(out.transpose(2, 0, 1)).reshape(shape)
 
 
 def device_affine(x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rsna19.constants import AIR_HU, CLASSES
-from rsna19.data.augment import AugmentConfig, StackAugment, sample_seed
+from rsna19.data.augment import AugmentConfig, PixelAugment, StackAugment, sample_seed
 from rsna19.data.transforms import CdfMapping, MultiWindow, decode_image, parse_image_dtype
 from rsna19.errors import UserError
 
@@ -189,6 +189,7 @@ class SliceDataset(Dataset):
         self.epoch = 0
         self.volumes = VolumeCache(cache_dir)
         self.aug = StackAugment(size, resize, augment, train)
+        self.pixel_aug = PixelAugment(augment.extra if augment and augment.enabled else [], train)
         self.image_dtype = parse_image_dtype(image_dtype)
         self._fill: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -208,6 +209,7 @@ class SliceDataset(Dataset):
         planes = read_planes(vol, int(self.z[index]), self.offsets)
         seed = self.sample_seed(index)
         image = window_slices(self.aug.slices(planes, seed), len(planes), self.windows, self.image_dtype)
+        image = self.pixel_aug(image, seed)
         if self.layout == "channels":
             image = image.reshape(-1, *image.shape[2:])
         target = torch.from_numpy(self.targets[index].copy())

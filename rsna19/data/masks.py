@@ -161,7 +161,7 @@ class SegSliceDataset(SliceDataset):
         seed = self.sample_seed(index)
         stack = self.aug(planes, seed)  # (S [+ 5], H, W)
         n = len(self.offsets)
-        image = self.windows(stack[:n], axis=1, dtype=self.image_dtype)  # (S, C, H, W)
+        image = self.pixel_aug(self.windows(stack[:n], axis=1, dtype=self.image_dtype), seed)  # (S, C, H, W)
         if self.layout == "channels":
             image = image.reshape(-1, *image.shape[2:])
         if has_mask:

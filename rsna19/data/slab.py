@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rsna19.constants import CLASSES
-from rsna19.data.augment import AugmentConfig, StackAugment, sample_seed
+from rsna19.data.augment import AugmentConfig, PixelAugment, StackAugment, sample_seed
 from rsna19.data.datasets import VolumeCache, air_fill, read_planes, window_slices
 from rsna19.data.transforms import MultiWindow, parse_image_dtype
 from rsna19.errors import UserError
@@ -133,6 +133,7 @@ class SlabDataset(Dataset):
         self.epoch = 0
         self.volumes = VolumeCache(cache_dir)
         self.aug = StackAugment(size, resize, augment, train)
+        self.pixel_aug = PixelAugment(augment.extra if augment and augment.enabled else [], train)
         self.image_dtype = parse_image_dtype(image_dtype)
         self._fill: torch.Tensor | None = None
         if all(c in self.frame.columns for c in CLASSES):
@@ -198,7 +199,7 @@ class SlabDataset(Dataset):
         vol = self.volumes(self.series[s])
         seed = sample_seed(self.seed, self.epoch, index) if self.train else 0
         slices = self.aug.slices(read_planes(vol, start, np.arange(self.slab)), seed)  # beyond the end: air
-        image = window_slices(slices, self.slab, self.windows, self.image_dtype)  # (S, C, H, W)
+        image = self.pixel_aug(window_slices(slices, self.slab, self.windows, self.image_dtype), seed)  # (S, C, H, W)
         target = np.full((self.slab, len(CLASSES)), np.nan, dtype=np.float32)
         target[rows >= 0] = self.targets[rows[rows >= 0]]
         pos = np.arange(self.slab)
