@@ -171,16 +171,6 @@ class StackAugment:
             buf = self._scratch[name] = np.empty(shape, dtype=np.float32)
         return buf
 
-    @property
-    def is_identity(self) -> bool:
-        """True when the stack passes unchanged (no resize, no crop, no augmentation)."""
-        return self.size is None and self.resize is None and self.cfg is None
-
-    def output_shape(self, in_shape: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) of the output for an input slice of ``in_shape``."""
-        h, w = (self.resize, self.resize) if self.resize else in_shape
-        return (self.size, self.size) if self.size else (h, w)
-
     def matrix(self, in_shape: tuple[int, int], seed: int = 0) -> np.ndarray:
         """The 2×3 output → input pixel map that the loader applies to one sample (after the resize), for
         ``cv2.WARP_INVERSE_MAP``.
