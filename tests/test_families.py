@@ -292,6 +292,19 @@ def test_slab_training_starts_and_label_slices(cache):
         assert item["loss_mask"].tolist() == [bool(a and v) for a, v in zip(want, item["valid"].tolist())]
 
 
+def test_slab_items_carry_the_device_affine(cache):
+    """``affine_on_device`` for slabs: the same theta and air fill as a slice item, applied by Runtime.image."""
+    index = read_cache_index(cache)
+    train = index[index["split"] == "train"].reset_index(drop=True)
+    aug = AugmentConfig(affine=1.0, affine_on_device=True)
+    ds = SlabDataset(cache, train, ["brain", "cdf"], slab=4, train=True, seed=3, size=24, augment=aug)
+    item = ds[0]
+    assert item["affine"].shape == (2, 3) and not torch.equal(item["affine"], torch.eye(3)[:2])
+    assert item["fill"].tolist() == [[0.0, -1.0]] * 4  # air: 0 in a window, -1 in a float CDF channel
+    batch = torch.utils.data.default_collate([item, ds[1]])
+    assert Runtime(torch.device("cpu")).image(batch).shape == (2, 4, 2, 24, 24)
+
+
 # ------------------------------------------------------------------------------------------------------- masks
 
 

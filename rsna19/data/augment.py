@@ -83,6 +83,11 @@ def dihedral_matrix(n: int, hflip: bool, vflip: bool, transpose: bool, rot90: in
     return m
 
 
+def moves_whole_pixels(m: np.ndarray) -> bool:
+    """Whether the map ``m`` (2×3 or 3×3) only flips, transposes and shifts by whole pixels (exact resampling)."""
+    return bool(np.all(np.isin(m[:2, :2], (-1.0, 0.0, 1.0))) and np.all(m[:2, 2] == np.round(m[:2, 2])))
+
+
 def pixel_view(
     m: np.ndarray, out_shape: tuple[int, int], in_shape: tuple[int, int]
 ) -> tuple[slice, slice, bool] | None:
@@ -98,9 +103,9 @@ def pixel_view(
         ``(rows, cols, transposed)`` such that ``out = p[rows, cols]`` (then ``.T`` if ``transposed``), or None
         when ``m`` resamples or reads outside the input.
     """
-    a, t = m[:2, :2], m[:2, 2]
-    if not (np.all(np.isin(a, (-1.0, 0.0, 1.0))) and np.all(t == np.round(t))):
+    if not moves_whole_pixels(m):
         return None
+    a, t = m[:2, :2], m[:2, 2]
     oh, ow = out_shape
     tx, ty = int(t[0]), int(t[1])
     transposed = a[0, 0] == 0
@@ -154,7 +159,6 @@ class StackAugment:
     def __init__(self, size: int | None, resize: int | None, cfg: AugmentConfig | None, train: bool) -> None:
         self.size = size
         self.resize = resize
-        self.train = train
         self.cfg = cfg if (train and cfg is not None and cfg.enabled) else None
         self._scratch: dict[str, np.ndarray] = {}
         self._last_draw: tuple[tuple[tuple[int, ...], int], tuple[np.ndarray, np.ndarray | None]] | None = None
@@ -268,8 +272,7 @@ class StackAugment:
         # strided copy per slice, which also converts to float32. Otherwise one warp: nearest neighbour when the
         # map is still whole pixels (exact; with air around), linear for a shift-scale-rotate.
         index = pixel_view(m, (oh, ow), size)
-        exact = np.all(np.isin(m[:, :2], (-1.0, 0.0, 1.0))) and np.all(m[:, 2] == np.round(m[:, 2]))
-        flags = (cv2.INTER_NEAREST if exact else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
+        flags = (cv2.INTER_NEAREST if moves_whole_pixels(m) else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
         dst = self._buffer("out", (oh, ow))
         for p in planes:
             if self.resize:
@@ -318,15 +321,17 @@ class PixelAugment:
     CDF channel (``[-1, 1]``) would be clipped by some transforms: use ``image_dtype: uint8`` with it.
 
     Args:
-        specs: transform specs, each ``{"name": <albumentations class>, **arguments}``.
+        cfg: the augmentation settings; their ``extra`` specs, each ``{"name": <albumentations class>, **arguments}``
+            (None or ``enabled=False``: nothing).
         train: only training applies them.
 
     Raises:
         UserError: an unknown name, a geometric transform, or arguments the transform rejects.
     """
 
-    def __init__(self, specs: Sequence[dict[str, Any]], train: bool) -> None:
+    def __init__(self, cfg: AugmentConfig | None, train: bool) -> None:
         self.compose: A.Compose | None = None
+        specs = cfg.extra if cfg is not None and cfg.enabled else []
         if not train or not specs:
             return
         transforms = []

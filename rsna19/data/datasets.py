@@ -138,6 +138,33 @@ def air_fill(windows: MultiWindow, dtype: np.dtype, shape: tuple[int, ...]) -> t
     return values.repeat(int(np.prod(shape)) // len(values)).reshape(shape)
 
 
+def add_device_affine(
+    item: dict[str, Any],
+    aug: StackAugment,
+    windows: MultiWindow,
+    dtype: np.dtype,
+    plane_shape: tuple[int, int],
+    seed: int,
+    fills: dict[tuple[int, ...], torch.Tensor],
+) -> dict[str, Any]:
+    """With ``augment.affine_on_device``: add the sample's ``affine`` (2, 3) theta and ``fill`` (the value of air in
+    each channel of ``item["image"]``, cached in ``fills`` per image shape) for :func:`device_affine`.
+
+    Args:
+        item: a dataset item with its ``image``.
+        aug, windows, dtype: the dataset's geometry, HU mapping and image dtype.
+        plane_shape, seed: the slices' (H, W) before the resize, and the sample's seed, as given to ``aug``.
+        fills: the dataset's cache of fill tensors.
+    """
+    if aug.on_device:
+        item["affine"] = torch.from_numpy(aug.device_theta(plane_shape, seed))
+        shape = tuple(item["image"].shape[:-2])
+        if shape not in fills:  # the same for every item: computed once
+            fills[shape] = air_fill(windows, dtype, shape)
+        item["fill"] = fills[shape]
+    return item
+
+
 class SliceDataset(Dataset):
     """Slices of cached series with their neighbours, augmented and windowed.
 
@@ -189,7 +216,7 @@ class SliceDataset(Dataset):
         self.epoch = 0
         self.volumes = VolumeCache(cache_dir)
         self.aug = StackAugment(size, resize, augment, train)
-        self.pixel_aug = PixelAugment(augment.extra if augment and augment.enabled else [], train)
+        self.pixel_aug = PixelAugment(augment, train)
         self.image_dtype = parse_image_dtype(image_dtype)
         self._fill: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -219,13 +246,7 @@ class SliceDataset(Dataset):
     def add_device_affine(self, item: dict[str, Any], plane_shape: tuple[int, int], seed: int) -> dict[str, Any]:
         """With ``augment.affine_on_device``: add the sample's ``affine`` (2, 3) ``theta`` and ``fill``, the value
         of air in each image channel (the image's shape without H, W), for :func:`device_affine`."""
-        if self.aug.on_device:
-            item["affine"] = torch.from_numpy(self.aug.device_theta(plane_shape, seed))
-            shape = tuple(item["image"].shape[:-2])
-            if shape not in self._fill:  # the same for every item: computed once
-                self._fill[shape] = air_fill(self.windows, self.image_dtype, shape)
-            item["fill"] = self._fill[shape]
-        return item
+        return add_device_affine(item, self.aug, self.windows, self.image_dtype, plane_shape, seed, self._fill)
 
 
 def fit_cdf(

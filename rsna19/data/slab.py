@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from rsna19.constants import CLASSES
 from rsna19.data.augment import AugmentConfig, PixelAugment, StackAugment, sample_seed
-from rsna19.data.datasets import VolumeCache, air_fill, read_planes, window_slices
+from rsna19.data.datasets import VolumeCache, add_device_affine, read_planes, window_slices
 from rsna19.data.transforms import MultiWindow, parse_image_dtype
 from rsna19.errors import UserError
 
@@ -133,9 +133,9 @@ class SlabDataset(Dataset):
         self.epoch = 0
         self.volumes = VolumeCache(cache_dir)
         self.aug = StackAugment(size, resize, augment, train)
-        self.pixel_aug = PixelAugment(augment.extra if augment and augment.enabled else [], train)
+        self.pixel_aug = PixelAugment(augment, train)
         self.image_dtype = parse_image_dtype(image_dtype)
-        self._fill: torch.Tensor | None = None
+        self._fill: dict[tuple[int, ...], torch.Tensor] = {}
         if all(c in self.frame.columns for c in CLASSES):
             self.targets = self.frame[list(CLASSES)].to_numpy(dtype=np.float32)
         else:
@@ -215,12 +215,7 @@ class SlabDataset(Dataset):
             "loss_mask": torch.from_numpy(loss_mask),
             "index": index,
         }
-        if self.aug.on_device:
-            item["affine"] = torch.from_numpy(self.aug.device_theta(vol.shape[1:], seed))
-            if self._fill is None:  # the same for every item: computed once
-                self._fill = air_fill(self.windows, self.image_dtype, image.shape[:-2])
-            item["fill"] = self._fill
-        return item
+        return add_device_affine(item, self.aug, self.windows, self.image_dtype, vol.shape[1:], seed, self._fill)
 
     def aggregate(self, window_values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """One value per frame row from per-window values (W, S, K) in dataset order: see :func:`aggregate`.
