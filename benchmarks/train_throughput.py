@@ -22,10 +22,8 @@ from torch.utils.data import DataLoader
 
 from rsna19.data.augment import AugmentConfig
 from rsna19.data.datasets import SliceDataset, read_cache_index
-from rsna19.inference.predict import resolve_amp
+from rsna19.engine.runtime import Runtime, resolve_amp, resolve_device
 from rsna19.nets import build_model, get_model_spec
-from rsna19.training.distributed import resolve_device
-from rsna19.training.tasks import Runtime
 from rsna19.training.trainer import _worker_init, weighted_bce
 
 

@@ -10,13 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.utils.data import Subset
 
 from rsna19.bundle import export_bundle, load_bundle
 from rsna19.cli import main
 from rsna19.constants import PROB_COLUMNS
 from rsna19.errors import UserError
-from rsna19.inference.predict import predict_probs, prediction_dataset
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +44,10 @@ def test_base_models_predict_the_same_after_bundling(bundled, tiny_run):
     cache = tiny_run / "cache"
     index = pd.read_parquet(cache / "cache_index.parquet")
     rows = index[index["split"] == "test"].reset_index(drop=True)
-    for bm in bundle.models:
-        for k, net, hu in zip(bm.folds, bm.nets, bm.hu_mappings):
-            ds = prediction_dataset(bm.cfg, hu, cache, rows)
-            got = predict_probs(net, Subset(ds, range(len(ds))), torch.device("cpu"), 32, bundle.tta)
-            want = pd.read_parquet(tiny_run / "runs" / bm.name / f"fold_{k}" / "test.parquet")
+    for predictor in bundle.models:
+        per_fold = predictor.predict_cache(cache, rows, per_member=True)
+        for k, got in per_fold.items():
+            want = pd.read_parquet(tiny_run / "runs" / predictor.name / f"fold_{k}" / "test.parquet")
             np.testing.assert_allclose(got, want[list(PROB_COLUMNS)].to_numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -71,7 +68,7 @@ def _rehash(root, rel):
 def test_tampered_bundle_is_refused(bundled, tmp_path):
     root = shutil.copytree(bundled.path, tmp_path / "t")
     rel = "models/clf2d/fold_0.safetensors"
-    state = load_bundle(bundled.path).models[0].nets[0].state_dict()
+    state = load_bundle(bundled.path).models[0].members[0].net.state_dict()
     torch.save(state, root / rel)  # a pickle where weights should be
     with pytest.raises(UserError, match="pickle"):
         load_bundle(root)

@@ -20,8 +20,8 @@ from rsna19.data.augment import (
 )
 from rsna19.data.datasets import SliceDataset, read_cache_index
 from rsna19.data.transforms import CdfMapping, MultiWindow, Window, decode_image
+from rsna19.engine.runtime import Runtime
 from rsna19.errors import UserError
-from rsna19.training.tasks import Runtime
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,11 @@ from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.data.datasets import read_cache_index
 from rsna19.data.embeddings import SequenceDataset, read_embeddings
 from rsna19.data.folds import read_folds, split_by_fold
-from rsna19.training.checkpoint import load_checkpoint
-from rsna19.training.config import TrainConfig, resolve_paths
-from rsna19.training.tasks import SegAuxTask, get_task
+from rsna19.engine.checkpoint import load_checkpoint
+from rsna19.engine.config import TrainConfig, resolve_paths
+from rsna19.engine.embed import ensure_embeddings
+from rsna19.engine.tasks import SegAuxTask, get_task
+from rsna19.errors import UserError
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 META = ["sop_uid", "series_uid", "study_uid", "patient_id", "slice_idx", "fold", "model"]
@@ -172,7 +174,11 @@ def test_seq_trains_on_the_oof_embeddings_of_every_fold_and_predicts(prepared, c
 
     # embedding_source "fold" (the old way): fold 0's image model's own training patients.
     cfg.data.embedding_source = "fold"
-    train = get_task(cfg).fold_data(0, torch.device("cpu")).train
+    task = get_task(cfg)
+    with pytest.raises(UserError, match="missing embeddings"):  # a task reads them, it never computes them
+        task.fold_data(0, torch.device("cpu"))
+    ensure_embeddings(task.required_embeddings(cfg.runs, 0, ()), cfg.data.cache, cfg.data.folds, "cpu")
+    train = task.fold_data(0, torch.device("cpu")).train
     frame_tr, _, _ = read_embeddings(image / "fold_0", "train")
     assert isinstance(train, SequenceDataset) and train.frame["sop_uid"].tolist() == frame_tr["sop_uid"].tolist()
     assert set(train.frame["patient_id"]) == fold1  # 2 folds: the same patients, but fold 0's model's view

@@ -20,10 +20,10 @@ from cachefactory import write_cache_and_folds
 
 from rsna19.config import load_config
 from rsna19.data.folds import read_folds, split_by_fold, write_folds
+from rsna19.engine.config import TrainConfig, resolve_paths
 from rsna19.errors import UserError
 from rsna19.inference.predict import predict
 from rsna19.io.index import build_index
-from rsna19.training.config import TrainConfig, resolve_paths
 from rsna19.training.trainer import train
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"

@@ -19,10 +19,14 @@ from rsna19.cli import main
 from rsna19.config import load_config
 from rsna19.constants import PROB_COLUMNS
 from rsna19.data.datasets import read_cache_index
+from rsna19.engine.checkpoint import load_checkpoint
+from rsna19.engine.config import TrainConfig, resolve_paths
+from rsna19.engine.forward import finish_rows, predict_rows
+from rsna19.engine.predictor import build_net
+from rsna19.engine.runtime import Runtime
+from rsna19.engine.tasks import get_task
 from rsna19.errors import UserError
-from rsna19.inference.predict import model_from_state, predict, predict_probs, prediction_dataset
-from rsna19.training.checkpoint import load_checkpoint
-from rsna19.training.config import TrainConfig, resolve_paths
+from rsna19.inference.predict import predict
 from rsna19.training.trainer import LOG_COLUMNS, epoch_indices, lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,14 +99,15 @@ def test_uint8_images_train_and_predict_like_float_images(data, tmp_path):
     assert saved.data.image_dtype == "uint8" and saved.data.augment.affine_on_device
     oof = pd.read_parquet(predict(tmp_path / "clf2d", 0, "oof", tta=["none"], progress=False))
     state = load_checkpoint(run / "best.pt")
-    net = model_from_state(state["model_name"], state["model_kwargs"], state["model"], torch.device("cpu"))
+    net = build_net(state["model_name"], state["model_kwargs"], state["model"], torch.device("cpu"))
     rows = read_cache_index(data[0]).set_index("sop_uid").loc[oof["sop_uid"]].reset_index()
     probs = {}
     for dtype in ("uint8", "float32"):
         saved.data.image_dtype = dtype
-        ds = prediction_dataset(saved, state["hu_mapping"], data[0], rows)
+        task = get_task(saved)
+        ds = task.cache_dataset(data[0], rows, state["hu_mapping"])
         assert ds[0]["image"].dtype == getattr(torch, dtype)
-        probs[dtype] = predict_probs(net, ds, torch.device("cpu"), 8, ["none"], "none")
+        probs[dtype] = finish_rows(*predict_rows(task, net, ds, len(rows), Runtime(torch.device("cpu")), 8))
     np.testing.assert_allclose(probs["uint8"], oof[list(PROB_COLUMNS)].to_numpy(), atol=1e-5)
     # The same net on float images: 8-bit windows move the probabilities by a hair.
     np.testing.assert_allclose(probs["uint8"], probs["float32"], atol=2e-3)

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from rsna19.config import read_yaml
+from rsna19.engine.checkpoint import load_checkpoint, save_checkpoint
 from rsna19.errors import UserError
 from rsna19.inference.inputs import UnsafeArchiveError, ZipLimits, collect_studies, safe_extract_zip
-from rsna19.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 class _Payload:

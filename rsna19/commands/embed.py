@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", help="override the run's folds.csv")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, help="loader processes (default: the run's data.num_workers)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage of the features")
     p.add_argument("--overwrite", action="store_true", help="recompute splits that are already complete")
 
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rsna19.inference.embed import extract_embeddings
+    from rsna19.engine.embed import extract_embeddings
 
     paths = extract_embeddings(
         args.run,

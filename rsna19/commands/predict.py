@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", help="override the run's folds.csv")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, help="loader processes (default: the run's data.num_workers)")
     p.add_argument("--out", help="output parquet (default: RUN/fold_<k>/<split>.parquet)")
 
 

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rsna19.config import load_config
-    from rsna19.training.config import TrainConfig, resolve_paths
+    from rsna19.engine.config import TrainConfig, resolve_paths
     from rsna19.training.trainer import train
 
     cfg = resolve_paths(

@@ -1,6 +1,6 @@
 """Per-slice embeddings of a trained image model, and the per-series dataset of the sequence model (DESIGN §4).
 
-``rsna19 embed RUN --fold k`` (:mod:`rsna19.inference.embed`) writes, per split, into ``RUNS/<config>/fold_<k>/``::
+``rsna19 embed RUN --fold k`` (:mod:`rsna19.engine.embed`) writes, per split, into ``RUNS/<config>/fold_<k>/``::
 
     embeddings_<split>.npy       (N, D) float32 (or float16) pooled features, TTA-averaged, row i ↔ parquet row i
     embeddings_<split>.parquet   sop_uid, series_uid, study_uid, patient_id, slice_idx, fold, split (+ 6 labels),
@@ -11,7 +11,7 @@ Splits: ``train`` (fold k's training patients), ``oof`` (fold k's held-out patie
 fold k comes from fold k's image model. A sequence model of fold k validates on fold k's ``oof`` and trains on the
 other folds' ``oof`` (``data.embedding_source: oof``: held-out embeddings like the validation ones) or on fold k's
 ``train`` (``fold``: in-sample embeddings, cleaner than the held-out ones); see
-:class:`rsna19.training.tasks.SequenceTask`.
+:class:`rsna19.engine.tasks.SequenceTask`.
 
 :class:`SequenceDataset` serves one series per item, slices in ``slice_idx`` order; :func:`collate_sequences`
 pads a batch and gives the lengths the model packs with.

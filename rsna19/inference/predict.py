@@ -1,124 +1,29 @@
-"""Out-of-fold and test prediction of a trained run, with deterministic TTA (DESIGN §6).
+"""Out-of-fold and test prediction of a trained run, with deterministic TTA (``rsna19 predict``).
 
-``predict(run_dir, fold, split)`` loads ``best.pt`` (or ``last.pt``) of ``RUNS/<config>/fold_<k>``, rebuilds the
-model and the input mapping from the checkpoint, predicts every slice of the fold's held-out patients (``oof``)
-or of the test split (``test``), averages the probabilities over the TTA views and writes
-``oof.parquet`` / ``test.parquet`` in the schema of docs/contracts.md.
+``predict(run_dir, fold, split)`` loads ``best.pt`` (or ``last.pt``) of ``RUNS/<config>/fold_<k>`` into a
+:class:`~rsna19.engine.predictor.Predictor`, lets the family's task list the slices and items to predict (every slice
+of the fold's held-out patients for ``oof``, of the test split for ``test``), and writes ``oof.parquet`` /
+``test.parquet`` in the schema of docs/contracts.md. Embeddings a sequence model reads are computed first when
+missing (:func:`rsna19.engine.embed.ensure_embeddings`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from rsna19.config import from_dict
 from rsna19.constants import CLASSES, DEFAULT_TTA, PROB_COLUMNS
-from rsna19.data.datasets import SliceDataset
-from rsna19.data.transforms import MultiWindow, decode_image
+from rsna19.engine.embed import ensure_embeddings
+from rsna19.engine.predictor import Predictor, run_fold_dir
 from rsna19.errors import UserError
-from rsna19.nets import build_model
-from rsna19.training.checkpoint import load_checkpoint
-from rsna19.training.config import TrainConfig
-from rsna19.training.distributed import resolve_device
 from rsna19.utils.atomic import write_parquet
 
 log = logging.getLogger(__name__)
-
-#: Test-time views: each maps a batch (..., H, W) to a batch of the same shape, and each is its own inverse.
-TTA: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda x: x,
-    "hflip": lambda x: x.flip(-1),
-    "vflip": lambda x: x.flip(-2),
-    "transpose": lambda x: x.transpose(-1, -2),
-}
-_TTA_ALIASES = {"identity": "none"}
-
-
-def parse_tta(names: Sequence[str]) -> list[str]:
-    """Check TTA names (``identity`` is an alias of ``none``); the order is kept, duplicates dropped.
-
-    Raises:
-        UserError: an unknown name.
-    """
-    out: list[str] = []
-    for n in names:
-        n = _TTA_ALIASES.get(n, n)
-        if n not in TTA:
-            raise UserError(f"unknown TTA {n!r}; known: {', '.join(TTA)}")
-        if n not in out:
-            out.append(n)
-    if not out:
-        raise UserError("at least one TTA view is needed (use 'none' for no TTA)")
-    return out
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[None]:
-    """``torch.autocast`` for ``amp`` in ``bf16``/``fp16``, or a no-op for ``none``."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto`` → ``bf16`` on a GPU that has it, else ``none``; ``fp16`` needs a GPU.
-
-    Raises:
-        UserError: fp16 asked for on CPU.
-    """
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("train.amp fp16 needs a GPU; use bf16 or none on CPU")
-    return amp
-
-
-@torch.no_grad()
-def predict_probs(
-    model: nn.Module,
-    dataset: Dataset,
-    device: torch.device,
-    batch_size: int = 32,
-    tta: Sequence[str] = ("none",),
-    amp: str = "none",
-    num_workers: int = 0,
-    channels_last: bool = False,
-    progress: bool = False,
-    desc: str = "predict",
-) -> np.ndarray:
-    """Sigmoid probabilities of ``model`` on every item of ``dataset``, averaged over the TTA views.
-
-    Returns:
-        (len(dataset), 6) float32 in dataset order.
-    """
-    model.eval()
-    views = parse_tta(tta)
-    out = np.zeros((len(dataset), len(CLASSES)), dtype=np.float32)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    pos = 0
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x = decode_image(batch["image"].to(device, non_blocking=True))
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        acc = torch.zeros(x.shape[0], len(CLASSES), device=device)
-        for v in views:
-            with autocast(device, amp):
-                logits = model(TTA[v](x))
-            acc += torch.sigmoid(logits.float())
-        out[pos : pos + len(x)] = (acc / len(views)).cpu().numpy()
-        pos += len(x)
-    return out
 
 
 def prediction_frame(rows: pd.DataFrame, probs: np.ndarray, fold: int, model_name: str, labels: bool) -> pd.DataFrame:
@@ -142,49 +47,6 @@ def prediction_frame(rows: pd.DataFrame, probs: np.ndarray, fold: int, model_nam
     return df
 
 
-def model_from_state(
-    model_name: str,
-    kwargs: dict[str, Any],
-    weights: dict[str, torch.Tensor],
-    device: torch.device,
-    channels_last: bool = False,
-) -> nn.Module:
-    """Rebuild a registered model from its name, builder arguments and state dict, in eval mode on ``device``.
-
-    Shared by :func:`predict` (checkpoints) and :mod:`rsna19.bundle` (safetensors), so both build the same net.
-    """
-    model = build_model(model_name, **{**kwargs, "pretrained": False, "weights": None})
-    model.load_state_dict(weights)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model.eval()
-
-
-def prediction_dataset(
-    cfg: TrainConfig, hu_mapping: dict[str, Any], cache: str | os.PathLike[str], rows: pd.DataFrame
-) -> SliceDataset:
-    """The evaluation dataset of a run: the run's slices, layout, resize and centre crop, no augmentation.
-
-    Args:
-        cfg: the run's resolved config.
-        hu_mapping: the run's :meth:`MultiWindow.state` (windows and fitted CDF knots).
-        cache: a conversion cache holding the rows' series.
-        rows: cache-index rows (``series_uid``, ``z``; labels if known).
-    """
-    return SliceDataset(
-        cache,
-        rows,
-        MultiWindow.from_state(hu_mapping),
-        slices=cfg.data.slices,
-        layout=cfg.data.layout,
-        size=cfg.data.crop,
-        resize=cfg.data.resize,
-        train=False,
-        image_dtype=cfg.data.image_dtype,
-    )
-
-
 def predict(
     run_dir: str | os.PathLike[str],
     fold: int,
@@ -195,7 +57,7 @@ def predict(
     folds: str | None = None,
     batch_size: int | None = None,
     device: str = "auto",
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool = True,
     out: str | os.PathLike[str] | None = None,
 ) -> Path:
@@ -210,7 +72,7 @@ def predict(
         cache, folds: override the paths recorded in the run's config.
         batch_size: defaults to the run's validation batch size.
         device: ``auto``, ``cpu`` or ``cuda``.
-        num_workers: loader processes.
+        num_workers: loader processes (default: the run's data.num_workers).
         progress: show a progress bar.
         out: output path; defaults to ``<fold dir>/<split>.parquet``.
 
@@ -224,43 +86,25 @@ def predict(
         raise UserError(f"--split must be oof or test, got {split!r}")
     if checkpoint not in ("best", "last"):
         raise UserError(f"--checkpoint must be best or last, got {checkpoint!r}")
-    run_dir = Path(run_dir)
-    fold_dir = run_dir if run_dir.name == f"fold_{fold}" else run_dir / f"fold_{fold}"
-    state = load_checkpoint(fold_dir / f"{checkpoint}.pt")
-    cfg = from_dict(TrainConfig, state["config"])
-    # The family's task says what the items are and how their outputs become one prediction per slice.
-    from rsna19.training.tasks import Runtime, finish_rows, get_task, predict_rows
-
-    task = get_task(cfg)
-    rows, ds = task.prediction_data(state, fold_dir, fold, split, cache, folds)
-    dev = resolve_device(device)
-    channels_last = cfg.train.channels_last and dev.type == "cuda"
-    model = model_from_state(state["model_name"], state["model_kwargs"], state["model"], dev, channels_last)
-    bs = batch_size or cfg.train.val_batch_size or cfg.train.batch_size
-    rt = Runtime(dev, resolve_amp(cfg.train.amp, dev), channels_last)
-    total, count = predict_rows(
-        task,
-        model,
-        ds,
-        len(rows),
-        rt,
-        bs,
-        parse_tta(tta),
-        num_workers=num_workers,
-        progress=progress,
-        desc=f"{split} f{fold}",
+    fold_dir = run_fold_dir(run_dir, fold)
+    predictor, state = Predictor.from_checkpoint(
+        fold_dir / f"{checkpoint}.pt", device=device, tta=tta, batch_size=batch_size, num_workers=num_workers
     )
-    probs = finish_rows(total, count)
-    if not task.uses_tta:
-        tta = ("none",)
-    df = prediction_frame(rows, probs, fold, cfg.name, labels=split == "oof")
+    task = predictor.task
+    cache = cache or os.environ.get("RSNA19_CACHE") or predictor.cfg.data.cache
+    folds = folds or os.environ.get("RSNA19_FOLDS") or predictor.cfg.data.folds
+    runs = fold_dir.parent.parent
+    ensure_embeddings(task.required_embeddings(runs, fold, (split,)), cache, folds, device, progress=progress)
+    rows, ds = task.prediction_data(state, fold_dir, fold, split, cache, folds)
+    probs = predictor.predict_items(predictor.members[0], ds, len(rows), progress=progress, desc=f"{split} f{fold}")
+    df = prediction_frame(rows, probs, fold, predictor.cfg.name, labels=split == "oof")
     path = Path(out) if out else fold_dir / f"{split}.parquet"
     write_parquet(df, path)
     log.info(
         "wrote %s: %d slices, TTA %s, checkpoint %s (epoch %d)",
         path,
         len(df),
-        ",".join(tta),
+        ",".join(predictor.views),
         checkpoint,
         state["epoch"],
     )

@@ -5,9 +5,9 @@ keeps the axial CT ones, with a reason for every series and file it skips):
 
 1. every kept series goes through :func:`rsna19.conversion.series.convert_series` with the bundle's conversion
    options, i.e. exactly the training conversion, into a private scratch cache;
-2. every base model of the bundle predicts every slice with the same dataset code, input mapping and TTA as the
-   training pipeline's test predictions (:func:`rsna19.inference.predict.prediction_dataset` and
-   :func:`~rsna19.inference.predict.predict_probs`), averaged over the bundled folds;
+2. every base model of the bundle predicts every slice through the forward path of ``rsna19 predict``
+   (:meth:`rsna19.engine.predictor.Predictor.predict_cache`: the family's task, input mapping, TTA and AMP rule),
+   averaged over the bundled folds; a sequence model gets its embeddings from its bundled image model, in memory;
 3. the level-2 features of the series (:func:`rsna19.stacking.features.build_features`) go through the bundled
    stacker.
 
@@ -84,28 +84,13 @@ def _rows(meta: dict[str, Any]) -> pd.DataFrame:
     )
 
 
-def model_probabilities(bundle: Any, cache: Path, rows: pd.DataFrame, batch_size: int | None = None) -> dict[str, Any]:
+def model_probabilities(bundle: Any, cache: Path, rows: pd.DataFrame) -> dict[str, Any]:
     """Each bundled model's probabilities for ``rows`` of ``cache``, averaged over its folds.
-
-    Same dataset, HU mapping, TTA and AMP rule as :func:`rsna19.inference.predict.predict` on the test split.
 
     Returns:
         model name → (N, 6) float32, in ``rows`` order.
     """
-    from torch.utils.data import Subset
-
-    from rsna19.inference.predict import predict_probs, prediction_dataset, resolve_amp
-
-    out = {}
-    for bm in bundle.models:
-        amp = resolve_amp(bm.cfg.train.amp, bundle.device)
-        bs = batch_size or bm.cfg.train.val_batch_size or bm.cfg.train.batch_size
-        acc = np.zeros((len(rows), len(CLASSES)), dtype=np.float64)
-        for net, hu in zip(bm.nets, bm.hu_mappings):
-            ds = prediction_dataset(bm.cfg, hu, cache, rows)
-            acc += predict_probs(net, Subset(ds, range(len(ds))), bundle.device, bs, bundle.tta, amp)
-        out[bm.name] = (acc / len(bm.nets)).astype(np.float32)
-    return out
+    return {p.name: p.predict_cache(cache, rows) for p in bundle.models}
 
 
 def stack_probabilities(bundle: Any, rows: pd.DataFrame, per_model: dict[str, np.ndarray]) -> np.ndarray:
@@ -143,25 +128,22 @@ def top_slice_cam(bundle: Any, cache: Path, rows: pd.DataFrame, z: int, shape: t
     The network sees the slice resized to ``data.resize`` and centre-cropped to ``data.crop``; the map is put back
     in that frame (zeros outside the crop) so that stretching it over the slice lines it up.
     """
-    from rsna19.data.transforms import decode_image
     from rsna19.inference.gradcam import grad_cam
-    from rsna19.inference.predict import prediction_dataset
 
     models = sorted(
-        (bm for bm in bundle.models if bm.cfg.data.layout == "channels"),
-        key=lambda bm: bm.cfg.data.slices,  # a plain 2D model first: one backbone pass, the clearest map
+        (p for p in bundle.models if p.cfg.data.layout == "channels"),
+        key=lambda p: p.cfg.data.slices,  # a plain 2D model first: one backbone pass, the clearest map
     )
     if not models:
         return None
-    bm = models[0]
-    net = bm.nets[0]
-    target = _cam_target(net)
+    predictor = models[0]
+    member = predictor.members[0]
+    target = _cam_target(member.net)
     if target is None:
         return None
-    ds = prediction_dataset(bm.cfg, bm.hu_mappings[0], cache, rows)
-    x = decode_image(ds[z]["image"][None].to(bundle.device))
-    cam = grad_cam(net, x, CLASSES.index("any"), target_layer=target)
-    frame = bm.cfg.data.resize or shape[0]
+    x = predictor.input_image(member, cache, rows, z)
+    cam = grad_cam(member.net, x, CLASSES.index("any"), target_layer=target)
+    frame = predictor.cfg.data.resize or shape[0]
     full = np.zeros((frame, frame), dtype=np.float32)
     h, w = cam.shape
     y0, x0 = max((frame - h) // 2, 0), max((frame - w) // 2, 0)

@@ -27,15 +27,24 @@ class ModelSpec:
     description: str
     builder: Callable[..., nn.Module]
     # "channels": (B, S·C, H, W); "stack": (B, S, C, H, W); "slab": (B, S, C, H, W) → a prediction per slice;
-    # "sequence": embeddings (B, T, D) + lengths (B,). rsna19.training.tasks maps each layout to its data and loss.
+    # "sequence": embeddings (B, T, D) + lengths (B,).
     input_layout: str
+    # The rsna19.engine.tasks task that feeds, trains and reads out the family (its data, loss and heads).
+    task: str
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
+#: The task of a family that names none: the one of its input layout.
+DEFAULT_TASKS: dict[str, str] = {"channels": "slice", "stack": "slice", "slab": "slab", "sequence": "sequence"}
+
 
 def register_model(
-    name: str, family: str | None = None, description: str = "", input_layout: str = "channels"
+    name: str,
+    family: str | None = None,
+    description: str = "",
+    input_layout: str = "channels",
+    task: str | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator adding a model builder to the registry under ``name``.
 
@@ -45,13 +54,17 @@ def register_model(
         description: one line for ``rsna19 models`` (defaults to the builder's first docstring line).
         input_layout: the dataset layout the model expects: ``"channels"``, ``"stack"``, ``"slab"`` or
             ``"sequence"`` (``data.layout`` of its configs).
+        task: the :mod:`rsna19.engine.tasks` task of the family (default: the one of ``input_layout``, see
+            :data:`DEFAULT_TASKS`); a family with its own loss or heads registers its own task there.
     """
+    if input_layout not in DEFAULT_TASKS:
+        raise ValueError(f"model {name!r}: unknown input layout {input_layout!r}; known: {', '.join(DEFAULT_TASKS)}")
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
-        _REGISTRY[name] = ModelSpec(name, family or name, doc, fn, input_layout)
+        _REGISTRY[name] = ModelSpec(name, family or name, doc, fn, input_layout, task or DEFAULT_TASKS[input_layout])
         return fn
 
     return wrap

@@ -3,7 +3,7 @@
 The decoder predicts one mask channel per subtype (five: ``SUBTYPES`` order, the bits of the synthetic
 ``masks/*.npz``); the classification head (smp ``aux_params``: global pool, dropout, linear) predicts the six
 labels from the encoder's last stage. The mask loss is an auxiliary signal that tells the encoder *where* the
-blood is; it only applies to samples that have masks (:func:`rsna19.training.losses.seg_aux_loss`).
+blood is; it only applies to samples that have masks (:func:`rsna19.engine.losses.seg_aux_loss`).
 
 Encoders: any smp encoder name, e.g. ``resnet18``/``resnet34`` (smp's own) or ``tu-<timm name>``
 (``tu-resnet10t``, ``tu-efficientnet_b0`` …). smp is always built with ``encoder_weights=None`` so nothing is
@@ -160,8 +160,18 @@ class SegAux(nn.Module):
         """Class logits (B, 6) only: encoder + classification head, the decoder is skipped."""
         return self.net.classification_head(self.net.encoder(x)[-1])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class logits (B, 6) and mask logits (B, 5, H, W)."""
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters only the mask branch uses (decoder and segmentation head)."""
+        return [*self.net.decoder.parameters(), *self.net.segmentation_head.parameters()]
+
+    def forward(self, x: torch.Tensor, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Class logits (B, 6) and mask logits (B, 5, H, W); with ``decode=False`` the class logits only.
+
+        ``decode=False`` goes through ``forward`` (not :meth:`classify`) so that a DistributedDataParallel wrapper
+        sees the call; the mask branch's parameters must then be frozen (they get no gradient).
+        """
+        if not decode:
+            return self.classify(x)
         masks, labels = self.net(x)
         return labels, masks
 
@@ -171,6 +181,7 @@ class SegAux(nn.Module):
     family="seg_aux",
     description="smp U-Net: per-subtype masks + classification head; mask loss where masks exist",
     input_layout="channels",
+    task="seg_aux",
 )
 def seg_aux(
     backbone: str = "resnet18",

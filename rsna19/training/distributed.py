@@ -1,4 +1,4 @@
-"""DistributedDataParallel under ``torchrun`` (DESIGN §5): NCCL on GPUs, gloo on CPU.
+"""DistributedDataParallel under ``torchrun``: NCCL on GPUs, gloo on CPU.
 
 A process started by ``torchrun --nproc_per_node N`` finds ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in its
 environment; without them training runs in one process and every helper here is a no-op.
@@ -13,7 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rsna19.errors import UserError
+from rsna19.engine.runtime import barrier, resolve_device
+
+__all__ = ["DistInfo", "all_gather_object", "barrier", "broadcast_buffers", "init_distributed", "mean_across"]
 
 
 @dataclass(frozen=True)
@@ -36,23 +38,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → the local GPU if there is one, else CPU; ``cuda`` takes the local rank's GPU.
-
-    Raises:
-        UserError: ``cuda`` asked for without a GPU.
-    """
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(pref)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("train.device is cuda but no GPU is visible")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
 def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun; pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -71,12 +56,6 @@ def shutdown() -> None:
     """Leave the process group (if any)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    """Wait for every process (no-op outside a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def all_gather_object(obj: Any) -> list[Any]:

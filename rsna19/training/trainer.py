@@ -1,8 +1,8 @@
-"""The trainer shared by every model family (DESIGN §5).
+"""The trainer shared by every model family.
 
 ``train(cfg, fold)`` trains on the training-split slices of every patient not in fold ``k`` and validates on
 all slices of fold ``k``'s patients each epoch (weighted log loss, no TTA). What an item is, its loss and how its
-outputs become one prediction per slice depend on the model family (:mod:`rsna19.training.tasks`). It writes into
+outputs become one prediction per slice depend on the model family (:mod:`rsna19.engine.tasks`). It writes into
 ``RUNS/<config name>/fold_<k>/``: the resolved ``config.yaml``, ``log.csv`` (one row an epoch), ``last.pt``
 (every epoch) and ``best.pt`` (best validation loss).
 
@@ -31,12 +31,15 @@ from tqdm import tqdm
 
 from rsna19.config import save_config, to_dict
 from rsna19.constants import CLASSES
+from rsna19.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from rsna19.engine.config import VOLATILE_KEYS, TrainConfig, model_kwargs
+from rsna19.engine.embed import ensure_embeddings
+from rsna19.engine.forward import finish_rows, predict_rows
+from rsna19.engine.runtime import Runtime
+from rsna19.engine.tasks import get_task
 from rsna19.errors import UserError
-from rsna19.inference.predict import resolve_amp
 from rsna19.metrics import per_class_log_loss, weighted_log_loss
 from rsna19.nets import build_model
-from rsna19.training.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from rsna19.training.config import VOLATILE_KEYS, TrainConfig, model_kwargs
 from rsna19.training.distributed import (
     DistInfo,
     all_gather_object,
@@ -46,8 +49,6 @@ from rsna19.training.distributed import (
     mean_across,
     shutdown,
 )
-from rsna19.training.losses import weighted_bce  # noqa: F401  (re-exported: the competition loss)
-from rsna19.training.tasks import Runtime, finish_rows, get_task, predict_rows
 from rsna19.utils.atomic import write_csv
 from rsna19.utils.cv2_threads import cv2
 
@@ -149,13 +150,16 @@ class Trainer:
         assert cfg.runs and cfg.data.cache and cfg.data.folds
         self.run_dir = Path(cfg.runs) / cfg.name / f"fold_{fold}"
         self.task = get_task(cfg)
-        self.amp = resolve_amp(cfg.train.amp, self.device)
-        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
-        self.rt = Runtime(self.device, self.amp, self.channels_last)
+        self.rt = Runtime.for_config(self.device, cfg.train.amp, cfg.train.channels_last)
+        self.amp, self.channels_last = self.rt.amp, self.rt.channels_last
         seed_everything(cfg.train.seed)
         if cfg.train.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
 
+        if dist.is_main:  # what the task reads from other runs (a sequence model: its image run's embeddings)
+            needs = self.task.required_embeddings(cfg.runs, fold, ())
+            ensure_embeddings(needs, cfg.data.cache, cfg.data.folds, str(self.device), progress=cfg.train.progress)
+        barrier()
         data = self.task.fold_data(fold, self.device, dist.is_main)
         # Preparing the data may draw from the RNGs (e.g. a sequence model computing missing embeddings iterates a
         # DataLoader, which draws its base seed): seed again, so the model's init does not depend on what was cached.
@@ -169,7 +173,7 @@ class Trainer:
         if clash:
             raise UserError(f"model.args {', '.join(sorted(clash))} disagree with the data ({data.model_kwargs})")
         self.model_kwargs.update(data.model_kwargs)
-        model = build_model(self.model_name, **self.model_kwargs).to(self.device)
+        model = self.task.prepare_model(build_model(self.model_name, **self.model_kwargs)).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model

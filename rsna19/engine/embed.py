@@ -1,9 +1,10 @@
-"""Per-slice embeddings of a trained 2D / 2.5D run for the sequence model (DESIGN §4; ``rsna19 embed``).
+"""Per-slice embeddings of a trained 2D / 2.5D run for the sequence model (``rsna19 embed``).
 
-``extract_embeddings(run_dir, fold)`` loads fold k's checkpoint like :func:`rsna19.inference.predict.predict`,
+``extract_embeddings(run_dir, fold)`` loads fold k's checkpoint into a :class:`~rsna19.engine.predictor.Predictor`,
 reads every slice of the requested splits with the run's own input mapping, and stores the model's pooled
 features (``model.features(x)``: what its head sees) and its six logits (``model.head`` of those features), both
-averaged over the TTA views, as described in :mod:`rsna19.data.embeddings`. All splits of fold k come from fold
+averaged over the TTA views (:meth:`~rsna19.engine.tasks.Task.embed`), as described in
+:mod:`rsna19.data.embeddings`. All splits of fold k come from fold
 k's model: the ``oof`` embeddings of the fold's held-out patients are never computed by a model that trained on
 them.
 
@@ -20,75 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from rsna19.config import from_dict
-from rsna19.constants import CLASSES
-from rsna19.data.datasets import SliceDataset, read_cache_index
+from rsna19.constants import CLASSES, DEFAULT_TTA
+from rsna19.data.datasets import read_cache_index
 from rsna19.data.embeddings import EMBED_COLUMNS, EMBED_SPLITS, embedding_paths, embeddings_complete
 from rsna19.data.folds import read_folds, split_by_fold
-from rsna19.data.transforms import MultiWindow, decode_image
+from rsna19.engine.predictor import Predictor, run_fold_dir
+from rsna19.engine.tasks import Embedding
 from rsna19.errors import UserError
-from rsna19.inference.predict import DEFAULT_TTA, TTA, autocast, parse_tta, resolve_amp
-from rsna19.nets import build_model, get_model_spec
-from rsna19.training.checkpoint import load_checkpoint
-from rsna19.training.config import TrainConfig
-from rsna19.training.distributed import resolve_device
 from rsna19.utils.atomic import atomic_path, write_parquet, write_text
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def embed_features(
-    model: nn.Module,
-    dataset: Dataset,
-    device: torch.device,
-    batch_size: int = 32,
-    tta: Sequence[str] = ("none",),
-    amp: str = "none",
-    num_workers: int = 0,
-    channels_last: bool = False,
-    progress: bool = False,
-    desc: str = "embed",
-) -> tuple[np.ndarray, np.ndarray]:
-    """``model.features`` of every item of ``dataset`` and the logits of its ``head``, each averaged over TTA views.
-
-    Returns:
-        features (len(dataset), D) and logits (len(dataset), 6), float32 in dataset order.
-
-    Raises:
-        UserError: the model has no ``features`` method giving one vector per item, or no ``head``.
-    """
-    if not callable(getattr(model, "features", None)) or not callable(getattr(model, "head", None)):
-        raise UserError(f"{type(model).__name__} has no features() and head(): it cannot give embeddings")
-    model.eval()
-    views = parse_tta(tta)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    feats: list[np.ndarray] = []
-    logits: list[np.ndarray] = []
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x = decode_image(batch["image"].to(device, non_blocking=True))
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        acc_f = acc_l = None
-        for v in views:
-            with autocast(device, amp):
-                f = model.features(TTA[v](x))
-                z = model.head(f)
-            if f.ndim != 2:
-                raise UserError(f"{type(model).__name__}.features gives {tuple(f.shape)}, not one vector per slice")
-            f, z = f.float(), z.float()
-            acc_f = f if acc_f is None else acc_f + f
-            acc_l = z if acc_l is None else acc_l + z
-        feats.append((acc_f / len(views)).cpu().numpy())
-        logits.append((acc_l / len(views)).cpu().numpy())
-    if not feats:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros((0, len(CLASSES)), dtype=np.float32)
-    return np.concatenate(feats), np.concatenate(logits)
 
 
 def embedding_frame(rows: pd.DataFrame, fold: int, split: str, logits: np.ndarray | None = None) -> pd.DataFrame:
@@ -127,7 +70,7 @@ def extract_embeddings(
     folds: str | None = None,
     batch_size: int | None = None,
     device: str = "auto",
-    num_workers: int = 0,
+    num_workers: int | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
     progress: bool = True,
@@ -143,7 +86,7 @@ def extract_embeddings(
         cache, folds: override the paths recorded in the run's config.
         batch_size: defaults to the run's validation batch size.
         device: ``auto``, ``cpu`` or ``cuda``.
-        num_workers: loader processes.
+        num_workers: loader processes (default: the run's data.num_workers).
         dtype: ``float32`` or ``float16`` storage.
         overwrite: recompute splits that are already complete.
         progress: progress bars.
@@ -161,21 +104,20 @@ def extract_embeddings(
         raise UserError(f"--dtype must be float32 or float16, got {dtype!r}")
     for s in splits:
         embedding_paths(".", s)  # validates the name
-    run_dir = Path(run_dir)
-    fold_dir = run_dir if run_dir.name == f"fold_{fold}" else run_dir / f"fold_{fold}"
+    fold_dir = run_fold_dir(run_dir, fold)
     todo = [s for s in dict.fromkeys(splits) if overwrite or not embeddings_complete(fold_dir, s)]
     out = {s: embedding_paths(fold_dir, s)["npy"] for s in dict.fromkeys(splits)}
     if not todo:
         log.info("embeddings of %s (%s) are complete; nothing to do", fold_dir, ", ".join(out))
         return out
 
-    ckpt_path = fold_dir / f"{checkpoint}.pt"
-    state = load_checkpoint(ckpt_path)
-    cfg = from_dict(TrainConfig, state["config"])
-    spec = get_model_spec(state["model_name"])
-    if spec.input_layout not in ("channels", "stack"):
+    predictor, state = Predictor.from_checkpoint(
+        fold_dir / f"{checkpoint}.pt", device=device, tta=tta, batch_size=batch_size, num_workers=num_workers
+    )
+    cfg = predictor.cfg
+    if not predictor.task.can_embed:
         raise UserError(
-            f"model {spec.name!r} ({spec.input_layout} input) gives no per-slice embeddings; use a 2D/2.5D run"
+            f"model {predictor.model_name!r} ({cfg.data.layout} input) gives no per-slice embeddings; use a 2D/2.5D run"
         )
     cache = cache or os.environ.get("RSNA19_CACHE") or cfg.data.cache
     if not cache:
@@ -191,37 +133,15 @@ def extract_embeddings(
         "oof": lambda: val_rows,
         "test": lambda: index[index["split"] == "test"].reset_index(drop=True),
     }
-
-    dev = resolve_device(device)
-    model = build_model(state["model_name"], **{**state["model_kwargs"], "pretrained": False, "weights": None})
-    model.load_state_dict(state["model"])
-    model.to(dev)
-    channels_last = cfg.train.channels_last and dev.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    mapping = MultiWindow.from_state(state["hu_mapping"])
-    bs = batch_size or cfg.train.val_batch_size or cfg.train.batch_size
-    amp = resolve_amp(cfg.train.amp, dev)
-    views = parse_tta(tta)
+    member = predictor.members[0]
+    views = predictor.views
 
     for split in todo:
         rows = rows_of[split]().reset_index(drop=True)
         if rows.empty:
             raise UserError(f"no {split} slices to embed for fold {fold} in {cache}")
-        ds = SliceDataset(
-            cache,
-            rows,
-            mapping,
-            slices=cfg.data.slices,
-            layout=cfg.data.layout,
-            size=cfg.data.crop,
-            resize=cfg.data.resize,
-            train=False,
-            image_dtype=cfg.data.image_dtype,
-        )
-        feats, logits = embed_features(
-            model, ds, dev, bs, views, amp, num_workers, channels_last, progress, f"embed {split}"
-        )
+        ds = predictor.cache_items(member, cache, rows)
+        feats, logits = predictor.embed_items(member, ds, len(rows), progress=progress, desc=f"embed {split}")
         paths = embedding_paths(fold_dir, split)
         paths["json"].unlink(missing_ok=True)  # incomplete until the json is back
         with atomic_path(paths["npy"]) as tmp, open(tmp, "wb") as fh:
@@ -230,7 +150,7 @@ def extract_embeddings(
         info = {
             "run": str(fold_dir),
             "model": cfg.name,
-            "model_name": state["model_name"],
+            "model_name": predictor.model_name,
             "checkpoint": checkpoint,
             "epoch": int(state["epoch"]),
             "fold": fold,
@@ -246,3 +166,34 @@ def extract_embeddings(
             "wrote %s: %d slices × %d features (TTA %s)", paths["npy"], feats.shape[0], feats.shape[1], ",".join(views)
         )
     return out
+
+
+def ensure_embeddings(
+    needs: Sequence[Embedding],
+    cache: str | None,
+    folds: str | None,
+    device: str = "auto",
+    tta: Sequence[str] = DEFAULT_TTA,
+    progress: bool = False,
+) -> None:
+    """Write the embeddings ``needs`` name with their image runs' fold models where missing (else a no-op).
+
+    Raises:
+        UserError: image fold runs that have neither the embeddings nor a checkpoint to compute them with (all of
+            them are named: they must be trained first).
+    """
+    todo = [(n, [s for s in n.splits if not embeddings_complete(n.fold_dir, s)]) for n in needs]
+    todo = [(n, missing) for n, missing in todo if missing]
+    untrained = [n for n, _ in todo if not (n.fold_dir / "best.pt").is_file()]
+    if untrained:
+        run = untrained[0].fold_dir.parent
+        raise UserError(
+            f"no embeddings and no best.pt to compute them with in {', '.join(str(n.fold_dir) for n in untrained)}: "
+            f"train the image run first (rsna19 train <its config> --fold j for fold(s) "
+            f"{', '.join(str(n.fold) for n in untrained)}), then `rsna19 embed {run} --fold j`"
+        )
+    for need, missing in todo:
+        log.info("computing the %s embeddings of %s", ", ".join(missing), need.fold_dir)
+        extract_embeddings(
+            need.fold_dir, need.fold, missing, tta=tta, cache=cache, folds=folds, device=device, progress=progress
+        )

@@ -1,7 +1,8 @@
-"""Per-family tasks: how a model family is fed, what it is trained on, and how it is read out (DESIGN §4–§6).
+"""Per-family tasks: how a model family is fed, what it is trained on, and how it is read out.
 
-The trainer (:mod:`rsna19.training.trainer`) and ``rsna19 predict`` (:mod:`rsna19.inference.predict`) are the
-same for every family; what differs lives here, in one :class:`Task` per input layout:
+The trainer (:mod:`rsna19.training.trainer`), the predictor (:mod:`rsna19.engine.predictor`: ``rsna19 predict``,
+``rsna19 embed``, bundles, ``predict-study``) and the read-out loops (:mod:`rsna19.engine.forward`) are the same
+for every family; what differs lives here, in one :class:`Task` per kind of item:
 
 ============================  ==========================  =====================================  ==============
 task                          item                        training loss                          read-out
@@ -12,14 +13,17 @@ task                          item                        training loss         
 :class:`SequenceTask`         a series of embeddings      masked per-slice weighted BCE          no TTA
 ============================  ==========================  =====================================  ==============
 
-Every read-out is a list of (frame row, probabilities) pairs per item; :func:`predict_rows` sums them per row
-(overlapping slab windows, TTA views) and :func:`finish_rows` averages, so each slice of the frame gets exactly
-one prediction whatever the item is. Under DDP each process sums its own items and the sums are added.
+A model family names its task when it registers (``register_model(..., task="slice")``; by default the task of its
+input layout), and a task registers itself here with :func:`register_task`: a new family with a known kind of item is
+one module in :mod:`rsna19.nets`; one with a new kind of item adds its task class below, nothing else.
+
+A task never computes another run's outputs itself: :meth:`Task.required_embeddings` declares what it reads (the
+sequence model: an image run's embeddings), and the caller (trainer, ``rsna19 predict``, the pipeline's embed stage)
+provides it through :mod:`rsna19.engine.embed`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -31,62 +35,22 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
-from tqdm import tqdm
+from torch.utils.data import ConcatDataset, Dataset
 
 from rsna19.constants import CLASSES
-from rsna19.data.augment import device_affine
 from rsna19.data.datasets import SliceDataset, fit_cdf, read_cache_index
 from rsna19.data.embeddings import SequenceDataset, collate_sequences, embeddings_complete, read_embeddings
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.data.masks import SegSliceDataset
 from rsna19.data.slab import SlabDataset
-from rsna19.data.transforms import CDF, MultiWindow, decode_image
+from rsna19.data.transforms import CDF, MultiWindow
+from rsna19.engine.config import TrainConfig
+from rsna19.engine.losses import masked_seq_loss, seg_aux_loss, weighted_bce
+from rsna19.engine.runtime import TTA, Batch, Runtime
 from rsna19.errors import UserError
-from rsna19.inference.predict import TTA, autocast
 from rsna19.nets import get_model_spec
-from rsna19.training.config import TrainConfig
-from rsna19.training.distributed import barrier
-from rsna19.training.losses import masked_seq_loss, seg_aux_loss, weighted_bce
 
 log = logging.getLogger(__name__)
-
-Batch = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how tensors run: the device, the autocast mode and the memory format of 4D images."""
-
-    device: torch.device
-    amp: str = "none"
-    channels_last: bool = False
-
-    def autocast(self) -> contextlib.AbstractContextManager[None]:
-        """Autocast context of ``amp`` on the device."""
-        return autocast(self.device, self.amp)
-
-    def to(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` on the device (channels-last when it is a (B, C, H, W) image and that is asked for)."""
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.ndim == 4 and x.is_floating_point():
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def image(self, batch: Batch) -> torch.Tensor:
-        """The batch's images on the device as float: uint8 images are decoded there (after the 4× smaller copy),
-        and a shift-scale-rotate drawn by the loader for the device (``augment.affine_on_device``) is applied."""
-        x = decode_image(batch["image"].to(self.device, non_blocking=True))
-        if "affine" in batch:
-            x = device_affine(x, batch["affine"], batch["fill"])
-        return self.to(x)
-
-    def mask(self, batch: Batch) -> torch.Tensor:
-        """The batch's subtype masks on the device, warped like :meth:`image` (bilinear, thresholded at 0.5)."""
-        m = self.to(batch["mask"])
-        if "affine" in batch:
-            m = (device_affine(m, batch["affine"]) > 0.5).to(m.dtype)
-        return m
 
 
 @dataclass
@@ -124,9 +88,22 @@ class Task:
     collate: Callable[[list[Batch]], Batch] | None = None
     #: Whether test-time augmentation views apply.
     uses_tta: bool = True
+    #: Whether :meth:`embed` gives per-slice features (the input of a sequence model).
+    can_embed: bool = False
+    #: Whether :meth:`cache_dataset` reads slices from a conversion cache (else: see :meth:`required_embeddings`).
+    reads_cache: bool = True
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+
+    def required_embeddings(self, runs: str | os.PathLike[str], fold: int, splits: Sequence[str]) -> list[Embedding]:
+        """Embeddings of other runs this task reads for fold ``fold`` (``splits``: what is predicted; for training
+        pass ``()``); the caller makes sure they exist before :meth:`fold_data` / :meth:`prediction_data`."""
+        return []
+
+    def cache_dataset(self, cache: str | os.PathLike[str], rows: pd.DataFrame, hu_mapping: dict[str, Any]) -> Dataset:
+        """Deterministic items covering ``rows`` of a conversion cache, for prediction with a run's HU mapping."""
+        raise UserError(f"{type(self).__name__} does not read a conversion cache")
 
     def fold_data(self, fold: int, device: torch.device, is_main: bool = True) -> FoldData:
         """Training and validation items of fold ``fold``."""
@@ -146,6 +123,10 @@ class Task:
         """
         raise NotImplementedError
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The freshly built model before training (e.g. freeze what this task's loss never reaches)."""
+        return model
+
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
         """Training loss of a batch and the number of labelled slices it averages over."""
         raise NotImplementedError
@@ -153,6 +134,37 @@ class Task:
     def probs(self, model: nn.Module, batch: Batch, rt: Runtime, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Frame rows (B, K) (−1: none) and their sigmoid probabilities (B, K, 6), averaged over ``views``."""
         raise NotImplementedError
+
+    def embed(
+        self, model: nn.Module, batch: Batch, rt: Runtime, views: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frame rows (B,), pooled features (B, D) and head logits (B, 6), each averaged over ``views``."""
+        raise UserError(f"{type(self).__name__}: model {self.cfg.model.name!r} gives no per-slice embeddings")
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Embeddings a task reads: ``splits`` of fold ``fold`` of the image run in ``fold_dir``."""
+
+    fold_dir: Path
+    fold: int
+    splits: tuple[str, ...]
+
+
+#: Task classes by name (:func:`register_task`); a model family names its task in ``register_model``.
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator adding a task under ``name`` (the ``task=`` of :func:`rsna19.nets.register_model`)."""
+
+    def wrap(cls: type[Task]) -> type[Task]:
+        if name in TASKS:
+            raise ValueError(f"task {name!r} is registered twice")
+        TASKS[name] = cls
+        return cls
+
+    return wrap
 
 
 # ----------------------------------------------------------------------------------------------- image tasks
@@ -179,9 +191,12 @@ class ImageTask(Task):
         """Augmented training items of ``rows``."""
         raise NotImplementedError
 
-    def eval_dataset(self, cache: str, rows: pd.DataFrame, mapping: MultiWindow) -> Dataset:
+    def eval_dataset(self, cache: str | os.PathLike[str], rows: pd.DataFrame, mapping: MultiWindow) -> Dataset:
         """Deterministic items that cover every row of ``rows`` (validation and prediction)."""
         raise NotImplementedError
+
+    def cache_dataset(self, cache: str | os.PathLike[str], rows: pd.DataFrame, hu_mapping: dict[str, Any]) -> Dataset:
+        return self.eval_dataset(cache, rows, MultiWindow.from_state(hu_mapping))
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Classification logits of a (TTA-transformed) input."""
@@ -216,7 +231,7 @@ class ImageTask(Task):
             rows = index[index["split"] == "test"].reset_index(drop=True)
         if rows.empty:
             raise UserError(f"no {split} slices to predict for fold {fold} in {cache}")
-        return rows, self.eval_dataset(cache, rows, MultiWindow.from_state(state["hu_mapping"]))
+        return rows, self.cache_dataset(cache, rows, state["hu_mapping"])
 
     def _tta(self, model: nn.Module, x: torch.Tensor, rt: Runtime, views: Sequence[str]) -> torch.Tensor:
         acc = None
@@ -228,8 +243,11 @@ class ImageTask(Task):
         return acc / len(views)
 
 
+@register_task("slice")
 class SliceTask(ImageTask):
     """2D / 2.5D / combine-last models: one slice with its neighbours, one prediction (layouts channels, stack)."""
+
+    can_embed = True
 
     def _slice_kwargs(self) -> dict[str, Any]:
         d = self.cfg.data
@@ -248,7 +266,7 @@ class SliceTask(ImageTask):
             d.cache, rows, mapping, augment=d.augment, train=True, seed=self.cfg.train.seed, **self._slice_kwargs()
         )
 
-    def eval_dataset(self, cache: str, rows: pd.DataFrame, mapping: MultiWindow) -> Dataset:
+    def eval_dataset(self, cache: str | os.PathLike[str], rows: pd.DataFrame, mapping: MultiWindow) -> Dataset:
         return SliceDataset(cache, rows, mapping, train=False, **self._slice_kwargs())
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
@@ -261,19 +279,53 @@ class SliceTask(ImageTask):
         p = self._tta(model, rt.image(batch), rt, views)  # (B, 6)
         return batch["index"].numpy()[:, None], p[:, None].cpu().numpy()
 
+    def embed(
+        self, model: nn.Module, batch: Batch, rt: Runtime, views: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not callable(getattr(model, "features", None)) or not callable(getattr(model, "head", None)):
+            raise UserError(f"{type(model).__name__} has no features() and head(): it cannot give embeddings")
+        x = rt.image(batch)
+        acc_f = acc_z = None
+        for v in views:
+            with rt.autocast():
+                f = model.features(TTA[v](x))
+                z = model.head(f)
+            if f.ndim != 2:
+                raise UserError(f"{type(model).__name__}.features gives {tuple(f.shape)}, not one vector per slice")
+            acc_f = f.float() if acc_f is None else acc_f + f.float()
+            acc_z = z.float() if acc_z is None else acc_z + z.float()
+        assert acc_f is not None and acc_z is not None
+        n = len(views)
+        return batch["index"].numpy(), (acc_f / n).cpu().numpy(), (acc_z / n).cpu().numpy()
 
+
+@register_task("seg_aux")
 class SegAuxTask(SliceTask):
     """Segmentation-aided models: training items carry subtype masks (where a file exists); read-out by ``classify``.
 
-    Validation and prediction need no masks (and no decoder): they read plain slices.
+    Validation and prediction need no masks (and no decoder): they read plain slices. Without ``data.masks`` (the
+    real RSNA data has none) the model trains as a classifier: plain slice items (no zero masks through the loader),
+    no decoder forward, and the decoder's parameters frozen (:meth:`prepare_model`).
     """
+
+    @property
+    def with_masks(self) -> bool:
+        """True when ``data.masks`` names a folder: the mask loss is on."""
+        return self.cfg.data.masks is not None
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        if not self.with_masks:
+            for p in model.decoder_parameters():
+                p.requires_grad_(False)
+        return model
 
     def train_dataset(self, rows: pd.DataFrame, mapping: MultiWindow) -> Dataset:
         d = self.cfg.data
         assert d.cache
         if d.masks is None:
-            log.info("seg_aux: no data.masks (--masks / RSNA19_MASKS): the mask loss is off, classification only")
-        elif not Path(d.masks).is_dir():
+            log.info("seg_aux: no data.masks (--masks / RSNA19_MASKS): classification only, the decoder is not run")
+            return super().train_dataset(rows, mapping)
+        if not Path(d.masks).is_dir():
             raise UserError(f"masks folder not found: {d.masks} (data.masks, --masks or RSNA19_MASKS)")
         else:
             uids = rows["series_uid"].astype(str).unique()
@@ -295,6 +347,10 @@ class SegAuxTask(SliceTask):
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
         x, y = rt.image(batch), rt.to(batch["target"])
+        if not self.with_masks:
+            with rt.autocast():
+                logits = net(x, decode=False)
+            return weighted_bce(logits, y), len(x)
         with rt.autocast():
             cls, masks = net(x)
         lc = self.cfg.loss
@@ -302,6 +358,7 @@ class SegAuxTask(SliceTask):
         return loss, len(x)
 
 
+@register_task("slab")
 class SlabTask(ImageTask):
     """3D slab models: windows of ``data.slices`` consecutive slices, a prediction for every slice.
 
@@ -327,7 +384,7 @@ class SlabTask(ImageTask):
             **self._slab_kwargs(),
         )
 
-    def eval_dataset(self, cache: str, rows: pd.DataFrame, mapping: MultiWindow) -> Dataset:
+    def eval_dataset(self, cache: str | os.PathLike[str], rows: pd.DataFrame, mapping: MultiWindow) -> Dataset:
         return SlabDataset(cache, rows, mapping, stride=self.cfg.data.slab_stride, train=False, **self._slab_kwargs())
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
@@ -344,40 +401,12 @@ class SlabTask(ImageTask):
 # ------------------------------------------------------------------------------------------------ sequence
 
 
-def ensure_embeddings(
-    image_fold_dir: Path,
-    fold: int,
-    splits: Sequence[str],
-    cache: str | None,
-    folds: str | None,
-    device: torch.device | str = "auto",
-    progress: bool = False,
-) -> None:
-    """Write the embeddings of ``splits`` with the image run's fold-k model where they are missing (else a no-op).
-
-    Raises:
-        UserError: the image run has no checkpoint for this fold (it must be trained first).
-    """
-    missing = [s for s in splits if not embeddings_complete(image_fold_dir, s)]
-    if not missing:
-        return
-    if not (image_fold_dir / "best.pt").is_file():
-        raise UserError(
-            f"no embeddings {', '.join(missing)} in {image_fold_dir} and no best.pt to compute them with: train the "
-            f"image run first (rsna19 train <its config> --fold {fold}), then `rsna19 embed {image_fold_dir.parent} "
-            f"--fold {fold}`"
-        )
-    from rsna19.inference.embed import extract_embeddings  # embed imports the nets; keep this module light
-
-    log.info("computing the %s embeddings of %s", ", ".join(missing), image_fold_dir)
-    extract_embeddings(image_fold_dir, fold, missing, cache=cache, folds=folds, device=str(device), progress=progress)
-
-
 def _base_logits(batch: Batch, rt: Runtime) -> torch.Tensor | None:
     """The image model's logits (B, T, 6) of a sequence batch on the device, or None (no ``logit_skip``)."""
     return rt.to(batch["base"]) if "base" in batch else None
 
 
+@register_task("sequence")
 class SequenceTask(Task):
     """Second-stage sequence models over the per-slice embeddings of an image run (``data.embeddings``).
 
@@ -390,14 +419,16 @@ class SequenceTask(Task):
       of stacking: fold j's image model trained on fold k's patients, so the training inputs of fold k carry a
       little knowledge of its validation patients' labels. Embeddings of image models trained apart need not
       align across folds; their logits do, so use ``model.args.logit_skip`` with it (on the demo, with the skip:
-      0.232 OOF wll vs 0.2195 with ``"fold"``; without it 0.397 vs 0.308; docs/benchmarks.md, "Families").
+      0.232 OOF wll vs 0.2195 with ``"fold"``; without it 0.397 vs 0.308: docs/benchmarks.md, "Families").
     * ``"fold"``: ``embeddings_train`` of fold k's image model, i.e. the embeddings of the very patients it
       trained on. No leak at all, but they are cleaner than the held-out ones, so the sequence model may overfit.
 
-    Missing embeddings are computed first (the image runs' ``best.pt``). An item is a whole series in slice order.
+    :meth:`required_embeddings` lists what must exist first; an item is a whole series in slice order. In
+    ``predict-study`` the embeddings are computed in memory by the bundled image model (:mod:`rsna19.engine.predictor`).
     """
 
     uses_tta = False
+    reads_cache = False
 
     @staticmethod
     def collate(items: list[Batch]) -> Batch:  # type: ignore[override]
@@ -413,20 +444,36 @@ class SequenceTask(Task):
             raise UserError("a sequence model needs data.embeddings: the image run whose embeddings it reads")
         return Path(runs) / self.cfg.data.embeddings / f"fold_{fold}"
 
+    def _train_sources(self, fold: int, n_folds: int) -> dict[int, tuple[str, ...]]:
+        """Image fold → the embedding splits fold ``fold``'s training and validation read from it."""
+        if self.cfg.data.embedding_source == "fold":
+            return {fold: ("train", "oof")}
+        return {j: ("oof",) for j in range(n_folds)}
+
+    def required_embeddings(self, runs: str | os.PathLike[str], fold: int, splits: Sequence[str]) -> list[Embedding]:
+        if splits:  # prediction: fold k's image model embeds what is predicted
+            return [Embedding(self._image_fold_dir(runs, fold), fold, tuple(splits))]
+        assert self.cfg.data.folds
+        n_folds = int(read_folds(self.cfg.data.folds)["fold"].max()) + 1
+        sources = self._train_sources(fold, n_folds)
+        return [Embedding(self._image_fold_dir(runs, j), j, sp) for j, sp in sources.items()]
+
     def fold_data(self, fold: int, device: torch.device, is_main: bool = True) -> FoldData:
         cfg = self.cfg
         assert cfg.runs and cfg.data.folds
         folds = read_folds(cfg.data.folds)
-        if cfg.data.embedding_source == "fold":
-            sources = {fold: ("train", "oof")}
-        else:
-            sources = {j: ("oof",) for j in range(int(folds["fold"].max()) + 1)}
-            self._require_image_folds(sources)
-        if is_main:
-            for j, splits in sources.items():
-                src = self._image_fold_dir(cfg.runs, j)
-                ensure_embeddings(src, j, splits, cfg.data.cache, cfg.data.folds, device, cfg.train.progress)
-        barrier()
+        sources = self._train_sources(fold, int(folds["fold"].max()) + 1)
+        missing = [
+            f"{self._image_fold_dir(cfg.runs, j)} ({s})"
+            for j, splits in sources.items()
+            for s in splits
+            if not embeddings_complete(self._image_fold_dir(cfg.runs, j), s)
+        ]
+        if missing:
+            raise UserError(
+                f"missing embeddings: {', '.join(missing)}; train the image run {cfg.data.embeddings!r} on those "
+                f"folds, then `rsna19 embed RUNS/{cfg.data.embeddings} --fold j` (`rsna19 train` does it for you)"
+            )
         src = self._image_fold_dir(cfg.runs, fold)
         val_frame, val_x, val_info = read_embeddings(src, "oof")
         self._check_held_out(src, folds, fold, val_frame, held=True)
@@ -454,22 +501,6 @@ class SequenceTask(Task):
             {"in_features": int(val_info["dim"])},
         )
 
-    def _require_image_folds(self, sources: dict[int, Sequence[str]]) -> None:
-        """Every fold of the image run must have its OOF embeddings or a checkpoint to compute them with."""
-        assert self.cfg.runs
-        missing = []
-        for j, splits in sources.items():
-            src = self._image_fold_dir(self.cfg.runs, j)
-            have = all(embeddings_complete(src, s) for s in splits)
-            if not have and not (src / "best.pt").is_file():
-                missing.append(str(src))
-        if missing:
-            raise UserError(
-                f"data.embedding_source: oof reads the OOF embeddings of every fold of the image run, and "
-                f"{len(missing)} fold run(s) have neither embeddings nor best.pt: {', '.join(missing)}; train the "
-                f"image run first (rsna19 train <its config> --fold j), or set data.embedding_source=fold"
-            )
-
     def _check_held_out(self, src: Path, folds: pd.DataFrame, fold: int, frame: pd.DataFrame, held: bool) -> None:
         """``frame``'s patients must be all in fold ``fold`` (``held``) or all outside it: else the folds differ."""
         in_fold = set(folds.loc[folds["fold"] == fold, "patient_id"].astype(str))
@@ -482,18 +513,20 @@ class SequenceTask(Task):
                 f"({len(wrong)} patients {where} fold {fold}); re-embed with the same folds file"
             )
 
-    def prediction_data(
-        self, state: dict[str, Any], fold_dir: Path, fold: int, split: str, cache: str | None, folds: str | None
-    ) -> tuple[pd.DataFrame, Dataset]:
-        # The image run is a sibling of this run under RUNS (wherever RUNS now is), else the recorded RUNS.
+    def image_fold_dir(self, fold_dir: Path, fold: int) -> Path:
+        """The image run's fold folder for this run's ``fold_dir``: a sibling under the same RUNS folder (wherever
+        RUNS now is), else under ``RSNA19_RUNS`` or the recorded ``runs``."""
         src = self._image_fold_dir(fold_dir.parent.parent, fold)
         if not src.is_dir():
             runs = os.environ.get("RSNA19_RUNS") or self.cfg.runs
             if runs:
                 src = self._image_fold_dir(runs, fold)
-        cache_path = cache or os.environ.get("RSNA19_CACHE") or self.cfg.data.cache
-        folds_path = folds or os.environ.get("RSNA19_FOLDS") or self.cfg.data.folds
-        ensure_embeddings(src, fold, (split,), cache_path, folds_path, "auto")
+        return src
+
+    def prediction_data(
+        self, state: dict[str, Any], fold_dir: Path, fold: int, split: str, cache: str | None, folds: str | None
+    ) -> tuple[pd.DataFrame, Dataset]:
+        src = self.image_fold_dir(fold_dir, fold)
         frame, x, info = read_embeddings(src, split)
         want = state["model_kwargs"].get("in_features")
         if want is not None and int(info["dim"]) != int(want):
@@ -502,6 +535,16 @@ class SequenceTask(Task):
             raise UserError(f"no {split} embeddings to predict for fold {fold} in {src}")
         skip = bool(state["model_kwargs"].get("logit_skip", False))
         return frame.rename(columns={"slice_idx": "z"}), SequenceDataset(frame, x, with_logits=skip)
+
+    @staticmethod
+    def memory_dataset(
+        rows: pd.DataFrame, features: np.ndarray, logits: np.ndarray, model_kwargs: dict[str, Any]
+    ) -> SequenceDataset:
+        """Items of embeddings computed in memory (``predict-study``): ``rows`` are cache-index rows (``z``)."""
+        frame = pd.DataFrame({"series_uid": rows["series_uid"].astype(str).to_numpy(), "slice_idx": rows["z"]})
+        for i, c in enumerate(CLASSES):
+            frame[f"logit_{c}"] = logits[:, i].astype(np.float32)
+        return SequenceDataset(frame, features, with_logits=bool(model_kwargs.get("logit_skip", False)))
 
     def loss(self, net: nn.Module, batch: Batch, rt: Runtime) -> tuple[torch.Tensor, int]:
         x, y, mask = rt.to(batch["x"]), rt.to(batch["target"]), rt.mask(batch)
@@ -515,77 +558,19 @@ class SequenceTask(Task):
         return batch["rows"].numpy(), torch.sigmoid(logits.float()).cpu().numpy()
 
 
-# ------------------------------------------------------------------------------------------------ registry
-
-#: Task of each input layout; :data:`FAMILY_TASKS` overrides it for families with their own heads or losses.
-LAYOUT_TASKS: dict[str, type[Task]] = {
-    "channels": SliceTask,
-    "stack": SliceTask,
-    "slab": SlabTask,
-    "sequence": SequenceTask,
-}
-FAMILY_TASKS: dict[str, type[Task]] = {"seg_aux": SegAuxTask}
+# ------------------------------------------------------------------------------------------------ lookup
 
 
 def get_task(cfg: TrainConfig) -> Task:
-    """The task of ``cfg.model.name``.
+    """The task of ``cfg.model.name`` (the ``task`` its family registered with).
 
     Raises:
-        UserError: the config's ``data.layout`` is not the model's input layout.
+        UserError: the config's ``data.layout`` is not the model's input layout, or no task has that name.
     """
     spec = get_model_spec(cfg.model.name)
     if spec.input_layout != cfg.data.layout:
         raise UserError(f"model {spec.name!r} takes data.layout: {spec.input_layout}, the config has {cfg.data.layout}")
-    cls = FAMILY_TASKS.get(spec.family) or LAYOUT_TASKS.get(spec.input_layout)
+    cls = TASKS.get(spec.task)
     if cls is None:
-        raise UserError(f"model {spec.name!r}: no task for input layout {spec.input_layout!r}")
+        raise UserError(f"model {spec.name!r}: no task {spec.task!r}; registered: {', '.join(sorted(TASKS))}")
     return cls(cfg)
-
-
-# ------------------------------------------------------------------------------------------------ read-out
-
-
-@torch.no_grad()
-def predict_rows(
-    task: Task,
-    model: nn.Module,
-    dataset: Dataset,
-    n_rows: int,
-    rt: Runtime,
-    batch_size: int = 32,
-    views: Sequence[str] = ("none",),
-    items: Sequence[int] | None = None,
-    num_workers: int = 0,
-    progress: bool = False,
-    desc: str = "predict",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row sums of the probabilities of ``items`` of ``dataset`` (all by default), and how many there were.
-
-    Returns:
-        ``(total (n_rows, 6) float64, count (n_rows,) float64)``: add these over processes, then
-        :func:`finish_rows`.
-    """
-    model.eval()
-    views = list(views) if task.uses_tta else ["none"]
-    subset = Subset(dataset, list(range(len(dataset))) if items is None else list(items))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=task.collate)
-    total = np.zeros((n_rows, len(CLASSES)), dtype=np.float64)
-    count = np.zeros(n_rows, dtype=np.float64)
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        rows, probs = task.probs(model, batch, rt, views)
-        keep = rows >= 0
-        np.add.at(total, rows[keep], probs[keep].astype(np.float64))
-        np.add.at(count, rows[keep], 1.0)
-    return total, count
-
-
-def finish_rows(total: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Mean probability per row, (n_rows, 6) float32.
-
-    Raises:
-        ValueError: a row that no item predicted (the items would not cover the frame).
-    """
-    missing = np.flatnonzero(count <= 0)
-    if len(missing):
-        raise ValueError(f"{len(missing)} of {len(count)} slices got no prediction, e.g. row {missing[0]}")
-    return (total / count[:, None]).astype(np.float32)
