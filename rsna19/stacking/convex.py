@@ -6,11 +6,18 @@ combination of probabilities is convex in the weights, so SLSQP from uniform wei
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 from scipy.optimize import minimize
 
 from rsna19.constants import CLASS_WEIGHTS
+from rsna19.errors import UserError
+from rsna19.stacking.base import Reader, read_json, save_json
+from rsna19.stacking.config import ConvexConfig
 from rsna19.stacking.features import Level2Data
+from rsna19.stacking.registry import register_stacker
 
 _EPS = 1e-7
 
@@ -75,10 +82,16 @@ def combine(P: np.ndarray, W: np.ndarray) -> np.ndarray:
     return np.einsum("nkc,kc->nc", np.asarray(P, dtype=np.float64), W)
 
 
+@register_stacker("convex", config=ConvexConfig)
 class ConvexStacker:
     """Level-2 baseline over the base models' own probabilities (``Level2Data.base``)."""
 
     name = "convex"
+
+    @classmethod
+    def from_config(cls, cfg: ConvexConfig, seed: int = 0) -> ConvexStacker:
+        """From the ``convex:`` section (the fit is deterministic; ``seed`` is unused)."""
+        return cls(cfg.per_class)
 
     def __init__(self, per_class: bool = True) -> None:
         self.per_class = per_class
@@ -91,3 +104,20 @@ class ConvexStacker:
         if self.weights is None:
             raise RuntimeError("ConvexStacker.predict before fit")
         return combine(data.base, self.weights)
+
+    def save(self, dest: Path) -> dict[str, Any]:
+        """Write ``convex.json`` (per_class, (M, 6) weights) into ``dest``."""
+        if self.weights is None:
+            raise RuntimeError("ConvexStacker.save before fit")
+        save_json({"per_class": self.per_class, "weights": np.asarray(self.weights).tolist()}, dest / "convex.json")
+        return {"file": "convex.json"}
+
+    @classmethod
+    def load(cls, info: dict[str, Any], read: Reader) -> ConvexStacker:
+        """The stacker :meth:`save` wrote."""
+        c = read_json(read, info["file"])
+        st = cls(bool(c["per_class"]))
+        st.weights = np.asarray(c["weights"], dtype=np.float64)
+        if st.weights.ndim != 2 or st.weights.shape[1] != 6:
+            raise UserError(f"stacker file {info['file']}: weights of shape {st.weights.shape}, expected (M, 6)")
+        return st

@@ -3,19 +3,25 @@
 Early stopping watches a patient-grouped inner validation split of the level-2 training folds (never the held-out
 fold, which would leak into the level-2 OOF score). The binned training set is built once and reused for the six
 classes by swapping labels.
+
+In a bundle each class's booster is its LightGBM text dump ``lgbm_<class>.txt`` (``model_to_string``, best iteration
+only); a class with a single label value in the training rows is a constant, recorded in ``stacker.json``.
+LightGBM is imported when a stacker is fitted or loaded, so registering the stacker stays cheap.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import lightgbm as lgb
 import numpy as np
 
 from rsna19.constants import CLASSES
-from rsna19.stacking.base import inner_split
+from rsna19.errors import UserError
+from rsna19.stacking.base import Reader, inner_split
 from rsna19.stacking.config import LgbmConfig
 from rsna19.stacking.features import Level2Data
+from rsna19.stacking.registry import register_stacker
 
 
 class _Constant:
@@ -29,10 +35,16 @@ class _Constant:
         return np.full(len(X), self.p)
 
 
+@register_stacker("lgbm", config=LgbmConfig)
 class LgbmStacker:
     """Six binary LightGBM models (``lgb.train`` with the callbacks API)."""
 
     name = "lgbm"
+
+    @classmethod
+    def from_config(cls, cfg: LgbmConfig, seed: int = 0) -> LgbmStacker:
+        """From the ``lgbm:`` section and the stack config's seed."""
+        return cls(cfg, seed)
 
     def __init__(self, cfg: LgbmConfig | None = None, seed: int = 0) -> None:
         self.cfg = cfg or LgbmConfig()
@@ -64,6 +76,8 @@ class LgbmStacker:
 
     def fit(self, data: Level2Data, y: np.ndarray) -> None:
         """Fit the six boosters on ``data`` (N rows), labels ``y`` (N, 6)."""
+        import lightgbm as lgb
+
         params = self.params()
         tr, va = inner_split(data.groups, self.cfg.inner_val_fraction, self.seed)
         dtrain = lgb.Dataset(
@@ -99,5 +113,39 @@ class LgbmStacker:
         """Class → (F,) total gain of each feature (zeros for a constant class)."""
         out = {}
         for c, b in zip(CLASSES, self.boosters):
-            out[c] = b.feature_importance("gain") if isinstance(b, lgb.Booster) else np.zeros(0)
+            out[c] = np.zeros(0) if isinstance(b, _Constant) else b.feature_importance("gain")
         return out
+
+    def save(self, dest: Path) -> dict[str, Any]:
+        """Write ``lgbm_<class>.txt`` per boosted class into ``dest``; constants go into the returned info."""
+        if len(self.boosters) != len(CLASSES):
+            raise RuntimeError("LgbmStacker.save before fit")
+        boosters: list[dict[str, Any]] = []
+        for c, b in zip(CLASSES, self.boosters):
+            if isinstance(b, _Constant):
+                boosters.append({"class": c, "constant": float(b.p)})
+            else:
+                fname = f"lgbm_{c}.txt"
+                # num_iteration=None: the best iteration when early stopping found one.
+                (dest / fname).write_text(b.model_to_string(), encoding="utf-8")
+                boosters.append({"class": c, "file": fname})
+        return {"boosters": boosters}
+
+    @classmethod
+    def load(cls, info: dict[str, Any], read: Reader) -> LgbmStacker:
+        """The stacker :meth:`save` wrote (its boosters; the training config is not needed to predict)."""
+        import lightgbm as lgb
+
+        entries = info["boosters"]
+        if [e["class"] for e in entries] != list(CLASSES):
+            raise UserError(f"lgbm stacker: boosters for {[e['class'] for e in entries]}, expected {list(CLASSES)}")
+        st = cls()
+        for e in entries:
+            if "constant" in e:
+                st.boosters.append(_Constant(float(e["constant"])))
+                continue
+            try:
+                st.boosters.append(lgb.Booster(model_str=read(e["file"]).decode("utf-8")))
+            except (lgb.basic.LightGBMError, UnicodeDecodeError) as exc:
+                raise UserError(f"stacker file {e['file']}: not a LightGBM model: {exc}") from None
+        return st

@@ -3,25 +3,36 @@
 Probability features enter as logits (the base models' evidence adds up on that scale), then every feature is
 standardised with the training rows' mean and std. Loss: BCE with the competition class weights; early stopping
 on a patient-grouped inner validation split, keeping the best epoch's weights.
+
+In a bundle: ``mlp.safetensors`` (the network's weights) and ``mlp.json`` (layer sizes, dropout, the scaler's mean
+and std, which features are probabilities). torch is imported when a stacker is used, so registering it stays cheap.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from rsna19.constants import CLASS_WEIGHTS, CLASSES
-from rsna19.stacking.base import inner_split
+from rsna19.errors import UserError
+from rsna19.stacking.base import Reader, inner_split, read_json, read_tensors, save_json, save_tensors
 from rsna19.stacking.config import MlpConfig
 from rsna19.stacking.features import Level2Data
+from rsna19.stacking.registry import register_stacker
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 _EPS = 1e-6
 
 
 def _mlp(n_in: int, hidden: tuple[int, ...], dropout: float) -> nn.Sequential:
+    from torch import nn
+
     layers: list[nn.Module] = []
     for h in hidden:
         layers += [nn.Linear(n_in, h), nn.ReLU(), nn.Dropout(dropout)]
@@ -30,10 +41,16 @@ def _mlp(n_in: int, hidden: tuple[int, ...], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@register_stacker("mlp", config=MlpConfig)
 class MlpStacker:
     """A small fully connected network with six sigmoid outputs."""
 
     name = "mlp"
+
+    @classmethod
+    def from_config(cls, cfg: MlpConfig, seed: int = 0) -> MlpStacker:
+        """From the ``mlp:`` section and the stack config's seed."""
+        return cls(cfg, seed)
 
     def __init__(self, cfg: MlpConfig | None = None, seed: int = 0) -> None:
         self.cfg = cfg or MlpConfig()
@@ -53,10 +70,14 @@ class MlpStacker:
 
     def _transform(self, X: np.ndarray) -> torch.Tensor:
         """(N, F) raw features → standardised float32 tensor."""
+        import torch
+
         return torch.from_numpy((self._logits(X) - self.mean) / self.std)
 
     def fit(self, data: Level2Data, y: np.ndarray) -> None:
         """Train on ``data`` (N rows), labels ``y`` (N, 6)."""
+        import torch
+
         c = self.cfg
         threads = torch.get_num_threads()
         torch.set_num_threads(c.num_threads)
@@ -66,6 +87,9 @@ class MlpStacker:
             torch.set_num_threads(threads)
 
     def _fit(self, data: Level2Data, y: np.ndarray) -> None:
+        import torch
+        from torch import nn
+
         c = self.cfg
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
@@ -111,6 +135,8 @@ class MlpStacker:
 
     def predict(self, data: Level2Data, batch_size: int = 65536) -> np.ndarray:
         """(N, 6) probabilities."""
+        import torch
+
         if self.net is None:
             raise RuntimeError("MlpStacker.predict before fit")
         out = []
@@ -118,3 +144,37 @@ class MlpStacker:
             for i in range(0, len(data.X), batch_size):
                 out.append(torch.sigmoid(self.net(self._transform(data.X[i : i + batch_size]))).numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(CLASSES)))
+
+    def save(self, dest: Path) -> dict[str, Any]:
+        """Write ``mlp.safetensors`` (weights) and ``mlp.json`` (layer sizes, scaler, probability mask)."""
+        if self.net is None or self.mean is None or self.std is None or self.prob_mask is None:
+            raise RuntimeError("MlpStacker.save before fit")
+        save_tensors(self.net.state_dict(), dest / "mlp.safetensors")
+        meta = {
+            "hidden": list(self.cfg.hidden),
+            "dropout": self.cfg.dropout,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "prob_mask": self.prob_mask.tolist(),
+        }
+        save_json(meta, dest / "mlp.json")
+        return {"weights": "mlp.safetensors", "meta": "mlp.json"}
+
+    @classmethod
+    def load(cls, info: dict[str, Any], read: Reader) -> MlpStacker:
+        """The stacker :meth:`save` wrote, in eval mode."""
+        m = read_json(read, info["meta"])
+        hidden, dropout = tuple(int(h) for h in m["hidden"]), float(m["dropout"])
+        st = cls(MlpConfig(hidden=hidden, dropout=dropout))
+        st.mean = np.asarray(m["mean"], dtype=np.float32)
+        st.std = np.asarray(m["std"], dtype=np.float32)
+        st.prob_mask = np.asarray(m["prob_mask"], dtype=bool)
+        if not (st.mean.ndim == 1 and st.mean.shape == st.std.shape == st.prob_mask.shape):
+            raise UserError(f"stacker file {info['meta']}: mean, std and prob_mask differ in shape")
+        net = _mlp(len(st.mean), hidden, dropout)
+        try:
+            net.load_state_dict(read_tensors(read, info["weights"]))
+        except RuntimeError as exc:  # state dict does not fit the layer sizes
+            raise UserError(f"stacker file {info['weights']} does not fit {info['meta']}: {exc}") from None
+        st.net = net.eval()
+        return st

@@ -34,13 +34,11 @@ from rsna19.errors import UserError
 from rsna19.stacking.base import Stacker
 from rsna19.stacking.blend import BlendResult, fit_blend
 from rsna19.stacking.config import StackConfig
-from rsna19.stacking.convex import ConvexStacker
 from rsna19.stacking.cv import CrossFitResult, cross_fit
 from rsna19.stacking.features import Level2Data, build_features
 from rsna19.stacking.inputs import KEY_COLUMNS, BaseInputs, load_base_inputs
-from rsna19.stacking.lgbm import LgbmStacker
-from rsna19.stacking.mlp import MlpStacker
 from rsna19.stacking.postprocess import postprocess
+from rsna19.stacking.registry import make_stackers as _registry_make_stackers
 from rsna19.stacking.report import format_score_table, score_frame, score_row
 from rsna19.utils.atomic import (
     atomic_path,
@@ -100,15 +98,9 @@ def prepare_level2(inputs: BaseInputs, offsets: int = 2, windows: tuple[int, ...
 
 
 def make_stackers(cfg: StackConfig) -> dict[str, Callable[[], Stacker]]:
-    """Factories of the enabled stackers, by name."""
-    out: dict[str, Callable[[], Stacker]] = {}
-    if cfg.convex.enabled:
-        out["convex"] = lambda: ConvexStacker(cfg.convex.per_class)
-    if cfg.lgbm.enabled:
-        out["lgbm"] = lambda: LgbmStacker(cfg.lgbm, cfg.seed)
-    if cfg.mlp.enabled:
-        out["mlp"] = lambda: MlpStacker(cfg.mlp, cfg.seed)
-    return out
+    """Factories of the enabled stackers, by name: every registered stacker whose config section is enabled
+    (:func:`rsna19.stacking.registry.make_stackers`)."""
+    return _registry_make_stackers(cfg)
 
 
 @dataclass
