@@ -22,11 +22,10 @@ average its level-2 fold models instead); the blend weights are the stack stage'
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,79 +107,97 @@ def _stack_config(work: Path, pipeline: Any) -> Any:
     return load_config(StackConfig, cands[0])
 
 
-def _export_stacker(scfg: Any, which: str, models: list[str], dest: Path) -> tuple[dict[str, Any], Any, Any]:
-    """Refit the method's stackers on all OOF rows, write them under ``dest``; returns (stacker.json, l2, preds)."""
-    from rsna19.stacking.inputs import load_base_inputs
-    from rsna19.stacking.lgbm import LgbmStacker, _Constant
-    from rsna19.stacking.run import fit_stackers, make_stackers, prepare_level2
+def _run_config(work: Path, name: str, fold: int) -> Any:
+    """The resolved training config of run ``name`` fold ``fold`` (its ``config.yaml``)."""
+    from rsna19.config import load_config
+    from rsna19.engine.config import TrainConfig
 
-    inputs = load_base_inputs(scfg.runs, models, scfg.folds_csv, list(scfg.folds))
-    l2 = prepare_level2(inputs, scfg.features.offsets, tuple(scfg.features.windows))
-    factories = make_stackers(scfg)
-    info: dict[str, Any] = {
-        "method": which,
-        "models": models,
-        "features": {"offsets": scfg.features.offsets, "windows": list(scfg.features.windows)},
-        "feature_names": list(l2.oof.feature_names),
-        "postprocess": dataclasses.asdict(scfg.postprocess),
-        "members": [],
+    path = work / "runs" / name / f"fold_{fold}" / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: train {name} fold {fold} first")
+    return load_config(TrainConfig, path)
+
+
+def check_servable(work: Path, models: list[str], folds: list[int]) -> None:
+    """Refuse, before anything is written, a model that ``predict-study`` could not run from the bundle.
+
+    Every family is served; what can be missing is an input a model reads from another run: a sequence model
+    needs its image model (``data.embeddings``) in the same bundle, with the same folds, because on a new series
+    fold k's image model computes the embeddings for fold k's sequence model.
+
+    Raises:
+        UserError: the reason, naming the model and what to add.
+    """
+    from rsna19.engine.tasks import get_task
+
+    for name in models:
+        cfg = _run_config(work, name, folds[0])
+        task = get_task(cfg)  # also refuses an unknown family or a layout it does not take
+        if task.reads_cache:
+            continue
+        upstream = cfg.data.embeddings
+        if upstream not in models:
+            raise UserError(
+                f"model {name!r} ({cfg.model.name}) reads the embeddings of {upstream!r}, which is not in the bundle: "
+                f"add it (--models {' '.join([*models, str(upstream)])}) or leave {name!r} out"
+            )
+        if not get_task(_run_config(work, str(upstream), folds[0])).can_embed:
+            raise UserError(f"model {name!r} reads embeddings of {upstream!r}, a family that gives none")
+        for k in folds:
+            info = work / "runs" / str(upstream) / f"fold_{k}" / "embeddings_oof.json"
+            if not info.is_file():
+                raise UserError(f"{info} is missing: the embed stage of {upstream!r} fold {k} has not run")
+
+
+def _export_model(work: Path, name: str, folds: list[int], mdir: Path) -> dict[str, Any]:
+    """Write one base model's folds (safetensors + json) and config into ``mdir``; returns its bundle.json entry."""
+    from safetensors.torch import save_file
+
+    from rsna19.engine.checkpoint import load_checkpoint
+    from rsna19.nets import get_model_spec
+
+    mdir.mkdir(parents=True)
+    cfg_dict: dict[str, Any] | None = None
+    for k in folds:
+        fold_dir = work / "runs" / name / f"fold_{k}"
+        state = load_checkpoint(fold_dir / "best.pt")
+        save_file({n: t.contiguous() for n, t in state["model"].items()}, str(mdir / f"fold_{k}.safetensors"))
+        meta = {
+            "model_name": state["model_name"],
+            "model_kwargs": state["model_kwargs"],
+            "hu_mapping": state["hu_mapping"],
+            "fold": k,
+            "epoch": int(state["epoch"]),
+            "best_wll": float(state["best_wll"]),
+        }
+        embeddings = state["config"]["data"].get("embeddings")
+        if state["config"]["data"]["layout"] == "sequence" and embeddings:
+            # The views the training embeddings were averaged over: new series must be embedded the same way.
+            info = json.loads((work / "runs" / embeddings / f"fold_{k}" / "embeddings_oof.json").read_text())
+            meta["embeddings"] = {"model": embeddings, "tta": list(info["tta"])}
+        _write_json(meta, mdir / f"fold_{k}.json")
+        cfg_dict = cfg_dict or state["config"]
+    assert cfg_dict is not None
+    # Paths of the training machine mean nothing to a bundle user.
+    cfg_dict = {**cfg_dict, "runs": None, "data": {**cfg_dict["data"], "cache": None, "folds": None, "masks": None}}
+    (mdir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
+    _write_json(cfg_dict, mdir / "config.json")
+    d = cfg_dict["data"]
+    spec = get_model_spec(cfg_dict["model"]["name"])
+    return {
+        "name": name,
+        "family": spec.family,
+        "task": spec.task,
+        "model_name": cfg_dict["model"]["name"],
+        "backbone": cfg_dict["model"]["backbone"],
+        "folds": folds,
+        "windows": d["windows"],
+        "slices": d["slices"],
+        "layout": d["layout"],
+        "resize": d["resize"],
+        "crop": d["crop"],
+        "embeddings": d.get("embeddings") if d["layout"] == "sequence" else None,
     }
-    if which == "mean":
-        return info, l2, None
-    if which == "blend":
-        members = list(scfg.blend.members) or list(factories)
-        weights_path = Path(scfg.out) / scfg.name / "weights.json"
-        saved = json.loads(weights_path.read_text()) if weights_path.is_file() else {}
-        if saved.get("base_models") == models and "blend" in saved and saved["blend"]["members"] == members:
-            blend_w = np.asarray(saved["blend"]["weights"], dtype=np.float64)
-        else:  # another model subset than the stack's: the blend weights need their own level-2 CV
-            _, blend = fit_stackers(
-                dataclasses.replace(scfg, blend=dataclasses.replace(scfg.blend, members=members)), l2
-            )
-            blend_w = np.asarray(blend.weights, dtype=np.float64)
-        info["blend_weights"] = blend_w.tolist()
-    elif which in factories:
-        members = [which]
-    else:
-        raise UserError(f"stack method {which!r} is not available; enabled: mean, blend, {', '.join(factories)}")
-    info["members"] = members
-    fitted = {}
-    for name in members:
-        if name not in factories:
-            raise UserError(f"blend member {name!r} is not an enabled stacker ({', '.join(factories)})")
-        st = factories[name]()
-        st.fit(l2.oof, l2.y)
-        fitted[name] = st
-        if name == "lgbm":
-            assert isinstance(st, LgbmStacker)
-            boosters = []
-            for c, b in zip(CLASSES, st.boosters):
-                if isinstance(b, _Constant):
-                    boosters.append({"class": c, "constant": float(b.p)})
-                else:
-                    fname = f"lgbm_{c}.txt"
-                    # num_iteration=None: the best iteration when early stopping found one.
-                    (dest / fname).write_text(b.model_to_string(), encoding="utf-8")
-                    boosters.append({"class": c, "file": fname})
-            info["lgbm"] = boosters
-        elif name == "mlp":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in st.net.state_dict().items()}, str(dest / "mlp.safetensors"))
-            _write_json(
-                {
-                    "hidden": list(st.cfg.hidden),
-                    "dropout": st.cfg.dropout,
-                    "mean": st.mean.tolist(),
-                    "std": st.std.tolist(),
-                    "prob_mask": st.prob_mask.tolist(),
-                },
-                dest / "mlp.json",
-            )
-        elif name == "convex":
-            _write_json({"per_class": st.per_class, "weights": np.asarray(st.weights).tolist()}, dest / "convex.json")
-    stacker = _LoadedStacker(info, fitted)
-    return info, l2, stacker.predict(l2.test)
 
 
 def export_bundle(
@@ -204,12 +221,10 @@ def export_bundle(
     Raises:
         UserError: an unfinished work folder, an unknown model or fold, or an existing ``out`` without ``force``.
     """
-    from safetensors.torch import save_file
-
     from rsna19.config import load_config, to_dict
     from rsna19.conversion.series import CONVERSION_VERSION
     from rsna19.pipeline.config import PipelineConfig
-    from rsna19.training.checkpoint import load_checkpoint
+    from rsna19.stacking.bundled import export_stacker
 
     work = Path(work)
     out = Path(out)
@@ -230,49 +245,15 @@ def export_bundle(
     if set(folds) - set(all_folds):
         raise UserError(f"unknown fold(s) {sorted(set(folds) - set(all_folds))}; the run has {all_folds}")
     which = which or pipeline.submit
+    check_servable(work, models, folds)
 
     entries = []
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "stacker").mkdir()
         for name in models:
-            mdir = tmp / "models" / name
-            mdir.mkdir(parents=True)
-            cfg_dict = None
-            for k in folds:
-                state = load_checkpoint(work / "runs" / name / f"fold_{k}" / "best.pt")
-                save_file({n: t.contiguous() for n, t in state["model"].items()}, str(mdir / f"fold_{k}.safetensors"))
-                _write_json(
-                    {
-                        "model_name": state["model_name"],
-                        "model_kwargs": state["model_kwargs"],
-                        "hu_mapping": state["hu_mapping"],
-                        "fold": k,
-                        "epoch": int(state["epoch"]),
-                        "best_wll": float(state["best_wll"]),
-                    },
-                    mdir / f"fold_{k}.json",
-                )
-                cfg_dict = cfg_dict or state["config"]
-            # Paths of the training machine mean nothing to a bundle user.
-            cfg_dict = {**cfg_dict, "runs": None, "data": {**cfg_dict["data"], "cache": None, "folds": None}}
-            (mdir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
-            _write_json(cfg_dict, mdir / "config.json")
-            d = cfg_dict["data"]
-            entries.append(
-                {
-                    "name": name,
-                    "model_name": cfg_dict["model"]["name"],
-                    "backbone": cfg_dict["model"]["backbone"],
-                    "folds": folds,
-                    "windows": d["windows"],
-                    "slices": d["slices"],
-                    "layout": d["layout"],
-                    "resize": d["resize"],
-                    "crop": d["crop"],
-                }
-            )
-        info, l2, stacker_test = _export_stacker(scfg, which, models, tmp / "stacker")
+            entries.append(_export_model(work, name, folds, tmp / "models" / name))
+        info, l2, stacker_test = export_stacker(scfg, which, models, tmp / "stacker")
         _write_json(info, tmp / "stacker" / "stacker.json")
         files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         c = pipeline.convert
@@ -301,24 +282,22 @@ def export_bundle(
 
 # ----------------------------------------------------------------------------------------------------- load
 @dataclass
-class BundleModel:
-    """One base model of a bundle: its config and one (net, HU mapping state) per fold."""
-
-    name: str
-    cfg: Any  # TrainConfig
-    nets: list[Any] = field(default_factory=list)  # torch modules, eval mode
-    hu_mappings: list[dict[str, Any]] = field(default_factory=list)
-    folds: list[int] = field(default_factory=list)
-
-
-@dataclass
 class Bundle:
-    """A loaded bundle, ready for :mod:`rsna19.inference.study`."""
+    """A loaded bundle, ready for :mod:`rsna19.inference.study`.
+
+    Attributes:
+        path: the bundle folder.
+        manifest: ``bundle.json``.
+        models: one :class:`~rsna19.engine.predictor.Predictor` per base model (all its bundled folds), in
+            ``bundle.json`` order; a sequence model's predictor holds its image model's as ``upstream``.
+        stacker: the second level.
+        device: where the models run.
+    """
 
     path: Path
     manifest: dict[str, Any]
-    models: list[BundleModel]
-    stacker: _LoadedStacker
+    models: list[Any]  # rsna19.engine.predictor.Predictor
+    stacker: Any  # rsna19.stacking.bundled.LoadedStacker
     device: Any
 
     @property
@@ -329,35 +308,6 @@ class Bundle:
     @property
     def tta(self) -> list[str]:
         return list(self.manifest["tta"])
-
-
-class _LoadedStacker:
-    """The bundle's second level: its members' predictions, post-processed, blended (or the plain mean)."""
-
-    def __init__(self, info: dict[str, Any], members: dict[str, Any]) -> None:
-        self.info = info
-        self.members = members
-        self.models = list(info["models"])
-        self.offsets = int(info["features"]["offsets"])
-        self.windows = tuple(int(w) for w in info["features"]["windows"])
-        self.feature_names = list(info["feature_names"])
-
-    def predict(self, data: Any) -> np.ndarray:
-        """(N, 6) stacked probabilities of a :class:`rsna19.stacking.features.Level2Data`."""
-        from rsna19.stacking.convex import combine
-        from rsna19.stacking.postprocess import postprocess
-
-        if list(data.feature_names) != self.feature_names:
-            raise UserError("the level-2 features differ from the ones the bundle's stacker was trained on")
-        pp = self.info["postprocess"]
-        method = self.info["method"]
-        if method == "mean":
-            return data.base.mean(axis=1, dtype=np.float64)
-        preds = {n: postprocess(self.members[n].predict(data), pp["any_ge_max"], pp["clip"]) for n in self.members}
-        if method != "blend":
-            return preds[method]
-        P = np.stack([preds[m] for m in self.info["members"]], axis=1)
-        return postprocess(combine(P, np.asarray(self.info["blend_weights"])), pp["any_ge_max"], pp["clip"])
 
 
 def _read_checked(path: Path, digest: str | None) -> bytes:
@@ -383,19 +333,15 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
         UserError: not a bundle, another bundle version, a missing or changed file, or a file that is a pickle or
             does not parse.
     """
-    import lightgbm as lgb
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     from rsna19.config import from_dict
-    from rsna19.inference.predict import model_from_state
-    from rsna19.stacking.config import MlpConfig
-    from rsna19.stacking.convex import ConvexStacker
-    from rsna19.stacking.lgbm import LgbmStacker, _Constant
-    from rsna19.stacking.mlp import MlpStacker, _mlp
-    from rsna19.training.config import TrainConfig
-    from rsna19.training.distributed import resolve_device
+    from rsna19.engine.config import TrainConfig
+    from rsna19.engine.predictor import Predictor
+    from rsna19.engine.runtime import resolve_device
+    from rsna19.stacking.bundled import load_stacker
 
     root = Path(path)
     mpath = root / "bundle.json"
@@ -432,53 +378,31 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
             raise UserError(f"{root / rel}: not a safetensors file: {exc}") from None
 
     dev = resolve_device(device)
-    models = []
+    models: dict[str, Predictor] = {}
+    embed_views: dict[str, list[str]] = {}
     for entry in manifest["models"]:
         name = entry["name"]
-        cfg_dict = yaml.safe_load(read(f"models/{name}/config.yaml"))
-        bm = BundleModel(name, from_dict(TrainConfig, cfg_dict))
+        cfg = from_dict(TrainConfig, yaml.safe_load(read(f"models/{name}/config.yaml")))
+        weights, meta = [], {}
         for k in entry["folds"]:
             meta = read_json(f"models/{name}/fold_{k}.json")
-            weights = read_tensors(f"models/{name}/fold_{k}.safetensors")
-            try:
-                net = model_from_state(meta["model_name"], meta["model_kwargs"], weights, dev)
-            except RuntimeError as exc:  # state dict does not fit the architecture
-                raise UserError(f"{root}/models/{name}/fold_{k}.safetensors does not fit its model: {exc}") from None
-            bm.nets.append(net)
-            bm.hu_mappings.append(meta["hu_mapping"])
-            bm.folds.append(int(k))
-        models.append(bm)
+            tensors = read_tensors(f"models/{name}/fold_{k}.safetensors")
+            weights.append((int(k), tensors, meta["hu_mapping"], int(meta.get("epoch", -1))))
+        try:
+            models[name] = Predictor.create(
+                cfg, meta["model_name"], meta["model_kwargs"], weights, dev, manifest["tta"], name=name
+            )
+        except UserError as exc:  # state dict does not fit the architecture
+            raise UserError(f"{root}/models/{name}: {exc}") from None
+        if "embeddings" in meta:
+            embed_views[name] = list(meta["embeddings"]["tta"])
+    for name, views in embed_views.items():
+        upstream = models[name].cfg.data.embeddings
+        if upstream not in models:
+            raise UserError(f"{root}: model {name!r} reads the embeddings of {upstream!r}, which is not bundled")
+        models[name].upstream = models[upstream]
+        models[name].embed_views = views
 
     info = read_json("stacker/stacker.json")
-    members: dict[str, Any] = {}
-    for name in info["members"]:
-        if name == "lgbm":
-            st = LgbmStacker()
-            for b in info["lgbm"]:
-                if "constant" in b:
-                    st.boosters.append(_Constant(float(b["constant"])))
-                else:
-                    text = read(f"stacker/{b['file']}").decode("utf-8")
-                    try:
-                        st.boosters.append(lgb.Booster(model_str=text))
-                    except lgb.basic.LightGBMError as exc:
-                        raise UserError(f"{root}/stacker/{b['file']}: not a LightGBM model: {exc}") from None
-            members[name] = st
-        elif name == "mlp":
-            m = read_json("stacker/mlp.json")
-            st = MlpStacker(MlpConfig(hidden=tuple(m["hidden"]), dropout=float(m["dropout"])))
-            st.mean = np.asarray(m["mean"], dtype=np.float32)
-            st.std = np.asarray(m["std"], dtype=np.float32)
-            st.prob_mask = np.asarray(m["prob_mask"], dtype=bool)
-            net = _mlp(len(st.mean), tuple(m["hidden"]), float(m["dropout"]))
-            net.load_state_dict(read_tensors("stacker/mlp.safetensors"))
-            st.net = net.eval()
-            members[name] = st
-        elif name == "convex":
-            c = read_json("stacker/convex.json")
-            st = ConvexStacker(bool(c["per_class"]))
-            st.weights = np.asarray(c["weights"], dtype=np.float64)
-            members[name] = st
-        else:
-            raise UserError(f"{root}: unknown stacker {name!r} in stacker.json")
-    return Bundle(root, manifest, models, _LoadedStacker(info, members), dev)
+    stacker = load_stacker(info, lambda rel: read(f"stacker/{rel}"))
+    return Bundle(root, manifest, list(models.values()), stacker, dev)
