@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_OUT ?= demo_out
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench fuzz clean venv
+.PHONY: demo test test-slow test-slurm lint bench fuzz clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The SLURM executor against a throw-away single-node cluster on this machine (installs slurm-wlm and munge with
+# apt-get when missing, so root; nothing under /etc is changed; the daemons stop when the tests end).
+test-slurm: $(STAMP)
+	RSNA19_REQUIRE_SLURM=1 tests/slurm/with_slurm.sh $(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

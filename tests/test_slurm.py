@@ -1,0 +1,277 @@
+"""The SLURM executor (``rsna19.pipeline.slurm``).
+
+The first tests check the pure parts (sbatch options, batch scripts, config section) and run in ``make test``.
+The ``slurm``-marked ones submit to a real cluster: ``make test-slurm`` starts a single-node one on this machine
+(``tests/slurm/with_slurm.sh``) and runs them; without a reachable cluster they are skipped (failed when
+``RSNA19_REQUIRE_SLURM=1``, which ``make test-slurm`` sets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from rsna19.config import from_dict
+from rsna19.errors import UserError
+from rsna19.pipeline.slurm import (
+    SlurmJobError,
+    SlurmOptions,
+    SlurmResources,
+    SlurmSection,
+    batch_script,
+    log_stem,
+    run_slurm,
+    sbatch_args,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Stand-in for ``rsna19.pipeline.stages.Resources`` (same fields and defaults)."""
+
+    gpus: int = 0
+    cpus: int = 1
+    mem_gb: float = 4.0
+    time_min: int = 60
+    partition: str | None = None
+
+
+SMALL = Resources(cpus=1, mem_gb=0.25, time_min=5)
+
+# A step of the stand-in DAG: fail when an input is missing (so order violations show), optionally sleep or fail,
+# then write the output with the time and the SLURM job id.
+STEP = """
+import os, pathlib, sys, time
+out, sleep, fail_unless, *inputs = sys.argv[1:]
+missing = [i for i in inputs if not pathlib.Path(i).is_file()]
+if missing:
+    sys.exit(f"missing inputs: {missing}")
+if fail_unless and not pathlib.Path(fail_unless).exists():
+    print(f"boom: {out} refuses to run without {fail_unless}", flush=True)
+    sys.exit(3)
+time.sleep(float(sleep))
+pathlib.Path(out).write_text(f"{time.time()} {os.environ.get('SLURM_JOB_ID', '')}\\n")
+print(f"wrote {out}")
+"""
+
+
+@dataclass
+class StandInJob:
+    """Stand-in for ``rsna19.pipeline.stages.Job``: runs ``STEP``; done when its output is newer than its inputs."""
+
+    key: str
+    out: Path
+    deps: tuple[str, ...] = ()
+    inputs: tuple[Path, ...] = ()
+    sleep: float = 0.0
+    fail_unless: Path | None = None
+    resources: Resources = SMALL
+    extra: list[list[str]] = field(default_factory=list)
+
+    def done(self) -> bool:
+        """Like the pipeline's checks: the output exists and is not older than any input that exists."""
+        if not self.out.is_file():
+            return False
+        t = self.out.stat().st_mtime
+        return all(i.stat().st_mtime <= t for i in self.inputs if i.is_file())
+
+    def commands(self) -> list[list[str]]:
+        step = [sys.executable, "-c", STEP, str(self.out), str(self.sleep), str(self.fail_unless or "")]
+        return [*self.extra, [*step, *map(str, self.inputs)]]
+
+    def run(self) -> None:
+        for argv in self.commands():
+            subprocess.run(argv, check=True)
+
+
+def dag(work: Path, fail_unless: Path | None = None) -> list[StandInJob]:
+    """a → (b, c) → d, e independent; with ``fail_unless``, c fails until that file exists."""
+    o = {k: work / "out" / f"{k}.txt" for k in "abcde"}
+    return [
+        StandInJob("data/a", o["a"], sleep=2.0, extra=[["rsna19", "--help"]]),
+        StandInJob("train/b/fold_0", o["b"], ("data/a",), (o["a"],)),
+        StandInJob("train/c/fold_0", o["c"], ("data/a",), (o["a"],), fail_unless=fail_unless),
+        StandInJob("stack", o["d"], ("train/b/fold_0", "train/c/fold_0"), (o["b"], o["c"])),
+        StandInJob("e", o["e"], sleep=1.0),
+    ]
+
+
+def written(path: Path) -> tuple[float, str]:
+    t, job_id = path.read_text().split()
+    return float(t), job_id
+
+
+# ---------------------------------------------------------------- without a cluster
+
+
+def test_log_stem() -> None:
+    assert log_stem("train/clf2d/fold_0") == "train__clf2d__fold_0"
+    assert log_stem("index") == "index"
+    assert log_stem("a b:c") == "a_b_c"
+
+
+def test_sbatch_args_follow_resources(tmp_path: Path) -> None:
+    cpu = StandInJob("train/x/fold_1", tmp_path / "x", resources=Resources(cpus=3, mem_gb=1.5, time_min=90))
+    args = sbatch_args(cpu, tmp_path, SlurmOptions(partition="short", account="lab", extra_args=["--qos=low"]))
+    assert "--job-name=rsna19:train/x/fold_1" in args
+    assert f"--output={tmp_path.resolve()}/slurm/train__x__fold_1.out" in args
+    assert {"--cpus-per-task=3", "--mem=1536M", "--time=90", "--partition=short", "--account=lab"} <= set(args)
+    assert not any(a.startswith("--gres") for a in args)
+    assert args[-1] == "--qos=low"
+    gpu = StandInJob("t", tmp_path / "x", resources=Resources(gpus=2, partition="gpu"))
+    args = sbatch_args(gpu, tmp_path, SlurmOptions(partition="short"))
+    assert "--gres=gpu:2" in args and "--partition=gpu" in args and "--partition=short" not in args
+    args = sbatch_args(gpu, tmp_path, SlurmOptions(resource_override={"gpus": 0, "mem_gb": 0.5}))
+    assert not any(a.startswith("--gres") for a in args) and "--mem=512M" in args
+
+
+def test_batch_script_quotes_and_replaces_rsna19(tmp_path: Path) -> None:
+    job = StandInJob("k", tmp_path / "o o", extra=[["rsna19", "train", "cfg with space.yaml", "a=$HOME"]])
+    text = batch_script(job, SlurmOptions(env={"FOO": "x y"}, setup=["module load cuda"]), lambda: "/v/bin/rsna19")
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash" and "set -e" in lines
+    assert "export FOO='x y'" in lines and "module load cuda" in lines
+    assert "/v/bin/rsna19 train 'cfg with space.yaml' 'a=$HOME'" in lines
+    assert lines.index("module load cuda") < lines.index("/v/bin/rsna19 train 'cfg with space.yaml' 'a=$HOME'")
+    with pytest.raises(UserError, match="environment variable"):
+        batch_script(job, SlurmOptions(env={"BAD-NAME": "1"}), lambda: "rsna19")
+
+
+def test_run_slurm_rejects_bad_order(tmp_path: Path) -> None:
+    jobs = dag(tmp_path)
+    with pytest.raises(UserError, match="topological"):
+        run_slurm(list(reversed(jobs)), tmp_path, SlurmOptions())
+    with pytest.raises(UserError, match="twice"):
+        run_slurm([jobs[0], jobs[0]], tmp_path, SlurmOptions())
+
+
+def test_slurm_section_from_config() -> None:
+    sec = from_dict(SlurmSection, {"partition": "gpu", "train": {"gpus": 2, "time_min": 30}, "env": {"A": "1"}})
+    assert sec.resources_for("train/clf2d/fold_0") == SlurmResources(gpus=2, cpus=1, mem_gb=4.0, time_min=30)
+    assert sec.resources_for("train/clf2d/fold_0", device="cpu").gpus == 0
+    assert sec.kind_of("predict/x/fold_0/oof") == "predict"
+    assert sec.kind_of("submit") == "stack" and sec.kind_of("index") == "data" and sec.kind_of("embed/s") == "embed"
+    opts = sec.options(wait=False)
+    assert opts.partition == "gpu" and opts.env == {"A": "1"} and opts.wait is False
+
+
+# ---------------------------------------------------------------- on a real cluster
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    """Skip (or fail, with RSNA19_REQUIRE_SLURM=1) when no SLURM controller answers."""
+    problem = None
+    if shutil.which("sinfo") is None:
+        problem = "sinfo not on PATH"
+    else:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            problem = f"sinfo failed: {proc.stderr.strip()}"
+    if problem:
+        if os.environ.get("RSNA19_REQUIRE_SLURM") == "1":
+            pytest.fail(f"no SLURM cluster: {problem}")
+        pytest.skip(f"no SLURM cluster ({problem}); `make test-slurm` starts one")
+
+
+def quick(**kw: object) -> SlurmOptions:
+    return SlurmOptions(poll_s=0.5, **kw)  # type: ignore[arg-type]
+
+
+def jobs_json(work: Path) -> dict:
+    return json.loads((work / "slurm" / "jobs.json").read_text())["jobs"]
+
+
+@pytest.mark.slurm
+def test_dag_runs_in_dependency_order_and_resumes(cluster: None, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    lines: list[str] = []
+    jobs = dag(work)
+    run_slurm(jobs, work, quick(), say=lines.append)
+
+    # all five were submitted at once (afterok chains, not one by one), each in its own SLURM job
+    rec = jobs_json(work)
+    ids = {k: v["job_id"] for k, v in rec.items()}
+    assert all(ids.values()) and len(set(ids.values())) == 5
+    assert {v["state"] for v in rec.values()} == {"COMPLETED"}
+    t = {j.key: written(j.out) for j in jobs}
+    assert {k: v[1] for k, v in t.items()} == ids  # the step ran inside the recorded job
+    assert t["data/a"][0] < t["train/b/fold_0"][0] < t["stack"][0]
+    assert t["data/a"][0] < t["train/c/fold_0"][0] < t["stack"][0]
+    assert "--dependency" not in " ".join(rec["data/a"]["sbatch_args"])  # the dependency is a call argument
+    # logs: one per key, with the job's own lines and the rsna19 executable of this venv
+    log_a = work / "slurm" / "data__a.out"
+    assert "[rsna19] data/a: slurm job" in log_a.read_text() and "usage: rsna19" in log_a.read_text()
+    assert "wrote" in (work / "slurm" / "train__b__fold_0.out").read_text()
+    script = (work / "slurm" / "data__a.sh").read_text()
+    assert f"{Path(sys.executable).parent / 'rsna19'} --help" in script
+
+    # re-run: everything is done, nothing is submitted
+    lines.clear()
+    run_slurm(jobs, work, quick(), say=lines.append)
+    assert any("5 done (skipped), 0 submitted" in line for line in lines), lines
+    assert {k: written(j.out) for k, j in zip(ids, jobs)} == t
+
+    # c's output lost: c is re-run; stack was done, but after c re-ran it is stale and is re-run too
+    jobs[2].out.unlink()
+    lines.clear()
+    run_slurm(jobs, work, quick(), say=lines.append)
+    assert any("3 done (skipped), 1 submitted, 1 waiting" in line for line in lines), lines
+    t2 = {j.key: written(j.out) for j in jobs}
+    for k in ("data/a", "train/b/fold_0", "e"):
+        assert t2[k] == t[k]
+    assert t2["train/c/fold_0"][0] < t2["stack"][0] and t2["stack"][1] != t["stack"][1]
+
+
+@pytest.mark.slurm
+def test_failure_is_reported_and_dependents_cancelled(cluster: None, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    flag = tmp_path / "fixed"
+    jobs = dag(work, fail_unless=flag)
+    lines: list[str] = []
+    with pytest.raises(SlurmJobError) as err:
+        run_slurm(jobs, work, quick(), say=lines.append)
+    assert list(err.value.failed) == ["train/c/fold_0"]
+    assert err.value.cancelled == ["stack"]
+    msg = str(err.value)
+    assert "train/c/fold_0" in msg and "FAILED" in msg and "boom:" in msg  # key, state and the log's tail
+    assert any(line.startswith("[slurm] FAILED train/c/fold_0") for line in lines)
+    rec = jobs_json(work)
+    assert rec["stack"]["state"] == "CANCELLED" and rec["train/c/fold_0"]["state"] == "FAILED"
+    assert not jobs[3].out.exists()
+    assert jobs[0].out.exists() and jobs[1].out.exists() and jobs[4].out.exists()  # the other branches ran
+
+    # fixed: the resume submits only the failed job and the cancelled one
+    flag.touch()
+    lines.clear()
+    run_slurm(jobs, work, quick(), say=lines.append)
+    assert any("3 done (skipped), 2 submitted" in line for line in lines), lines
+    assert all(j.done() for j in jobs)
+
+
+@pytest.mark.slurm
+def test_no_wait_then_resume_adopts_queued_jobs(cluster: None, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    jobs = dag(work)
+    run_slurm(jobs, work, quick(wait=False), say=lambda _: None)
+    first = {k: v["job_id"] for k, v in jobs_json(work).items()}
+    assert all(first.values())
+    lines: list[str] = []
+    run_slurm(jobs, work, quick(), say=lines.append)  # as if the driver had died and been started again
+    second = jobs_json(work)
+    for k, v in second.items():  # adopted (or finished meanwhile), never submitted twice
+        assert (v["job_id"] or v["previous_job_id"]) == first[k]
+    assert sum("from an earlier call" in line for line in lines) >= 3, lines
+    assert all(j.done() for j in jobs)
