@@ -306,6 +306,11 @@ class Bundle:
         return self.manifest["convert"]
 
     @property
+    def families(self) -> dict[str, str]:
+        """Base model name → its family (``clf2d``, ``clf3d``, ``seq`` ...), from ``bundle.json``."""
+        return {m["name"]: m.get("family", "") for m in self.manifest["models"]}
+
+    @property
     def tta(self) -> list[str]:
         return list(self.manifest["tta"])
 

@@ -61,7 +61,7 @@ def test_no_patient_in_two_folds_on_the_tiny_preset(tiny_folds):
 
 
 def test_run_leakage_check_passes_and_catches_each_leak(tiny_folds):
-    from rsna19.pipeline.run import check_no_leakage
+    from rsna19.pipeline.layout import check_no_leakage
 
     index, folds = tiny_folds
     check_no_leakage(index, folds)

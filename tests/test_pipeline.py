@@ -13,11 +13,12 @@ from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.errors import UserError
 from rsna19.io.rsna_csv import read_long, split_ids
 from rsna19.pipeline.config import load_pipeline
-from rsna19.pipeline.run import STAGES, check_no_leakage, find_layout
+from rsna19.pipeline.layout import check_no_leakage, find_layout
+from rsna19.pipeline.stages import STAGES
 from rsna19.submission import validate_submission
 
 PIPELINE = Path(__file__).resolve().parents[1] / "configs" / "pipelines" / "tiny.yaml"
-MODELS = ["clf2d", "clf2dc_5c", "combine_last"]
+MODELS = ["clf2d", "clf2dc_5c", "combine_last", "clf3d", "seg_aux", "seq"]
 
 
 def test_run_writes_submission_scores_and_every_fold(tiny_run, tiny_dataset):
@@ -60,22 +61,45 @@ def test_rerun_skips_every_stage(tiny_run, tiny_dataset, capsys):
     assert (tiny_run / "submission.csv").stat().st_mtime_ns == before
 
 
-def test_print_jobs_lists_every_model_and_fold(tiny_dataset, tmp_path, capsys):
+def test_print_jobs_lists_every_job_with_its_dependencies(tiny_dataset, tmp_path, capsys):
     work = tmp_path / "w"
     args = ["run", "--data", str(tiny_dataset), "--out", str(work), "--pipeline", str(PIPELINE), "--print-jobs"]
     assert main(args) == 0
-    lines = [x for x in capsys.readouterr().out.splitlines() if x and not x.startswith("#")]
-    assert lines[0].startswith("rsna19 index ") and lines[1].startswith("rsna19 convert ")
-    assert lines[2].startswith("rsna19 folds ")
-    jobs = [x for x in lines if x.startswith("rsna19 train ")]
-    assert len(jobs) == len(MODELS) * 2
+    out = capsys.readouterr().out.splitlines()
+    heads = [x for x in out if x.startswith("# job ")]
+    cmds = [x for x in out if x and not x.startswith("#")]
+    assert len(heads) == len(cmds) - 1  # + the closing `rsna19 run` line
+    assert cmds[0].startswith("rsna19 index ") and cmds[1].startswith("rsna19 convert ")
+    assert cmds[2].startswith("rsna19 folds ")
+    after = {h.split()[2]: h.split("(after: ")[1].split(";")[0] for h in heads}
     for m in MODELS:
         for k in range(2):
-            assert any(f"{m}.yaml --fold {k} " in j and "--split test" in j for j in jobs)
-    assert all("train.epochs=1" in j and "train.device=cpu" in j for j in jobs)
-    assert any(x.startswith("rsna19 stack ") and "models=[clf2d,clf2dc_5c,combine_last]" in x for x in lines)
-    assert any(x.startswith("rsna19 submit ") for x in lines)
+            assert any(f"{m}.yaml --fold {k} " in c for c in cmds if c.startswith("rsna19 train "))
+            assert f"train/{m}/fold_{k}" in after[f"predict/{m}/fold_{k}"]
+    assert all("train.epochs=1" in c and "train.device=cpu" in c for c in cmds if c.startswith("rsna19 train "))
+    # The sequence model waits for the embeddings of every fold of its image model; those wait for its training.
+    assert after["train/seq/fold_0"] == "folds, embed/clf2d/fold_0, embed/clf2d/fold_1"
+    assert after["embed/clf2d/fold_1"] == "train/clf2d/fold_1"
+    assert "embed/clf2d/fold_0" in after["predict/seq/fold_0"]
+    keys = [h.split()[2] for h in heads]
+    assert all(keys.index(d) < keys.index(k) for k, deps in after.items() for d in deps.split(", ") if d != "-")
+    assert any(x.startswith("rsna19 stack ") and "models=[clf2d,clf2dc_5c" in x for x in cmds)
+    assert any(x.startswith("rsna19 submit ") for x in cmds)
     assert not work.exists()  # printing the jobs runs nothing
+
+
+def test_print_jobs_assigns_a_gpu_slot_to_each_parallel_job(tiny_dataset, tmp_path):
+    from rsna19.pipeline.jobs import pipeline_jobs
+
+    cfg = load_pipeline(PIPELINE, ["device=cuda", "jobs=2"])
+    lines = pipeline_jobs(tiny_dataset, tmp_path / "w", cfg)
+    train = [x for x in lines if "rsna19 train " in x and not x.startswith("#")]
+    assert [x.split()[0] for x in train[:4]] == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"] * 2
+    assert not any(x.startswith("CUDA") for x in lines if "rsna19 index" in x or "rsna19 stack" in x)
+    cfg = load_pipeline(PIPELINE, ["device=cuda", "jobs=2", "gpus_per_job=2"])
+    lines = pipeline_jobs(tiny_dataset, tmp_path / "w", cfg)
+    train = [x for x in lines if "rsna19 train " in x and not x.startswith("#")]
+    assert train[1].startswith("CUDA_VISIBLE_DEVICES=2,3 torchrun --standalone --nproc_per_node=2 -m rsna19 train")
 
 
 def test_layout_accepts_stage_1_names_and_explains_a_wrong_folder(tmp_path):
@@ -94,6 +118,7 @@ def test_leakage_guard():
         {
             "sop_uid": ["a", "b", "c"],
             "series_uid": ["s1", "s2", "s3"],
+            "study_uid": ["t1", "t2", "t3"],
             "patient_id": ["p1", "p2", "p3"],
             "split": ["train", "train", "test"],
             **{c: [0.0, 0.0, float("nan")] for c in CLASSES},
@@ -103,9 +128,17 @@ def test_leakage_guard():
     check_no_leakage(rows, folds)
     with pytest.raises(UserError, match="more than one fold"):
         check_no_leakage(rows, pd.DataFrame({"patient_id": ["p1", "p1", "p2"], "fold": [0, 1, 1]}))
+    assert check_no_leakage(rows, folds) == []
+    # A patient with studies on both sides (a split fixed by someone else): a warning with the count, not a stop.
     shared = rows.assign(patient_id=["p1", "p2", "p2"])
-    with pytest.raises(UserError, match="test patient"):
-        check_no_leakage(shared, folds)
+    warnings = check_no_leakage(shared, folds)
+    assert len(warnings) == 1 and warnings[0].startswith("1 patient(s) have studies in both")
+    # The same study, series or slice on both sides is still leakage.
+    for col in ("study_uid", "series_uid", "sop_uid"):
+        with pytest.raises(UserError, match="leakage"):
+            check_no_leakage(shared.assign(**{col: ["a1", "a2", "a2"]}), folds)
+    with pytest.raises(UserError, match="test patient p3 has a training fold"):
+        check_no_leakage(rows, pd.concat([folds, pd.DataFrame({"patient_id": ["p3"], "fold": [0]})]))
     with pytest.raises(UserError, match="no fold"):
         check_no_leakage(rows, folds.iloc[:1])
 
@@ -124,7 +157,8 @@ def test_pipeline_config_errors(tmp_path):
 
 
 def test_submission_fills_unreadable_test_slices(tiny_run, tiny_dataset, tmp_path):
-    from rsna19.pipeline.run import DataLayout, _submission_frame
+    from rsna19.pipeline.layout import DataLayout
+    from rsna19.pipeline.layout import submission_frame as _submission_frame
 
     sample = read_long(tiny_dataset / "stage_2_sample_submission.csv")
     extra = pd.DataFrame({"ID": [f"ID_000000bad_{c}" for c in CLASSES], "Label": "0.5"})
@@ -136,20 +170,48 @@ def test_submission_fills_unreadable_test_slices(tiny_run, tiny_dataset, tmp_pat
     assert validate_submission(wide, expected_sops=expected) is not None
 
 
-def test_parallel_jobs_run_in_their_own_processes_and_report_failures(tmp_path):
-    """``run_jobs`` with 2 spawned processes: every job runs, results come back, and a failing job is raised."""
-    from rsna19.pipeline.run import run_jobs
-    from rsna19.utils.atomic import OutputError, write_text
+class _WriteJob:
+    """A real job for the executor: writes a file (after its dependencies' files exist)."""
 
-    done: dict[str, float] = {}
-    jobs = [(f"job{i}", write_text, (f"payload {i}\n", tmp_path / f"out{i}.txt")) for i in range(3)]
-    run_jobs(jobs, n_jobs=2, threads_per_job=1, on_done=lambda key, s: done.__setitem__(key, s))
-    assert sorted(done) == ["job0", "job1", "job2"] and all(s >= 0 for s in done.values())
-    assert [(tmp_path / f"out{i}.txt").read_text() for i in range(3)] == [f"payload {i}\n" for i in range(3)]
+    pooled = True
 
-    # A job whose output folder is a file fails in its worker; the error reaches the caller with its reason.
-    (tmp_path / "afile").write_text("")
-    bad = [("ok", write_text, ("x\n", tmp_path / "ok.txt")), ("bad", write_text, ("x\n", tmp_path / "afile" / "f"))]
-    with pytest.raises(OutputError, match="not a folder"):
-        run_jobs(bad, n_jobs=2)
-    assert (tmp_path / "ok.txt").read_text() == "x\n"  # the other job still finished
+    def __init__(self, key: str, deps: tuple[str, ...], out: Path, fail: bool = False):
+        self.key, self.deps, self.out, self.fail = key, deps, out, fail
+
+    def done(self) -> bool:
+        return self.out.is_file()
+
+    def run(self) -> str:
+        import os
+
+        for d in self.deps:  # a dependency's output is there before this job starts
+            assert (self.out.parent / f"{d}.txt").is_file(), d
+        if self.fail:
+            raise UserError(f"job {self.key} failed on purpose")
+        self.out.write_text(f"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES')}\n")
+        return "written"
+
+
+def test_graph_runs_in_dependency_order_in_worker_processes_and_reports_failures(tmp_path):
+    """``run_graph`` with 2 spawned workers: order, GPU slots, done jobs skipped, a failure stops its dependents."""
+    import os
+
+    from rsna19.pipeline.executor import gpu_slots, run_graph
+
+    jobs = [_WriteJob("a", (), tmp_path / "a.txt"), _WriteJob("b", (), tmp_path / "b.txt")]
+    jobs += [_WriteJob("c", ("a", "b"), tmp_path / "c.txt"), _WriteJob("d", ("c",), tmp_path / "d.txt")]
+    events = run_graph(jobs, n_jobs=2, threads=1, gpu_visible=gpu_slots(2, 1, 2))
+    assert [e.key for e in events][-2:] == ["c", "d"] and all(e.state == "ran" for e in events)
+    pids = {(tmp_path / f"{k}.txt").read_text().split()[0] for k in "abcd"}
+    assert str(os.getpid()) not in pids  # every job ran in a worker
+    assert {(tmp_path / f"{k}.txt").read_text().split()[1] for k in "abcd"} <= {"0", "1"}  # each worker its GPU
+    assert [e.state for e in run_graph(jobs, n_jobs=2)] == ["skipped"] * 4
+
+    bad = [_WriteJob("x", (), tmp_path / "x.txt", fail=True), _WriteJob("y", ("x",), tmp_path / "y.txt")]
+    bad.append(_WriteJob("z", (), tmp_path / "z.txt"))
+    with pytest.raises(UserError, match="failed on purpose"):
+        run_graph(bad, n_jobs=2)
+    assert not (tmp_path / "y.txt").exists()  # the failed job's dependent never started
+    assert gpu_slots(3, 1, 0) == [None] * 3 and gpu_slots(2, 2, 4) == ["0,1", "2,3"]
+    with pytest.raises(UserError, match="gpus_per_job"):
+        gpu_slots(1, 4, 2)

@@ -83,7 +83,7 @@ def test_outputs_per_study(case, folder_run):
         assert len(s["series_used"]) == 1
         assert set(s["prediction"]["max_probability"]) == {c.removeprefix("p_") for c in PROB_COLUMNS}
         assert s["prediction"]["top_slices"][0]["sop_uid"] in set(slices["sop_uid"])
-        assert set(s["per_model_max"]) == {"clf2d", "clf2dc_5c", "combine_last"}
+        assert set(s["per_model_max"]) == {"clf2d", "clf2dc_5c", "combine_last", "clf3d", "seg_aux", "seq"}
         png = folder_run / s["report"]
         assert png.name == report_name(uid) and png.read_bytes().startswith(b"\x89PNG")
     bad = by_uid[case["bad"]]
@@ -99,6 +99,26 @@ def test_same_probabilities_as_the_training_pipeline(case, folder_run):
     want.index = l2.test_features["sop_uid"].to_numpy()
     got = slices.loc[want.index, list(PROB_COLUMNS)]
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-4, atol=1e-5)
+
+
+FAMILIES = {"clf2d": "clf2d", "clf2dc_5c": "clf2dc", "combine_last": "combine_last", "clf3d": "clf3d"}
+FAMILIES |= {"seg_aux": "seg_aux", "seq": "seq"}
+
+
+@pytest.mark.parametrize("model", sorted(FAMILIES))
+def test_every_family_serves_what_rsna19_predict_gives(case, folder_run, tiny_run, model):
+    """Per family: predict-study on the test DICOMs (own conversion, bundle, in-memory embeddings for seq) equals the
+    mean over folds of `rsna19 predict`'s test.parquet of the same series in the cache (≤ 1e-4, float32 CPU)."""
+    manifest = json.loads((case["bundle"] / "bundle.json").read_text())
+    assert {m["name"]: m["family"] for m in manifest["models"]} == FAMILIES
+    per_model = pd.read_csv(folder_run / "models.csv")
+    got = per_model[per_model["model"] == model].set_index("sop_uid")
+    assert (got["family"] == FAMILIES[model]).all()
+    folds = [pd.read_parquet(tiny_run / "runs" / model / f"fold_{k}" / "test.parquet") for k in range(2)]
+    want = pd.concat(folds).groupby("sop_uid")[list(PROB_COLUMNS)].mean()
+    assert set(want.index) <= set(got.index)
+    diff = np.abs(got.loc[want.index, list(PROB_COLUMNS)].to_numpy() - want.to_numpy()).max()
+    assert diff <= 1e-4, f"{model}: max abs difference {diff:.2e}"
 
 
 def test_zip_input_gives_the_same_result(case, folder_run, tmp_path):

@@ -26,7 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="CONFIG",
         help="pipeline YAML, or a name in configs/pipelines/ (tiny, demo, rsna2019)",
     )
-    p.add_argument("--print-jobs", action="store_true", help="print the per-stage / per-model×fold shell commands")
+    p.add_argument(
+        "--print-jobs",
+        action="store_true",
+        help="print the job graph as shell commands (one block per job: what it waits for, its GPU), run nothing",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: this machine, `jobs` model jobs at a time; slurm: every job a SLURM batch job chained with "
+        "afterok (resources from the pipeline's `slurm:` section); either way finished jobs are skipped",
+    )
+    p.add_argument("--no-preflight", action="store_true", help="skip the `rsna19 doctor` checks before the first stage")
     p.add_argument("--progress", action="store_true", help="show the stages' own progress bars and logs")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline overrides, e.g. n_folds=3 device=cpu")
     p.set_defaults(func=run)
@@ -45,7 +57,14 @@ def run(args: argparse.Namespace) -> int:
     from rsna19.pipeline.run import format_result, quiet_logs, run_pipeline
 
     with quiet_logs(not (args.progress or args.verbose)):
-        result = run_pipeline(args.data, args.out, cfg, progress=args.progress)
+        result = run_pipeline(
+            args.data,
+            args.out,
+            cfg,
+            progress=args.progress,
+            executor=args.executor,
+            preflight=not args.no_preflight,
+        )
     print(format_result(result))
     print(f"outputs: {result.submission}, {result.work / 'scores.csv'}")
     return 0

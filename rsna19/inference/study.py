@@ -11,7 +11,8 @@ keeps the axial CT ones, with a reason for every series and file it skips):
 3. the level-2 features of the series (:func:`rsna19.stacking.features.build_features`) go through the bundled
    stacker.
 
-Outputs in ``OUT``: ``slices.csv`` (study, series, sop_uid, z, position, six probabilities), ``studies.json`` (per
+Outputs in ``OUT``: ``slices.csv`` (study, series, sop_uid, z, position, six stacked probabilities), ``models.csv``
+(the same per base model, with its family: what each model said before the stacker), ``studies.json`` (per
 study: max probabilities, top slices, series used and skipped with reasons, or the error that stopped it) and
 ``report_<study>.png`` (:func:`rsna19.report.render_study_report`, with a Grad-CAM map of ``any`` on the top slice
 where a 2D model allows it). A study that fails is reported with its message; the others are still processed.
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Columns of ``slices.csv``.
 SLICE_COLUMNS: tuple[str, ...] = ("study_uid", "series_uid", "sop_uid", "z", "position", *PROB_COLUMNS)
+#: Columns of ``models.csv``: every base model's fold-averaged probabilities, one row per slice and model.
+MODEL_COLUMNS: tuple[str, ...] = ("study_uid", "series_uid", "sop_uid", "z", "model", "family", *PROB_COLUMNS)
 
 
 def report_name(study_uid: str) -> str:
@@ -167,6 +170,26 @@ def predict_series(bundle: Any, files: list[Path], cache: Path) -> SeriesPredict
     return sp
 
 
+def _model_frame(study_uid: str, series: list[SeriesPrediction], families: dict[str, str]) -> pd.DataFrame:
+    """``models.csv`` rows of one study: each base model's probabilities of each slice (before the stacker)."""
+    parts = []
+    for sp in series:
+        for name, probs in sp.per_model.items():
+            df = pd.DataFrame(
+                {
+                    "study_uid": study_uid,
+                    "series_uid": sp.series_uid,
+                    "sop_uid": [str(s) for s in sp.meta["sop_uids"]],
+                    "z": np.arange(len(sp.meta["sop_uids"])),
+                    "model": name,
+                    "family": families.get(name, ""),
+                }
+            )
+            df[list(PROB_COLUMNS)] = probs
+            parts.append(df)
+    return pd.concat(parts, ignore_index=True)
+
+
 def _study_frame(study_uid: str, series: list[SeriesPrediction]) -> pd.DataFrame:
     parts = []
     for sp in series:
@@ -227,6 +250,7 @@ def predict_studies(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     frames = []
+    model_frames = []
     studies_out = []
     with _quiet_pydicom(), tempfile.TemporaryDirectory(prefix="rsna19-study-") as scratch:
         scratch = Path(scratch)
@@ -255,6 +279,7 @@ def predict_studies(
                     )
                 df = _study_frame(study_uid, done)
                 frames.append(df)
+                model_frames.append(_model_frame(study_uid, done, bundle.families))
                 entry["prediction"] = summarise_study(df, top_k=top_k, threshold=threshold)
                 entry["per_model_max"] = {
                     m: {
@@ -310,6 +335,8 @@ def predict_studies(
 
     slices = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SLICE_COLUMNS))
     write_csv(slices[list(SLICE_COLUMNS)], out / "slices.csv")
+    per_model = pd.concat(model_frames, ignore_index=True) if model_frames else pd.DataFrame(columns=MODEL_COLUMNS)
+    write_csv(per_model[list(MODEL_COLUMNS)], out / "models.csv")
     summary = {
         "source": str(path),
         "bundle": str(bundle.path),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rsna19.config import load_config
 from rsna19.errors import UserError
+from rsna19.pipeline.slurm import SlurmSection
 
 #: Where the repository's configs live when the package is installed editable (``rsna19 demo`` from anywhere).
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -55,6 +56,11 @@ class PipelineConfig:
             ``threads_per_job`` torch threads. On CPU, 2 jobs × 1 thread use 2 cores better than 1 job × 2 threads
             (small convolutions do not split well over threads). Keep 1 on a single GPU.
         threads_per_job: torch threads of each job process when ``jobs > 1``.
+        gpus_per_job: GPUs of each model job when ``device`` is not ``cpu``: worker slot i of ``jobs`` sees GPUs
+            ``i·g … i·g+g−1`` (``CUDA_VISIBLE_DEVICES``), so ``jobs: N`` on N GPUs gives every job its own GPU; with
+            ``g > 1`` a training runs under ``torchrun --nproc_per_node g`` (DistributedDataParallel).
+        masks: segmentation-aided models use ``DATA/masks/`` when the data has it (else they train as classifiers).
+        slurm: where and with what ``rsna19 run --executor slurm`` submits the jobs.
     """
 
     name: str = "pipeline"
@@ -73,6 +79,9 @@ class PipelineConfig:
     submit: str = "blend"
     jobs: int = 1
     threads_per_job: int = 1
+    gpus_per_job: int = 1
+    masks: bool = True
+    slurm: SlurmSection = field(default_factory=SlurmSection)
 
     @property
     def model_names(self) -> list[str]:
@@ -133,6 +142,8 @@ def load_pipeline(name_or_path: str | os.PathLike[str], overrides: list[str] | t
     unknown = sorted(set(cfg.model_overrides) - set(names))
     if unknown:
         raise UserError(f"{path}: model_overrides names unknown model(s) {unknown}; models: {names}")
+    if cfg.jobs < 1 or cfg.threads_per_job < 1 or cfg.gpus_per_job < 1:
+        raise UserError(f"{path}: jobs, threads_per_job and gpus_per_job must be ≥ 1")
     if cfg.n_folds < 2:
         raise UserError(f"{path}: n_folds must be ≥ 2 (out-of-fold predictions), got {cfg.n_folds}")
     return dataclasses.replace(cfg, models=models, stack=stack)

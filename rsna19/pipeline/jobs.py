@@ -1,23 +1,26 @@
-"""``rsna19 run ... --print-jobs``: the pipeline as shell commands, for a cluster scheduler.
+"""``rsna19 run ... --print-jobs``: the pipeline's job graph as shell commands, for a person or a scheduler.
 
-The output has three groups: the data stages (run once, in order), one line per base model × fold (independent
-of each other: train, then predict OOF and test; give each its own GPU), and the final stages (stack, submit)
-that need every model × fold line finished. ``rsna19 run`` with the same arguments afterwards skips everything
-that the jobs did and only prints the table.
+One block per job of :func:`rsna19.pipeline.stages.plan` (the objects the local runner and the SLURM executor run):
+a comment line with the job's key, the jobs it waits for and its resources, then its commands joined by ``&&``.
+Run in the printed order, the lines reproduce ``rsna19 run``; jobs whose ``after:`` lists are satisfied may run at
+the same time. Model jobs carry their GPU assignment (``CUDA_VISIBLE_DEVICES=…``): job i of a stage gets worker slot
+i mod ``jobs``, the GPUs that slot has in the local runner. ``rsna19 run`` with the same arguments afterwards skips
+everything the jobs did and only prints the table.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-from pathlib import Path
 
 from rsna19.pipeline.config import PipelineConfig
-from rsna19.pipeline.run import WorkPaths, find_layout, stack_overrides, train_overrides
+from rsna19.pipeline.executor import gpu_slots
+from rsna19.pipeline.stages import plan
 
 
-def _cmd(*parts: object) -> str:
-    return " ".join(shlex.quote(str(p)) for p in parts)
+def _line(argvs: list[list[str]], env: str | None) -> str:
+    prefix = f"CUDA_VISIBLE_DEVICES={env} " if env is not None else ""
+    return " && ".join(prefix + " ".join(shlex.quote(a) for a in argv) for argv in argvs)
 
 
 def pipeline_jobs(
@@ -25,55 +28,40 @@ def pipeline_jobs(
     work: str | os.PathLike[str],
     cfg: PipelineConfig,
     pipeline_arg: str | None = None,
+    n_gpus: int | None = None,
 ) -> list[str]:
-    """Shell lines (comments start with ``#``) that run the pipeline stage by stage.
+    """Shell lines (comments start with ``#``) that run the pipeline job by job.
 
     Args:
         data_dir: the RSNA-layout folder.
         work: the work folder.
         cfg: the pipeline config (paths resolved).
         pipeline_arg: how the user named the pipeline (for the closing ``rsna19 run`` line).
+        n_gpus: GPUs to assign (default: ``jobs × gpus_per_job`` when the pipeline runs on GPUs, else none).
     """
-    from rsna19.config import load_config
-    from rsna19.stacking.config import StackConfig
-
-    layout = find_layout(data_dir)
-    p = WorkPaths(Path(work))
-    c = cfg.convert
-    lines = ["# 1. data stages (once, in order)"]
-    dirs = [layout.train_dir] + ([layout.test_dir] if layout.test_dir else [])
-    lines.append(
-        _cmd("rsna19", "index", *dirs, "--labels", layout.train_csv, "--out", p.index, "--workers", cfg.index_workers)
-    )
-    convert = ["rsna19", "convert", p.index, "--out", p.cache, "--workers", c.workers, "--crop", c.crop or 0]
-    if c.spacing:
-        convert += ["--spacing", c.spacing]
-    if not c.correct_tilt:
-        convert.append("--no-tilt-correction")
-    lines.append(_cmd(*convert))
-    lines.append(_cmd("rsna19", "folds", p.cache, "--out", p.folds, "--n-folds", cfg.n_folds, "--seed", cfg.folds_seed))
-    lines.append(f"# 2. one job per base model x fold ({len(cfg.models)} x {cfg.n_folds}; independent, one GPU each)")
-    paths = ["--cache", p.cache, "--folds", p.folds, "--runs", p.runs]
-    for config in cfg.models:
-        name = Path(config).stem
-        for k in range(cfg.n_folds):
-            run_dir = p.runs / name
-            step = [_cmd("rsna19", "train", config, "--fold", k, *paths, *train_overrides(cfg, name))]
-            for split in ("oof", "test"):
-                pred = ["rsna19", "predict", run_dir, "--fold", k, "--split", split, "--tta", *cfg.tta]
-                pred += ["--device", cfg.device]
-                if cfg.predict_batch_size:
-                    pred += ["--batch-size", cfg.predict_batch_size]
-                step.append(_cmd(*pred))
-            lines.append(" && ".join(step))
-    lines.append("# 3. after every job above: second level and submission")
-    overrides = stack_overrides(cfg, p, layout)
-    lines.append(_cmd("rsna19", "stack", cfg.stack, *overrides))
-    stack_name = load_config(StackConfig, cfg.stack, overrides).name
-    submit = ["rsna19", "submit", p.stack / stack_name, "--out", p.submission, "--which", cfg.submit]
-    if layout.sample_submission:
-        submit += ["--sample-submission", layout.sample_submission]
-    lines.append(_cmd(*submit))
+    jobs = plan(data_dir, work, cfg)
+    on_gpu = cfg.device != "cpu"
+    if n_gpus is None:
+        n_gpus = cfg.jobs * cfg.gpus_per_job if on_gpu else 0
+    slots = gpu_slots(cfg.jobs, cfg.gpus_per_job, n_gpus)
+    lines = [f"# {len(jobs)} jobs; `after:` lists the jobs each waits for (run them in this order, or in parallel)"]
+    turn: dict[str, int] = {}
+    for job in jobs:
+        env = None
+        if job.pooled and on_gpu:
+            i = turn.get(job.stage, 0)
+            turn[job.stage] = i + 1
+            env = slots[i % len(slots)]
+        r = job.resources
+        res = f"{r.cpus} cpu" + (f", {r.gpus} gpu" if r.gpus and on_gpu else "")
+        where = f"; GPU {env}" if env is not None else ""
+        lines.append(f"# job {job.key} (after: {', '.join(job.deps) or '-'}; {res}{where})")
+        lines.append(_line(job.commands(), env))
     lines.append("# or, equivalently, let `rsna19 run` finish (it skips what the jobs did) and print the table:")
-    lines.append(_cmd("rsna19", "run", "--data", layout.root, "--out", p.work, "--pipeline", pipeline_arg or cfg.name))
+    lines.append(
+        " ".join(
+            shlex.quote(str(a))
+            for a in ("rsna19", "run", "--data", data_dir, "--out", work, "--pipeline", pipeline_arg or cfg.name)
+        )
+    )
     return lines

@@ -1,0 +1,558 @@
+"""The pipeline as a graph of jobs: each knows whether it is done, how to run itself, and its shell commands.
+
+:func:`plan` turns a pipeline config into :class:`Job` objects in dependency order. The local runner
+(:mod:`rsna19.pipeline.run`), ``--print-jobs`` (:mod:`rsna19.pipeline.jobs`) and the SLURM executor
+(:mod:`rsna19.pipeline.slurm`) all use the same objects, so what is printed is what runs.
+
+=================  =========================================  ==============================================
+job key            waits for                                  done when
+=================  =========================================  ==============================================
+``index``          —                                          ``index.parquet`` exists
+``convert``        ``index``                                  ``cache_index.parquet`` newer than the index
+``folds``          ``convert``                                ``folds.csv`` exists (leakage checked on run)
+``train/M/fold_k`` ``folds`` (+ the embeddings it reads)      ``log.csv`` reached the config's last epoch
+``embed/M/fold_k`` ``train/M/fold_k``                         every split it writes is newer than ``best.pt``
+``predict/M/...``  ``train/M/fold_k`` (+ ``embed/…`` it reads)  ``oof`` and ``test`` parquets newer than ``best.pt``
+``stack``          every ``predict/…``                        the stack's ``scores.csv`` newer than every parquet
+``submit``         ``stack``                                  ``submission.csv`` newer than the stack's scores
+=================  =========================================  ==============================================
+
+A sequence model reads the embeddings of the image model named by its ``data.embeddings``: an ``embed`` job per
+fold of that image model writes them (the splits every sequence model needs: ``oof`` + ``test``, and ``train``
+when one trains on its own fold's embeddings), and the sequence model's fold-k training waits for the ``embed``
+jobs of the folds it reads (every fold with ``embedding_source: oof``, fold k alone with ``fold``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rsna19.config import load_config
+from rsna19.errors import UserError
+from rsna19.pipeline.config import PipelineConfig
+from rsna19.pipeline.layout import (
+    DataLayout,
+    WorkPaths,
+    check_no_leakage,
+    find_layout,
+    load_train_config,
+    newer,
+    stack_overrides,
+    submission_frame,
+    train_done,
+    train_overrides,
+)
+
+log = logging.getLogger(__name__)
+
+#: Stage names in run order (the timing table's rows); every job belongs to one.
+STAGES: tuple[str, ...] = ("index", "convert", "folds", "train", "embed", "predict", "stack", "submit")
+SPLITS: tuple[str, ...] = ("oof", "test")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks of a machine or a scheduler.
+
+    Attributes:
+        gpus: GPUs (0: CPU only).
+        cpus: CPU cores (torch threads + loader workers).
+        mem_gb: memory.
+        time_min: wall-time limit for a scheduler.
+        partition: scheduler partition (None: its default).
+    """
+
+    gpus: int = 0
+    cpus: int = 1
+    mem_gb: float = 4.0
+    time_min: int = 60
+    partition: str | None = None
+
+
+@dataclass
+class Context:
+    """What every job of one pipeline shares: the config, the data layout, the work folder's paths."""
+
+    cfg: PipelineConfig
+    layout: DataLayout
+    paths: WorkPaths
+    progress: bool = False
+    train_cfgs: dict[str, Any] = field(default_factory=dict)  # run name → resolved TrainConfig
+    config_paths: dict[str, str] = field(default_factory=dict)  # run name → its YAML
+
+    @property
+    def on_gpu(self) -> bool:
+        """True when the models run on GPUs (``device`` is not ``cpu``)."""
+        return self.cfg.device != "cpu"
+
+
+class Job:
+    """One unit of work; subclasses fill in :meth:`done`, :meth:`run` and :meth:`commands`.
+
+    Attributes:
+        key: unique name (``train/clf2d/fold_0``); the first part is the stage.
+        deps: keys of the jobs that must finish first.
+        resources: what it asks for.
+        pooled: runs in a worker process of the local runner (model jobs); else in the runner itself.
+    """
+
+    stage: str = ""
+    pooled: bool = False
+
+    def __init__(self, ctx: Context, key: str, deps: tuple[str, ...] = (), resources: Resources | None = None):
+        self.ctx = ctx
+        self.key = key
+        self.deps = tuple(deps)
+        self.resources = resources or Resources()
+
+    def done(self) -> bool:
+        """True when the job's outputs are complete and current (a re-run skips it)."""
+        raise NotImplementedError
+
+    def run(self) -> str:
+        """Do the work in this process; returns a short message for the stage line."""
+        raise NotImplementedError
+
+    def commands(self) -> list[list[str]]:
+        """The same work as shell commands (argv lists, run in order)."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """A short message about the outputs when the job was already done."""
+        return "already done"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.key!r}, deps={list(self.deps)})"
+
+
+def _argv(*parts: object) -> list[str]:
+    return [str(p) for p in parts]
+
+
+# ------------------------------------------------------------------------------------------------ data stages
+class IndexJob(Job):
+    """``rsna19 index``: one row a slice of the training and test folders."""
+
+    stage = "index"
+
+    def _dirs(self) -> list[Path]:
+        lay = self.ctx.layout
+        return [lay.train_dir] + ([lay.test_dir] if lay.test_dir else [])
+
+    def done(self) -> bool:
+        return self.ctx.paths.index.is_file()
+
+    def run(self) -> str:
+        from rsna19.io.index import build_index
+
+        c, p = self.ctx.cfg, self.ctx.paths
+        index = build_index(
+            [str(d) for d in self._dirs()], str(self.ctx.layout.train_csv), p.index, c.index_workers, self.ctx.progress
+        )
+        n_err = len(pd.read_csv(p.index.with_name("index_errors.csv")))
+        return f"{len(index)} slices, {index['series_uid'].nunique()} series" + (
+            f", {n_err} unusable file(s) in index_errors.csv" if n_err else ""
+        )
+
+    def summary(self) -> str:
+        index = pd.read_parquet(self.ctx.paths.index, columns=["series_uid"])
+        return f"{len(index)} slices, {index['series_uid'].nunique()} series"
+
+    def commands(self) -> list[list[str]]:
+        p, c = self.ctx.paths, self.ctx.cfg
+        return [
+            _argv("rsna19", "index", *self._dirs(), "--labels", self.ctx.layout.train_csv, "--out", p.index)
+            + _argv("--workers", c.index_workers)
+        ]
+
+
+class ConvertJob(Job):
+    """``rsna19 convert``: HU volumes in spatial order, tilt-corrected and cropped, into the cache."""
+
+    stage = "convert"
+
+    def done(self) -> bool:
+        p = self.ctx.paths
+        return newer(p.cache / "cache_index.parquet", p.index)
+
+    def run(self) -> str:
+        from rsna19.conversion.run import run_convert
+
+        c, p = self.ctx.cfg.convert, self.ctx.paths
+        s = run_convert(
+            p.index,
+            p.cache,
+            workers=c.workers,
+            crop=c.crop,
+            spacing=c.spacing,
+            correct_tilt=c.correct_tilt,
+            progress=self.ctx.progress,
+        )
+        return f"{s.n_series} series: {s.converted} converted, {s.skipped} up to date, {s.failed} failed"
+
+    def summary(self) -> str:
+        cache_index = pd.read_parquet(self.ctx.paths.cache / "cache_index.parquet", columns=["series_uid"])
+        return f"{cache_index['series_uid'].nunique()} series up to date"
+
+    def commands(self) -> list[list[str]]:
+        c, p = self.ctx.cfg.convert, self.ctx.paths
+        argv = _argv("rsna19", "convert", p.index, "--out", p.cache, "--workers", c.workers, "--crop", c.crop or 0)
+        if c.spacing:
+            argv += _argv("--spacing", c.spacing)
+        if not c.correct_tilt:
+            argv.append("--no-tilt-correction")
+        return [argv]
+
+
+class FoldsJob(Job):
+    """``rsna19 folds`` and the leakage checks: nothing trains before they pass."""
+
+    stage = "folds"
+
+    def done(self) -> bool:
+        return self.ctx.paths.folds.is_file()
+
+    def run(self) -> str:
+        from rsna19.data.folds import write_folds
+
+        c, p = self.ctx.cfg, self.ctx.paths
+        write_folds(p.cache, p.folds, n_folds=c.n_folds, seed=c.folds_seed)
+        return self.check()
+
+    def check(self) -> str:
+        """Folds agree with the pipeline and nothing leaks; returns the stage message.
+
+        Raises:
+            UserError: another number of folds, leakage, or no test slice.
+        """
+        from rsna19.data.datasets import read_cache_index
+        from rsna19.data.folds import read_folds
+
+        c, p = self.ctx.cfg, self.ctx.paths
+        folds = read_folds(p.folds)
+        n_folds = int(folds["fold"].max()) + 1
+        if n_folds != c.n_folds:
+            raise UserError(f"{p.folds} has {n_folds} folds, the pipeline wants {c.n_folds}; delete it to remake")
+        cache_index = read_cache_index(p.cache)
+        warnings = check_no_leakage(cache_index, folds)
+        n_test = int((cache_index["split"] != "train").sum())
+        if n_test == 0:
+            raise UserError(f"no test slices in {p.cache}: is {self.ctx.layout.root}/stage_2_test/ readable?")
+        msg = f"{len(folds)} patients in {n_folds} folds; no leakage ({n_test} test slices kept out)"
+        return msg + "".join(f"; warning: {w}" for w in warnings)
+
+    summary = check
+
+    def commands(self) -> list[list[str]]:
+        c, p = self.ctx.cfg, self.ctx.paths
+        return [_argv("rsna19", "folds", p.cache, "--out", p.folds, "--n-folds", c.n_folds, "--seed", c.folds_seed)]
+
+
+# ------------------------------------------------------------------------------------------------ model jobs
+class ModelJob(Job):
+    """A job on one fold of one base model; it runs in a worker of the local runner, on the device it is given."""
+
+    pooled = True
+
+    def __init__(self, ctx: Context, model: str, fold: int, deps: tuple[str, ...], resources: Resources):
+        super().__init__(ctx, f"{self.stage}/{model}/fold_{fold}", deps, resources)
+        self.model = model
+        self.fold = fold
+
+    @property
+    def fold_dir(self) -> Path:
+        return self.ctx.paths.runs / self.model / f"fold_{self.fold}"
+
+    @property
+    def device(self) -> str:
+        """The device of the pipeline (a runner worker sees only its own GPUs, so ``cuda`` means those)."""
+        return self.ctx.cfg.device
+
+
+class TrainJob(ModelJob):
+    """``rsna19 train CONFIG --fold k``: under ``torchrun`` when the pipeline gives each job several GPUs."""
+
+    stage = "train"
+
+    def done(self) -> bool:
+        return train_done(self.fold_dir, self.ctx.train_cfgs[self.model].train.epochs)
+
+    def run(self) -> str:
+        from rsna19.training.trainer import train
+
+        if self.ctx.on_gpu and self.ctx.cfg.gpus_per_job > 1:
+            import subprocess
+
+            for argv in self.commands():
+                subprocess.run(argv, check=True)
+        else:
+            train(self.ctx.train_cfgs[self.model], self.fold)
+        best = pd.read_csv(self.fold_dir / "log.csv")["val_wll"].min()
+        return f"best val wll {best:.4f}"
+
+    def commands(self) -> list[list[str]]:
+        p = self.ctx.paths
+        args = _argv("train", self.ctx.config_paths[self.model], "--fold", self.fold)
+        args += _argv("--cache", p.cache, "--folds", p.folds, "--runs", p.runs)
+        args += [*train_overrides(self.ctx.cfg, self.model)]
+        masks = self.ctx.layout.root / "masks"
+        if self.ctx.train_cfgs[self.model].data.masks:
+            args += _argv("--masks", masks)
+        g = self.ctx.cfg.gpus_per_job
+        if self.ctx.on_gpu and g > 1:
+            return [["torchrun", "--standalone", f"--nproc_per_node={g}", "-m", "rsna19", *args]]
+        return [["rsna19", *args]]
+
+
+class EmbedJob(ModelJob):
+    """``rsna19 embed RUN --fold k``: the per-slice features a sequence model reads."""
+
+    stage = "embed"
+
+    def __init__(
+        self, ctx: Context, model: str, fold: int, splits: tuple[str, ...], deps: tuple[str, ...], res: Resources
+    ):
+        super().__init__(ctx, model, fold, deps, res)
+        self.splits = splits
+
+    def _paths(self) -> list[Path]:
+        from rsna19.data.embeddings import embedding_paths
+
+        return [embedding_paths(self.fold_dir, s)["json"] for s in self.splits]
+
+    def done(self) -> bool:
+        return all(newer(j, self.fold_dir / "best.pt") for j in self._paths())
+
+    def run(self) -> str:
+        from rsna19.engine.embed import extract_embeddings
+
+        extract_embeddings(
+            self.fold_dir,
+            self.fold,
+            self.splits,
+            tta=self.ctx.cfg.tta,
+            device=self.device,
+            overwrite=True,
+            progress=self.ctx.progress and self.ctx.cfg.jobs <= 1,
+        )
+        return f"{', '.join(self.splits)} embedded"
+
+    def commands(self) -> list[list[str]]:
+        argv = _argv("rsna19", "embed", self.fold_dir.parent, "--fold", self.fold, "--splits", *self.splits)
+        return [argv + _argv("--tta", *self.ctx.cfg.tta, "--device", self.device, "--overwrite")]
+
+
+class PredictJob(ModelJob):
+    """``rsna19 predict RUN --fold k --split oof|test``: the parquets the stack reads."""
+
+    stage = "predict"
+
+    def _outputs(self) -> list[Path]:
+        return [self.fold_dir / f"{s}.parquet" for s in SPLITS]
+
+    def done(self) -> bool:
+        return all(newer(p, self.fold_dir / "best.pt") for p in self._outputs())
+
+    def run(self) -> str:
+        from rsna19.inference.predict import predict
+
+        for split in SPLITS:
+            predict(
+                self.fold_dir,
+                self.fold,
+                split,
+                tta=self.ctx.cfg.tta,
+                device=self.device,
+                batch_size=self.ctx.cfg.predict_batch_size,
+                progress=self.ctx.progress and self.ctx.cfg.jobs <= 1,  # bars of parallel jobs would interleave
+            )
+        return "oof + test written"
+
+    def commands(self) -> list[list[str]]:
+        out = []
+        for split in SPLITS:
+            argv = _argv("rsna19", "predict", self.fold_dir.parent, "--fold", self.fold, "--split", split)
+            argv += _argv("--tta", *self.ctx.cfg.tta, "--device", self.device)
+            if self.ctx.cfg.predict_batch_size:
+                argv += _argv("--batch-size", self.ctx.cfg.predict_batch_size)
+            out.append(argv)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ second level
+class StackJob(Job):
+    """``rsna19 stack``: level-2 features, stackers, blend and the score table."""
+
+    stage = "stack"
+
+    def __init__(self, ctx: Context, deps: tuple[str, ...]):
+        super().__init__(ctx, "stack", deps, Resources(cpus=4, mem_gb=16))
+        self.overrides = stack_overrides(ctx.cfg, ctx.paths, ctx.layout)
+
+    def config(self) -> Any:
+        from rsna19.stacking.config import StackConfig
+
+        return load_config(StackConfig, self.ctx.cfg.stack, self.overrides)
+
+    def _predictions(self) -> list[Path]:
+        c, p = self.ctx.cfg, self.ctx.paths
+        return [
+            p.runs / n / f"fold_{k}" / f"{s}.parquet" for n in c.model_names for k in range(c.n_folds) for s in SPLITS
+        ]
+
+    def done(self) -> bool:
+        from rsna19.stacking.run import DONE_FILE, stack_dir
+
+        return newer(stack_dir(self.config()) / DONE_FILE, *self._predictions())
+
+    def run(self) -> str:
+        from rsna19.stacking.run import run_stack
+
+        result = run_stack(self.config(), force=True)
+        best = result.scores.loc[result.scores["wll_oof"].idxmin()]
+        return f"{result.out_dir}: best OOF {best['name']} {best['wll_oof']:.4f}"
+
+    def summary(self) -> str:
+        from rsna19.stacking.run import DONE_FILE, stack_dir
+
+        scores = pd.read_csv(stack_dir(self.config()) / DONE_FILE)
+        best = scores.loc[scores["wll_oof"].idxmin()]
+        return f"best OOF {best['name']} {best['wll_oof']:.4f}"
+
+    def commands(self) -> list[list[str]]:
+        return [_argv("rsna19", "stack", self.ctx.cfg.stack, *self.overrides)]
+
+
+class SubmitJob(Job):
+    """The submission csv in the sample submission's order (+ its score when the data has test labels)."""
+
+    stage = "submit"
+
+    def __init__(self, ctx: Context, stack: StackJob):
+        super().__init__(ctx, "submit", (stack.key,), Resources(cpus=1, mem_gb=8))
+        self.stack = stack
+
+    def _stack_dir(self) -> Path:
+        from rsna19.stacking.run import stack_dir
+
+        return stack_dir(self.stack.config())
+
+    def done(self) -> bool:
+        from rsna19.stacking.run import DONE_FILE
+
+        p = self.ctx.paths
+        done_file = self._stack_dir() / DONE_FILE
+        return newer(p.submission, done_file) and newer(p.scores, done_file)
+
+    def run(self) -> str:
+        from rsna19.stacking.run import DONE_FILE
+        from rsna19.submission import write_submission
+
+        p, sdir = self.ctx.paths, self._stack_dir()
+        wide, expected, n_filled = submission_frame(sdir, self.ctx.cfg.submit, self.ctx.layout)
+        write_submission(wide, p.submission, expected_sops=expected)
+        shutil.copyfile(sdir / DONE_FILE, p.work / f".{p.scores.name}.tmp")
+        os.replace(p.work / f".{p.scores.name}.tmp", p.scores)
+        msg = f"{p.submission} ({self.ctx.cfg.submit})"
+        if n_filled:
+            msg += f", {n_filled} unreadable test slice(s) filled with the mean"
+        return msg
+
+    def summary(self) -> str:
+        return f"{self.ctx.paths.submission} ({self.ctx.cfg.submit})"
+
+    def commands(self) -> list[list[str]]:
+        from rsna19.stacking.run import DONE_FILE
+
+        p, lay = self.ctx.paths, self.ctx.layout
+        argv = _argv("rsna19", "submit", self._stack_dir(), "--out", p.submission, "--which", self.ctx.cfg.submit)
+        if lay.sample_submission:
+            argv += _argv("--sample-submission", lay.sample_submission)
+        return [argv, _argv("cp", self._stack_dir() / DONE_FILE, p.scores)]
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def model_resources(cfg: PipelineConfig) -> Resources:
+    """Resources of a model job: the pipeline's GPUs per job, its threads and loader workers."""
+    gpus = cfg.gpus_per_job if cfg.device != "cpu" else 0
+    return Resources(gpus=gpus, cpus=max(1, cfg.threads_per_job), mem_gb=16.0 if gpus else 4.0, time_min=24 * 60)
+
+
+def embedding_splits(train_cfgs: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Image run → the embedding splits its sequence models read (``oof``, ``test``, and ``train`` for ``fold``).
+
+    Raises:
+        UserError: a sequence model whose image run is not in the pipeline, or is itself a sequence model.
+    """
+    out: dict[str, set[str]] = {}
+    for name, tc in train_cfgs.items():
+        if tc.data.layout != "sequence":
+            continue
+        image = tc.data.embeddings
+        if image not in train_cfgs:
+            raise UserError(
+                f"model {name!r} reads the embeddings of {image!r}, which is not in the pipeline's models "
+                f"({', '.join(train_cfgs)}): add its config to `models`"
+            )
+        if train_cfgs[image].data.layout not in ("channels", "stack"):
+            raise UserError(f"model {name!r} reads embeddings of {image!r}, a {train_cfgs[image].data.layout} model")
+        out.setdefault(image, {"oof", "test"})
+        if tc.data.embedding_source == "fold":
+            out[image].add("train")
+    return {k: tuple(s for s in ("train", "oof", "test") if s in v) for k, v in out.items()}
+
+
+def plan(
+    data_dir: str | os.PathLike[str], work: str | os.PathLike[str], cfg: PipelineConfig, progress: bool = False
+) -> list[Job]:
+    """Every job of the pipeline, dependencies before dependents.
+
+    Raises:
+        UserError: a data folder not in the RSNA layout, or a model config that does not load.
+    """
+    layout = find_layout(data_dir)
+    paths = WorkPaths(Path(work))
+    ctx = Context(cfg, layout, paths, progress)
+    masks = layout.root / "masks"
+    for config in cfg.models:
+        name = Path(config).stem
+        tc = load_train_config(cfg, config, paths)
+        if tc.model.name == "seg_aux" and tc.data.masks is None and cfg.masks and masks.is_dir():
+            tc.data.masks = str(masks)  # segmentation-aided models use the data's masks when there are any
+        ctx.train_cfgs[name] = tc
+        ctx.config_paths[name] = config
+    res = model_resources(cfg)
+    jobs: list[Job] = [
+        IndexJob(ctx, "index", (), Resources(cpus=cfg.index_workers)),
+        ConvertJob(ctx, "convert", ("index",), Resources(cpus=cfg.convert.workers)),
+        FoldsJob(ctx, "folds", ("convert",)),
+    ]
+    embeds = embedding_splits(ctx.train_cfgs)
+    # Image models first, then the models that read their embeddings: the list stays in dependency order.
+    order = sorted(ctx.train_cfgs, key=lambda n: ctx.train_cfgs[n].data.layout == "sequence")
+    for name in order:
+        tc = ctx.train_cfgs[name]
+        for k in range(cfg.n_folds):
+            deps: tuple[str, ...] = ("folds",)
+            if tc.data.layout == "sequence":
+                reads = [k] if tc.data.embedding_source == "fold" else list(range(cfg.n_folds))
+                deps += tuple(f"embed/{tc.data.embeddings}/fold_{j}" for j in reads)
+            jobs.append(TrainJob(ctx, name, k, deps, res))
+        if name in embeds:
+            for k in range(cfg.n_folds):
+                jobs.append(EmbedJob(ctx, name, k, embeds[name], (f"train/{name}/fold_{k}",), res))
+        for k in range(cfg.n_folds):
+            deps = (f"train/{name}/fold_{k}",)
+            if tc.data.layout == "sequence":
+                deps += (f"embed/{tc.data.embeddings}/fold_{k}",)
+            jobs.append(PredictJob(ctx, name, k, deps, res))
+    stack = StackJob(ctx, tuple(j.key for j in jobs if isinstance(j, PredictJob)))
+    jobs += [stack, SubmitJob(ctx, stack)]
+    return jobs
