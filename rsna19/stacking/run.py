@@ -241,6 +241,9 @@ def run_stack(cfg: StackConfig, force: bool = False) -> StackResult:
         write_text(json.dumps(weights, indent=2), tmp / "weights.json")
         write_text(json.dumps(timings, indent=2), tmp / "timings.json")
         save_config(resolved, tmp / "config.yaml")
+        from rsna19.plots import plot_safely, plot_score_table  # scores.png: the table as bars; a failure only warns
+
+        plot_safely(plot_score_table, scores, tmp / "scores.png", f"stack {cfg.name}")
         scores.to_csv(tmp / DONE_FILE, index=False)
     log.info("stack output written to %s", out_dir)
     return StackResult(out_dir, scores, False, oof, test, timings, l2, stackers, blend)
