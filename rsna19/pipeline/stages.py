@@ -28,6 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,10 +290,12 @@ class TrainJob(ModelJob):
         from rsna19.training.trainer import train
 
         if self.ctx.on_gpu and self.ctx.cfg.gpus_per_job > 1:
-            import subprocess
-
-            for argv in self.commands():
-                subprocess.run(argv, check=True)
+            # torchrun in a child process: it sees this worker's GPUs (CUDA_VISIBLE_DEVICES of its slot).
+            argv = self.commands()[0]
+            argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise UserError(f"{self.key}: torchrun failed ({done.returncode}): {done.stderr[-2000:]}")
         else:
             train(self.ctx.train_cfgs[self.model], self.fold)
         best = pd.read_csv(self.fold_dir / "log.csv")["val_wll"].min()
