@@ -21,11 +21,14 @@ import pytest
 from rsna19.config import from_dict
 from rsna19.errors import UserError
 from rsna19.pipeline.slurm import (
+    JobRequest,
     SlurmJobError,
     SlurmOptions,
     SlurmResources,
     SlurmSection,
     batch_script,
+    job_resources,
+    kind_of,
     log_stem,
     run_slurm,
     sbatch_args,
@@ -154,14 +157,23 @@ def test_run_slurm_rejects_bad_order(tmp_path: Path) -> None:
         run_slurm([jobs[0], jobs[0]], tmp_path, SlurmOptions())
 
 
-def test_slurm_section_from_config() -> None:
-    sec = from_dict(SlurmSection, {"partition": "gpu", "train": {"gpus": 2, "time_min": 30}, "env": {"A": "1"}})
-    assert sec.resources_for("train/clf2d/fold_0") == SlurmResources(gpus=2, cpus=1, mem_gb=4.0, time_min=30)
-    assert sec.resources_for("train/clf2d/fold_0", device="cpu").gpus == 0
-    assert sec.kind_of("predict/x/fold_0/oof") == "predict"
-    assert sec.kind_of("submit") == "stack" and sec.kind_of("index") == "data" and sec.kind_of("embed/s") == "embed"
+def test_slurm_section_changes_resources_per_kind(tmp_path: Path) -> None:
+    sec = from_dict(SlurmSection, {"partition": "gpu", "train": {"cpus": 8, "time_min": 30}, "env": {"A": "1"}})
+    assert sec.train == SlurmResources(cpus=8, time_min=30) and sec.stack == SlurmResources()
     opts = sec.options(wait=False)
     assert opts.partition == "gpu" and opts.env == {"A": "1"} and opts.wait is False
+    assert opts.kind_resources == {"train": {"cpus": 8, "time_min": 30}}
+    train = StandInJob("train/m/fold_0", tmp_path / "x", resources=Resources(gpus=1, mem_gb=16))
+    assert job_resources(train, opts) == JobRequest(gpus=1, cpus=8, mem_gb=16, time_min=30)
+    stack = StandInJob("stack", tmp_path / "x", resources=Resources(cpus=4))
+    assert job_resources(stack, opts) == JobRequest(cpus=4)
+    opts.resource_override = {"cpus": 1}
+    assert job_resources(train, opts).cpus == 1
+    opts.resource_override = {"cpu": 1}
+    with pytest.raises(UserError, match="unknown field"):
+        job_resources(train, opts)
+    assert kind_of("predict/x/fold_0") == "predict" and kind_of("embed/s/fold_1") == "embed"
+    assert kind_of("submit") == "stack" and kind_of("index") == "data" and kind_of("folds") == "data"
 
 
 # ---------------------------------------------------------------- on a real cluster
@@ -275,3 +287,57 @@ def test_no_wait_then_resume_adopts_queued_jobs(cluster: None, tmp_path: Path) -
         assert (v["job_id"] or v["previous_job_id"]) == first[k]
     assert sum("from an earlier call" in line for line in lines) >= 3, lines
     assert all(j.done() for j in jobs)
+
+
+@pytest.mark.slurm
+def test_tiny_pipeline_on_slurm_matches_local_run(cluster: None, tmp_path: Path) -> None:
+    """``configs/pipelines/tiny.yaml`` through ``run_slurm(plan(...))``: the local run's submission, then nothing to do.
+
+    Both runs use one torch thread a process (``OMP_NUM_THREADS=1``; the batch scripts set it to
+    ``--cpus-per-task``): float sums in another thread count differ in the last bits, and the stackers magnify
+    that to ~1e-5 in the submission.
+
+    Two of the six models by default, the 2D one and the sequence model that reads its embeddings (15 jobs,
+    every kind of job and dependency of the plan); ``RSNA19_SLURM_ALL_MODELS=1`` runs all six (31 jobs; each one
+    a fresh process that imports torch, about 9 min on two busy cores against 4 for the two).
+    """
+    import numpy as np
+    import pandas as pd
+
+    stages = pytest.importorskip("rsna19.pipeline.stages")
+    from rsna19.pipeline.config import load_pipeline
+
+    exe = str(Path(sys.executable).parent / "rsna19")
+    data, local, work = tmp_path / "data", tmp_path / "local", tmp_path / "slurm"
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    overrides = (
+        [] if os.environ.get("RSNA19_SLURM_ALL_MODELS") == "1" else ["models=[../tiny/clf2d.yaml,../tiny/seq.yaml]"]
+    )
+    for argv in (
+        [exe, "synth", str(data), "--preset", "tiny"],
+        [exe, "run", "--data", str(data), "--out", str(local), "--pipeline", "tiny", *overrides],
+    ):
+        proc = subprocess.run(argv, capture_output=True, text=True, env=one_thread, cwd=REPO)
+        assert proc.returncode == 0, f"{argv}: {proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+    cfg = load_pipeline("tiny", overrides)
+    jobs = stages.plan(data, work, cfg)
+    # the test node has 2 CPUs and ~19 GB: ask for less than the real jobs do (the stack wants 4 CPUs, 16 GB)
+    opts = SlurmOptions(poll_s=1.0, resource_override={"cpus": 1, "mem_gb": 3})
+    lines: list[str] = []
+    run_slurm(jobs, work, opts, say=lines.append)
+    assert any(f"0 done (skipped), {len(jobs)} submitted" in line for line in lines), lines[:3]
+    rec = jobs_json(work)
+    assert set(rec) == {j.key for j in jobs} and {v["state"] for v in rec.values()} == {"COMPLETED"}
+
+    a = pd.read_csv(local / "submission.csv")
+    b = pd.read_csv(work / "submission.csv")
+    assert a["ID"].tolist() == b["ID"].tolist()
+    assert np.abs(a["Label"].to_numpy() - b["Label"].to_numpy()).max() <= 1e-6
+    assert (work / "scores.csv").is_file()
+
+    jobs = stages.plan(data, work, cfg)
+    assert all(j.done() for j in jobs)
+    lines.clear()
+    run_slurm(jobs, work, opts, say=lines.append)
+    assert any(f"{len(jobs)} done (skipped), 0 submitted" in line for line in lines), lines

@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rsna19.errors import UserError
-from rsna19.utils.atomic import write_text
 
 #: SLURM job states after which a job will not run again; only ``COMPLETED`` is a success.
 FAILED_STATES = frozenset(
@@ -94,21 +93,45 @@ class JobLike(Protocol):
 
 @dataclass
 class SlurmResources:
-    """Default resources of one job kind; the same fields as ``rsna19.pipeline.stages.Resources``.
+    """What the ``slurm:`` section changes in the resources of one job kind; None keeps the job's own value.
+
+    The jobs' own resources (``Job.resources``, from the pipeline: ``gpus_per_job``, ``threads_per_job``,
+    ``device``) are what a local run uses; on a cluster one usually wants more CPUs (loader workers), memory and
+    a time limit, e.g. ``slurm: {train: {cpus: 8, mem_gb: 48, time_min: 2880}}``.
 
     Attributes:
         gpus: GPUs (``--gres=gpu:N``; none asked for when 0).
         cpus: ``--cpus-per-task`` (also the job's ``OMP_NUM_THREADS``).
         mem_gb: ``--mem`` in GB (rounded up to whole MB).
         time_min: ``--time`` in minutes.
-        partition: ``--partition`` of this kind; None: the section's.
+        partition: ``--partition`` of this kind (else the job's, else the section's).
     """
+
+    gpus: int | None = None
+    cpus: int | None = None
+    mem_gb: float | None = None
+    time_min: int | None = None
+    partition: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The fields that are set (not None)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What one batch job asks for: ``Job.resources`` with the section's kind settings and overrides applied."""
 
     gpus: int = 0
     cpus: int = 1
     mem_gb: float = 4.0
     time_min: int = 60
     partition: str | None = None
+
+
+def kind_of(key: str) -> str:
+    """The job kind of a job key (its first ``/`` part when that is a kind; ``submit`` counts as ``stack``)."""
+    return _KIND_OF_PREFIX.get(key.split("/", 1)[0], "data")
 
 
 @dataclass
@@ -122,7 +145,8 @@ class SlurmSection:
         poll_s: seconds between two ``squeue`` polls while waiting.
         setup: shell lines each batch script runs before its commands (``module load cuda``, ``source venv``).
         env: environment variables exported in each batch script.
-        train, predict, embed, stack, data: resources of each job kind (``data``: index, convert, folds).
+        train, predict, embed, stack, data: resource changes per job kind (``data``: index, convert, folds;
+            ``stack``: stack and submit); unset fields keep the job's own resources.
     """
 
     partition: str | None = None
@@ -131,24 +155,11 @@ class SlurmSection:
     poll_s: float = 30.0
     setup: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    train: SlurmResources = field(default_factory=lambda: SlurmResources(gpus=1, cpus=8, mem_gb=48, time_min=1440))
-    predict: SlurmResources = field(default_factory=lambda: SlurmResources(gpus=1, cpus=8, mem_gb=32, time_min=240))
-    embed: SlurmResources = field(default_factory=lambda: SlurmResources(gpus=1, cpus=8, mem_gb=32, time_min=240))
-    stack: SlurmResources = field(default_factory=lambda: SlurmResources(gpus=0, cpus=8, mem_gb=32, time_min=240))
-    data: SlurmResources = field(default_factory=lambda: SlurmResources(gpus=0, cpus=8, mem_gb=32, time_min=720))
-
-    @staticmethod
-    def kind_of(key: str) -> str:
-        """The job kind of a job key: its first ``/`` part when that is a kind (``submit`` counts as ``stack``)."""
-        return _KIND_OF_PREFIX.get(key.split("/", 1)[0], "data")
-
-    def resources_for(self, key: str, device: str = "auto") -> SlurmResources:
-        """The default resources of the job ``key``; no GPU when the pipeline's ``device`` is ``cpu``.
-
-        ``stages.Resources(**dataclasses.asdict(section.resources_for(key, cfg.device)))`` builds a job's.
-        """
-        res = getattr(self, self.kind_of(key))
-        return dataclasses.replace(res, gpus=0 if device == "cpu" else res.gpus)
+    train: SlurmResources = field(default_factory=SlurmResources)
+    predict: SlurmResources = field(default_factory=SlurmResources)
+    embed: SlurmResources = field(default_factory=SlurmResources)
+    stack: SlurmResources = field(default_factory=SlurmResources)
+    data: SlurmResources = field(default_factory=SlurmResources)
 
     def options(self, **overrides: Any) -> SlurmOptions:
         """The :class:`SlurmOptions` of this section, with ``overrides`` (e.g. ``wait=False``)."""
@@ -159,6 +170,7 @@ class SlurmSection:
             "poll_s": self.poll_s,
             "setup": list(self.setup),
             "env": dict(self.env),
+            "kind_resources": {k: getattr(self, k).fields() for k in KINDS if getattr(self, k).fields()},
         }
         return SlurmOptions(**{**base, **overrides})
 
@@ -180,7 +192,9 @@ class SlurmOptions:
         setup: shell lines each batch script runs before its commands.
         wait: wait for the jobs (and decide the deferred ones); False returns once everything is submitted.
         log_tail: lines of a failed job's log shown in the report.
-        resource_override: fields of ``Job.resources`` replaced for every job, e.g. ``{"gpus": 0, "mem_gb": 2}``.
+        kind_resources: job kind (:data:`KINDS`) → fields of ``Job.resources`` replaced for the jobs of that kind.
+        resource_override: fields of ``Job.resources`` replaced for every job (after ``kind_resources``), e.g.
+            ``{"gpus": 0, "mem_gb": 2}``.
         cancel_on_interrupt: Ctrl-C while waiting cancels the jobs this call submitted.
     """
 
@@ -193,6 +207,7 @@ class SlurmOptions:
     setup: list[str] = field(default_factory=list)
     wait: bool = True
     log_tail: int = 40
+    kind_resources: dict[str, dict[str, Any]] = field(default_factory=dict)
     resource_override: dict[str, Any] = field(default_factory=dict)
     cancel_on_interrupt: bool = True
 
@@ -236,14 +251,27 @@ def default_rsna19() -> str:
     raise UserError(f"no rsna19 executable next to {sys.executable} or on PATH: set SlurmOptions.rsna19")
 
 
-def job_resources(job: JobLike, options: SlurmOptions) -> SlurmResources:
-    """The job's resources with ``options.resource_override`` applied."""
+def job_resources(job: JobLike, options: SlurmOptions) -> JobRequest:
+    """The job's resources with ``options.kind_resources[kind]`` and then ``options.resource_override`` applied.
+
+    Raises:
+        UserError: an unknown kind or field name.
+    """
     r = job.resources
-    base = SlurmResources(int(r.gpus), int(r.cpus), float(r.mem_gb), int(r.time_min), r.partition)
-    unknown = set(options.resource_override) - {f.name for f in dataclasses.fields(SlurmResources)}
-    if unknown:
-        raise UserError(f"resource_override: unknown field(s) {sorted(unknown)}")
-    return dataclasses.replace(base, **options.resource_override)
+    req = JobRequest(int(r.gpus), int(r.cpus), float(r.mem_gb), int(r.time_min), r.partition)
+    names = {f.name for f in dataclasses.fields(JobRequest)}
+    unknown_kinds = set(options.kind_resources) - set(KINDS)
+    if unknown_kinds:
+        raise UserError(f"slurm kind_resources: unknown kind(s) {sorted(unknown_kinds)}; kinds: {', '.join(KINDS)}")
+    for what, changes in (
+        ("slurm." + kind_of(job.key), options.kind_resources.get(kind_of(job.key), {})),
+        ("resource_override", options.resource_override),
+    ):
+        unknown = set(changes) - names
+        if unknown:
+            raise UserError(f"{what}: unknown field(s) {sorted(unknown)}; fields: {', '.join(sorted(names))}")
+        req = dataclasses.replace(req, **changes)
+    return req
 
 
 def sbatch_args(job: JobLike, work: Path, options: SlurmOptions) -> list[str]:
@@ -323,6 +351,13 @@ def log_tail(path: Path, n: int) -> str:
     except OSError:
         return f"(no log at {path})"
     return "\n".join(lines[-n:]) if lines else f"(empty log {path})"
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write ``text`` atomically (temporary file in the same folder, then rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _now() -> str:
