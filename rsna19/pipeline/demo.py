@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rsna19.pipeline.config import load_pipeline
 from rsna19.pipeline.run import PipelineResult, run_pipeline
+from rsna19.pipeline.stages import STAGES
 
 
 def run_demo(
@@ -42,7 +43,7 @@ def run_demo(
     n_workers = workers or os.cpu_count() or 1
     summary = generate_dataset(data, preset="demo", seed=seed, workers=n_workers, progress=progress)
     state = "skipped" if summary.get("skipped") else f"{time.perf_counter() - t0:7.1f} s"
-    say(f"[0/7] synth    {state:>10}  {data}: demo preset, seed {seed}")
+    say(f"[0/{len(STAGES)}] synth    {state:>10}  {data}: demo preset, seed {seed}")
     synth_s = time.perf_counter() - t0
     result = run_pipeline(data, out, cfg, progress=progress, say=say)
     result.timings = {"synth": synth_s, **result.timings}
