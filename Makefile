@@ -4,6 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo_out
 STAMP := $(VENV)/.installed
+# The torch build: empty = the pinned torch/torchvision from the default index (the CUDA 13 build: NVIDIA driver
+# ≥ 580, runs on CPU too). Another build, installed first from that index, same pinned versions (README "Install
+# for any GPU"): make venv TORCH_INDEX=https://download.pytorch.org/whl/cu126 (driver ≥ 525). Read when the venv
+# is built: rm -rf .venv to switch.
+TORCH_INDEX ?=
+TORCH_PINS = $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 
 .PHONY: demo test test-slow test-slurm lint bench fuzz clean venv
 
@@ -12,6 +18,7 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade --quiet pip
 
 $(STAMP): $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml
+	$(if $(TORCH_INDEX),$(BIN)/pip install --quiet --index-url $(TORCH_INDEX) $(TORCH_PINS))
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps -e ".[dev]"
 	touch $(STAMP)

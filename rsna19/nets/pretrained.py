@@ -1,17 +1,20 @@
 """timm backbones with pretrained weights from local files only (DESIGN §5: no network at run time).
 
-``pretrained=True`` looks for the weights of the backbone's default pretrained tag in the local Hugging Face
-cache and then in the torch hub checkpoint folder; ``weights=PATH`` names a file directly. Either is handed
-to timm as ``pretrained_cfg_overlay=dict(file=...)`` (timm adapts the first convolution to ``in_chans`` and
-drops the classifier). While building, ``HF_HUB_OFFLINE`` is set, so nothing is ever downloaded; when no file
-is found the error says where to put one.
+``pretrained=True`` looks for the weights of the backbone's default pretrained tag in the folders of
+``$RSNA19_WEIGHTS_DIR`` (each laid out like a Hugging Face cache; ``rsna19 weights fetch --dir D`` writes one),
+then in the local Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``)
+and then in the torch hub checkpoint folder; ``weights=PATH`` names a file directly. Either is handed to timm as
+``pretrained_cfg_overlay=dict(file=...)`` (timm adapts the first convolution to ``in_chans`` and drops the
+classifier). While building, ``HF_HUB_OFFLINE`` is set, so nothing is ever downloaded; when no file is found the
+error says where to put one (``rsna19 weights fetch`` downloads them, on a machine with network).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,38 +51,109 @@ def offline() -> Iterator[None]:
             hf_constants.HF_HUB_OFFLINE = old_const
 
 
-def _candidates(name: str) -> tuple[list[Path], list[str]]:
-    """Existing local weight files for ``name`` and the places that were searched (for the error)."""
+#: Folders (``os.pathsep``-separated) searched before the Hugging Face cache, each laid out like one.
+WEIGHTS_DIR_ENV = "RSNA19_WEIGHTS_DIR"
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (same precedence as ``huggingface_hub``)."""
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def weights_dirs() -> list[Path]:
+    """The folders of ``$RSNA19_WEIGHTS_DIR``, in order (empty when unset)."""
+    raw = os.environ.get(WEIGHTS_DIR_ENV, "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where timm's pretrained weights of one backbone come from.
+
+    Attributes:
+        name: the backbone as the config names it (``resnet34``).
+        tag_name: architecture and pretrained tag (``resnet34.a1_in1k``).
+        hf_repo: Hugging Face hub repository (``timm/resnet34.a1_in1k``), or None.
+        hf_revision: a revision pinned by timm (``repo@revision``), or None for ``main``.
+        hf_files: file names the repository may store the weights under, in the order timm tries them.
+        url: timm's legacy download URL (torch hub checkpoint folder), or ``""``.
+        file: a local file timm's config names, or ``""``.
+    """
+
+    name: str
+    tag_name: str
+    hf_repo: str | None
+    hf_revision: str | None
+    hf_files: tuple[str, ...]
+    url: str
+    file: str
+
+
+def weight_source(name: str) -> WeightSource:
+    """timm's pretrained-weight source of backbone ``name`` (the default tag when ``name`` has none).
+
+    Raises:
+        UserError: timm knows no pretrained weights for ``name``.
+    """
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except Exception:  # noqa: BLE001 - timm raises different errors for unknown names across versions
         cfg = None
     if cfg is None:
         raise UserError(f"timm has no pretrained weights for {name!r}; set model.pretrained: false")
+    repo, revision = None, None
+    if cfg.hf_hub_id:
+        repo, _, rev = cfg.hf_hub_id.partition("@")
+        revision = rev or None
+    tag_name = f"{cfg.architecture}.{cfg.tag}" if cfg.architecture and cfg.tag else name
+    files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HF_FILES
+    return WeightSource(name, tag_name, repo, revision, files, cfg.url or "", cfg.file or "")
+
+
+def local_weight_files(name: str, extra_dirs: Iterable[Path] = ()) -> tuple[list[Path], list[str]]:
+    """Existing local weight files of backbone ``name`` and the places searched (for an error message).
+
+    Searched in order: ``extra_dirs`` and ``$RSNA19_WEIGHTS_DIR`` (Hugging Face cache layout), the Hugging Face
+    cache, the torch hub checkpoint folder, a file named by timm's config. Nothing is downloaded.
+
+    Raises:
+        UserError: timm knows no pretrained weights for ``name``.
+    """
+    src = weight_source(name)
     found: list[Path] = []
     searched: list[str] = []
-    if cfg.hf_hub_id:
+    if src.hf_repo:
         from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.constants import HF_HUB_CACHE
 
-        repo, _, revision = cfg.hf_hub_id.partition("@")
-        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HF_FILES
-        for f in files:
-            hit = try_to_load_from_cache(repo_id=repo, filename=f, revision=revision or None)
-            if isinstance(hit, str):
-                found.append(Path(hit))
-        searched.append(f"the Hugging Face cache {HF_HUB_CACHE} (repo {repo}: {' or '.join(files)})")
-    if cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url.split("?")[0])
+        dirs: list[Path] = []
+        for d in [*extra_dirs, *weights_dirs(), hf_cache_dir()]:
+            if d not in dirs:
+                dirs.append(d)
+        for d in dirs:
+            for f in src.hf_files:
+                hit = try_to_load_from_cache(repo_id=src.hf_repo, filename=f, cache_dir=d, revision=src.hf_revision)
+                if isinstance(hit, str) and Path(hit).is_file():
+                    found.append(Path(hit))
+            searched.append(f"{d} (Hugging Face cache layout, repo {src.hf_repo}: {' or '.join(src.hf_files)})")
+    if src.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(src.url.split("?")[0])
         if path.is_file():
             found.append(path)
         searched.append(str(path))
-    if cfg.file:
-        path = Path(cfg.file)
+    if src.file:
+        path = Path(src.file)
         if path.is_file():
             found.append(path)
         searched.append(str(path))
     return found, searched
+
+
+#: Former private name of :func:`local_weight_files`.
+_candidates = local_weight_files
 
 
 def create_backbone(
@@ -105,12 +179,13 @@ def create_backbone(
         if not file.is_file():
             raise UserError(f"model.weights file not found: {file}")
     elif pretrained:
-        found, searched = _candidates(name)
+        found, searched = local_weight_files(name)
         if not found:
             raise UserError(
                 f"pretrained weights for {name!r} are not available offline; looked in: {'; '.join(searched)}. "
-                "Put the file there (e.g. `huggingface-cli download REPO` on a machine with network, then copy the "
-                "cache), or set model.weights: /path/to/weights.safetensors, or model.pretrained: false"
+                f"Run `rsna19 weights fetch {name}` on a machine with network (then copy the cache, or point "
+                f"${WEIGHTS_DIR_ENV} at its --dir), or set model.weights: /path/to/weights.safetensors, or "
+                "model.pretrained: false"
             )
         file = found[0]
     args: dict[str, Any] = {"in_chans": in_chans, "num_classes": 0, "global_pool": "", **kwargs}

@@ -25,7 +25,7 @@ from torch import nn
 
 from rsna19.constants import CLASSES, SUBTYPES
 from rsna19.errors import UserError
-from rsna19.nets.pretrained import _candidates, offline
+from rsna19.nets.pretrained import local_weight_files, offline
 from rsna19.nets.registry import register_model
 
 #: Prefixes that wrappers (DDP, timm checkpoints saved from a parent module) put before encoder keys.
@@ -133,11 +133,12 @@ class SegAux(nn.Module):
                     f"pretrained weights for smp encoder {encoder!r} are only looked up for 'tu-' (timm) encoders; "
                     "set model.weights: /path/to/encoder_weights.pth, or use e.g. tu-resnet34"
                 )
-            found, searched = _candidates(encoder[3:])
+            found, searched = local_weight_files(encoder[3:])
             if not found:
                 raise UserError(
                     f"pretrained weights for {encoder[3:]!r} are not available offline; looked in: "
-                    f"{'; '.join(searched)}. Set model.weights or model.pretrained: false"
+                    f"{'; '.join(searched)}. Run `rsna19 weights fetch {encoder[3:]}` on a machine with network, "
+                    "or set model.weights or model.pretrained: false"
                 )
             file = found[0]
         if file is not None:
