@@ -341,3 +341,18 @@ def test_tiny_pipeline_on_slurm_matches_local_run(cluster: None, tmp_path: Path)
     lines.clear()
     run_slurm(jobs, work, opts, say=lines.append)
     assert any(f"{len(jobs)} done (skipped), 0 submitted" in line for line in lines), lines
+
+
+@pytest.mark.slurm
+def test_job_that_can_never_start_is_reported(cluster: None, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    jobs = dag(work)[:2]
+    jobs[0].resources = Resources(cpus=512, mem_gb=0.25, time_min=5)  # more CPUs than any node of the cluster
+    lines: list[str] = []
+    with pytest.raises(SlurmJobError) as err:
+        run_slurm(jobs, work, quick(unschedulable_s=2.0), say=lines.append)
+    assert list(err.value.failed) == ["data/a"] and err.value.cancelled == ["train/b/fold_0"]
+    assert "--cpus-per-task=512" in str(err.value) and "slurm section" in str(err.value)
+    assert any("pending, reason" in line for line in lines), lines
+    assert jobs_json(work)["data/a"]["state"] == "UNSCHEDULABLE"

@@ -11,7 +11,9 @@
 3. polls ``squeue`` (``sacct`` for jobs ``squeue`` no longer knows) every ``poll_s`` seconds until everything ended.
    A failed job is reported at once with its key, state and the tail of its log; the jobs that depend on it
    (directly or not) are cancelled with ``scancel``; the other branches run to their end, then
-   :class:`SlurmJobError` names every failure. Ctrl-C cancels what this call submitted.
+   :class:`SlurmJobError` names every failure. A job left pending for a reason that means it can never start as
+   submitted (``PartitionConfig``: more CPUs, memory or time than the partition's nodes have; a bad account or
+   QOS) is cancelled and reported the same way after ``unschedulable_s``. Ctrl-C cancels what this call submitted.
 
 Resume: a second call submits only what is not done. Jobs still queued or running from an earlier call (found
 through ``jobs.json`` and ``squeue``) are adopted, not submitted twice. A job that is done but depends on a job
@@ -23,8 +25,9 @@ Why subprocess calls and not a client library: submitit (MIT) is the closest fit
 callable run by ``python -m submitit.core._submit`` under ``srun`` in a folder of pickles; plain argv lists need
 its ``CommandFunction`` wrapper, dependencies go in as raw ``additional_parameters``, and its status watcher reads
 ``sacct``, which needs SLURM accounting (clusters without slurmdbd, like the single-node test cluster, have none).
-Four commands with ``--parsable`` output (``sbatch``, ``squeue``, ``sacct``, ``scancel``) do the same with no
-dependency, a batch script a person can read and resubmit, and ``squeue`` as the source of truth.
+Four commands with machine-readable output (``sbatch --parsable``, ``squeue --format``, ``sacct --parsable2``,
+``scancel``) do the same with no new dependency, a batch script a person can read and resubmit, and ``squeue`` as
+the source of truth.
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ FAILED_STATES = frozenset(
     }
 )
 COMPLETED = "COMPLETED"
+#: Pending reasons of a job that cannot start as submitted (more than the partition's nodes or limits allow, a
+#: bad account or QOS): after ``SlurmOptions.unschedulable_s`` in one of them the job is cancelled as failed.
+UNSCHEDULABLE_REASONS = frozenset(
+    {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount", "InvalidQOS"}
+)
+#: Pending reasons not worth a line (waiting for its turn, for resources, for its dependencies).
+_ROUTINE_REASONS = frozenset({"", "None", "(null)", "Priority", "Resources", "Dependency", "BeginTime"})
 #: Job kinds of :class:`SlurmSection` (the first part of a job key; anything else is ``data``).
 KINDS: tuple[str, ...] = ("train", "predict", "embed", "stack", "data")
 _KIND_OF_PREFIX = {"train": "train", "predict": "predict", "embed": "embed", "stack": "stack", "submit": "stack"}
@@ -196,6 +206,8 @@ class SlurmOptions:
         resource_override: fields of ``Job.resources`` replaced for every job (after ``kind_resources``), e.g.
             ``{"gpus": 0, "mem_gb": 2}``.
         cancel_on_interrupt: Ctrl-C while waiting cancels the jobs this call submitted.
+        unschedulable_s: seconds a job may stay pending for a reason in :data:`UNSCHEDULABLE_REASONS` before it
+            is cancelled and reported as failed (other unusual pending reasons are only reported).
     """
 
     partition: str | None = None
@@ -210,6 +222,7 @@ class SlurmOptions:
     kind_resources: dict[str, dict[str, Any]] = field(default_factory=dict)
     resource_override: dict[str, Any] = field(default_factory=dict)
     cancel_on_interrupt: bool = True
+    unschedulable_s: float = 120.0
 
 
 class SlurmJobError(UserError):
@@ -441,6 +454,8 @@ class _Entry:
     adopted: bool = False
     note: str = ""
     unseen: int = 0
+    reason: str = ""
+    stuck_since: float | None = None
     args: list[str] = field(default_factory=list)
 
 
@@ -589,8 +604,11 @@ class _Run:
             e.state, e.note = "cancelled", f"{upstream_failed[0]} failed"
             return
         e.state = "failed"
-        tail = log_tail(self.log(key), self.options.log_tail)
-        msg = f"{key}: SLURM job {e.job_id} ended {state}; log {self.log(key)}:\n{tail}"
+        if e.note:
+            msg = f"{key}: SLURM job {e.job_id} {e.note}"
+        else:
+            tail = log_tail(self.log(key), self.options.log_tail)
+            msg = f"{key}: SLURM job {e.job_id} ended {state}; log {self.log(key)}:\n{tail}"
         self.failures[key] = msg
         self.say(f"[slurm] FAILED {msg}")
         self.cancel_dependents(key, f"{key} failed")
@@ -627,6 +645,8 @@ class _Run:
             if state == "PENDING" and reason == "DependencyNeverSatisfied":
                 scancel([e.job_id] if e.job_id else [])
                 state = "CANCELLED"
+            elif state == "PENDING":
+                state = self.check_pending(e, reason)
             if state == e.slurm_state:
                 continue
             e.slurm_state = state
@@ -636,11 +656,27 @@ class _Run:
                 self.say(f"[slurm] {key}: completed (job {e.job_id}, {self.elapsed()} since start)")
                 if not e.job.done():
                     self.say(f"[slurm] warning: {key} completed but its outputs do not look complete (done() False)")
-            elif state in FAILED_STATES or state == "UNKNOWN_FAILED":
+            elif state in FAILED_STATES or state in ("UNKNOWN_FAILED", "UNSCHEDULABLE"):
                 self.fail(e, state)
             elif state == "RUNNING":
                 self.say(f"[slurm] {key}: running (job {e.job_id})")
         return changed
+
+    def check_pending(self, e: _Entry, reason: str) -> str:
+        """Report an unusual pending reason once; ``UNSCHEDULABLE`` (job cancelled) when one lasts too long."""
+        if reason != e.reason:
+            e.reason = reason
+            e.stuck_since = time.monotonic() if reason in UNSCHEDULABLE_REASONS else None
+            if reason not in _ROUTINE_REASONS:
+                self.say(f"[slurm] {e.job.key}: pending, reason {reason} (job {e.job_id})")
+        if e.stuck_since is not None and time.monotonic() - e.stuck_since >= self.options.unschedulable_s:
+            scancel([e.job_id] if e.job_id else [])
+            e.note = (
+                f"pending with reason {reason} for {self.options.unschedulable_s:.0f} s, so cancelled: it asks for "
+                f"more than the cluster allows ({' '.join(e.args)}); change the pipeline's slurm section"
+            )
+            return "UNSCHEDULABLE"
+        return "PENDING"
 
     def resolve_deferred(self) -> bool:
         """Submit, skip or cancel the deferred jobs whose dependencies allow a decision; True when one changed."""
