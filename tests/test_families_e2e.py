@@ -22,10 +22,11 @@ from rsna19.data.datasets import read_cache_index
 from rsna19.data.embeddings import SequenceDataset, read_embeddings
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.engine.checkpoint import load_checkpoint
-from rsna19.engine.config import TrainConfig, resolve_paths
+from rsna19.engine.config import TrainConfig, model_kwargs, resolve_paths
 from rsna19.engine.embed import ensure_embeddings
 from rsna19.engine.tasks import SegAuxTask, get_task
 from rsna19.errors import UserError
+from rsna19.nets import build_model
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 META = ["sop_uid", "series_uid", "study_uid", "patient_id", "slice_idx", "fold", "model"]
@@ -125,6 +126,44 @@ def test_seg_aux_trains_with_masks_and_predicts(prepared):
     run = _train(prepared, "seg_aux", "--masks", str(prepared["masks"]))
     assert load_config(TrainConfig, run / "config.yaml").data.masks == str(prepared["masks"])
     _predict_and_check(prepared, "seg_aux")
+
+
+def test_seg_aux_without_masks_trains_as_a_classifier(prepared, monkeypatch):
+    """No data.masks (the real RSNA data has none): plain slice items (no zero masks through the loader), the decoder
+    never runs and its weights stay as initialised (frozen); prediction is the classifier's."""
+    from rsna19.data.masks import SegSliceDataset
+
+    cfg = resolve_paths(
+        load_config(TrainConfig, TINY / "seg_aux.yaml"),
+        str(prepared["cache"]),
+        str(prepared["folds"]),
+        str(prepared["runs"]),
+    )
+    monkeypatch.delenv("RSNA19_MASKS", raising=False)
+    assert cfg.data.masks is None
+    train_ds = get_task(cfg).fold_data(0, torch.device("cpu")).train
+    assert not isinstance(train_ds, SegSliceDataset) and "mask" not in train_ds[0]
+
+    torch.manual_seed(cfg.train.seed)
+    init_model = build_model("seg_aux", **model_kwargs(cfg))
+    init = {k: v.clone() for k, v in init_model.state_dict().items()}
+    decoder_cls = type(init_model.net.decoder)
+    calls = {"decoder": 0}
+    real_forward = decoder_cls.forward
+
+    def counting(self, *args, **kwargs):  # the real decoder, counted
+        calls["decoder"] += 1
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(decoder_cls, "forward", counting)
+    paths = {**prepared, "runs": prepared["runs"] / "nomask"}
+    run = _train(paths, "seg_aux", "train.epochs=2")
+    assert calls["decoder"] == 0
+    state = load_checkpoint(run / "best.pt")["model"]
+    decoder = [k for k in state if k.startswith(("net.decoder.", "net.segmentation_head."))]
+    assert decoder and all(torch.equal(state[k], init[k]) for k in decoder if "running" not in k)
+    encoder = [k for k in state if k.startswith("net.encoder.") and state[k].is_floating_point()]
+    assert any(not torch.equal(state[k], init[k]) for k in encoder)  # the classifier did learn
 
 
 def test_seq_trains_on_the_oof_embeddings_of_every_fold_and_predicts(prepared, capsys):
