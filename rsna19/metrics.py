@@ -1,4 +1,4 @@
-"""The competition metric and its companions (DESIGN §8).
+"""The competition metric and its companions (docs/architecture.md, "Metric").
 
 Weighted multi-label log loss: for each slice, ``Σ_c w_c · BCE(y_c, p_c) / Σ_c w_c`` with ``w = 1`` for the
 five subtypes and ``2`` for ``any``; averaged over slices; probabilities clipped to ``[1e-15, 1 − 1e-15]``.

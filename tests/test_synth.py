@@ -53,7 +53,7 @@ def _headers(root: Path) -> pd.DataFrame:
 
 
 def _to_hu(ds: pydicom.Dataset) -> np.ndarray:
-    """DESIGN §2 decoding, written independently of the generator: slope/intercept and the 12-bit quirk."""
+    """HU decoding, written independently of the generator: slope/intercept and the 12-bit quirk."""
     x = ds.pixel_array.astype(np.float64)
     if int(ds.BitsStored) == 12 and int(ds.PixelRepresentation) == 0 and float(ds.RescaleIntercept) > -100:
         x = x + 1000

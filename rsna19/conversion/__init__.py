@@ -1,4 +1,4 @@
-"""Volume-aware conversion of DICOM series into the HU cache every model reads (DESIGN §3)."""
+"""Volume-aware conversion of DICOM series into the HU cache every model reads (docs/architecture.md, "Conversion")."""
 
 from rsna19.conversion.series import (
     CONVERSION_VERSION,

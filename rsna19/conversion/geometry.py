@@ -1,4 +1,4 @@
-"""Slice geometry of a series: normal, positions, order, gantry tilt and the shifts that undo it (DESIGN §3).
+"""Slice geometry of a series: normal, positions, order, gantry tilt and the shifts that undo it.
 
 Conventions (DICOM LPS, millimetres): pixel (row i, col j) lies at ``IPP + j·Δc·r + i·Δr·c`` where ``r``/``c``
 are the row/column direction cosines (IOP) and PixelSpacing = (Δr, Δc). The slice normal is ``n = r × c`` and a

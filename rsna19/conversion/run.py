@@ -1,4 +1,4 @@
-"""The ``convert`` stage: every series of an index into the cache, in parallel, restartable (DESIGN §3).
+"""The ``convert`` stage: every series of an index into the cache, in parallel, restartable.
 
 A series is done when ``CACHE/<series>/meta.json`` exists (the directory appears by rename only) and records
 the current conversion version, parameters and input fingerprint; anything else is (re)converted. Per-slice and

@@ -1,4 +1,4 @@
-"""Convert one series to the cache format: ordered, tilt-corrected, cropped int16 HU (DESIGN §3).
+"""Convert one series to the cache format: ordered, tilt-corrected, cropped int16 HU.
 
 :func:`convert_series` works from file paths alone, so inference on new studies uses exactly the training
 conversion; :func:`convert_mask` moves a mask in the DICOM frame through the identical map; :func:`write_series`
@@ -157,7 +157,7 @@ def convert_series(
             optionally ``sop_uid, study_uid, patient_id, split, series_uid`` and the six label columns).
         crop: output window side (pixels), None/0 for the whole (resampled) frame.
         spacing: in-plane spacing (mm) to resample to, None to keep the scanner's.
-        correct_tilt: undo gantry tilt above 0.5° (DESIGN §3.2).
+        correct_tilt: undo gantry tilt above 0.5° (per-slice shifts that unshear the stack).
 
     Returns:
         ``volume``: (Z, H, W) int16 HU, z = 0 the smallest position along the normal. ``meta``: the meta.json

@@ -1,4 +1,4 @@
-"""Geometric augmentation of a slice stack (DESIGN §5), as one fused warp per slice.
+"""Geometric augmentation of a slice stack (docs/architecture.md, "Model inputs"), as one fused warp per slice.
 
 Every sample's geometry — resize, random (or centre) crop, shift-scale-rotate, flips, transpose and rot90 — is
 composed into a single 2×3 matrix that maps an output pixel to its source pixel, and each slice of the stack goes

@@ -1,4 +1,4 @@
-"""Datasets over the conversion cache (DESIGN §4, docs/contracts.md).
+"""Datasets over the conversion cache (docs/architecture.md, "Model inputs"; docs/contracts.md).
 
 One sample is one slice ``z`` of one series, with its ``slices`` neighbours ``z - slices//2 … z + slices//2``
 read from ``CACHE/<series>/volume.npy`` through a memory map. Neighbours beyond the ends of the series are

@@ -1,4 +1,4 @@
-"""Per-slice embeddings of a trained image model, and the per-series dataset of the sequence model (DESIGN §4).
+"""Per-slice embeddings of a trained image model, and the per-series dataset of the sequence model.
 
 ``rsna19 embed RUN --fold k`` (:mod:`rsna19.engine.embed`) writes, per split, into ``RUNS/<config>/fold_<k>/``::
 

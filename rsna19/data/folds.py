@@ -1,4 +1,4 @@
-"""Patient-grouped, label-stratified folds (DESIGN §1, docs/contracts.md: ``folds.csv``).
+"""Patient-grouped, label-stratified folds (docs/architecture.md, "Folds"; docs/contracts.md: ``folds.csv``).
 
 Folds are made once and reused by every base model and by the second level, so that no patient's slices are
 ever both trained on and predicted out-of-fold. Stratification is on study-level labels: each study gets one

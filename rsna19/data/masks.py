@@ -1,4 +1,4 @@
-"""Subtype masks for the segmentation-aided model (DESIGN §4, docs/contracts.md ``masks/``).
+"""Subtype masks for the segmentation-aided model (docs/contracts.md ``masks/``).
 
 ``DATA/masks/<series_uid>.npz`` holds ``mask`` uint8 (Z, rows, cols) in the DICOM pixel frame — bit ``c`` set
 where subtype ``SUBTYPES[c]`` covers the voxel — and ``sop_uids`` (Z,) in spatial order. The synthetic dataset

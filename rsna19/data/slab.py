@@ -1,4 +1,4 @@
-"""Slabs of consecutive slices for the 3D model (``clf3d``, DESIGN §4), and the averaging of window predictions.
+"""Slabs of consecutive slices for the 3D model (``clf3d``), and the averaging of window predictions.
 
 A *slab* is a window of ``S`` consecutive slices ``start … start + S − 1`` of one cached series, read like
 :class:`~rsna19.data.datasets.SliceDataset` reads its neighbours (memory map, HU augmentation identical across

@@ -1,4 +1,4 @@
-"""Map Hounsfield units to the float channels a network sees (DESIGN §4).
+"""Map Hounsfield units to the float channels a network sees (docs/architecture.md, "Model inputs").
 
 A *HU mapping* turns an HU array of any shape ``(...)`` into ``(..., C)`` float32 channels. Two kinds:
 

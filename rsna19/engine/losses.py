@@ -1,4 +1,4 @@
-"""Losses of the model families (DESIGN §5): the competition-weighted BCE, its masked per-slice form for
+"""Losses of the model families: the competition-weighted BCE, its masked per-slice form for
 slab and sequence models, and the classification + mask loss of the segmentation-aided model.
 
 Every loss is a scalar tensor that stays connected to all of a model's outputs, even where a batch contributes

@@ -393,7 +393,7 @@ def _row(path: str, fp: Any, size: int, parsed: _Parsed) -> dict[str, Any]:
         "pixel_representation": pixel_representation,
         "rescale_slope": slope[0] if slope else 1.0,
         "rescale_intercept": intercept[0] if intercept else 0.0,
-        # Multi-valued window tags (e.g. [36, 36]) keep their first value (DESIGN §2).
+        # Multi-valued window tags (e.g. [36, 36]) keep their first value.
         "window_center": center[0] if center else nan,
         "window_width": width[0] if width else nan,
         "transfer_syntax": transfer_syntax,

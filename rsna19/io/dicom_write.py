@@ -30,7 +30,7 @@ class StorageVariant:
         slope: RescaleSlope.
         bits_stored: 12 or 16.
         wrap12: reproduce the RSNA 12-bit quirk: unsigned 12-bit data whose air has wrapped around, with an
-            intercept of 0 (> −100, DESIGN §2); decoders must undo it. ``signed``/``intercept`` are ignored.
+            intercept of 0 (> −100); decoders must undo it. ``signed``/``intercept`` are ignored.
     """
 
     signed: bool = True

@@ -1,4 +1,4 @@
-"""Stored pixel values → Hounsfield units, for every storage convention found in head CT (DESIGN §2).
+"""Stored pixel values → Hounsfield units, for every storage convention found in head CT.
 
 HU = stored × RescaleSlope + RescaleIntercept, computed in float and rounded to int16. Two corrections:
 
@@ -47,7 +47,7 @@ def first_value(value: Any, default: float | None = None) -> float | None:
 
 
 def has_wrap12_quirk(bits_stored: int, pixel_representation: int, intercept: float) -> bool:
-    """Whether a file's header matches the RSNA 12-bit wrap quirk (DESIGN §2)."""
+    """Whether a file's header matches the RSNA 12-bit wrap quirk."""
     return int(bits_stored) == 12 and int(pixel_representation) == 0 and float(intercept) > _WRAP_MAX_INTERCEPT
 
 

@@ -1,4 +1,4 @@
-"""Networks: a registry of model families built by name (DESIGN §4–§5).
+"""Networks: a registry of model families built by name (docs/architecture.md, "Model families").
 
 Importing this package registers every family, so ``build_model("clf2dc", ...)`` works after
 ``import rsna19.nets``.

@@ -1,4 +1,4 @@
-"""``clf3d``: a slab of consecutive slices, a shared 2D encoder per slice, Conv3d over the slice axis (DESIGN §4).
+"""``clf3d``: a slab of consecutive slices, a shared 2D encoder per slice, Conv3d over the slice axis.
 
 A sample is a window of ``S`` consecutive slices (default 8) of one series, each with its windows (or the CDF
 mapping) as channels. Every slice goes through the same timm encoder; the ``S`` feature maps are stacked into a

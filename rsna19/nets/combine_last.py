@@ -1,4 +1,4 @@
-"""``combine_last``: a shared 2D encoder per slice, merged over the slice axis at the end (DESIGN §4).
+"""``combine_last``: a shared 2D encoder per slice, merged over the slice axis at the end.
 
 Each of the S slices (with its windows as channels) goes through the same encoder; the S feature maps are
 merged by a Conv3d with kernel (S, 1, 1) that starts as the identity on the centre slice (so training starts

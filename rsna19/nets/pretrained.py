@@ -1,4 +1,4 @@
-"""timm backbones with pretrained weights from local files only (DESIGN §5: no network at run time).
+"""timm backbones with pretrained weights from local files only (no network at run time).
 
 ``pretrained=True`` looks for the weights of the backbone's default pretrained tag in the folders of
 ``$RSNA19_WEIGHTS_DIR`` (each laid out like a Hugging Face cache; ``rsna19 weights fetch --dir D`` writes one),

@@ -1,4 +1,4 @@
-"""``seg_aux``: a segmentation-models-pytorch U-Net with a classification head on its deepest features (DESIGN §4).
+"""``seg_aux``: a segmentation-models-pytorch U-Net with a classification head on its deepest features.
 
 The decoder predicts one mask channel per subtype (five: ``SUBTYPES`` order, the bits of the synthetic
 ``masks/*.npz``); the classification head (smp ``aux_params``: global pool, dropout, linear) predicts the six

@@ -1,4 +1,4 @@
-"""``seq``: a second-stage sequence model over the per-slice embeddings of a trained image model (DESIGN §4).
+"""``seq``: a second-stage sequence model over the per-slice embeddings of a trained image model.
 
 A series is its slices' embeddings in slice order, (T, D). Each embedding is concatenated with its deltas to the
 previous and the next slice (zero at the ends of the series and at padding), giving (T, 3D); a 2-layer

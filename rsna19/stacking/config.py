@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class FeatureConfig:
-    """Which neighbour features to build from each base model (DESIGN §7)."""
+    """Which neighbour features to build from each base model (docs/architecture.md, "Second level")."""
 
     #: Probabilities at slice offsets −k..+k within the series.
     offsets: int = 2

@@ -1,4 +1,4 @@
-"""Level-2 features from the base models' per-slice probabilities (DESIGN §7).
+"""Level-2 features from the base models' per-slice probabilities (docs/architecture.md, "Second level").
 
 Per base model and class: the probability at slice offsets −k..+k within the series (a neighbour outside the
 series takes the slice's own value, a neutral choice, and a flag says it is missing), centred rolling mean and

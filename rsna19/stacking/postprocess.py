@@ -1,4 +1,4 @@
-"""Post-processing of level-2 probabilities: label consistency and clipping (DESIGN §7)."""
+"""Post-processing of level-2 probabilities: label consistency and clipping."""
 
 from __future__ import annotations
 

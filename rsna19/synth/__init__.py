@@ -1,4 +1,4 @@
-"""The synthetic RSNA-format dataset (DESIGN §9): a 3D head phantom with hemorrhages, written as RSNA DICOMs.
+"""The synthetic RSNA-format dataset: a 3D head phantom with hemorrhages, written as RSNA DICOMs.
 
 Modules: :mod:`~rsna19.synth.geometry` (slice geometries, gantry tilt), :mod:`~rsna19.synth.phantom` (anatomy
 and bleeds as functions of patient-space coordinates), :mod:`~rsna19.synth.presets` (``tiny``, ``demo``),

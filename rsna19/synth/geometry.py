@@ -1,6 +1,6 @@
 """Slice geometries of a synthetic CT series, gantry tilt included (DICOM LPS, millimetres).
 
-Conventions (shared with the converter, DESIGN §3):
+Conventions (shared with the converter, docs/architecture.md, "Conversion"):
 
 * pixel (row i, col j) of a slice lies at ``IPP + j·Δc·rowcos + i·Δr·colcos`` with PixelSpacing = (Δr, Δc);
 * the slice normal is ``n = rowcos × colcos`` and a slice's ``position`` is ``IPP · n``;

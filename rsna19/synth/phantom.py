@@ -6,7 +6,7 @@ ellipsoid (negative inside): brain, a thin subarachnoid CSF rim, skull (dense ta
 Grey/white contrast, sulci, the interhemispheric fissure, deep grey nuclei and the ventricles live inside.
 A headrest and the table are fixed to patient space under the head (supine: posterior is +y).
 
-Bleeds are 3D objects with subtype-typical shape and place (DESIGN §9); each gives a boolean mask for any
+Bleeds are 3D objects with subtype-typical shape and place; each gives a boolean mask for any
 set of points, so a series sampled at its true (possibly tilted) geometry images the same anatomy.
 """
 

@@ -18,7 +18,7 @@ from rsna19.synth.geometry import SeriesGeometry
 from rsna19.synth.phantom import Bleed, BlobBleed, HeadParams, SurfaceBleed, VentricleBleed
 from rsna19.synth.presets import Preset
 
-#: Pixel storage conventions seen in the RSNA data (DESIGN §2); every preset uses each at least once.
+#: Pixel storage conventions seen in the RSNA data; every preset uses each at least once.
 STORAGE_VARIANTS: dict[str, StorageVariant] = {
     "signed/-1024": StorageVariant(signed=True, intercept=-1024.0),
     "unsigned12/-1024": StorageVariant(signed=False, intercept=-1024.0, bits_stored=12),

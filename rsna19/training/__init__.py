@@ -1,1 +1,1 @@
-"""One trainer for every model family (DESIGN §5)."""
+"""One trainer for every model family (docs/architecture.md, "Training")."""
