@@ -70,6 +70,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("index", "index_speed.py"),
     Bench("convert", "convert_speed.py"),
     Bench("loader", "loader_speed.py"),
+    Bench("cold_cache", "cold_cache_loader.py"),
     Bench("train", "train_throughput.py", device_arg=True, full_args=("--workers", "2")),
     Bench("stack", "stack_speed.py", full_args=("--stackers", "lgbm,mlp,convex", "--threads", "1")),
     Bench("predict_study", "predict_study_speed.py", device_arg=True),
