@@ -244,3 +244,18 @@ def test_ddp_two_processes_gloo(data, tmp_path):
     log = pd.read_csv(run / "log.csv")
     assert log["epoch"].tolist() == [0] and log["val_wll"].notna().all()
     assert load_checkpoint(run / "last.pt")["epoch"] == 0
+
+
+def test_lr_rule_under_ddp_is_none_unless_linear_scaling_is_asked_for():
+    """``optim.lr`` is used as written on any number of processes; ``lr_scaling: linear`` multiplies it by them."""
+    from torch import nn
+
+    from rsna19.training.trainer import build_optimizer, effective_lr
+
+    model = nn.Linear(4, 6)
+    cfg = load_config(TrainConfig, TINY / "clf2d.yaml", ["optim.lr=1e-3"])
+    assert effective_lr(cfg, 4) == pytest.approx(1e-3)
+    assert all(g["lr"] == pytest.approx(1e-3) for g in build_optimizer(cfg, model, 4).param_groups)
+    cfg = load_config(TrainConfig, TINY / "clf2d.yaml", ["optim.lr=1e-3", "optim.lr_scaling=linear"])
+    assert effective_lr(cfg, 1) == pytest.approx(1e-3) and effective_lr(cfg, 4) == pytest.approx(4e-3)
+    assert all(g["lr"] == pytest.approx(4e-3) for g in build_optimizer(cfg, model, 4).param_groups)

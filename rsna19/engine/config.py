@@ -29,6 +29,12 @@ class DataConfig:
     image_dtype: Literal["float32", "uint8"] = "float32"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     samples_per_epoch: int | None = None
+    # training order (rsna19/data/sampler.py): "random" shuffles all slices; "blocked" shuffles blocks of
+    # block_slices slices of one series, so one read of a volume serves several samples of a batch (a cache larger
+    # than the page cache; docs/benchmarks.md, "Loader, cold page cache")
+    sampler: Literal["random", "blocked"] = "random"
+    block_slices: int = 8  # blocked: slices drawn from one series per visit
+    block_contiguous: bool = True  # blocked: neighbouring slices of the series (True) or random ones (False)
     num_workers: int = 0
     cdf_series: int = 16
     slab_stride: int | None = None  # slab: prediction stride (default slices // 2)
@@ -62,10 +68,17 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimiser and gradient clipping."""
+    """Optimiser and gradient clipping.
+
+    Under DDP (``torchrun --nproc_per_node N``) every process takes ``train.batch_size`` samples a step, so a step
+    averages the gradient over ``N × batch_size`` samples. ``lr_scaling`` says what ``lr`` means then: ``none``
+    (default) uses ``lr`` as written whatever N is (tune it for the global batch you run); ``linear`` multiplies it
+    by N (the linear scaling rule: ``lr`` is then the rate of one process's batch, as tuned on one GPU).
+    """
 
     name: Literal["adamw", "radam"] = "adamw"
     lr: float = 3e-4
+    lr_scaling: Literal["none", "linear"] = "none"
     weight_decay: float = 1e-4
     clip_grad: float | None = 1.0
 

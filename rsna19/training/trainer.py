@@ -4,7 +4,7 @@
 all slices of fold ``k``'s patients each epoch (weighted log loss, no TTA). What an item is, its loss and how its
 outputs become one prediction per slice depend on the model family (:mod:`rsna19.engine.tasks`). It writes into
 ``RUNS/<config name>/fold_<k>/``: the resolved ``config.yaml``, ``log.csv`` (one row an epoch), ``last.pt``
-(every epoch) and ``best.pt`` (best validation loss).
+(every epoch), ``best.pt`` (best validation loss) and ``curves.png`` (the losses per epoch, drawn at the end).
 
 Reproducibility: every random draw of an epoch comes from ``(seed, epoch)`` — the slice sample, the
 augmentation of each sample (seeded by its index) and torch's generator (dropout) — so a run killed after
@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from rsna19.config import save_config, to_dict
 from rsna19.constants import CLASSES
+from rsna19.data.sampler import epoch_sampler
 from rsna19.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from rsna19.engine.config import VOLATILE_KEYS, TrainConfig, model_kwargs
 from rsna19.engine.embed import ensure_embeddings
@@ -40,6 +41,7 @@ from rsna19.engine.tasks import get_task
 from rsna19.errors import UserError
 from rsna19.metrics import per_class_log_loss, weighted_log_loss
 from rsna19.nets import build_model
+from rsna19.plots import write_training_curves
 from rsna19.training.distributed import (
     DistInfo,
     all_gather_object,
@@ -97,12 +99,19 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": ps, "name": name, "weight_decay": weight_decay} for name, ps in groups.items() if ps]
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or RAdam over the backbone/head parameter groups."""
+def effective_lr(cfg: TrainConfig, world_size: int = 1) -> float:
+    """The base learning rate of a run on ``world_size`` processes: ``optim.lr``, × world size with
+    ``optim.lr_scaling: linear`` (see :class:`rsna19.engine.config.OptimConfig`)."""
+    return cfg.optim.lr * (world_size if cfg.optim.lr_scaling == "linear" else 1)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, world_size: int = 1) -> torch.optim.Optimizer:
+    """AdamW or RAdam over the backbone/head parameter groups, at :func:`effective_lr`."""
     groups = _param_groups(model, cfg.optim.weight_decay)
+    lr = effective_lr(cfg, world_size)
     if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    return torch.optim.RAdam(groups, lr=cfg.optim.lr, decoupled_weight_decay=True)
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.RAdam(groups, lr=lr, decoupled_weight_decay=True)
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -177,7 +186,7 @@ class Trainer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.optimizer = build_optimizer(cfg, model)
+        self.optimizer = build_optimizer(cfg, model, dist.world_size)
         n_epoch = cfg.data.samples_per_epoch or len(self.train_ds)
         self.steps_per_epoch = math.ceil(math.ceil(n_epoch / dist.world_size) / cfg.train.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -256,7 +265,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch)
         if hasattr(self.train_ds, "set_epoch"):
             self.train_ds.set_epoch(epoch)
-        idx = epoch_indices(
+        sampler = epoch_sampler(cfg.data, self.train_ds, epoch_indices)  # data.sampler: random | blocked
+        idx = sampler(
             len(self.train_ds), cfg.data.samples_per_epoch, cfg.train.seed, epoch, self.dist.rank, self.dist.world_size
         )
         loader = DataLoader(
@@ -357,6 +367,8 @@ class Trainer:
                     row["time_s"],
                 )
             barrier()
+        if self.dist.is_main:  # curves.png: log.csv drawn once at the end (~0.3 s CPU a plot); a failure only warns
+            write_training_curves(self.run_dir, f"{cfg.name} fold {self.fold}")
         return self.run_dir
 
 
