@@ -259,3 +259,14 @@ def test_lr_rule_under_ddp_is_none_unless_linear_scaling_is_asked_for():
     cfg = load_config(TrainConfig, TINY / "clf2d.yaml", ["optim.lr=1e-3", "optim.lr_scaling=linear"])
     assert effective_lr(cfg, 1) == pytest.approx(1e-3) and effective_lr(cfg, 4) == pytest.approx(4e-3)
     assert all(g["lr"] == pytest.approx(4e-3) for g in build_optimizer(cfg, model, 4).param_groups)
+
+
+def test_val_every_validates_on_schedule_and_always_last(data, tmp_path):
+    overrides = ["train.epochs=3", "train.val_every=2", "data.samples_per_epoch=16"]
+    run = train(_cfg(data, tmp_path, overrides=overrides), fold=0)
+    log = pd.read_csv(run / "log.csv")
+    assert log["epoch"].tolist() == [0, 1, 2]
+    assert log["val_wll"].isna().tolist() == [True, False, False]  # epoch 1 on schedule, epoch 2 the last
+    state = load_checkpoint(run / "best.pt")
+    assert state["epoch"] in (1, 2) and state["best_wll"] == pytest.approx(log["val_wll"].min())
+    assert (run / "curves.png").is_file()

@@ -106,6 +106,10 @@ class TrainSection:
     freeze_backbone_epochs: int = 0
     deterministic: bool = True
     progress: bool = True
+    # Validate every N epochs and always after the last one (best.pt is chosen among the validated epochs). With a
+    # schedule that anneals to the end the last epoch is usually the best, and on CPU a validation pass costs a
+    # quarter of an epoch: the demo validates only at the end.
+    val_every: int = 1
 
 
 @dataclass

@@ -5,8 +5,9 @@ Everything that turns "a config and a device preference" into concrete torch set
 
 * :func:`resolve_device`: ``auto`` → the (local rank's) GPU if one is visible, else the CPU;
 * :func:`resolve_amp`: bf16 only where the GPU runs it natively (compute capability ≥ 8.0), fp16 with a
-  ``GradScaler`` on older GPUs (V100, T4: bf16 is emulated there and slower than fp32), nothing on the CPU unless
-  asked for;
+  ``GradScaler`` on older GPUs (V100, T4: bf16 is emulated there and slower than fp32); on the CPU nothing unless
+  ``bf16`` is asked for and the CPU has bf16 instructions (AMX / AVX512-BF16: 1.7× faster ResNet-10t training
+  steps on the demo's Xeon), else float32;
 * :class:`Runtime`: moves a batch onto the device (uint8 windows decoded there, a loader-drawn affine applied
   there, channels-last for 4D images) and opens the autocast context;
 * :data:`TTA`: the deterministic test-time views, each its own inverse.
@@ -82,7 +83,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
     * ``auto``: bf16 on a GPU that runs it natively, fp16 on an older GPU, none on the CPU;
     * ``bf16`` on a GPU without native bf16 becomes fp16 (with a warning): emulated bf16 is slower than fp32;
-    * ``fp16`` needs a GPU (CPU autocast has no fp16 kernels worth using).
+    * ``fp16`` needs a GPU (CPU autocast has no fp16 kernels worth using);
+    * on the CPU, ``auto`` is float32 and ``bf16`` is kept only where the CPU has bf16 instructions.
 
     Raises:
         UserError: fp16 asked for on the CPU.
@@ -96,9 +98,12 @@ def resolve_amp(amp: str, device: torch.device) -> str:
             return "fp16"
         return amp
     if amp == "auto":
-        return "none"
+        return "none"  # CPU results stay float32 unless bf16 is asked for
     if amp == "fp16":
         raise UserError("train.amp fp16 needs a GPU; use bf16 or none on CPU")
+    if amp == "bf16" and not bf16_native(device):
+        log.info("this CPU has no AMX / AVX512-BF16: bf16 would be emulated (slower than float32); using float32")
+        return "none"
     return amp
 
 

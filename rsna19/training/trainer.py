@@ -338,10 +338,11 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.train.epochs):
             t0 = time.time()
             train_loss = self.train_epoch(epoch)
-            probs = self.validate()
+            last = epoch == cfg.train.epochs - 1
+            probs = self.validate() if last or (epoch + 1) % max(cfg.train.val_every, 1) == 0 else None
             if self.dist.is_main:
-                wll = weighted_log_loss(y_val, probs)
-                per_class = per_class_log_loss(y_val, probs)
+                wll = weighted_log_loss(y_val, probs) if probs is not None else math.nan
+                per_class = per_class_log_loss(y_val, probs) if probs is not None else dict.fromkeys(CLASSES, math.nan)
                 row = {"epoch": epoch, "train_loss": train_loss, "val_wll": wll}
                 row.update({f"val_loss_{c}": per_class[c] for c in CLASSES})
                 row.update({"lr": self.optimizer.param_groups[-1]["lr"], "time_s": time.time() - t0})

@@ -14,8 +14,16 @@ import torch
 BF16_MIN_CAPABILITY: tuple[int, int] = (8, 0)
 
 
+def cpu_bf16_native() -> bool:
+    """True when this CPU has bf16 matrix instructions (AMX tiles or AVX512-BF16); elsewhere CPU bf16 is emulated."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+
+
 def bf16_native(device: torch.device) -> bool:
-    """True when ``device`` runs bf16 natively: a GPU of compute capability ≥ 8.0 (CPUs: False)."""
+    """True when ``device`` runs bf16 natively: a GPU of compute capability ≥ 8.0, or a CPU with AMX / AVX512-BF16."""
+    if device.type == "cpu":
+        return cpu_bf16_native()
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
