@@ -32,7 +32,6 @@ from rsna19.engine.runtime import Runtime
 from rsna19.errors import UserError
 from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
 from rsna19.nets import build_model, get_model_spec
-from rsna19.training import trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
