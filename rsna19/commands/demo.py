@@ -1,4 +1,4 @@
-"""``rsna19 demo [--out DIR]``: synthetic data + the demo pipeline (three model families + stacker), scored."""
+"""``rsna19 demo [--out DIR]``: synthetic data + the demo pipeline (five families × 3 folds + stackers), scored."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the whole pipeline on synthetic data on a CPU (what `make demo` runs)",
         description=(
             "Generate the `demo` synthetic dataset into OUT/data (80 train + 20 test studies) and run "
-            "configs/pipelines/demo.yaml on it: 2D, 2.5D and combine-last models × 3 folds, LightGBM / MLP / "
-            "convex stackers and their blend; prints each model's and the stack's OOF and test weighted log loss. "
-            "Re-running skips what is done."
+            "configs/pipelines/demo.yaml on it: 2D, 2.5D, 3D-slab, segmentation-aided and sequence models × 3 "
+            "folds, LightGBM / MLP / convex stackers and their blend; prints each model's and the stack's OOF and "
+            "test weighted log loss. Re-running skips what is done."
         ),
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
