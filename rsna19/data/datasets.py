@@ -50,6 +50,21 @@ def read_cache_index(cache_dir: str | os.PathLike[str]) -> pd.DataFrame:
     return df
 
 
+def slice_ids(rows: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The identity columns every per-slice output starts with (docs/contracts.md): SOP, series, study and patient
+    UIDs, ``slice_idx`` (the cache's ``z``) and the fold, for cache-index ``rows``."""
+    return pd.DataFrame(
+        {
+            "sop_uid": rows["sop_uid"].astype(str).to_numpy(),
+            "series_uid": rows["series_uid"].astype(str).to_numpy(),
+            "study_uid": rows["study_uid"].astype(str).to_numpy(),
+            "patient_id": rows["patient_id"].astype(str).to_numpy(),
+            "slice_idx": rows["z"].to_numpy(dtype=np.int64),
+            "fold": np.full(len(rows), fold, dtype=np.int64),
+        }
+    )
+
+
 def slice_offsets(slices: int) -> np.ndarray:
     """Offsets of the neighbours of a centre slice: ``slices = 5`` → ``[-2, -1, 0, 1, 2]``.
 

@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 
 from rsna19.constants import CLASSES, DEFAULT_TTA
-from rsna19.data.datasets import read_cache_index
+from rsna19.data.datasets import read_cache_index, slice_ids
 from rsna19.data.embeddings import EMBED_COLUMNS, EMBED_SPLITS, embedding_paths, embeddings_complete
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.engine.predictor import Predictor, run_fold_dir
-from rsna19.engine.tasks import Embedding
+from rsna19.engine.tasks import Embedding, cache_path, folds_path
 from rsna19.errors import UserError
 from rsna19.utils.atomic import atomic_path, write_parquet, write_text
 
@@ -39,17 +39,8 @@ def embedding_frame(rows: pd.DataFrame, fold: int, split: str, logits: np.ndarra
 
     ``logits`` (len(rows), 6): the image model's TTA-averaged logits, stored as ``logit_<class>`` columns.
     """
-    df = pd.DataFrame(
-        {
-            "sop_uid": rows["sop_uid"].astype(str).to_numpy(),
-            "series_uid": rows["series_uid"].astype(str).to_numpy(),
-            "study_uid": rows["study_uid"].astype(str).to_numpy(),
-            "patient_id": rows["patient_id"].astype(str).to_numpy(),
-            "slice_idx": rows["z"].to_numpy(dtype=np.int64),
-            "fold": np.full(len(rows), fold, dtype=np.int64),
-            "split": np.full(len(rows), split, dtype=object),
-        }
-    )
+    df = slice_ids(rows, fold)
+    df["split"] = np.full(len(rows), split, dtype=object)
     assert list(df.columns) == list(EMBED_COLUMNS)
     if split != "test":
         for c in CLASSES:
@@ -119,15 +110,10 @@ def extract_embeddings(
         raise UserError(
             f"model {predictor.model_name!r} ({cfg.data.layout} input) gives no per-slice embeddings; use a 2D/2.5D run"
         )
-    cache = cache or os.environ.get("RSNA19_CACHE") or cfg.data.cache
-    if not cache:
-        raise UserError("no cache path: pass --cache or set RSNA19_CACHE")
+    cache = cache_path(cache, cfg.data.cache)
     index = read_cache_index(cache)
     if any(s != "test" for s in todo):
-        folds_path = folds or os.environ.get("RSNA19_FOLDS") or cfg.data.folds
-        if not folds_path:
-            raise UserError("no folds path: pass --folds or set RSNA19_FOLDS")
-        train_rows, val_rows = split_by_fold(index, read_folds(folds_path), fold)
+        train_rows, val_rows = split_by_fold(index, read_folds(folds_path(folds, cfg.data.folds)), fold)
     rows_of = {
         "train": lambda: train_rows,
         "oof": lambda: val_rows,

@@ -170,14 +170,16 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
 # ----------------------------------------------------------------------------------------------- image tasks
 
 
-def _cache_path(cache: str | None, recorded: str | None) -> str:
+def cache_path(cache: str | None, recorded: str | None) -> str:
+    """The conversion cache: the given path, else ``$RSNA19_CACHE``, else the run's recorded one."""
     out = cache or os.environ.get("RSNA19_CACHE") or recorded
     if not out:
         raise UserError("no cache path: pass --cache or set RSNA19_CACHE")
     return out
 
 
-def _folds_path(folds: str | None, recorded: str | None) -> str:
+def folds_path(folds: str | None, recorded: str | None) -> str:
+    """The folds csv: the given path, else ``$RSNA19_FOLDS``, else the run's recorded one."""
     out = folds or os.environ.get("RSNA19_FOLDS") or recorded
     if not out:
         raise UserError("no folds path: pass --folds or set RSNA19_FOLDS")
@@ -223,10 +225,10 @@ class ImageTask(Task):
     def prediction_data(
         self, state: dict[str, Any], fold_dir: Path, fold: int, split: str, cache: str | None, folds: str | None
     ) -> tuple[pd.DataFrame, Dataset]:
-        cache = _cache_path(cache, self.cfg.data.cache)
+        cache = cache_path(cache, self.cfg.data.cache)
         index = read_cache_index(cache)
         if split == "oof":
-            _, rows = split_by_fold(index, read_folds(_folds_path(folds, self.cfg.data.folds)), fold)
+            _, rows = split_by_fold(index, read_folds(folds_path(folds, self.cfg.data.folds)), fold)
         else:
             rows = index[index["split"] == "test"].reset_index(drop=True)
         if rows.empty:

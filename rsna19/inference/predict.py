@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from rsna19.constants import CLASSES, DEFAULT_TTA, PROB_COLUMNS
+from rsna19.data.datasets import slice_ids
 from rsna19.engine.embed import ensure_embeddings
 from rsna19.engine.predictor import Predictor, run_fold_dir
 from rsna19.errors import UserError
@@ -28,17 +29,8 @@ log = logging.getLogger(__name__)
 
 def prediction_frame(rows: pd.DataFrame, probs: np.ndarray, fold: int, model_name: str, labels: bool) -> pd.DataFrame:
     """The prediction parquet table (docs/contracts.md) for ``rows`` of the cache index."""
-    df = pd.DataFrame(
-        {
-            "sop_uid": rows["sop_uid"].astype(str).to_numpy(),
-            "series_uid": rows["series_uid"].astype(str).to_numpy(),
-            "study_uid": rows["study_uid"].astype(str).to_numpy(),
-            "patient_id": rows["patient_id"].astype(str).to_numpy(),
-            "slice_idx": rows["z"].to_numpy(dtype=np.int64),
-            "fold": np.full(len(rows), fold, dtype=np.int64),
-            "model": np.full(len(rows), model_name, dtype=object),
-        }
-    )
+    df = slice_ids(rows, fold)
+    df["model"] = np.full(len(rows), model_name, dtype=object)
     for i, col in enumerate(PROB_COLUMNS):
         df[col] = probs[:, i].astype(np.float64)
     if labels:
