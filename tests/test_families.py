@@ -126,7 +126,7 @@ def test_seg_loss_with_and_without_masks():
     from rsna19.metrics import weighted_log_loss
 
     p = torch.sigmoid(cls).detach().numpy().astype("float64")
-    assert abs(float(weighted_bce(cls, y)) - weighted_log_loss(y.numpy(), p)) < 1e-5
+    assert abs(float(weighted_bce(cls, y).detach()) - weighted_log_loss(y.numpy(), p)) < 1e-5
     # No masks: only the classification loss, and the mask logits still get a (zero) gradient.
     none = torch.zeros(4, dtype=torch.bool)
     loss = seg_aux_loss(cls, masks, y, gt, none, lam=1.0)
