@@ -5,6 +5,7 @@ Output (written as one directory, atomically; a finished one is skipped unless `
     <out>/<name>/oof.parquet     key columns, fold, model (mean / convex / lgbm / mlp / blend), p_<class> ×6, labels
     <out>/<name>/test.parquet    key columns, fold (−1), model, p_<class> ×6
     <out>/<name>/scores.csv      name, kind, wll_oof, wll_test, loss_<class> ×6, auc_any
+    <out>/<name>/scores.png      the score table as a bar chart (every base model, stacker and the blend)
     <out>/<name>/weights.json    convex (per level-2 fold) and blend weights
     <out>/<name>/timings.json    seconds per step
     <out>/<name>/config.yaml     the resolved config, with the base models actually used
