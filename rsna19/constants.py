@@ -8,6 +8,16 @@ SUBTYPES: tuple[str, ...] = ("epidural", "intraparenchymal", "intraventricular",
 #: All six predicted classes; ``any`` is last, as in ``stage_2_train.csv``.
 CLASSES: tuple[str, ...] = (*SUBTYPES, "any")
 
+#: Short names of the classes on pictures (radiology abbreviations).
+SHORT_NAMES: dict[str, str] = {
+    "epidural": "EDH",
+    "intraparenchymal": "IPH",
+    "intraventricular": "IVH",
+    "subarachnoid": "SAH",
+    "subdural": "SDH",
+    "any": "any",
+}
+
 #: Competition weights: ``any`` counts twice.
 CLASS_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
 

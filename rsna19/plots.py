@@ -24,24 +24,15 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from rsna19.constants import CLASSES
+from rsna19.constants import CLASSES, SHORT_NAMES
 from rsna19.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
 DPI: int = 100
 
-#: Short names of the classes on the pictures (radiology abbreviations, as in the study report).
-SHORT_NAMES: dict[str, str] = {
-    "epidural": "EDH",
-    "intraparenchymal": "IPH",
-    "intraventricular": "IVH",
-    "subarachnoid": "SAH",
-    "subdural": "SDH",
-    "any": "any",
-}
 
-#: Line colours of the six classes (the study report's: colour-blind friendly tab10 picks, ``any`` black).
+#: Line colours of the six classes (colour-blind friendly tab10 picks, ``any`` black; the study report's too).
 CLASS_COLOURS: dict[str, str] = {
     "epidural": "tab:blue",
     "intraparenchymal": "tab:orange",

@@ -12,22 +12,12 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from rsna19.constants import CLASSES, WINDOWS
+from rsna19.constants import CLASSES, SHORT_NAMES, WINDOWS
 
 #: Palette: indices 0..249 are grey levels, then the colours of the text.
 _GREYS = 250
 _YELLOW, _RED = 250, 251
 _PALETTE = [v for i in range(_GREYS) for v in (round(i * 255 / (_GREYS - 1)),) * 3] + [255, 255, 0, 255, 40, 40]
-
-#: Short names drawn on the slices, in CLASSES order.
-SHORT_NAMES: dict[str, str] = {
-    "epidural": "EDH",
-    "intraparenchymal": "IPH",
-    "intraventricular": "IVH",
-    "subarachnoid": "SAH",
-    "subdural": "SDH",
-    "any": "ANY",
-}
 
 
 def window_to_uint8(hu: np.ndarray, centre: float, width: float, levels: int = 256) -> np.ndarray:

@@ -20,28 +20,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from rsna19.constants import CLASSES, PROB_COLUMNS, WINDOWS
+from rsna19.constants import CLASSES, PROB_COLUMNS, SHORT_NAMES, WINDOWS
+from rsna19.plots import CLASS_COLOURS
 from rsna19.utils.atomic import atomic_path
-
-#: Short names used on the picture (radiology abbreviations).
-SHORT_NAMES: dict[str, str] = {
-    "epidural": "EDH",
-    "intraparenchymal": "IPH",
-    "intraventricular": "IVH",
-    "subarachnoid": "SAH",
-    "subdural": "SDH",
-    "any": "any",
-}
-
-#: Line colours of the six classes (colour-blind friendly tab10 picks; ``any`` black).
-_COLOURS: dict[str, str] = {
-    "epidural": "tab:blue",
-    "intraparenchymal": "tab:orange",
-    "intraventricular": "tab:green",
-    "subarachnoid": "tab:purple",
-    "subdural": "tab:red",
-    "any": "black",
-}
 
 #: Report geometry in inches (the layout is placed by hand, so the size never depends on text extents).
 PANEL_INCHES: float = 2.0  # one montage cell, image plus gap
@@ -208,7 +189,7 @@ def render_study_report(
         ax.plot(
             zs,
             probs[:, i],
-            color=_COLOURS[name],
+            color=CLASS_COLOURS[name],
             lw=2.0 if name == "any" else 1.2,
             marker="o" if n <= 40 else None,
             ms=2.5,
