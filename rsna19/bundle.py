@@ -35,20 +35,13 @@ import yaml
 from rsna19.constants import CLASSES, WINDOWS
 from rsna19.errors import UserError
 from rsna19.utils.atomic import atomic_path
+from rsna19.utils.digest import sha256_file
 
 #: Bumped when the layout changes; :func:`load_bundle` refuses other versions.
 BUNDLE_VERSION = 1
 BUNDLE_FORMAT = "rsna19-bundle"
 #: Leading bytes of a pickle (protocol 2+) and of torch's zip checkpoint format.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -255,7 +248,7 @@ def export_bundle(
             entries.append(_export_model(work, name, folds, tmp / "models" / name))
         info, l2, stacker_test = export_stacker(scfg, which, models, tmp / "stacker")
         _write_json(info, tmp / "stacker" / "stacker.json")
-        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         c = pipeline.convert
         names = sorted({w for e in entries for w in e["windows"]})
         manifest = {

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rsna19.errors import UserError
+from rsna19.utils.digest import sha256_file
 
 #: The manifest a fetch writes into a repository's cache folder.
 MANIFEST_NAME = "rsna19_manifest.json"
@@ -195,15 +195,6 @@ def locate(need: WeightNeed, extra_dirs: list[Path] | tuple[Path, ...] = ()) -> 
     else:
         status.problem = "not found locally"
     return status
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _manifest_path(path: Path) -> tuple[Path, str] | None:

@@ -18,7 +18,6 @@ class's ``load`` of each member (:mod:`rsna19.stacking.registry`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from rsna19.stacking.base import Reader
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.features import Level2Data
 from rsna19.stacking.registry import get_stacker_spec
+from rsna19.utils.digest import sha256_file
 
 #: The only kinds of file a stacker may save into a bundle (JSON, LightGBM text dumps, safetensors).
 ALLOWED_SUFFIXES = (".json", ".txt", ".safetensors")
@@ -80,11 +80,7 @@ class LoadedStacker:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def save_member(name: str, stacker: Any, dest: Path) -> dict[str, Any]:
