@@ -306,8 +306,8 @@ class TrainJob(ModelJob):
         args = _argv("train", self.ctx.config_paths[self.model], "--fold", self.fold)
         args += _argv("--cache", p.cache, "--folds", p.folds, "--runs", p.runs)
         args += [*train_overrides(self.ctx.cfg, self.model)]
-        masks = self.ctx.layout.root / "masks"
-        if self.ctx.train_cfgs[self.model].data.masks:
+        masks = self.ctx.train_cfgs[self.model].data.masks
+        if masks:
             args += _argv("--masks", masks)
         g = self.ctx.cfg.gpus_per_job
         if self.ctx.on_gpu and g > 1:
