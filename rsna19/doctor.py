@@ -42,9 +42,11 @@ WORK_MARGIN = 0.2
 COMMON_SYNTAXES: tuple[tuple[str, str], ...] = (
     ("1.2.840.10008.1.2.1", "uncompressed (explicit VR little endian)"),
     ("1.2.840.10008.1.2", "uncompressed (implicit VR little endian)"),
+    ("1.2.840.10008.1.2.2", "uncompressed (explicit VR big endian)"),
     ("1.2.840.10008.1.2.1.99", "deflated explicit VR little endian"),
     ("1.2.840.10008.1.2.5", "RLE lossless"),
     ("1.2.840.10008.1.2.4.50", "JPEG baseline (8 bit)"),
+    ("1.2.840.10008.1.2.4.51", "JPEG extended (12 bit)"),
     ("1.2.840.10008.1.2.4.57", "JPEG lossless"),
     ("1.2.840.10008.1.2.4.70", "JPEG lossless SV1"),
     ("1.2.840.10008.1.2.4.80", "JPEG-LS lossless"),
@@ -470,8 +472,12 @@ def check_dicom(index: str | os.PathLike[str] | None = None) -> Check:
     from pydicom.pixels.decoders.base import get_decoder
     from pydicom.uid import UID
 
+    from rsna19.io.decoders import install_hint, register
+
+    register()  # the project's JPEG plugin, as every decoding process has it
     rows = []
-    missing = []
+    missing: list[str] = []
+    hints: list[str] = []
     for uid, name in COMMON_SYNTAXES:
         try:
             dec = get_decoder(UID(uid))
@@ -481,6 +487,9 @@ def check_dicom(index: str | os.PathLike[str] | None = None) -> Check:
         rows.append({"uid": uid, "name": name, "available": available, "plugins": plugins, "missing": lacks})
         if not available:
             missing.append(f"{name} (.{uid.rsplit('.', 1)[1]})")
+            hint = install_hint(uid)
+            if hint and f"pip install {hint}" not in hints:
+                hints.append(f"pip install {hint}")
     details = []
     for r in rows:
         how = "native" if not UID(r["uid"]).is_compressed else ", ".join(r["plugins"])
@@ -500,8 +509,8 @@ def check_dicom(index: str | os.PathLike[str] | None = None) -> Check:
             return Check(
                 "dicom",
                 "fail",
-                f"the index holds slices no installed decoder reads ({what}): install the plugin named, e.g. "
-                "`pip install pylibjpeg-libjpeg` (GPL-3) or `pip install python-gdcm`",
+                f"the index holds slices no installed decoder reads ({what}): install the package named "
+                "(docs/dicom.md lists which package decodes which syntax)",
                 details,
                 data,
             )
@@ -509,8 +518,8 @@ def check_dicom(index: str | os.PathLike[str] | None = None) -> Check:
         return Check(
             "dicom",
             "warn",
-            f"no decoder for {', '.join(missing)}: such files are skipped as errors; `pip install pylibjpeg-libjpeg` "
-            "(GPL-3) or `pip install python-gdcm` adds them",
+            f"no decoder for {', '.join(missing)}: such files are skipped as errors; {'; '.join(hints)} "
+            "(docs/dicom.md)",
             details,
             data,
         )

@@ -12,7 +12,7 @@ import contextlib
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,8 @@ import pydicom
 import pydicom.config
 from pydicom.dataelem import RawDataElement
 
-from rsna19.io.hu import dataset_to_hu, native_to_hu
+from rsna19.io.hu import dataset_to_hu, decode_stored, frame_to_hu, native_to_hu
+from rsna19.io.multiframe import frame_headers, frame_sop_uid, is_multiframe
 
 # Tags read by value (plain ints: the fastest dict keys for Dataset.get_item).
 _MODALITY = 0x00080060
@@ -60,6 +61,7 @@ class Slice:
         iop: (6,) ImageOrientationPatient.
         pixel_spacing: (Δr, Δc) mm.
         slice_thickness: SliceThickness (mm, 0 where absent).
+        frame: 1-based frame number within a multi-frame file, 0 for a single-frame file.
     """
 
     path: str
@@ -72,6 +74,7 @@ class Slice:
     iop: np.ndarray
     pixel_spacing: tuple[float, float]
     slice_thickness: float
+    frame: int = 0
 
     def geometry_key(self) -> tuple:
         """What must agree between slices stacked together: shape, orientation, pixel spacing."""
@@ -212,18 +215,19 @@ def read_slice(path: str | os.PathLike[str]) -> Slice:
 
 def read_slice_unguarded(path: str | os.PathLike[str]) -> Slice:
     """:func:`read_slice` for callers that already hold :func:`lenient_reading` (one context per series)."""
-    ds = pydicom.dcmread(path)
+    return _single_slice(path, pydicom.dcmread(path))
+
+
+def _single_slice(path: str | os.PathLike[str], ds: pydicom.Dataset) -> Slice:
     h = _Header(ds)
     modality = h.string(_MODALITY)
     if modality and modality != "CT":
         raise ValueError(f"not CT (Modality={modality})")
+    if is_multiframe(ds):
+        raise ValueError("multi-frame image: read it with read_file_slices")
     ipp = h.floats(_IPP, 3, "ImagePositionPatient")
-    iop = h.floats(_IOP, 6, "ImageOrientationPatient")
-    if np.linalg.norm(np.cross(iop[:3], iop[3:])) < 0.5:
-        raise ValueError(f"ImageOrientationPatient {iop.tolist()} has parallel row and column vectors")
-    spacing = h.floats(_SPACING, 2, "PixelSpacing")
-    if np.any(spacing <= 0):
-        raise ValueError(f"PixelSpacing {spacing.tolist()} is not positive")
+    iop = _check_iop(h.floats(_IOP, 6, "ImageOrientationPatient"))
+    spacing = _check_spacing(h.floats(_SPACING, 2, "PixelSpacing"))
     hu = _hu(ds, h)
     return Slice(
         path=str(path),
@@ -237,6 +241,102 @@ def read_slice_unguarded(path: str | os.PathLike[str]) -> Slice:
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         slice_thickness=h.number(_SLICE_THICKNESS, 0.0),
     )
+
+
+def _check_iop(iop: np.ndarray) -> np.ndarray:
+    if np.linalg.norm(np.cross(iop[:3], iop[3:])) < 0.5:
+        raise ValueError(f"ImageOrientationPatient {iop.tolist()} has parallel row and column vectors")
+    return iop
+
+
+def _check_spacing(spacing: np.ndarray) -> np.ndarray:
+    if np.any(spacing <= 0):
+        raise ValueError(f"PixelSpacing {spacing.tolist()} is not positive")
+    return spacing
+
+
+def _vector(values: list[float] | None, n: int, name: str, frame: int) -> np.ndarray:
+    if values is None:
+        raise ValueError(f"frame {frame}: no {name}")
+    out = np.asarray(values, dtype=np.float64)
+    if out.shape != (n,) or not np.all(np.isfinite(out)):
+        raise ValueError(f"frame {frame}: {name} {values} is not {n} finite numbers")
+    return out
+
+
+def read_file_slices(path: str | os.PathLike[str], frames: Sequence[int] | None = None) -> list[Slice]:
+    """Read the slices a file holds: itself for a single-frame file, its frames for a multi-frame one.
+
+    Args:
+        path: the file.
+        frames: 1-based frames to read from a multi-frame file, None for all (ignored for a single-frame file).
+
+    Returns:
+        The slices; frames of a multi-frame file carry ``frame`` and the slice UID ``<SOPInstanceUID>.f<frame>``,
+        with position, orientation, spacing and rescale from the functional groups
+        (:mod:`rsna19.io.multiframe`).
+
+    Raises:
+        ValueError: with a one-line reason (not CT, no geometry for a frame, undecodable pixels, a frame number
+            the file does not have …), as :func:`read_slice`.
+    """
+    with lenient_reading():
+        return read_file_slices_unguarded(path, frames)
+
+
+def read_file_slices_unguarded(path: str | os.PathLike[str], frames: Sequence[int] | None = None) -> list[Slice]:
+    """:func:`read_file_slices` for callers that already hold :func:`lenient_reading`."""
+    ds = pydicom.dcmread(path)
+    if not is_multiframe(ds):
+        return [_single_slice(path, ds)]
+    h = _Header(ds)
+    modality = h.string(_MODALITY)
+    if modality and modality != "CT":
+        raise ValueError(f"not CT (Modality={modality})")
+    headers = frame_headers(ds)
+    wanted = list(range(1, len(headers) + 1)) if frames is None else [int(f) for f in frames]
+    bad = [f for f in wanted if not 1 <= f <= len(headers)]
+    if bad:
+        raise ValueError(f"frame {bad[0]} does not exist: the file has {len(headers)} frames")
+    geometry = {}
+    for f in wanted:
+        fh = headers[f - 1]
+        ipp = _vector(fh.ipp, 3, "ImagePositionPatient", f)
+        iop = _check_iop(_vector(fh.iop, 6, "ImageOrientationPatient", f))
+        spacing = _check_spacing(_vector(fh.pixel_spacing, 2, "PixelSpacing", f))
+        geometry[f] = (ipp, iop, spacing)
+    stored = decode_stored(ds)
+    sop = h.string(_SOP_UID)
+    bits_stored = h.us(_BITS_STORED, 16) or 16
+    representation = h.us(_PIXEL_REPRESENTATION, 0) or 0
+    out = []
+    for f in wanted:
+        fh = headers[f - 1]
+        ipp, iop, spacing = geometry[f]
+        hu = frame_to_hu(
+            stored[f - 1],
+            slope=fh.slope if fh.slope is not None else h.number(_SLOPE, 1.0),
+            intercept=fh.intercept if fh.intercept is not None else h.number(_INTERCEPT, 0.0),
+            bits_stored=bits_stored,
+            pixel_representation=representation,
+        )
+        thickness = fh.slice_thickness if fh.slice_thickness is not None else h.number(_SLICE_THICKNESS, 0.0)
+        out.append(
+            Slice(
+                path=str(path),
+                sop_uid=frame_sop_uid(sop, f),
+                series_uid=h.string(_SERIES_UID),
+                study_uid=h.string(_STUDY_UID),
+                patient_id=h.string(_PATIENT_ID),
+                hu=hu,
+                ipp=ipp,
+                iop=iop,
+                pixel_spacing=(float(spacing[0]), float(spacing[1])),
+                slice_thickness=float(thickness),
+                frame=f,
+            )
+        )
+    return out
 
 
 def describe_error(exc: BaseException) -> str:

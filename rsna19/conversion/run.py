@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 #: Index columns a conversion reads (labels and study/patient/split are optional).
 REQUIRED_COLUMNS = ("path", "sop_uid", "series_uid")
-_ROW_COLUMNS = ("path", "sop_uid", "series_uid", "study_uid", "patient_id", "split", *CLASSES)
+_ROW_COLUMNS = ("path", "frame", "sop_uid", "series_uid", "study_uid", "patient_id", "split", *CLASSES)
 ERROR_COLUMNS = ["series_uid", "path", "reason"]
 CACHE_INDEX_COLUMNS = ["sop_uid", "series_uid", "study_uid", "patient_id", "split", "z", "n_slices", *CLASSES]
 

@@ -30,7 +30,7 @@ from rsna19.conversion.geometry import (
     tilt_deg,
     tilt_shifts,
 )
-from rsna19.conversion.read import Slice, describe_error, lenient_reading, read_slice_unguarded
+from rsna19.conversion.read import Slice, describe_error, lenient_reading, read_file_slices_unguarded
 from rsna19.conversion.resample import (
     Window,
     centred_window,
@@ -85,8 +85,16 @@ def _rows_of(paths_or_rows: Any) -> list[dict[str, Any]]:
         rows = [dict(r) if isinstance(r, Mapping) else {"path": os.fspath(r)} for r in paths_or_rows]
     for r in rows:
         r["path"] = str(r["path"])
+        r["frame"] = _frame(r.get("frame"))
     # The input order must not matter (outputs are compared byte for byte between runs).
-    return sorted(rows, key=lambda r: (str(r.get("sop_uid", "")), r["path"]))
+    return sorted(rows, key=lambda r: (str(r.get("sop_uid", "")), r["path"], r["frame"]))
+
+
+def _frame(value: Any) -> int:
+    """The ``frame`` of a row: 1-based within a multi-frame file, 0 for a whole file (absent, None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return 0
+    return int(value)
 
 
 def _text(value: Any) -> str | None:
@@ -121,7 +129,10 @@ def input_fingerprint(paths_or_rows: Any) -> str:
             stamp = "missing"
         labels = [_label(r.get(c)) for c in CLASSES]
         extra = [_text(r.get(k)) for k in ("study_uid", "patient_id", "split")]
-        h.update(json.dumps([_text(r.get("sop_uid")), os.path.basename(r["path"]), stamp, labels, extra]).encode())
+        entry = [_text(r.get("sop_uid")), os.path.basename(r["path"]), stamp, labels, extra]
+        if r["frame"]:  # only frames add a field: fingerprints of single-frame series stay as they were
+            entry.append(r["frame"])
+        h.update(json.dumps(entry).encode())
     return h.hexdigest()
 
 
@@ -173,19 +184,32 @@ def convert_series(
         raise SeriesError("no files")
     dropped: list[dict[str, str]] = []
     slices: list[Slice] = []
-    by_path: dict[str, dict[str, Any]] = {}
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    # What to read from each file: its frames (index rows of a multi-frame file), or None for "every slice the
+    # file holds" (a bare path: itself, or all frames of a multi-frame file). Each file is decoded once.
+    wanted: dict[str, list[int] | None] = {}
+    for r in rows:
+        by_key.setdefault((r["path"], r["frame"]), r)
+        if r["frame"] and wanted.get(r["path"], []) is not None:
+            wanted.setdefault(r["path"], []).append(r["frame"])  # type: ignore[union-attr]
+        else:
+            wanted[r["path"]] = None
     with lenient_reading():
-        for r in rows:
-            by_path[r["path"]] = r
+        for path, frames in wanted.items():
             try:
-                slices.append(read_slice_unguarded(r["path"]))
+                slices.extend(read_file_slices_unguarded(path, frames))
             except Exception as exc:  # one bad file must not stop the series: report it and go on
                 reason = describe_error(exc)
-                dropped.append({"path": r["path"], "sop_uid": str(r.get("sop_uid", "")), "reason": reason})
+                for r in [r for (p, _f), r in by_key.items() if p == path]:
+                    dropped.append({"path": path, "sop_uid": str(r.get("sop_uid", "")), "reason": reason})
+
+    def row_of(s: Slice) -> dict[str, Any]:
+        return by_key.get((s.path, s.frame)) or by_key.get((s.path, 0)) or {"path": s.path}
+
     if not slices:
         reasons = sorted({d["reason"] for d in dropped})
         raise SeriesError(f"no usable slice ({len(dropped)} unreadable: {'; '.join(reasons)})", dropped)
-    series_uids = sorted({_text(by_path[s.path].get("series_uid")) or s.series_uid for s in slices})
+    series_uids = sorted({_text(row_of(s).get("series_uid")) or s.series_uid for s in slices})
     if len(series_uids) > 1:
         raise SeriesError(f"the files hold {len(series_uids)} series: {', '.join(series_uids[:5])}", dropped)
     slices = _pick_geometry(slices, dropped)
@@ -236,9 +260,9 @@ def convert_series(
         volume[k] = sample_window(s.hu, window, (float(shifts[k, 0]), float(shifts[k, 1])), 1, AIR_HU)
         s.hu = None  # type: ignore[assignment]  # free the input as soon as it is used: memory ≤ one series
 
-    first = by_path[slices[0].path]
+    first = row_of(slices[0])
     out_spacing = (params.spacing, params.spacing) if params.spacing else pixel_spacing
-    labels = {c: [_label(by_path[s.path].get(c)) for s in slices] for c in CLASSES}
+    labels = {c: [_label(row_of(s).get(c)) for s in slices] for c in CLASSES}
     meta: dict[str, Any] = {
         "series_uid": series_uids[0],
         "study_uid": _text(first.get("study_uid")) or slices[0].study_uid,

@@ -12,8 +12,10 @@ study → series → files, and decides which series the models can read:
 
 A single-slice axial series is kept (the converter reads it); raise :attr:`SelectionRules.min_slices` to drop
 such series. Each file of a candidate series (CT, not a localizer) is validated by the index's own
-:func:`rsna19.io.dicom_header.read_header`, so a slice is accepted here exactly when ``rsna19 index`` would
-accept it; a rejected slice (no position, truncated, wrong pixel buffer, duplicated SOP UID) is listed with its
+:func:`rsna19.io.dicom_header.read_slice_headers`, so a slice is accepted here exactly when ``rsna19 index`` would
+accept it (a multi-frame Enhanced CT file becomes one slice per frame, see :mod:`rsna19.io.multiframe`; a file
+whose transfer syntax has no installed decoder is rejected with the syntax and the package to install); a
+rejected slice (no position, truncated, wrong pixel buffer, duplicated SOP UID) is listed with its
 reason under its study and the rest of the series is still used. Files that are not DICOM images at all are
 listed as skipped files of the input; nothing here raises for a bad file. Only an unsafe or broken zip stops the
 whole input (:class:`UnsafeArchiveError`), because then no member of it can be trusted.
@@ -39,7 +41,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from rsna19.errors import UserError
-from rsna19.io.dicom_header import read_header as read_index_header
+from rsna19.io.dicom_header import read_slice_headers
+from rsna19.io.hu import decoder_problem
 
 #: ImageType values that mark a planning image rather than a diagnostic series.
 LOCALIZER_TOKENS: frozenset[str] = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
@@ -100,8 +103,10 @@ class SeriesInput:
         series_uid, study_uid, patient_id: identifiers from the headers.
         modality: Modality tag ("CT", "MR", ...; several joined by "/" if the files disagree).
         description: SeriesDescription ("" if absent).
-        files: the files of the series; for a kept series in slice order (ascending ``positions``).
-        sop_uids: SOPInstanceUID of each file, same order.
+        files: the file of each slice; for a kept series in slice order (ascending ``positions``). A multi-frame
+            (Enhanced CT) file is expanded into one slice per frame, so its path repeats.
+        sop_uids: slice UID of each slice, same order: the SOPInstanceUID, or ``<SOPInstanceUID>.f<frame>`` for a
+            frame of a multi-frame file.
         positions: IPP · (row × col) of each file (mm), ascending; empty for a skipped series.
         tilt_deg: gantry tilt from the orientation (``atan2(-col_z, col_y)``); None for a skipped series.
         reason: why the series is skipped; None when it is kept.
@@ -117,11 +122,18 @@ class SeriesInput:
     positions: list[float] = field(default_factory=list)
     tilt_deg: float | None = None
     reason: str | None = None
+    frames: list[int] = field(default_factory=list)
 
     @property
     def used(self) -> bool:
         """True when the series goes to the models."""
         return self.reason is None
+
+    def slice_refs(self) -> list[dict[str, Any]]:
+        """The slices as rows for :func:`rsna19.conversion.series.convert_series`: ``path``, ``frame``
+        (1-based within a multi-frame file, 0 for a single-frame file) and ``sop_uid``, in slice order."""
+        frames = self.frames or [0] * len(self.files)
+        return [{"path": str(p), "frame": f, "sop_uid": u} for p, f, u in zip(self.files, frames, self.sop_uids)]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (no file lists) for ``studies.json``."""
@@ -129,7 +141,7 @@ class SeriesInput:
             "series_uid": self.series_uid,
             "modality": self.modality,
             "description": self.description,
-            "n_files": len(self.files),
+            "n_files": len(set(self.files)),
         }
         if self.used:
             out["tilt_deg"] = None if self.tilt_deg is None else round(self.tilt_deg, 3)
@@ -331,7 +343,7 @@ def read_identity(path: str | os.PathLike[str]) -> dict[str, Any] | str:
 
     This is deliberately light: it only has to place a file in a study and series and tell CT from MR and a
     localizer from an image series. Files of candidate series are then validated by the index's own
-    :func:`rsna19.io.dicom_header.read_header` (geometry, truncation, pixel buffer), so predict-study accepts and
+    :func:`rsna19.io.dicom_header.read_slice_headers` (geometry, truncation, pixel buffer), so predict-study accepts and
     rejects slices exactly like ``rsna19 index``.
 
     Args:
@@ -405,12 +417,21 @@ def _localizer_tokens(ident: dict[str, Any]) -> list[str]:
     return sorted({t for t in ident["image_type"] if t in LOCALIZER_TOKENS})
 
 
-def _read_file(path: Path) -> tuple[dict[str, Any] | str, dict[str, Any] | str | None]:
-    """Identity of one file and, for a CT image that is not a localizer, its validated index row (or reason)."""
+def _read_file(path: Path) -> tuple[dict[str, Any] | str, list[dict[str, Any]] | str | None]:
+    """Identity of one file and, for a CT image that is not a localizer, its validated index rows (or reason).
+
+    A multi-frame file gives one row per frame. A file whose transfer syntax no installed package decodes is
+    rejected here, with the syntax and what to install in the reason, so that studies.json names it.
+    """
     ident = read_identity(path)
     if isinstance(ident, str) or ident["modality"] != "CT" or _localizer_tokens(ident):
         return ident, None
-    return ident, read_index_header(path)
+    rows = read_slice_headers(path)
+    if isinstance(rows, list):
+        problem = decoder_problem(rows[0]["transfer_syntax"])
+        if problem:
+            return ident, problem
+    return ident, rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -453,6 +474,7 @@ def _select_series(
             description=first["description"],
             files=[p for p, _, _ in kept],
             sop_uids=[ident["sop_uid"] for _, ident, _ in kept],
+            frames=[row["frame"] if isinstance(row, dict) else 0 for _, _, row in kept],
             reason=reason,
             **kwargs,
         )
@@ -601,11 +623,17 @@ def collect_studies(
 
     skipped_files: list[SkippedFile] = []
     by_series: dict[tuple[str, str], list[_FileInfo]] = defaultdict(list)
-    for file, (ident, row) in zip(files, infos):
+    for file, (ident, rows) in zip(files, infos):
         if isinstance(ident, str):
             skipped_files.append(SkippedFile(file, ident))
+        elif isinstance(rows, list):
+            # One entry a slice: the frames of a multi-frame file become slices with their own UIDs from here on.
+            for row in rows:
+                by_series[(ident["study_uid"], ident["series_uid"])].append(
+                    (file, {**ident, "sop_uid": row["sop_uid"]}, row)
+                )
         else:
-            by_series[(ident["study_uid"], ident["series_uid"])].append((file, ident, row))
+            by_series[(ident["study_uid"], ident["series_uid"])].append((file, ident, rows))
 
     studies: dict[str, StudyInput] = {}
     for (study_uid, series_uid), members in sorted(by_series.items()):

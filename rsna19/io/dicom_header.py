@@ -25,6 +25,8 @@ from pydicom.filereader import data_element_generator
 from pydicom.multival import MultiValue
 from pydicom.valuerep import STANDARD_VR
 
+from rsna19.io.multiframe import frame_headers, frame_sop_uid
+
 #: Columns of a header row, in the order of ``index.parquet`` (the index adds split, geometry and labels).
 HEADER_COLUMNS: tuple[str, ...] = (
     "path",
@@ -55,6 +57,7 @@ HEADER_COLUMNS: tuple[str, ...] = (
     "window_center",
     "window_width",
     "transfer_syntax",
+    "frame",
 )
 
 # Tags read from the raw dataset.
@@ -80,6 +83,8 @@ _WINDOW_CENTER = 0x00281050
 _WINDOW_WIDTH = 0x00281051
 _INTERCEPT = 0x00281052
 _SLOPE = 0x00281053
+_SHARED_GROUPS = 0x52009229
+_PER_FRAME_GROUPS = 0x52009230
 _PIXEL_DATA = 0x7FE00010
 _OTHER_PIXEL_DATA = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 _ALL_PIXEL_DATA = {_PIXEL_DATA, *_OTHER_PIXEL_DATA}
@@ -108,7 +113,7 @@ class _Bad(Exception):
 
 
 def read_header(path: str | os.PathLike[str], fast: bool = True) -> dict[str, Any] | str:
-    """Read one file's header.
+    """Read one single-frame file's header.
 
     Args:
         path: the file.
@@ -118,8 +123,33 @@ def read_header(path: str | os.PathLike[str], fast: bool = True) -> dict[str, An
     Returns:
         A dict with :data:`HEADER_COLUMNS` as keys if the file is a usable CT slice, otherwise a one-line
         reason (``"empty file"``, ``"not DICOM: …"``, ``"truncated: …"``, ``"not CT: Modality=MR"``,
-        ``"no pixel data"``, ``"no ImagePositionPatient"``, ``"pixel buffer … bytes, expected …"``, …).
-        Never raises for any file content.
+        ``"no pixel data"``, ``"no ImagePositionPatient"``, ``"pixel buffer … bytes, expected …"``, …). A
+        multi-frame file gives a reason too: read it with :func:`read_slice_headers`. Never raises for any
+        file content.
+    """
+    rows = read_slice_headers(path, fast)
+    if isinstance(rows, str):
+        return rows
+    if rows[0]["frame"]:
+        return f"multi-frame image ({len(rows)} frames): read per frame with read_slice_headers"
+    return rows[0]
+
+
+def read_slice_headers(path: str | os.PathLike[str], fast: bool = True) -> list[dict[str, Any]] | str:
+    """Read one file's header as the slices it holds: one row for a single-frame file, one per frame otherwise.
+
+    Frames of a multi-frame (Enhanced CT) file become virtual slices (:mod:`rsna19.io.multiframe`): their rows
+    share ``path``, have ``frame`` 1…N and ``sop_uid`` ``<SOPInstanceUID>.f<frame>``, and take position,
+    orientation, spacing, thickness, rescale and window from the functional groups. Single-frame rows have
+    ``frame`` 0.
+
+    Args:
+        path: the file.
+        fast: as for :func:`read_header`.
+
+    Returns:
+        The rows (dicts with :data:`HEADER_COLUMNS` as keys), or a one-line reason why the file cannot be used
+        (any unusable frame rejects the file, with the frame named). Never raises for any file content.
     """
     path = os.fspath(path)
     try:
@@ -130,7 +160,7 @@ def read_header(path: str | os.PathLike[str], fast: bool = True) -> dict[str, An
             with warnings.catch_warnings():
                 # Odd files make pydicom warn (truncated values, invalid VRs); the reason we return says it.
                 warnings.simplefilter("ignore")
-                return _row(path, fp, size, _parse(fp) if fast else _parse_pydicom(fp))
+                return _rows(path, fp, size, _parse(fp) if fast else _parse_pydicom(fp))
     except _Bad as exc:
         return str(exc)
     except OSError as exc:
@@ -290,11 +320,12 @@ def _us(values: dict[int, bytes | str], tag: int, little: bool) -> int | None:
     return (_US_LE if little else _US_BE)(raw[:2])[0]
 
 
-def _row(path: str, fp: Any, size: int, parsed: _Parsed) -> dict[str, Any]:
-    """Validate the parsed header and build the row; raises :class:`_Bad` with the reason."""
+def _rows(path: str, fp: Any, size: int, parsed: _Parsed) -> list[dict[str, Any]]:
+    """Validate the parsed header and build the row(s) of its slice(s); raises :class:`_Bad` with the reason."""
     elems = _values(parsed.elements)
     little = parsed.little
-    if parsed.pixel_pos >= size:
+    # A deflated dataset is parsed from an inflated copy: its offsets say nothing about the file's size.
+    if parsed.pixel_pos >= size and parsed.transfer_syntax != _DEFLATED:
         # The parser reached the end of the file without meeting pixel data. If the last element ends before
         # it, the file was cut inside an element header (pydicom stops there silently). Sequences of
         # undefined length hide their end, so the check is skipped where there are any.
@@ -304,8 +335,9 @@ def _row(path: str, fp: Any, size: int, parsed: _Parsed) -> dict[str, Any]:
             if end < size:
                 raise _Bad(f"truncated: {size - end} stray bytes after the last complete element")
 
+    sop_class = _text(elems, _SOP_CLASS)
     modality = _text(elems, _MODALITY)
-    if modality != "CT" and not (modality is None and _text(elems, _SOP_CLASS) in _CT_SOP_CLASSES):
+    if modality != "CT" and not (modality is None and sop_class in _CT_SOP_CLASSES):
         raise _Bad(f"not CT: Modality={modality}" if modality else "not CT: no Modality")
 
     sop = _text(elems, _SOP_UID)
@@ -322,26 +354,6 @@ def _row(path: str, fp: Any, size: int, parsed: _Parsed) -> dict[str, Any]:
         if "\\" in uid:  # UIDs have one value; every later stage keys on them
             raise _Bad(f"bad {name}: {uid[:60]!r} has several values")
 
-    ipp = _numbers(elems, _IPP, "ImagePositionPatient")
-    if ipp is None:
-        raise _Bad("no ImagePositionPatient")
-    if len(ipp) != 3:
-        raise _Bad(f"bad ImagePositionPatient: {len(ipp)} values")
-    iop = _numbers(elems, _IOP, "ImageOrientationPatient")
-    if iop is None:
-        raise _Bad("no ImageOrientationPatient")
-    if len(iop) != 6:
-        raise _Bad(f"bad ImageOrientationPatient: {len(iop)} values")
-    rx, ry, rz, cx, cy, cz = iop
-    nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
-    if nx * nx + ny * ny + nz * nz < 0.25:  # unit cosines give |n| = sin(angle between them); ~1 for valid IOP
-        raise _Bad("bad ImageOrientationPatient: row and column cosines are not orthogonal unit vectors")
-    spacing = _numbers(elems, _SPACING, "PixelSpacing")
-    if spacing is None:
-        raise _Bad("no PixelSpacing")
-    if len(spacing) != 2 or min(spacing) <= 0:
-        raise _Bad(f"bad PixelSpacing: {spacing}")
-
     rows, cols = _us(elems, _ROWS, little), _us(elems, _COLS, little)
     if not rows or not cols:
         raise _Bad("no Rows/Columns")
@@ -353,11 +365,12 @@ def _row(path: str, fp: Any, size: int, parsed: _Parsed) -> dict[str, Any]:
     samples = _us(elems, _SAMPLES, little) or 1
     frames = _numbers(elems, _FRAMES, "NumberOfFrames")
     n_frames = int(frames[0]) if frames else 1
-    if n_frames != 1:
-        raise _Bad(f"multi-frame image (NumberOfFrames={n_frames}) not supported")
+    if n_frames < 1:
+        raise _Bad(f"bad NumberOfFrames: {n_frames}")
+    multiframe = n_frames != 1 or _SHARED_GROUPS in elems or _PER_FRAME_GROUPS in elems
 
     transfer_syntax = parsed.transfer_syntax
-    _check_pixel_data(fp, parsed, size, rows, cols, samples, bits_allocated)
+    _check_pixel_data(fp, parsed, size, rows, cols, samples, bits_allocated, n_frames)
 
     thickness = _numbers(elems, _SLICE_THICKNESS, "SliceThickness")
     instance = _numbers(elems, _INSTANCE_NUMBER, "InstanceNumber")
@@ -366,7 +379,7 @@ def _row(path: str, fp: Any, size: int, parsed: _Parsed) -> dict[str, Any]:
     center = _numbers(elems, _WINDOW_CENTER, "WindowCenter")
     width = _numbers(elems, _WINDOW_WIDTH, "WindowWidth")
     nan = float("nan")
-    return {
+    base = {
         "path": path,
         "sop_uid": sop,
         "patient_id": patient,
@@ -374,17 +387,6 @@ def _row(path: str, fp: Any, size: int, parsed: _Parsed) -> dict[str, Any]:
         "series_uid": series,
         # Not needed for ordering (position is): a value that does not fit the int64 column counts as absent.
         "instance_number": int(instance[0]) if instance and abs(instance[0]) < 2**31 else -1,
-        "ipp_x": ipp[0],
-        "ipp_y": ipp[1],
-        "ipp_z": ipp[2],
-        "iop_0": rx,
-        "iop_1": ry,
-        "iop_2": rz,
-        "iop_3": cx,
-        "iop_4": cy,
-        "iop_5": cz,
-        "pixel_spacing_row": spacing[0],
-        "pixel_spacing_col": spacing[1],
         "slice_thickness": thickness[0] if thickness else nan,
         "rows": rows,
         "cols": cols,
@@ -397,11 +399,87 @@ def _row(path: str, fp: Any, size: int, parsed: _Parsed) -> dict[str, Any]:
         "window_center": center[0] if center else nan,
         "window_width": width[0] if width else nan,
         "transfer_syntax": transfer_syntax,
+        "frame": 0,
+    }
+    if multiframe:
+        return _frame_rows(path, base)
+    base.update(
+        _geometry(
+            _numbers(elems, _IPP, "ImagePositionPatient"),
+            _numbers(elems, _IOP, "ImageOrientationPatient"),
+            _numbers(elems, _SPACING, "PixelSpacing"),
+        )
+    )
+    return [{c: base[c] for c in HEADER_COLUMNS}]
+
+
+def _geometry(ipp: list[float] | None, iop: list[float] | None, spacing: list[float] | None) -> dict[str, float]:
+    """The geometry columns of a row, or :class:`_Bad` saying which value is missing or wrong."""
+    if ipp is None:
+        raise _Bad("no ImagePositionPatient")
+    if len(ipp) != 3 or not math.isfinite(sum(ipp)):
+        raise _Bad(f"bad ImagePositionPatient: {len(ipp)} values" if len(ipp) != 3 else "bad ImagePositionPatient")
+    if iop is None:
+        raise _Bad("no ImageOrientationPatient")
+    if len(iop) != 6 or not math.isfinite(sum(iop)):
+        raise _Bad(
+            f"bad ImageOrientationPatient: {len(iop)} values" if len(iop) != 6 else "bad ImageOrientationPatient"
+        )
+    rx, ry, rz, cx, cy, cz = iop
+    nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
+    if nx * nx + ny * ny + nz * nz < 0.25:  # unit cosines give |n| = sin(angle between them); ~1 for valid IOP
+        raise _Bad("bad ImageOrientationPatient: row and column cosines are not orthogonal unit vectors")
+    if spacing is None:
+        raise _Bad("no PixelSpacing")
+    if len(spacing) != 2 or min(spacing) <= 0 or not math.isfinite(sum(spacing)):
+        raise _Bad(f"bad PixelSpacing: {spacing}")
+    return {
+        "ipp_x": ipp[0],
+        "ipp_y": ipp[1],
+        "ipp_z": ipp[2],
+        "iop_0": rx,
+        "iop_1": ry,
+        "iop_2": rz,
+        "iop_3": cx,
+        "iop_4": cy,
+        "iop_5": cz,
+        "pixel_spacing_row": spacing[0],
+        "pixel_spacing_col": spacing[1],
     }
 
 
+def _frame_rows(path: str, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per frame of a multi-frame file, geometry and rescale from its functional groups."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        frames = frame_headers(ds)
+    except ValueError as exc:
+        raise _Bad(f"bad functional groups: {_one_line(str(exc))}") from None
+    out = []
+    nan = float("nan")
+    for fh in frames:
+        try:
+            geometry = _geometry(fh.ipp, fh.iop, fh.pixel_spacing)
+        except _Bad as exc:
+            raise _Bad(f"frame {fh.frame} of {len(frames)}: {exc}") from None
+        row = dict(base)
+        row.update(geometry)
+        row["frame"] = fh.frame
+        row["sop_uid"] = frame_sop_uid(base["sop_uid"], fh.frame)
+        if fh.slice_thickness is not None:
+            row["slice_thickness"] = fh.slice_thickness
+        row["rescale_slope"] = fh.slope if fh.slope is not None else base["rescale_slope"]
+        row["rescale_intercept"] = fh.intercept if fh.intercept is not None else base["rescale_intercept"]
+        row["window_center"] = fh.window_center if fh.window_center is not None else base["window_center"]
+        row["window_width"] = fh.window_width if fh.window_width is not None else base["window_width"]
+        if not math.isfinite(row["slice_thickness"]):
+            row["slice_thickness"] = nan
+        out.append({c: row[c] for c in HEADER_COLUMNS})
+    return out
+
+
 def _check_pixel_data(
-    fp: Any, parsed: _Parsed, size: int, rows: int, cols: int, samples: int, bits_allocated: int
+    fp: Any, parsed: _Parsed, size: int, rows: int, cols: int, samples: int, bits_allocated: int, frames: int = 1
 ) -> None:
     """Check that a PixelData element follows the header and that its buffer fits Rows × Columns.
 
@@ -438,11 +516,16 @@ def _check_pixel_data(
         header_len = 8
     if length == _UNDEFINED_LENGTH or transfer_syntax not in _NATIVE_SYNTAXES:
         return  # encapsulated: fragments of a compressed stream
-    n_bits = rows * cols * samples * bits_allocated
+    n_bits = rows * cols * samples * bits_allocated * frames
     expected = (n_bits + 7) // 8
     # PixelData values are padded to an even length.
     if length != expected and length != expected + (expected & 1):
-        layout = f"{rows}×{cols}" + (f"×{samples}" if samples != 1 else "") + f"×{bits_allocated} bit"
+        layout = (
+            (f"{frames} frames × " if frames != 1 else "")
+            + f"{rows}×{cols}"
+            + (f"×{samples}" if samples != 1 else "")
+            + f"×{bits_allocated} bit"
+        )
         raise _Bad(f"pixel buffer {length} bytes, expected {expected} ({layout})")
     available = size - pos - header_len
     if available < length:

@@ -19,6 +19,10 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from rsna19.constants import AIR_HU
+from rsna19.io import decoders
+
+# Every process that decodes pixels imports this module: the JPEG plugin is then known to pydicom.
+decoders.register()
 
 #: The wrap quirk only applies where the intercept says the data is not already offset for air.
 _WRAP_MAX_INTERCEPT = -100.0
@@ -196,8 +200,45 @@ def decoder_problem(transfer_syntax: str | UID) -> str | None:
         return f"no pixel decoder exists in pydicom for transfer syntax {uid.name} ({uid})"
     if decoder.is_available:
         return None
-    missing = "; ".join(decoder.missing_dependencies) or "no plugin"
+    hint = decoders.install_hint(uid)
+    missing = f"pip install {hint}" if hint else ("; ".join(decoder.missing_dependencies) or "no plugin")
     return f"no decoder installed for transfer syntax {uid.name} ({uid}): {missing}"
+
+
+def decode_stored(ds: pydicom.Dataset) -> np.ndarray:
+    """Decode the stored pixel values of every frame of a dataset, with a one-line reason on failure.
+
+    Args:
+        ds: a dataset read with pixels.
+
+    Returns:
+        (frames, Rows, Columns) stored values as pydicom decodes them (frames is 1 for a single-frame file).
+
+    Raises:
+        ValueError: no pixel data, no decoder for the transfer syntax (the message names the syntax and what to
+            install), or pixels that do not match Rows × Columns.
+    """
+    if "PixelData" not in ds:
+        raise ValueError("no pixel data")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None and UID(ts).is_compressed:
+        problem = decoder_problem(ts)
+        if problem:
+            raise ValueError(problem)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # pydicom raises several types for broken buffers; all mean "unreadable"
+        name = f" ({UID(ts).name})" if ts is not None else ""
+        raise ValueError(f"cannot decode pixel data{name}: {exc}") from exc
+    if stored.ndim == 2:
+        stored = stored[None]
+    if stored.shape != (n_frames, rows, cols):
+        want = (rows, cols) if n_frames == 1 else (n_frames, rows, cols)
+        got = tuple(stored.shape[1:]) if n_frames == 1 and stored.shape[0] == 1 else tuple(stored.shape)
+        raise ValueError(f"pixel array shape {got} does not match Rows×Columns {want}")
+    return stored
 
 
 def dataset_to_hu(ds: pydicom.Dataset) -> np.ndarray:
@@ -213,32 +254,24 @@ def dataset_to_hu(ds: pydicom.Dataset) -> np.ndarray:
         ValueError: no pixel data, no decoder for the transfer syntax, or a buffer that does not match
             Rows × Columns (the message is the reason reported for the file).
     """
-    if "PixelData" not in ds:
-        raise ValueError("no pixel data")
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if ts is not None and UID(ts).is_compressed:
-        problem = decoder_problem(ts)
-        if problem:
-            raise ValueError(problem)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    try:
-        stored = ds.pixel_array
-    except Exception as exc:  # pydicom raises several types for broken buffers; all mean "unreadable"
-        raise ValueError(f"cannot decode pixel data: {exc}") from exc
-    if stored.shape != (rows, cols):
-        raise ValueError(f"pixel array shape {tuple(stored.shape)} does not match Rows×Columns {(rows, cols)}")
-    if stored.dtype not in (np.uint16, np.int16):
-        return _stored_to_hu(
-            stored,
-            first_value(ds.get("RescaleSlope"), 1.0),
-            first_value(ds.get("RescaleIntercept"), 0.0),
-            int(ds.get("BitsStored", 16)),
-            int(ds.get("PixelRepresentation", 0)),
-        )
-    return stored_to_hu(
-        stored,
+    stored = decode_stored(ds)
+    if stored.shape[0] != 1:
+        raise ValueError(f"multi-frame image ({stored.shape[0]} frames): read it per frame")
+    return frame_to_hu(
+        stored[0],
         slope=first_value(ds.get("RescaleSlope"), 1.0),
         intercept=first_value(ds.get("RescaleIntercept"), 0.0),
         bits_stored=int(ds.get("BitsStored", 16)),
         pixel_representation=int(ds.get("PixelRepresentation", 0)),
+    )
+
+
+def frame_to_hu(
+    stored: np.ndarray, *, slope: float, intercept: float, bits_stored: int, pixel_representation: int
+) -> np.ndarray:
+    """HU of one decoded frame, whatever dtype the decoder gave: (Rows, Columns) int16."""
+    if stored.dtype not in (np.uint16, np.int16):
+        return _stored_to_hu(stored, float(slope), float(intercept), int(bits_stored), int(pixel_representation))
+    return stored_to_hu(
+        stored, slope=slope, intercept=intercept, bits_stored=bits_stored, pixel_representation=pixel_representation
     )

@@ -1,6 +1,7 @@
 """Build ``index.parquet``: one row a usable CT slice, from the DICOM headers under some folders.
 
-Headers are read by :func:`rsna19.io.dicom_header.read_header` in a process pool, chunks of files per task.
+Headers are read by :func:`rsna19.io.dicom_header.read_slice_headers` in a process pool, chunks of files per task;
+a multi-frame (Enhanced CT) file gives one row per frame (``frame`` 1…N, ``sop_uid`` ``<SOPInstanceUID>.f<N>``).
 Every file that cannot be used goes to ``index_errors.csv`` next to the parquet with a one-line reason; the
 run never stops on a bad file. Columns are described in ``docs/contracts.md`` ("index.parquet").
 
@@ -14,6 +15,8 @@ Rules:
       log and ignored.
     * a second file with an already indexed SOPInstanceUID is reported as a duplicate (the first by path wins),
       because every later stage keys on ``sop_uid``.
+    * ``transfer_syntax`` is recorded as read; a syntax without an installed decoder is reported when the file is
+      converted (``rsna19 doctor`` lists such syntaxes in an index).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 
 from rsna19.constants import CLASSES
 from rsna19.errors import UserError
-from rsna19.io.dicom_header import HEADER_COLUMNS, read_header
+from rsna19.io.dicom_header import HEADER_COLUMNS, read_slice_headers
 from rsna19.io.rsna_csv import read_labels
 from rsna19.utils.atomic import ensure_writable_dir, write_csv, write_parquet
 
@@ -53,7 +56,7 @@ INDEX_COLUMNS: tuple[str, ...] = (
 ERROR_COLUMNS: tuple[str, ...] = ("path", "reason")
 #: Folder names that mark training data (``stage_1_train_images``, ``stage_2_train`` …).
 TRAIN_FOLDER_PATTERN = "stage_*_train*"
-_INT_COLUMNS = ("instance_number", "rows", "cols", "bits_stored", "bits_allocated", "pixel_representation")
+_INT_COLUMNS = ("instance_number", "rows", "cols", "bits_stored", "bits_allocated", "pixel_representation", "frame")
 _STR_COLUMNS = ("path", "sop_uid", "patient_id", "study_uid", "series_uid", "split", "transfer_syntax")
 #: Files per task: large enough that pickling and scheduling are noise, small enough for a smooth progress bar.
 _MAX_CHUNK = 256
@@ -113,12 +116,13 @@ def read_headers(paths: Sequence[str]) -> tuple[dict[str, list[Any]], list[tuple
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for path in paths:
-            row = read_header(path)
-            if isinstance(row, str):
-                errors.append((path, row))
+            rows = read_slice_headers(path)  # one row a slice: a multi-frame file gives one per frame
+            if isinstance(rows, str):
+                errors.append((path, rows))
                 continue
-            for c in HEADER_COLUMNS:
-                columns[c].append(row[c])
+            for row in rows:
+                for c in HEADER_COLUMNS:
+                    columns[c].append(row[c])
     return columns, errors
 
 
@@ -189,7 +193,7 @@ def _is_train_path(paths: Sequence[str]) -> np.ndarray:
 
 
 def _drop_duplicate_sops(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    df = df.sort_values("path", ignore_index=True)
+    df = df.sort_values("path", ignore_index=True, kind="stable")  # stable: a file's frames keep their order
     dup = df["sop_uid"].duplicated(keep="first")
     if not dup.any():
         return df, pd.DataFrame(columns=list(ERROR_COLUMNS))
