@@ -17,7 +17,7 @@ import pandas as pd
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGLosslessSV1
+from pydicom.uid import MPEG2MPML
 
 from rsna19.constants import AIR_HU, CLASSES
 from rsna19.conversion import convert_mask, convert_series
@@ -308,7 +308,7 @@ def test_storage_variants_convert_alike(tmp_path):
 
 
 def _bad_files(tmp_path: Path) -> tuple[list[Path], Path, Path]:
-    """A good series with one corrupt file, and a series whose every file has no decoder installed."""
+    """A good series with one corrupt file, and a series whose every file has no decoder (MPEG-2 video)."""
     good = write_series(tmp_path / "g", "good", 4)
     corrupt = good[2]
     corrupt.write_bytes(corrupt.read_bytes()[:400])  # truncated mid-header
@@ -316,7 +316,7 @@ def _bad_files(tmp_path: Path) -> tuple[list[Path], Path, Path]:
     for p in nodec:
         with _quiet():
             ds = pydicom.dcmread(p)
-            ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+            ds.file_meta.TransferSyntaxUID = MPEG2MPML
             ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
             ds["PixelData"].VR = "OB"
             ds.save_as(p, enforce_file_format=True)
@@ -342,8 +342,8 @@ def test_bad_series_reported_good_ones_converted(tmp_path):
     by_path = dict(zip(errors["path"], errors["reason"]))
     assert str(corrupt) in by_path and str(tmp_path / "gone.dcm") in by_path
     series_failure = errors[(errors["series_uid"] == "ID_nodec") & (errors["path"] == "")]
-    assert "no decoder installed" in series_failure["reason"].iloc[0]
-    assert "no decoder installed" in by_path[str(nodec)]
+    assert "no pixel decoder exists in pydicom for transfer syntax MPEG2" in series_failure["reason"].iloc[0]
+    assert "no pixel decoder exists in pydicom for transfer syntax MPEG2" in by_path[str(nodec)]
 
     ci = pd.read_parquet(cache / "cache_index.parquet")
     assert set(ci["series_uid"]) == {"ID_good", "ID_ok"}

@@ -231,7 +231,10 @@ def decode_stored(ds: pydicom.Dataset) -> np.ndarray:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises several types for broken buffers; all mean "unreadable"
         name = f" ({UID(ts).name})" if ts is not None else ""
-        raise ValueError(f"cannot decode pixel data{name}: {exc}") from exc
+        # pydicom lists each plugin's failure on its own line: keep them, on one line (reasons are one line).
+        text = " ".join(str(exc).split())
+        text = text if len(text) <= 400 else text[:399] + "…"
+        raise ValueError(f"cannot decode pixel data{name}: {text}") from exc
     if stored.ndim == 2:
         stored = stored[None]
     if stored.shape != (n_frames, rows, cols):
