@@ -126,16 +126,42 @@ def write_hospital_study(root: Path, plan: SeriesPlan, study_uid: str = "1.2.826
     """The five series of a hospital-like study under ``root``; returns series name → series UID."""
     uid = {name: f"{study_uid}.{i + 1}" for i, name in enumerate(("soft", "bone", "thin", "scout", "cta"))}
     common = {"study_uid": study_uid}
-    write_series(root / "soft", plan, series_uid=uid["soft"], step=THICK_MM,
-                 attrs={**SOFT, "SeriesDescription": "Head 5.0 H30s"}, **common)  # fmt: skip
-    write_series(root / "bone", plan, series_uid=uid["bone"], step=THICK_MM, sharpen=True, window=(600.0, 2800.0),
-                 attrs={**SOFT, "ConvolutionKernel": "H70h", "SeriesDescription": "Head 5.0 H70h"}, **common)  # fmt: skip
-    write_series(root / "thin", plan, series_uid=uid["thin"], step=THIN_MM,
-                 attrs={**SOFT, "SeriesDescription": "Head 0.6 H30s"}, **common)  # fmt: skip
+    write_series(
+        root / "soft",
+        plan,
+        series_uid=uid["soft"],
+        step=THICK_MM,
+        attrs={**SOFT, "SeriesDescription": "Head 5.0 H30s"},
+        **common,
+    )
+    write_series(
+        root / "bone",
+        plan,
+        series_uid=uid["bone"],
+        step=THICK_MM,
+        sharpen=True,
+        window=(600.0, 2800.0),
+        attrs={**SOFT, "ConvolutionKernel": "H70h", "SeriesDescription": "Head 5.0 H70h"},
+        **common,
+    )
+    write_series(
+        root / "thin",
+        plan,
+        series_uid=uid["thin"],
+        step=THIN_MM,
+        attrs={**SOFT, "SeriesDescription": "Head 0.6 H30s"},
+        **common,
+    )
     write_localizer(root / "scout", plan, series_uid=uid["scout"], **common)
-    write_series(root / "cta", plan, series_uid=uid["cta"], step=THICK_MM, add_hu=60.0,
-                 attrs={**SOFT, "SeriesDescription": "CTA Head", "ContrastBolusAgent": "Iohexol 350"},
-                 **common)  # fmt: skip
+    write_series(
+        root / "cta",
+        plan,
+        series_uid=uid["cta"],
+        step=THICK_MM,
+        add_hu=60.0,
+        attrs={**SOFT, "SeriesDescription": "CTA Head", "ContrastBolusAgent": "Iohexol 350"},
+        **common,
+    )
     return uid
 
 

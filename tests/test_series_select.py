@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pydicom
 import pytest
 from hospital import SOFT, THICK_MM, THIN_MM, head_plan, write_hospital_study, write_series
 
@@ -27,10 +28,10 @@ def hospital(plan, tmp_path_factory):
     return root, write_hospital_study(root, plan)
 
 
-def _select(root, tmp_path, policy=SelectionPolicy()):
+def _select(root, tmp_path, policy=None):
     inputs = collect_studies(root, tmp_path / "work")
     (study,) = inputs.studies.values()
-    ranking = apply_selection(study, policy)
+    ranking = apply_selection(study, policy or SelectionPolicy())
     return study, ranking
 
 
@@ -64,8 +65,14 @@ def test_all_series_predicts_every_usable_one_but_not_bone_or_contrast(hospital,
 
 
 def test_only_thin_series_is_used(plan, tmp_path):
-    write_series(tmp_path / "in" / "thin", plan, study_uid="1.2.3", series_uid="1.2.3.1", step=THIN_MM,
-                 attrs={**SOFT, "SeriesDescription": "Head 0.6"})  # fmt: skip
+    write_series(
+        tmp_path / "in" / "thin",
+        plan,
+        study_uid="1.2.3",
+        series_uid="1.2.3.1",
+        step=THIN_MM,
+        attrs={**SOFT, "SeriesDescription": "Head 0.6"},
+    )
     study, ranking = _select(tmp_path / "in", tmp_path)
     assert [s.series_uid for s in study.used] == ["1.2.3.1"] and ranking[0]["score"] < 0
 
@@ -83,8 +90,14 @@ def test_hard_rules_skip_a_series_even_when_it_is_the_only_one(plan, tmp_path, a
     p = plan
     if pixel:
         p = dataclasses.replace(plan, geometry=dataclasses.replace(plan.geometry, pixel_spacing=(pixel, pixel)))
-    write_series(tmp_path / "in", p, study_uid="1.2.4", series_uid="1.2.4.1", step=THICK_MM,
-                 attrs={**SOFT, "SeriesDescription": "Head", **attrs})  # fmt: skip
+    write_series(
+        tmp_path / "in",
+        p,
+        study_uid="1.2.4",
+        series_uid="1.2.4.1",
+        step=THICK_MM,
+        attrs={**SOFT, "SeriesDescription": "Head", **attrs},
+    )
     study, _ = _select(tmp_path / "in", tmp_path)
     assert not study.used and reason in study.skipped[0].reason
     assert reason in study.problem
@@ -93,11 +106,15 @@ def test_hard_rules_skip_a_series_even_when_it_is_the_only_one(plan, tmp_path, a
 def test_dynamic_series_with_repeated_positions_is_skipped(plan, tmp_path):
     """A perfusion-like run: the same 8 positions acquired at 3 time points (TemporalPositionIdentifier)."""
     for t in range(3):
-        write_series(tmp_path / "in" / f"t{t}", plan, study_uid="1.2.5", series_uid="1.2.5.1", step=THICK_MM,
-                     attrs={**SOFT, "SeriesDescription": "Head dyn", "TemporalPositionIdentifier": t + 1})  # fmt: skip
+        write_series(
+            tmp_path / "in" / f"t{t}",
+            plan,
+            study_uid="1.2.5",
+            series_uid="1.2.5.1",
+            step=THICK_MM,
+            attrs={**SOFT, "SeriesDescription": "Head dyn", "TemporalPositionIdentifier": t + 1},
+        )
         for f in (tmp_path / "in" / f"t{t}").iterdir():  # distinct SOP UIDs per time point
-            import pydicom
-
             ds = pydicom.dcmread(f)
             ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{t}"
             ds.save_as(f)
@@ -107,10 +124,16 @@ def test_dynamic_series_with_repeated_positions_is_skipped(plan, tmp_path):
 
 def test_original_preferred_over_derived_at_equal_thickness(plan, tmp_path):
     common = {"study_uid": "1.2.6", "step": THICK_MM}
-    write_series(tmp_path / "in" / "a", plan, series_uid="1.2.6.1", **common,
-                 attrs={**SOFT, "ImageType": ["DERIVED", "SECONDARY", "AXIAL"], "SeriesDescription": "MPR ax"})  # fmt: skip
-    write_series(tmp_path / "in" / "b", plan, series_uid="1.2.6.2", **common,
-                 attrs={**SOFT, "SeriesDescription": "Head"})  # fmt: skip
+    write_series(
+        tmp_path / "in" / "a",
+        plan,
+        series_uid="1.2.6.1",
+        **common,
+        attrs={**SOFT, "ImageType": ["DERIVED", "SECONDARY", "AXIAL"], "SeriesDescription": "MPR ax"},
+    )
+    write_series(
+        tmp_path / "in" / "b", plan, series_uid="1.2.6.2", **common, attrs={**SOFT, "SeriesDescription": "Head"}
+    )
     study, _ = _select(tmp_path / "in", tmp_path)
     assert [s.series_uid for s in study.used] == ["1.2.6.2"]
     assert study.skipped[0].reason.startswith("derived image (DERIVED/SECONDARY/AXIAL)")
@@ -151,8 +174,13 @@ def test_slabs_average_thin_slices_in_millimetres():
     assert width == pytest.approx(5.0) and np.array_equal(slab_of, np.repeat(np.arange(8), 8))
     assert needs_reformat(THIN_MM, 5.0) and not needs_reformat(4.0, 5.0)
     volume = np.arange(64, dtype=np.int16)[:, None, None].repeat(2, 1).repeat(2, 2)
-    meta = {"positions": positions.tolist(), "sop_uids": [f"s{i}" for i in range(64)], "spacing": [THIN_MM, 1, 1],
-            "slice_shifts_px": [[0.0, 0.0]] * 64, "labels": {"any": [None] * 64}}  # fmt: skip
+    meta = {
+        "positions": positions.tolist(),
+        "sop_uids": [f"s{i}" for i in range(64)],
+        "spacing": [THIN_MM, 1, 1],
+        "slice_shifts_px": [[0.0, 0.0]] * 64,
+        "labels": {"any": [None] * 64},
+    }
     slabs = reformat_slabs(volume, meta, 5.0)
     assert slabs.volume.shape == (8, 2, 2)
     np.testing.assert_array_equal(slabs.volume[:, 0, 0], np.rint(np.arange(8) * 8 + 3.5).astype(np.int16))
