@@ -212,10 +212,10 @@ def training_geometry(cache: Path, index: Path | None = None) -> dict[str, Any] 
 
     from rsna19.conversion.series import read_meta
 
-    index = cache / "cache_index.parquet"
-    if not index.is_file():
+    cache_index = cache / "cache_index.parquet"
+    if not cache_index.is_file():
         return None
-    rows = pd.read_parquet(index, columns=["series_uid", "split"])
+    rows = pd.read_parquet(cache_index, columns=["series_uid", "split"])
     uids = sorted(rows.loc[rows["split"] == "train", "series_uid"].astype(str).unique())
     dz, thick, px = [], [], []
     for uid in uids:
