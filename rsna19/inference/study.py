@@ -3,8 +3,12 @@
 For each study found by :func:`rsna19.inference.inputs.collect_studies` (which groups the files into series and
 keeps the axial CT ones, with a reason for every series and file it skips):
 
-1. every kept series goes through :func:`rsna19.conversion.series.convert_series` with the bundle's conversion
-   options, i.e. exactly the training conversion, into a private scratch cache;
+0. the kept series are ranked (:mod:`rsna19.inference.series_select`, :func:`apply_selection`): the best one is
+   predicted (``all_series``: every usable one), every other gets its reason;
+1. every chosen series goes through :func:`rsna19.conversion.series.convert_series` with the bundle's conversion
+   options, i.e. exactly the training conversion, into a private scratch cache; a series much thinner than the
+   training slices is then averaged into slabs of the training spacing (:mod:`rsna19.inference.reformat`) and
+   its slices later take their slab's probabilities;
 2. every base model of the bundle predicts every slice through the forward path of ``rsna19 predict``
    (:meth:`rsna19.engine.predictor.Predictor.predict_cache`: the family's task, input mapping, TTA and AMP rule),
    averaged over the bundled folds; a sequence model gets its embeddings from its bundled image model, in memory;
