@@ -1,13 +1,16 @@
-"""Wall time of ``rsna19 predict-study`` on one synthetic 40-slice 512² CT study, model loading included.
+"""Wall time of ``rsna19 predict-study`` on synthetic head-CT studies, per study shape, folds and TTA views.
 
-The study is rendered by the synthetic phantom (:mod:`rsna19.synth`) at 512 × 512 and written as DICOM; the command
-runs in a fresh process (``rsna19 predict-study STUDY --bundle B --out OUT --device cpu``), so the measured time is
-what a user waits: interpreter start, imports, bundle loading, header scan, conversion, every model × fold × TTA,
-the stacker, the report and its Grad-CAM. The bundle is ``--bundle``, else ``demo_out/bundle`` (exported from
-``demo_out`` first when missing), else one exported from a tiny pipeline run made on the spot.
+Two studies of one synthetic head (:mod:`rsna19.synth` phantom, written by the project's DICOM writer): 40 slices
+of 5 mm and 250 slices of 0.625 mm (reformatted by predict-study into slabs of the training spacing), ``--size``²
+pixels. Each case runs the command in a fresh process (``rsna19 predict-study STUDY --bundle B --out OUT --device
+cpu --folds F --tta T``), so the wall time is what a user waits: interpreter start, imports, bundle loading, header
+scan, series ranking, conversion, reformatting, every model × fold × TTA view, the stacker and the report with its
+Grad-CAM. Rows: study × folds (all bundled / the first only) × TTA (none / none,hflip); the per-series convert /
+reformat / models / stack seconds come from ``studies.json``. The bundle is ``--bundle``, else ``WORK/bundle``
+(exported from ``--work`` first when missing), else one exported from a tiny pipeline run made on the spot.
 
-Usage: python benchmarks/predict_study_speed.py [--bundle B] [--work demo_out] [--slices 40] [--size 512]
-       [--threads 2] [--repeats 3] [--device cpu] [--quick] [--json OUT]
+Usage: python benchmarks/predict_study_speed.py [--bundle B] [--work demo_out] [--size 512] [--threads 2]
+       [--repeats 1] [--device cpu] [--quick] [--json OUT]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
@@ -28,8 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import add_common_arguments, apply_quick, write_json  # noqa: E402
 
 
-def write_study(root: Path, n_slices: int, size: int, seed: int = 7) -> Path:
-    """One synthetic study of ``n_slices`` slices of ``size``² under ``root/study``; returns that folder."""
+def write_study(root: Path, n_slices: int, step: float, size: int, seed: int = 7) -> Path:
+    """One synthetic study of ``n_slices`` slices ``step`` mm apart, ``size``² pixels, under ``root``.
+
+    The head and bleeds are those of ``seed`` whatever the slice spacing; the slab is centred on the same point, and
+    thinner slices get proportionally more noise (SD ∝ 1/√thickness), as on a scanner.
+    """
     from rsna19.synth.dataset import SPLIT_DIRS, render_series
     from rsna19.synth.plan import make_plan
     from rsna19.synth.presets import Preset
@@ -40,12 +48,33 @@ def write_study(root: Path, n_slices: int, size: int, seed: int = 7) -> Path:
         n_train_studies=1,
         n_test_studies=1,
         n_repeat_patients=0,
-        n_slices=(n_slices, n_slices),
-        table_step=(4.0, 5.0),
+        n_slices=(40, 40),
+        table_step=(5.0, 5.0),
         bleed_fraction=1.0,
         tilt_fraction=0.0,
     )
     plan = dataclasses.replace(make_plan(preset, seed)[-1], corrupt_slice=None)
+    g = plan.geometry
+    mid = g.centre[2] + (g.n_slices - 1) / 2 * g.table_step
+    geom = dataclasses.replace(
+        g,
+        n_slices=n_slices,
+        table_step=step,
+        slice_thickness=step,
+        centre=(g.centre[0], g.centre[1], mid - (n_slices - 1) / 2 * step),
+    )
+    tag = f"{n_slices}x{step:g}"
+    plan = dataclasses.replace(
+        plan,
+        geometry=geom,
+        series_uid=f"{plan.series_uid}_{tag}",
+        study_uid=f"{plan.study_uid}_{tag}",
+        sop_uids=tuple(f"{plan.series_uid}_{tag}_{k}" for k in range(n_slices)),
+        file_names=tuple(f"IM{k:04d}.dcm" for k in range(n_slices)),
+        instance_numbers=tuple(range(1, n_slices + 1)),
+        noise_sd=plan.noise_sd * math.sqrt(5.0 / step),
+    )
+    root = root / tag
     for d in (*SPLIT_DIRS.values(), "masks"):
         (root / d).mkdir(parents=True, exist_ok=True)
     render_series(plan, root)
@@ -73,65 +102,108 @@ def find_bundle(args: argparse.Namespace, scratch: Path) -> Path:
     return export_bundle(scratch / "work", scratch / "bundle").path
 
 
+def _series_seconds(summary: dict) -> dict[str, float]:
+    """Per-step seconds summed over the series of the (only) study."""
+    out: dict[str, float] = {}
+    for series in summary["studies"][0].get("series_used", []):
+        for key, value in (series.get("seconds") or {}).items():
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", help="bundle folder (default: WORK/bundle)")
     parser.add_argument("--work", default="demo_out", help="a finished `rsna19 demo` / `rsna19 run` folder")
-    parser.add_argument("--slices", type=int, default=40)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2, help="torch / BLAS threads of the predict-study process")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     add_common_arguments(parser)
     args = parser.parse_args()
-    apply_quick(args, slices=8, size=128, repeats=1)
+    apply_quick(args, size=128, repeats=1)
+    shapes = [(8, 5.0), (40, 0.625)] if args.quick else [(40, 5.0), (250, 0.625)]
 
     with tempfile.TemporaryDirectory(prefix="rsna19-bench-") as tmp:
         scratch = Path(tmp)
         bundle = find_bundle(args, scratch)
-        study = write_study(scratch / "data", args.slices, args.size)
         manifest = json.loads((bundle / "bundle.json").read_text())
-        n_nets = sum(len(m["folds"]) for m in manifest["models"])
+        folds = sorted({int(k) for m in manifest["models"] for k in m["folds"]})
+        studies = {f"{n} × {step:g} mm": write_study(scratch / "data", n, step, args.size) for n, step in shapes}
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        cmd = [sys.executable, "-m", "rsna19.cli", "predict-study", str(study), "--bundle", str(bundle)]
-        cmd += ["--device", args.device]
+        base = [sys.executable, "-m", "rsna19.cli", "predict-study", "--bundle", str(bundle), "--device", args.device]
+        cases = [
+            (f"all ({len(folds)})", "all", "none"),
+            ("one (0)", str(folds[0]), "none"),
+            (f"all ({len(folds)})", "all", "none,hflip"),
+            ("one (0)", str(folds[0]), "none,hflip"),
+        ]
+        n_nets = {"all": sum(len(m["folds"]) for m in manifest["models"]), "one": len(manifest["models"])}
         rows = []
-        for r in range(args.repeats):
-            out = scratch / f"out{r}"
-            t0 = time.perf_counter()
-            subprocess.run([*cmd, "--out", str(out)], check=True, env=env, capture_output=True)
-            wall = time.perf_counter() - t0
-            s = json.loads((out / "studies.json").read_text())
-            rows.append((wall, s["bundle_load_s"], s["studies"][0]["seconds"], s["total_s"]))
+        for study_name, study in studies.items():
+            for label, fold_arg, tta in cases:
+                walls, parts = [], []
+                for r in range(args.repeats):
+                    out = scratch / f"out-{len(rows)}-{r}"
+                    cmd = [*base, str(study), "--out", str(out), "--folds", fold_arg, "--tta", tta]
+                    t0 = time.perf_counter()
+                    subprocess.run(cmd, check=True, env=env, capture_output=True)
+                    walls.append(time.perf_counter() - t0)
+                    summary = json.loads((out / "studies.json").read_text())
+                    parts.append((summary, _series_seconds(summary)))
+                best = min(range(len(walls)), key=walls.__getitem__)
+                summary, sec = parts[best]
+                st = summary["studies"][0]
+                reform = (st.get("series_used") or [{}])[0].get("reformat")
+                rows.append(
+                    {
+                        "study": study_name,
+                        "folds": label,
+                        "tta": tta,
+                        "nets": n_nets["all" if fold_arg == "all" else "one"],
+                        "wall": walls[best],
+                        "load": summary["bundle_load_s"],
+                        "study_s": st["seconds"],
+                        "sec": sec,
+                        "slabs": reform["n_slabs"] if reform else None,
+                        "p_any": st["prediction"]["max_probability"]["any"] if st["status"] == "ok" else float("nan"),
+                    }
+                )
         print(
             f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
             f"python {platform.python_version()}; threads {args.threads}; device {args.device}"
         )
         print(
-            f"study: {args.slices} slices of {args.size}²; bundle {bundle}: "
-            f"{', '.join(m['name'] for m in manifest['models'])} ({n_nets} nets), TTA {'+'.join(manifest['tta'])}, "
-            f"stacker {manifest['stacker']['method']}"
+            f"bundle {bundle}: {', '.join(m['name'] for m in manifest['models'])}, folds {folds}, bundle TTA "
+            f"{'+'.join(manifest['tta'])}, stacker {manifest['stacker']['method']}; slices {args.size}²"
         )
-        print("| run | wall s (process) | bundle load s | study s (convert + predict + report) | in-process total s |")
-        print("|---:|---:|---:|---:|---:|")
-        for i, (wall, load, study_s, total) in enumerate(rows):
-            print(f"| {i + 1} | {wall:.1f} | {load:.1f} | {study_s:.1f} | {total:.1f} |")
-        best = min(r[0] for r in rows)
+        print(
+            "| study | folds | TTA | nets | wall s (process) | bundle load s | study s | convert s | reformat s "
+            "| models s | stack s | slabs | max p_any |"
+        )
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            sec = r["sec"]
+            print(
+                f"| {r['study']} | {r['folds']} | {r['tta']} | {r['nets']} | {r['wall']:.1f} | {r['load']:.1f} | "
+                f"{r['study_s']:.1f} | {sec.get('convert_s', 0):.1f} | {sec.get('reformat_s', 0):.2f} | "
+                f"{sec.get('models_s', 0):.1f} | {sec.get('stack_s', 0):.2f} | {r['slabs'] or '–'} | "
+                f"{r['p_any']:.3f} |"
+            )
+        first = rows[0]["wall"]
         goal_s = 20.0 if args.device == "cpu" else 3.0
-        print(f"best wall time: {best:.1f} s (goal < {goal_s:.0f} s)")
         write_json(
             args,
             "predict_study",
-            f"predict-study: one {args.slices}-slice {args.size}² study, {n_nets} nets, {args.threads} thread(s), "
-            f"{args.device}",
-            f"< {goal_s:.0f} s wall, model loading included ({'demo' if args.device == 'cpu' else '5-fold'} bundle)",
+            f"predict-study: 5 mm and 0.625 mm studies, {args.size}², folds all/one × TTA none/hflip, "
+            f"{args.threads} thread(s), {args.device}",
+            f"< {goal_s:.0f} s wall for the 40-slice study, model loading included",
             [
-                {"case": "wall (process)", "value": best, "unit": "s"},
-                {"case": "bundle load", "value": min(r[1] for r in rows), "unit": "s"},
-                {"case": "study (convert + predict + report)", "value": min(r[2] for r in rows), "unit": "s"},
+                {"case": f"{r['study']}, folds {r['folds']}, TTA {r['tta']}", "value": r["wall"], "unit": "s"}
+                for r in rows
             ],
-            None if args.quick else best < goal_s,
-            {"bundle": str(bundle), "nets": n_nets, "slices": args.slices, "size": args.size},
+            None if args.quick else first < goal_s,
+            {"bundle": str(bundle), "folds": folds, "size": args.size},
         )
 
 

@@ -193,6 +193,58 @@ def _export_model(work: Path, name: str, folds: list[int], mdir: Path) -> dict[s
     }
 
 
+def training_geometry(cache: Path, index: Path | None = None) -> dict[str, Any] | None:
+    """Slice spacing, slice thickness and pixel spacing of the training series of a conversion cache.
+
+    ``predict-study`` reformats much thinner series to ``slice_spacing_mm`` and, for a bundle converted at the
+    scanner's pixel spacing, resamples series outside ``pixel_spacing_range_mm`` to ``pixel_spacing_mm``.
+
+    Args:
+        cache: the run's conversion cache (``cache_index.parquet`` and ``<series>/meta.json``).
+        index: the run's ``index.parquet`` (SliceThickness of every slice); without it the thickness is the spacing.
+
+    Returns:
+        ``{"slice_spacing_mm", "slice_spacing_range_mm", "slice_thickness_mm", "pixel_spacing_mm",
+        "pixel_spacing_range_mm", "n_series", "source"}`` (medians; ranges are the 5th and 95th percentiles over
+        the train series), or None when the cache has no train series to measure.
+    """
+    import pandas as pd
+
+    from rsna19.conversion.series import read_meta
+
+    cache_index = cache / "cache_index.parquet"
+    if not cache_index.is_file():
+        return None
+    rows = pd.read_parquet(cache_index, columns=["series_uid", "split"])
+    uids = sorted(rows.loc[rows["split"] == "train", "series_uid"].astype(str).unique())
+    dz, thick, px = [], [], []
+    for uid in uids:
+        meta = read_meta(cache / uid)
+        if meta is None:
+            continue
+        dz.append(float(meta["spacing"][0]))
+        px.append(float(meta.get("pixel_spacing_in", meta["spacing"][1:])[0]))
+    if not dz:
+        return None
+    if index is not None and index.is_file():
+        headers = pd.read_parquet(index, columns=["series_uid", "split", "slice_thickness"])
+        per_series = headers[headers["split"] == "train"].groupby("series_uid")["slice_thickness"].median()
+        thick = [float(t) for t in per_series.dropna() if t > 0]
+
+    def r(v: float) -> float:
+        return round(float(v), 4)
+
+    return {
+        "slice_spacing_mm": r(np.median(dz)),
+        "slice_spacing_range_mm": [r(np.percentile(dz, 5)), r(np.percentile(dz, 95))],
+        "slice_thickness_mm": r(np.median(thick)) if thick else r(np.median(dz)),
+        "pixel_spacing_mm": r(np.median(px)),
+        "pixel_spacing_range_mm": [r(np.percentile(px, 5)), r(np.percentile(px, 95))],
+        "n_series": len(dz),
+        "source": "train series of the conversion cache",
+    }
+
+
 def export_bundle(
     work: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -264,6 +316,7 @@ def export_bundle(
                 "conversion_version": CONVERSION_VERSION,
             },
             "tta": list(pipeline.tta),
+            "training_geometry": training_geometry(work / "cache", work / "index.parquet"),
             "pipeline": to_dict(pipeline)["name"],
             "models": entries,
             "stacker": {"method": which, "members": info["members"], "file": "stacker/stacker.json"},
@@ -305,7 +358,18 @@ class Bundle:
 
     @property
     def tta(self) -> list[str]:
-        return list(self.manifest["tta"])
+        """The TTA views the models run (the bundle's, or those asked for at load time)."""
+        return list(self.models[0].views) if self.models else list(self.manifest["tta"])
+
+    @property
+    def folds(self) -> list[int]:
+        """The folds whose networks are loaded (all bundled ones, or those asked for at load time)."""
+        return sorted({k for p in self.models for k in p.folds})
+
+    @property
+    def training_geometry(self) -> dict[str, Any] | None:
+        """Slice / pixel spacing of the training series (:func:`training_geometry`); None for older bundles."""
+        return self.manifest.get("training_geometry")
 
 
 def _read_checked(path: Path, digest: str | None) -> bytes:
@@ -320,16 +384,39 @@ def _read_checked(path: Path, digest: str | None) -> bytes:
     return data
 
 
-def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
+def parse_folds(text: str | None) -> list[int] | None:
+    """``"0,1"`` → ``[0, 1]``; None or ``"all"`` → None (every bundled fold).
+
+    Raises:
+        UserError: not a comma-separated list of integers.
+    """
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    try:
+        return sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise UserError(f"--folds {text!r}: give fold numbers separated by commas (e.g. 0,1) or 'all'") from None
+
+
+def load_bundle(
+    path: str | os.PathLike[str],
+    device: str = "auto",
+    folds: list[int] | None = None,
+    tta: list[str] | None = None,
+) -> Bundle:
     """Load a bundle written by :func:`export_bundle`; nothing is unpickled.
 
     Args:
         path: the bundle folder.
-        device: ``cpu``, ``cuda`` or ``auto`` for the base models.
+        device: ``cpu``, ``cuda`` or ``auto`` (the GPU when one is visible) for the base models.
+        folds: load only these of the bundled folds (every model averages over them; a sequence model's image
+            model gets the same ones); None loads all. Fewer folds: proportionally less model time.
+        tta: test-time views to run instead of the bundle's (``none``, ``hflip``, ...); None keeps the bundle's.
+            A sequence model's embeddings keep the views its training embeddings were made with.
 
     Raises:
-        UserError: not a bundle, another bundle version, a missing or changed file, or a file that is a pickle or
-            does not parse.
+        UserError: not a bundle, another bundle version, a missing or changed file, a file that is a pickle or
+            does not parse, a fold some model does not have, or an unknown TTA view.
     """
     import torch
     from safetensors import SafetensorError
@@ -338,7 +425,7 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
     from rsna19.config import from_dict
     from rsna19.engine.config import TrainConfig
     from rsna19.engine.predictor import Predictor
-    from rsna19.engine.runtime import resolve_device
+    from rsna19.engine.runtime import parse_tta, resolve_device
     from rsna19.stacking.bundled import load_stacker
 
     root = Path(path)
@@ -376,19 +463,25 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> Bundle:
             raise UserError(f"{root / rel}: not a safetensors file: {exc}") from None
 
     dev = resolve_device(device)
+    views = parse_tta(tta) if tta is not None else manifest["tta"]
+    if folds is not None:
+        for entry in manifest["models"]:
+            missing = sorted(set(folds) - {int(k) for k in entry["folds"]})
+            if missing or not folds:
+                raise UserError(f"{root}: model {entry['name']!r} has folds {entry['folds']}, not {missing or folds}")
     models: dict[str, Predictor] = {}
     embed_views: dict[str, list[str]] = {}
     for entry in manifest["models"]:
         name = entry["name"]
         cfg = from_dict(TrainConfig, yaml.safe_load(read(f"models/{name}/config.yaml")))
         weights, meta = [], {}
-        for k in entry["folds"]:
+        for k in entry["folds"] if folds is None else [k for k in entry["folds"] if int(k) in folds]:
             meta = read_json(f"models/{name}/fold_{k}.json")
             tensors = read_tensors(f"models/{name}/fold_{k}.safetensors")
             weights.append((int(k), tensors, meta["hu_mapping"], int(meta.get("epoch", -1))))
         try:
             models[name] = Predictor.create(
-                cfg, meta["model_name"], meta["model_kwargs"], weights, dev, manifest["tta"], name=name
+                cfg, meta["model_name"], meta["model_kwargs"], weights, dev, views, name=name
             )
         except UserError as exc:  # state dict does not fit the architecture
             raise UserError(f"{root}/models/{name}: {exc}") from None

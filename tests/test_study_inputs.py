@@ -224,6 +224,8 @@ def test_read_identity(tmp_path):
         extra={"ImageType": ["DERIVED", "SECONDARY", "localizer"], "SeriesDescription": "Scout"},
     )
     ident = read_identity(f)
+    hints = ident.pop("hints")  # what the series ranking reads (tests/test_series_select.py)
+    assert hints["kernel"] == "" and hints["n_temporal"] == 0
     assert ident == {
         "sop_uid": "ID_1",
         "series_uid": "ID_s",

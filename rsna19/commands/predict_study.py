@@ -12,15 +12,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="predict the studies in a folder or zip of DICOMs with a bundle (csv, json, report png)",
         description=(
             "Group the DICOM files under PATH (a folder, nested, studies mixed, stray files ignored; or a zip) into "
-            "series, keep the axial CT ones, convert them exactly like the training data, run every bundled model "
-            "and the stacker, and write OUT/slices.csv, OUT/studies.json and OUT/report_<study>.png. A study that "
-            "fails is reported in studies.json; the others are still processed."
+            "series, keep the readable axial CT ones and rank them per study (original/primary axials, soft-tissue "
+            "kernel over bone, slice spacing nearest the training one, head coverage and field of view; "
+            "localizers, projections, other body parts, contrast/CTA and perfusion series are skipped), predict the "
+            "best one (--all-series: every usable one), convert it exactly like the training data (a series much "
+            "thinner than the training slices is averaged into slabs of the training spacing, and every input "
+            "slice gets its slab's probabilities), run every bundled model and the stacker, and write "
+            "OUT/slices.csv, OUT/models.csv, OUT/studies.json (every series choice with its reason, per-series "
+            "timings) and OUT/report_<study>.png. A study that fails is reported in studies.json; the others are "
+            "still processed."
         ),
     )
     p.add_argument("path", help="folder or .zip of DICOM files")
     p.add_argument("--bundle", required=True, help="bundle folder written by `rsna19 bundle`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where the models run (cpu)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("cpu", "cuda", "auto"),
+        help="where the models run (auto: the GPU when one is visible, else the CPU)",
+    )
+    p.add_argument(
+        "--folds",
+        default=None,
+        help="bundled folds to run, e.g. 0,1 (default: all); fewer folds, proportionally less model time",
+    )
+    p.add_argument(
+        "--tta",
+        default=None,
+        help="test-time views instead of the bundle's, e.g. none or none,hflip (default: the bundle's)",
+    )
+    p.add_argument(
+        "--all-series",
+        action="store_true",
+        help="predict every usable series of a study (bone kernels excepted), not only the best ranked one",
+    )
+    p.add_argument(
+        "--include-contrast",
+        action="store_true",
+        help="also predict contrast, CTA and dynamic/perfusion series (skipped by default)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes reading DICOM headers (1)")
     p.add_argument("--top-k", type=int, default=6, help="slices in each report (6)")
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold (0.5)")
@@ -30,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict; exit code 1 when no study could be predicted."""
+    from rsna19.bundle import parse_folds
     from rsna19.inference.study import predict_studies
 
     summary = predict_studies(
@@ -41,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         threshold=args.threshold,
         cam=args.cam,
+        folds=parse_folds(args.folds),
+        tta=[t.strip() for t in args.tta.split(",") if t.strip()] if args.tta is not None else None,
+        all_series=args.all_series,
+        include_contrast=args.include_contrast,
     )
     print(
         f"predict-study: {summary['n_ok']} of {summary['n_studies']} studies predicted in {summary['total_s']:.1f} s "

@@ -41,6 +41,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from rsna19.errors import UserError
+from rsna19.inference.series_select import SeriesFacts, header_hints, series_facts
 from rsna19.io.dicom_header import read_slice_headers
 from rsna19.io.hu import decoder_problem
 
@@ -110,6 +111,8 @@ class SeriesInput:
         positions: IPP · (row × col) of each file (mm), ascending; empty for a skipped series.
         tilt_deg: gantry tilt from the orientation (``atan2(-col_z, col_y)``); None for a skipped series.
         reason: why the series is skipped; None when it is kept.
+        facts: header facts for the series ranking (:mod:`rsna19.inference.series_select`); None when skipped here.
+        selection: the ranking's verdict (rank, score, criteria), set by ``predict-study``.
     """
 
     series_uid: str
@@ -123,6 +126,8 @@ class SeriesInput:
     tilt_deg: float | None = None
     reason: str | None = None
     frames: list[int] = field(default_factory=list)
+    facts: SeriesFacts | None = None
+    selection: dict[str, Any] | None = None
 
     @property
     def used(self) -> bool:
@@ -147,6 +152,10 @@ class SeriesInput:
             out["tilt_deg"] = None if self.tilt_deg is None else round(self.tilt_deg, 3)
         else:
             out["reason"] = self.reason
+        if self.selection is not None:
+            out["selection"] = self.selection
+        elif self.facts is not None:
+            out["header"] = self.facts.to_dict()
         return out
 
 
@@ -381,6 +390,7 @@ def read_identity(path: str | os.PathLike[str]) -> dict[str, Any] | str:
                 modality=modality,
                 image_type=tuple(str(v).strip().upper() for v in _as_list(get("ImageType"))),
                 description=str(get("SeriesDescription", "") or "").strip(),
+                hints=header_hints(ds),  # kernel, body part, contrast, temporal position: for the series ranking
             )
     except Exception as exc:  # noqa: BLE001 - a bad file must become a reason, whatever pydicom raises
         return " ".join(f"unreadable DICOM header ({type(exc).__name__}: {exc})".split())[:200]
@@ -532,6 +542,19 @@ def _select_series(
     # Same formula as the index (atan2(-col_z, col_y)); "+ 0.0" turns -0.0 into 0.0 for the json.
     tilt = math.degrees(math.atan2(-iop[5], iop[4])) + 0.0
     series = make([kept[i] for i in order], None, positions=[float(positions[i]) for i in order], tilt_deg=tilt)
+    first_row = rows[0]
+    window = (first_row["window_center"], first_row["window_width"])
+    series.facts = series_facts(
+        series_uid,
+        series.description,
+        first["image_type"],
+        [ident["hints"] for _, ident, _ in kept],
+        series.positions,
+        [r["slice_thickness"] for r in rows],
+        (first_row["pixel_spacing_row"], first_row["pixel_spacing_col"]),
+        (first_row["rows"], first_row["cols"]),
+        None if any(v is None or not math.isfinite(float(v)) for v in window) else window,
+    )
     return series, dropped
 
 

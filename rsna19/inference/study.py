@@ -3,8 +3,12 @@
 For each study found by :func:`rsna19.inference.inputs.collect_studies` (which groups the files into series and
 keeps the axial CT ones, with a reason for every series and file it skips):
 
-1. every kept series goes through :func:`rsna19.conversion.series.convert_series` with the bundle's conversion
-   options, i.e. exactly the training conversion, into a private scratch cache;
+0. the kept series are ranked (:mod:`rsna19.inference.series_select`, :func:`apply_selection`): the best one is
+   predicted (``all_series``: every usable one), every other gets its reason;
+1. every chosen series goes through :func:`rsna19.conversion.series.convert_series` with the bundle's conversion
+   options, i.e. exactly the training conversion, into a private scratch cache; a series much thinner than the
+   training slices is then averaged into slabs of the training spacing (:mod:`rsna19.inference.reformat`) and
+   its slices later take their slab's probabilities;
 2. every base model of the bundle predicts every slice through the forward path of ``rsna19 predict``
    (:meth:`rsna19.engine.predictor.Predictor.predict_cache`: the family's task, input mapping, TTA and AMP rule),
    averaged over the bundled folds; a sequence model gets its embeddings from its bundled image model, in memory;
@@ -37,6 +41,7 @@ import pandas as pd
 
 from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.errors import UserError
+from rsna19.inference.series_select import DEFAULT_TRAINING_SPACING_MM, SelectionPolicy, rank_series
 from rsna19.utils.atomic import write_csv, write_text
 
 log = logging.getLogger(__name__)
@@ -58,10 +63,14 @@ class SeriesPrediction:
 
     Attributes:
         series_uid: the series.
-        volume: (Z, H, W) int16 HU as converted.
-        meta: the conversion's meta (sop_uids, positions, ...).
+        volume: (Z, H, W) int16 HU the models saw (the slabs of a reformatted thin series).
+        meta: the conversion's meta of what the models saw (sop_uids, positions, ...).
         per_model: model name → (Z, 6) fold-averaged probabilities.
         stacked: (Z, 6) the stacker's probabilities (slice order).
+        input_meta: the conversion's meta of the input slices when the series was reformatted, else None.
+        slab_of: (Z_in,) the slab of each input slice when reformatted, else None.
+        seconds: wall time per step (``convert_s``, ``reformat_s``, ``models_s``, ``stack_s``).
+        info: how the series was prepared (``reformat``, ``in_plane``), for ``studies.json``.
     """
 
     series_uid: str
@@ -69,6 +78,19 @@ class SeriesPrediction:
     meta: dict[str, Any]
     per_model: dict[str, np.ndarray] = field(default_factory=dict)
     stacked: np.ndarray | None = None
+    input_meta: dict[str, Any] | None = None
+    slab_of: np.ndarray | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_meta(self) -> dict[str, Any]:
+        """The meta of the input slices (every one of them gets a row in ``slices.csv``)."""
+        return self.input_meta if self.input_meta is not None else self.meta
+
+    def expand(self, probs: np.ndarray) -> np.ndarray:
+        """(Z, 6) values of what the models saw → (Z_in, 6) values of the input slices."""
+        return probs if self.slab_of is None else np.asarray(probs)[self.slab_of]
 
 
 def _rows(meta: dict[str, Any]) -> pd.DataFrame:
@@ -154,19 +176,81 @@ def top_slice_cam(bundle: Any, cache: Path, rows: pd.DataFrame, z: int, shape: t
     return full
 
 
-def predict_series(bundle: Any, files: list[Path], cache: Path) -> SeriesPrediction:
-    """Convert one series like the training cache, predict it with every model and the stacker."""
+def in_plane_spacing(bundle: Any, pixel_spacing_mm: float) -> tuple[float | None, str]:
+    """The in-plane spacing to convert a series at, and why.
+
+    A bundle converted at a fixed spacing (``convert.spacing``) resamples every series to it, which fixes the field
+    of view of the ``crop``-pixel window: nothing more to do. A bundle converted at the scanner's spacing saw the
+    pixel sizes of its training series; a series outside their range (5th–95th percentile, ±10 %) is resampled to
+    their median, so the crop window covers the head as in training.
+    """
+    c = bundle.convert
+    if c.get("spacing"):
+        return float(c["spacing"]), f"bundle converts at {float(c['spacing']):g} mm"
+    geo = bundle.training_geometry or {}
+    lo, hi = geo.get("pixel_spacing_range_mm") or (None, None)
+    if lo is None or hi is None:
+        return None, "scanner spacing kept (the bundle records no training pixel spacing)"
+    if 0.9 * lo <= pixel_spacing_mm <= 1.1 * hi:
+        return None, f"scanner spacing {pixel_spacing_mm:g} mm within the training range {lo:g}–{hi:g} mm"
+    target = float(geo["pixel_spacing_mm"])
+    return target, f"scanner spacing {pixel_spacing_mm:g} mm outside the training {lo:g}–{hi:g} mm: resampled"
+
+
+def predict_series(
+    bundle: Any,
+    files: list[Path],
+    cache: Path,
+    training_spacing_mm: float | None = None,
+    pixel_spacing_mm: float | None = None,
+) -> SeriesPrediction:
+    """Convert one series like the training cache, predict it with every model and the stacker.
+
+    Args:
+        bundle: the loaded bundle.
+        files: the series' files.
+        cache: scratch conversion cache.
+        training_spacing_mm: slice spacing of the training series; a much thinner series is averaged into slabs
+            of it first (:mod:`rsna19.inference.reformat`). None: never reformat.
+        pixel_spacing_mm: the series' in-plane pixel spacing (from its headers), for :func:`in_plane_spacing`;
+            None converts with the bundle's options as they are.
+    """
     from rsna19.conversion.series import convert_series, write_series
+    from rsna19.inference.reformat import needs_reformat, reformat_slabs
 
     c = bundle.convert
+    t0 = time.perf_counter()
+    if pixel_spacing_mm is None:
+        spacing, why = c["spacing"], "bundle conversion options"
+    else:
+        spacing, why = in_plane_spacing(bundle, pixel_spacing_mm)
     volume, meta = convert_series(
-        [str(f) for f in files], crop=c["crop"], spacing=c["spacing"], correct_tilt=c["correct_tilt"]
+        [str(f) for f in files], crop=c["crop"], spacing=spacing, correct_tilt=c["correct_tilt"]
     )
-    write_series(volume, meta, cache, preview=False)
-    rows = _rows(meta)
+    t1 = time.perf_counter()
     sp = SeriesPrediction(str(meta["series_uid"]), volume, meta)
+    sp.info["in_plane"] = {"spacing_mm": spacing, "crop_px": c["crop"], "why": why}
+    dz = float(meta["spacing"][0])
+    if training_spacing_mm and len(meta["sop_uids"]) > 1 and needs_reformat(dz, training_spacing_mm):
+        slabs = reformat_slabs(volume, meta, training_spacing_mm)
+        sp.input_meta, sp.slab_of = meta, slabs.slab_of
+        sp.volume, sp.meta = slabs.volume, slabs.meta
+        sp.info["reformat"] = slabs.info(dz, training_spacing_mm)
+    else:
+        sp.info["reformat"] = None
+    write_series(sp.volume, sp.meta, cache, preview=False)
+    rows = _rows(sp.meta)
+    t2 = time.perf_counter()
     sp.per_model = model_probabilities(bundle, cache, rows)
+    t3 = time.perf_counter()
     sp.stacked = stack_probabilities(bundle, rows, sp.per_model)
+    t4 = time.perf_counter()
+    sp.seconds = {
+        "convert_s": round(t1 - t0, 3),
+        "reformat_s": round(t2 - t1, 3),
+        "models_s": round(t3 - t2, 3),
+        "stack_s": round(t4 - t3, 3),
+    }
     return sp
 
 
@@ -174,18 +258,19 @@ def _model_frame(study_uid: str, series: list[SeriesPrediction], families: dict[
     """``models.csv`` rows of one study: each base model's probabilities of each slice (before the stacker)."""
     parts = []
     for sp in series:
+        meta = sp.out_meta
         for name, probs in sp.per_model.items():
             df = pd.DataFrame(
                 {
                     "study_uid": study_uid,
                     "series_uid": sp.series_uid,
-                    "sop_uid": [str(s) for s in sp.meta["sop_uids"]],
-                    "z": np.arange(len(sp.meta["sop_uids"])),
+                    "sop_uid": [str(s) for s in meta["sop_uids"]],
+                    "z": np.arange(len(meta["sop_uids"])),
                     "model": name,
                     "family": families.get(name, ""),
                 }
             )
-            df[list(PROB_COLUMNS)] = probs
+            df[list(PROB_COLUMNS)] = sp.expand(probs)
             parts.append(df)
     return pd.concat(parts, ignore_index=True)
 
@@ -193,16 +278,17 @@ def _model_frame(study_uid: str, series: list[SeriesPrediction], families: dict[
 def _study_frame(study_uid: str, series: list[SeriesPrediction]) -> pd.DataFrame:
     parts = []
     for sp in series:
+        meta = sp.out_meta
         df = pd.DataFrame(
             {
                 "study_uid": study_uid,
                 "series_uid": sp.series_uid,
-                "sop_uid": [str(s) for s in sp.meta["sop_uids"]],
-                "z": np.arange(len(sp.meta["sop_uids"])),
-                "position": np.asarray(sp.meta["positions"], dtype=np.float64),
+                "sop_uid": [str(s) for s in meta["sop_uids"]],
+                "z": np.arange(len(meta["sop_uids"])),
+                "position": np.asarray(meta["positions"], dtype=np.float64),
             }
         )
-        df[list(PROB_COLUMNS)] = sp.stacked
+        df[list(PROB_COLUMNS)] = sp.expand(sp.stacked)
         parts.append(df)
     return pd.concat(parts, ignore_index=True)
 
@@ -212,11 +298,15 @@ def predict_studies(
     bundle: Any,
     out: str | os.PathLike[str],
     *,
-    device: str = "cpu",
+    device: str = "auto",
     workers: int = 1,
     top_k: int = 6,
     threshold: float = 0.5,
     cam: bool = True,
+    folds: list[int] | None = None,
+    tta: list[str] | None = None,
+    all_series: bool = False,
+    include_contrast: bool = False,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Predict every study in a folder or zip and write ``slices.csv``, ``studies.json`` and the reports.
@@ -225,11 +315,15 @@ def predict_studies(
         path: a folder (searched recursively; several studies, series and stray files are fine) or a zip.
         bundle: a bundle folder, or a :class:`rsna19.bundle.Bundle` already loaded.
         out: output folder (created).
-        device: ``cpu``, ``cuda`` or ``auto`` (when ``bundle`` is a path).
+        device: ``cpu``, ``cuda`` or ``auto`` (the GPU when one is visible; when ``bundle`` is a path).
         workers: processes reading the DICOM headers.
         top_k: slices in each report's montage and in ``top_slices``.
         threshold: decision threshold of the ``positive`` flags and the report.
         cam: draw a Grad-CAM map of ``any`` over the top slice.
+        folds: bundled folds to run (None: all; when ``bundle`` is a path).
+        tta: TTA views to run instead of the bundle's (None: the bundle's; when ``bundle`` is a path).
+        all_series: predict every usable series of a study, not only the best ranked one.
+        include_contrast: let contrast / CTA / perfusion series be predicted.
         say: where the one-line-per-study messages go.
 
     Returns:
@@ -245,8 +339,14 @@ def predict_studies(
 
     t_start = time.perf_counter()
     if not isinstance(bundle, Bundle):
-        bundle = load_bundle(bundle, device=device)
+        bundle = load_bundle(bundle, device=device, folds=folds, tta=tta)
     load_s = time.perf_counter() - t_start
+    geometry = training_slices(bundle)
+    if geometry["assumed"]:
+        say(f"predict-study: {geometry['note']}")
+    policy = SelectionPolicy(
+        training_spacing_mm=geometry["slice_spacing_mm"], all_series=all_series, include_contrast=include_contrast
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     frames = []
@@ -259,7 +359,9 @@ def predict_studies(
             say(f"{path}: no DICOM study found ({len(inputs.skipped_files)} file(s) skipped)")
         for study_uid, study in inputs.studies.items():
             t0 = time.perf_counter()
+            ranking = apply_selection(study, policy)
             entry: dict[str, Any] = {**study.to_dict(inputs.root), "status": "ok", "error": None}
+            entry["series_ranking"] = ranking
             try:
                 if study.problem:
                     raise UserError(study.problem)
@@ -267,7 +369,12 @@ def predict_studies(
                 failed = []
                 for s in study.used:
                     try:
-                        done.append(predict_series(bundle, s.files, scratch / "cache"))
+                        ps = s.facts.pixel_spacing_mm if s.facts is not None else None
+                        sp = predict_series(bundle, s.files, scratch / "cache", policy.training_spacing_mm, ps)
+                        done.append(sp)
+                        for d in entry["series_used"]:
+                            if d["series_uid"] == s.series_uid:
+                                d.update(sp.info, seconds=sp.seconds)
                     except Exception as exc:  # noqa: BLE001 - one bad series must not lose the study's others
                         failed.append({**s.to_dict(), "reason": f"conversion/prediction failed: {_message(exc)}"})
                 entry["series_failed"] = failed
@@ -281,6 +388,10 @@ def predict_studies(
                 frames.append(df)
                 model_frames.append(_model_frame(study_uid, done, bundle.families))
                 entry["prediction"] = summarise_study(df, top_k=top_k, threshold=threshold)
+                entry["result_series"] = {
+                    c: max(done, key=lambda sp, i=i: float(sp.stacked[:, i].max())).series_uid
+                    for i, c in enumerate(CLASSES)
+                }
                 entry["per_model_max"] = {
                     m: {
                         c: round(float(v), 6)
@@ -315,7 +426,8 @@ def predict_studies(
                     entry["report_note"] = cam_note
                 p = entry["prediction"]["max_probability"]
                 say(
-                    f"study {study_uid}: {sum(len(sp.meta['sop_uids']) for sp in done)} slices in {len(done)} series, "
+                    f"study {study_uid}: {sum(len(sp.out_meta['sop_uids']) for sp in done)} slices in {len(done)} "
+                    f"series ({len(study.skipped)} skipped), "
                     f"max p_any {p['any']:.3f}"
                     + (
                         f" ({', '.join(entry['prediction']['positive_classes'])})"
@@ -341,6 +453,10 @@ def predict_studies(
         "source": str(path),
         "bundle": str(bundle.path),
         "device": str(bundle.device),
+        "folds": bundle.folds,
+        "tta": bundle.tta,
+        "training_slices": geometry,
+        "series_policy": {"all_series": all_series, "include_contrast": include_contrast},
         "n_studies": len(studies_out),
         "n_ok": sum(s["status"] == "ok" for s in studies_out),
         "n_errors": sum(s["status"] == "error" for s in studies_out),
@@ -351,6 +467,61 @@ def predict_studies(
     }
     write_text(json.dumps(summary, indent=1, default=_json_default) + "\n", out / "studies.json")
     return summary
+
+
+def training_slices(bundle: Any) -> dict[str, Any]:
+    """The training slice spacing the series ranking and the reformatting aim at, and where it comes from.
+
+    Returns:
+        ``{"slice_spacing_mm", "slice_thickness_mm", "assumed", "note"}``; bundles written before the training
+        geometry was recorded get :data:`~rsna19.inference.series_select.DEFAULT_TRAINING_SPACING_MM`, said so.
+    """
+    geo = bundle.training_geometry
+    if geo and geo.get("slice_spacing_mm"):
+        return {
+            "slice_spacing_mm": float(geo["slice_spacing_mm"]),
+            "slice_thickness_mm": geo.get("slice_thickness_mm"),
+            "assumed": False,
+            "note": f"from bundle.json ({geo.get('n_series', '?')} training series)",
+        }
+    return {
+        "slice_spacing_mm": DEFAULT_TRAINING_SPACING_MM,
+        "slice_thickness_mm": DEFAULT_TRAINING_SPACING_MM,
+        "assumed": True,
+        "note": (
+            f"the bundle records no training slice spacing (written before it was recorded): "
+            f"assuming {DEFAULT_TRAINING_SPACING_MM:g} mm; re-export it with `rsna19 bundle` to record it"
+        ),
+    }
+
+
+def apply_selection(study: Any, policy: SelectionPolicy) -> list[dict[str, Any]]:
+    """Rank the readable series of ``study`` (:func:`rank_series`) and move the ones not chosen to its skipped ones.
+
+    Every candidate series gets its verdict as ``selection`` (rank, score, criteria, header facts); a skipped one
+    also its ``reason``.
+
+    Returns:
+        The compact ranking for ``studies.json``: one ``{"series_uid", "rank", "score", "used", "reason"}`` a
+        candidate, best first.
+    """
+    candidates = [s for s in study.used if s.facts is not None]
+    if not candidates:
+        return []
+    by_uid = {s.series_uid: s for s in candidates}
+    used, skipped, ranking = [], [], []
+    for choice in rank_series([s.facts for s in candidates], policy):
+        s = by_uid[choice.facts.series_uid]
+        s.selection = choice.to_dict()
+        if choice.used:
+            used.append(s)
+        else:
+            s.reason = choice.reason
+            skipped.append(s)
+        ranking.append({k: s.selection[k] for k in ("series_uid", "description", "rank", "score", "used", "reason")})
+    study.used = used + [s for s in study.used if s.facts is None]
+    study.skipped = skipped + study.skipped
+    return ranking
 
 
 @contextlib.contextmanager

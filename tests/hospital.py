@@ -1,0 +1,174 @@
+"""A hospital-like head-CT study written with the project's DICOM writer and the synthetic phantom.
+
+One synthetic head (with hemorrhages) from :mod:`rsna19.synth` is rendered as several series of one study, each
+with the headers a scanner writes: a soft-tissue 5 mm axial, a bone-kernel copy at the same positions, a
+0.625 mm reconstruction of the same head, a scout, and a CTA-like series. Thinner slices get proportionally more
+noise (noise SD ∝ 1/√thickness), as on a scanner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from scipy.ndimage import gaussian_filter
+
+from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
+from rsna19.synth.phantom import render
+from rsna19.synth.plan import SeriesPlan, make_plan
+from rsna19.synth.presets import Preset
+
+THICK_MM = 5.0
+THIN_MM = 0.625
+N_THICK = 8
+
+SOFT = {"ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "ConvolutionKernel": "H30s", "BodyPartExamined": "HEAD"}
+STUDY = {"StudyDescription": "CT HEAD WITHOUT CONTRAST"}
+
+
+def head_plan(seed: int = 5, size: int = 64) -> SeriesPlan:
+    """One untilted synthetic series plan with at least one bleed (the head and bleeds every series shares)."""
+    preset = Preset(
+        name="hospital",
+        image_size=size,
+        n_train_studies=1,
+        n_test_studies=1,
+        n_repeat_patients=0,
+        n_slices=(N_THICK, N_THICK),
+        table_step=(THICK_MM, THICK_MM),
+        slab_offset=(0.0, 4.0),
+        bleed_fraction=1.0,
+        tilt_fraction=0.0,
+    )
+    plan = make_plan(preset, seed)[-1]
+    return dataclasses.replace(plan, corrupt_slice=None)
+
+
+def write_series(
+    folder: Path,
+    plan: SeriesPlan,
+    *,
+    study_uid: str,
+    series_uid: str,
+    step: float,
+    attrs: dict[str, Any],
+    sharpen: bool = False,
+    window: tuple[float, float] = (40.0, 80.0),
+    add_hu: float = 0.0,
+) -> list[Path]:
+    """Render ``plan``'s head as one series of slices ``step`` mm apart covering the plan's 5 mm slab.
+
+    The thin slices tile the thick ones exactly (8 × 0.625 mm per 5 mm slice, centred alike). ``attrs`` are set on
+    every file after writing (ImageType, ConvolutionKernel, SeriesDescription, ...).
+    """
+    g = plan.geometry
+    n = round(g.n_slices * g.table_step / step)
+    z_shift = -g.table_step / 2 + step / 2
+    centre = (g.centre[0], g.centre[1], g.centre[2] + z_shift)
+    geom = dataclasses.replace(g, table_step=step, n_slices=n, centre=centre, slice_thickness=step)
+    rng = np.random.default_rng(int(step * 1000) + int(sharpen))
+    circle = geom.recon_circle()
+    noise = plan.noise_sd * math.sqrt(THICK_MM / step)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(n):
+        hu, _ = render(plan.head, plan.bleeds, geom.pixel_points(k))
+        hu = gaussian_filter(hu + rng.normal(0.0, noise, hu.shape), plan.blur_px) + add_hu
+        if sharpen:  # a bone kernel: edges enhanced, noise amplified
+            hu = hu + 2.0 * (hu - gaussian_filter(hu, 1.0)) + rng.normal(0.0, 40.0, hu.shape)
+        hu[~circle] = -1024.0
+        path = folder / f"IM{k:04d}"
+        sg = geom.slice_geometry(k)
+        write_ct_dicom(
+            path,
+            hu,
+            SliceGeometry(sg.ipp, sg.iop, sg.pixel_spacing, step),
+            sop_uid=f"{series_uid}.{k + 1}",
+            series_uid=series_uid,
+            study_uid=study_uid,
+            patient_id=plan.patient_id,
+            instance_number=k + 1,
+            window_center=window[0],
+            window_width=window[1],
+        )
+        _set(path, {**STUDY, **attrs})
+        paths.append(path)
+    return paths
+
+
+def write_localizer(folder: Path, plan: SeriesPlan, *, study_uid: str, series_uid: str) -> Path:
+    """A one-image scout (coronal projection, ImageType LOCALIZER)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "SCOUT"
+    size = plan.geometry.rows
+    img = np.full((size, size), -1024.0)
+    img[size // 4 : 3 * size // 4, size // 3 : 2 * size // 3] = 300.0
+    write_ct_dicom(
+        path,
+        img,
+        SliceGeometry((-128.0, 0.0, 200.0), (1.0, 0.0, 0.0, 0.0, 0.0, -1.0), (4.0, 4.0)),
+        sop_uid=f"{series_uid}.1",
+        series_uid=series_uid,
+        study_uid=study_uid,
+        patient_id=plan.patient_id,
+        instance_number=1,
+    )
+    _set(path, {**STUDY, "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"], "SeriesDescription": "Topogram 0.6 T20f"})
+    return path
+
+
+def write_hospital_study(root: Path, plan: SeriesPlan, study_uid: str = "1.2.826.0.1.3680043.10.1226.900") -> dict:
+    """The five series of a hospital-like study under ``root``; returns series name → series UID."""
+    uid = {name: f"{study_uid}.{i + 1}" for i, name in enumerate(("soft", "bone", "thin", "scout", "cta"))}
+    common = {"study_uid": study_uid}
+    write_series(
+        root / "soft",
+        plan,
+        series_uid=uid["soft"],
+        step=THICK_MM,
+        attrs={**SOFT, "SeriesDescription": "Head 5.0 H30s"},
+        **common,
+    )
+    write_series(
+        root / "bone",
+        plan,
+        series_uid=uid["bone"],
+        step=THICK_MM,
+        sharpen=True,
+        window=(600.0, 2800.0),
+        attrs={**SOFT, "ConvolutionKernel": "H70h", "SeriesDescription": "Head 5.0 H70h"},
+        **common,
+    )
+    write_series(
+        root / "thin",
+        plan,
+        series_uid=uid["thin"],
+        step=THIN_MM,
+        attrs={**SOFT, "SeriesDescription": "Head 0.6 H30s"},
+        **common,
+    )
+    write_localizer(root / "scout", plan, series_uid=uid["scout"], **common)
+    write_series(
+        root / "cta",
+        plan,
+        series_uid=uid["cta"],
+        step=THICK_MM,
+        add_hu=60.0,
+        attrs={**SOFT, "SeriesDescription": "CTA Head", "ContrastBolusAgent": "Iohexol 350"},
+        **common,
+    )
+    return uid
+
+
+def _set(path: Path, attrs: dict[str, Any]) -> None:
+    ds = pydicom.dcmread(path)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ds.save_as(path, enforce_file_format=True)
