@@ -316,11 +316,11 @@ def _fit_study_model(
     stack = Path(scfg.out) / scfg.name
     weights = stack / "weights.json"
     oof = None
-    if (stack / "oof.parquet").is_file() and weights.is_file():
-        if json.loads(weights.read_text()).get("base_models") == list(models):
-            frame = pd.read_parquet(stack / "oof.parquet")
-            oof = frame[frame["model"] == which]
-            origin = f"{stack.name}/oof.parquet"
+    same_models = weights.is_file() and json.loads(weights.read_text()).get("base_models") == list(models)
+    if same_models and (stack / "oof.parquet").is_file():
+        frame = pd.read_parquet(stack / "oof.parquet")
+        oof = frame[frame["model"] == which]
+        origin = f"{stack.name}/oof.parquet"
     if oof is None or oof.empty:
         # Another model subset than the stack's: its own level-2 CV gives the OOF predictions to calibrate.
         blend = dataclasses.replace(scfg.blend, members=list(info["members"]) or list(scfg.blend.members))

@@ -326,15 +326,12 @@ CurveSet = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
 
 
 def _panels(curves: CurveSet, title: str) -> tuple[Figure, list[Any]]:
-    """A figure with one square panel per entry of ``curves`` and a shared legend on the right."""
+    """A figure with one square panel per entry of ``curves``."""
     n = max(len(curves), 1)
-    fig = Figure(figsize=(0.6 + 3.6 * n + 1.5, 4.2), dpi=DPI)
+    width = 0.3 + 3.6 * n
+    fig = Figure(figsize=(width, 4.2), dpi=DPI)
     fig.suptitle(title, fontsize=10)
-    axes = []
-    for i in range(n):
-        left = (0.55 + 3.6 * i) / (0.6 + 3.6 * n + 1.5)
-        axes.append(fig.add_axes((left, 0.13, 2.9 / (0.6 + 3.6 * n + 1.5), 0.72)))
-    return fig, axes
+    return fig, [fig.add_axes(((0.6 + 3.6 * i) / width, 0.13, 3.0 / width, 0.72)) for i in range(n)]
 
 
 def plot_roc(

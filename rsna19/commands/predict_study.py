@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=6, help="slices in each report (6)")
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold (0.5)")
     p.add_argument("--no-cam", dest="cam", action="store_false", help="no Grad-CAM overlay on the report")
+    p.add_argument(
+        "--dicom-out",
+        metavar="DIR",
+        help="also write, per study, a DICOM Structured Report (TID 1500: calibrated probabilities, flags, operating "
+        "points, the slices that drove them) and a Secondary Capture of the report picture, in the source study",
+    )
     p.set_defaults(func=run)
 
 
@@ -41,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         threshold=args.threshold,
         cam=args.cam,
+        dicom_out=args.dicom_out,
     )
     print(
         f"predict-study: {summary['n_ok']} of {summary['n_studies']} studies predicted in {summary['total_s']:.1f} s "
