@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "rsna19.utils": 0,
     "rsna19.config": 0,
     "rsna19.metrics": 0,
+    "rsna19.calibration": 0,
     "rsna19.plots": 0,
     "rsna19.preview": 0,
     "rsna19.report": 0,
