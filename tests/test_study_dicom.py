@@ -42,11 +42,11 @@ def served(tiny_run, tmp_path_factory):
     new_uid: dict[str, str] = {}
     sources = {}
     for i, row in enumerate(index[index["study_uid"].isin(studies)].itertuples()):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # RSNA-style "ID_<hex>" UIDs, replaced below
-            ds = pydicom.dcmread(row.path)
+        ds = pydicom.dcmread(row.path)
         for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
-            old = str(getattr(ds, kw))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # RSNA-style "ID_<hex>" UIDs, replaced here
+                old = str(getattr(ds, kw))
             setattr(ds, kw, new_uid.setdefault(old, generate_uid()))
         ds.SOPClassUID = CTImageStorage
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -125,6 +125,13 @@ def test_bundle_holds_a_checked_study_model(served, tmp_path):
     (copy / STUDY_MODEL_FILE).write_text(json.dumps(model))
     with pytest.raises(UserError, match="checksum"):
         load_bundle(copy)
+    # A bundle written before study models existed still loads, without one.
+    manifest.pop("study_model")
+    del manifest["files"][STUDY_MODEL_FILE]
+    (copy / STUDY_MODEL_FILE).unlink()
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    old = load_bundle(copy)
+    assert old.study_model is None and old.sha256 == hashlib.sha256((copy / "bundle.json").read_bytes()).hexdigest()
 
 
 def test_studies_json_has_the_calibrated_result(served):
