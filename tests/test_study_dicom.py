@@ -42,14 +42,13 @@ def served(tiny_run, tmp_path_factory):
     new_uid: dict[str, str] = {}
     sources = {}
     for i, row in enumerate(index[index["study_uid"].isin(studies)].itertuples()):
-        ds = pydicom.dcmread(row.path)
-        for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # RSNA-style "ID_<hex>" UIDs, replaced here
-                old = str(getattr(ds, kw))
-            setattr(ds, kw, new_uid.setdefault(old, generate_uid()))
-        ds.SOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # RSNA-style "ID_<hex>" UIDs, replaced here
+            ds = pydicom.dcmread(row.path)
+            for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+                setattr(ds, kw, new_uid.setdefault(str(getattr(ds, kw)), generate_uid()))
+            ds.SOPClassUID = CTImageStorage
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         for kw, value in {**PATIENT, **STUDY}.items():
             setattr(ds, kw, value)
         ds.save_as(inp / f"IM{i:04d}")

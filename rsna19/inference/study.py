@@ -16,6 +16,10 @@ Outputs in ``OUT``: ``slices.csv`` (study, series, sop_uid, z, position, six sta
 study: max probabilities, top slices, series used and skipped with reasons, or the error that stopped it) and
 ``report_<study>.png`` (:func:`rsna19.report.render_study_report`, with a Grad-CAM map of ``any`` on the top slice
 where a 2D model allows it). A study that fails is reported with its message; the others are still processed.
+
+With a study model in the bundle (:mod:`rsna19.calibration`), each study also gets ``study_result`` (calibrated
+probabilities, operating points, flags), drawn on the report; ``dicom_out`` adds a DICOM SR and Secondary Capture
+per study (:mod:`rsna19.inference.dicom_out`). ``studies.json`` records the bundle's SHA-256 and version.
 """
 
 from __future__ import annotations
