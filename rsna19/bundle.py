@@ -11,6 +11,8 @@ Layout::
     BUNDLE/stacker/lgbm_<class>.txt            LightGBM boosters as their text dump (``model_to_string``)
     BUNDLE/stacker/mlp.safetensors, mlp.json   MLP weights; its layer sizes and scaler statistics
     BUNDLE/stacker/convex.json                 convex weights
+    BUNDLE/study_model.json                    study-level calibration and operating points (rsna19.calibration),
+                                               fitted on the stack's OOF predictions of the bundled method
 
 Nothing in a bundle is a pickle: weights are safetensors, the rest JSON, YAML (read with ``safe_load``) and
 LightGBM's own text format. :func:`load_bundle` refuses a file that looks like a pickle or a torch zip, a file that
@@ -18,6 +20,9 @@ does not parse as what it should be, and a file whose checksum differs from ``bu
 
 The stackers of a bundle are refitted on **all** OOF rows of the base models (the stack stage's test predictions
 average its level-2 fold models instead); the blend weights are the stack stage's own, fitted on all OOF rows.
+The study model is fitted on the level-2 OOF predictions of the bundled method (the stack's ``oof.parquet`` when
+the bundle has the stack's models, else a level-2 CV of the chosen subset), so its calibration and thresholds
+come from studies no model of the bundle saw when it predicted them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from rsna19.utils.digest import sha256_file
 #: Bumped when the layout changes; :func:`load_bundle` refuses other versions.
 BUNDLE_VERSION = 1
 BUNDLE_FORMAT = "rsna19-bundle"
+#: The study model's file in a bundle (:mod:`rsna19.calibration`).
+STUDY_MODEL_FILE = "study_model.json"
 #: Leading bytes of a pickle (protocol 2+) and of torch's zip checkpoint format.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
@@ -85,6 +92,7 @@ class ExportResult:
     folds: list[int]
     stacker_test: np.ndarray | None = None
     level2: Any = None
+    study_model: dict[str, Any] | None = None
 
 
 def _stack_config(work: Path, pipeline: Any) -> Any:
@@ -252,6 +260,8 @@ def export_bundle(
     folds: list[int] | None = None,
     which: str | None = None,
     force: bool = False,
+    sensitivity: dict[str, float] | None = None,
+    study_score: str = "max",
 ) -> ExportResult:
     """Write the inference bundle of a finished ``rsna19 run`` folder.
 
@@ -262,6 +272,8 @@ def export_bundle(
         folds: folds whose weights to include (default: all; each model's prediction averages them).
         which: stack method (default: the pipeline's ``submit``, usually ``blend``).
         force: replace an existing bundle.
+        sensitivity: class → target sensitivity of the study-level operating point (default 0.95 each).
+        study_score: how a study's slices are summarised before calibration (``max`` or ``top3_mean``).
 
     Raises:
         UserError: an unfinished work folder, an unknown model or fold, or an existing ``out`` without ``force``.
@@ -300,6 +312,8 @@ def export_bundle(
             entries.append(_export_model(work, name, folds, tmp / "models" / name))
         info, l2, stacker_test = export_stacker(scfg, which, models, tmp / "stacker")
         _write_json(info, tmp / "stacker" / "stacker.json")
+        study_model = _fit_study_model(scfg, which, models, l2, info, sensitivity, study_score)
+        _write_json(study_model, tmp / STUDY_MODEL_FILE)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         c = pipeline.convert
         names = sorted({w for e in entries for w in e["windows"]})
@@ -320,10 +334,60 @@ def export_bundle(
             "pipeline": to_dict(pipeline)["name"],
             "models": entries,
             "stacker": {"method": which, "members": info["members"], "file": "stacker/stacker.json"},
+            "study_model": {
+                "file": STUDY_MODEL_FILE,
+                "method": study_model["method"],
+                "score": study_model["score"],
+                "operating_points": {
+                    c: {k: e[k] for k in ("threshold", "target_sensitivity", "oof_sensitivity", "oof_specificity")}
+                    for c, e in study_model["classes"].items()
+                },
+            },
             "files": files,
         }
         _write_json(manifest, tmp / "bundle.json")
-    return ExportResult(out, models, folds, stacker_test, l2)
+    return ExportResult(out, models, folds, stacker_test, l2, study_model)
+
+
+def _fit_study_model(
+    scfg: Any,
+    which: str,
+    models: list[str],
+    l2: Any,
+    info: dict[str, Any],
+    sensitivity: dict[str, float] | None,
+    study_score: str,
+) -> dict[str, Any]:
+    """The study model of the bundled method, fitted on its level-2 OOF slice predictions."""
+    import dataclasses
+
+    import pandas as pd
+
+    from rsna19.calibration import fit_study_model
+    from rsna19.stacking.run import fit_stackers, predictions_frame, score_stack
+
+    stack = Path(scfg.out) / scfg.name
+    weights = stack / "weights.json"
+    oof = None
+    same_models = weights.is_file() and json.loads(weights.read_text()).get("base_models") == list(models)
+    if same_models and (stack / "oof.parquet").is_file():
+        frame = pd.read_parquet(stack / "oof.parquet")
+        oof = frame[frame["model"] == which]
+        origin = f"{stack.name}/oof.parquet"
+    if oof is None or oof.empty:
+        # Another model subset than the stack's: its own level-2 CV gives the OOF predictions to calibrate.
+        blend = dataclasses.replace(scfg.blend, members=list(info["members"]) or list(scfg.blend.members))
+        stackers, bl = fit_stackers(dataclasses.replace(scfg, blend=blend), l2)
+        _, preds, _ = score_stack(l2, stackers, bl)
+        if which not in preds:
+            raise UserError(f"no OOF predictions of stack method {which!r} to calibrate the study model on")
+        oof = predictions_frame(l2.oof_features, {which: preds[which]}, l2.folds, l2.y)
+        origin = "level-2 CV of the bundled models"
+    source = {"stack": scfg.name, "method": which, "models": list(models), "oof": origin}
+    try:
+        return fit_study_model(oof, sensitivity, study_score, source=source)
+    except ValueError as exc:
+        raise UserError(f"study model: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------------- load
@@ -338,6 +402,9 @@ class Bundle:
             ``bundle.json`` order; a sequence model's predictor holds its image model's as ``upstream``.
         stacker: the second level.
         device: where the models run.
+        study_model: the study-level calibration and operating points (``study_model.json``), None for a bundle
+            written before they existed.
+        sha256: SHA-256 of ``bundle.json``, which lists the checksum of every other file: the bundle's identity.
     """
 
     path: Path
@@ -345,6 +412,8 @@ class Bundle:
     models: list[Any]  # rsna19.engine.predictor.Predictor
     stacker: Any  # rsna19.stacking.bundled.LoadedStacker
     device: Any
+    study_model: dict[str, Any] | None = None
+    sha256: str = ""
 
     @property
     def convert(self) -> dict[str, Any]:
@@ -432,8 +501,9 @@ def load_bundle(
     mpath = root / "bundle.json"
     if not mpath.is_file():
         raise UserError(f"{root} is not an rsna19 bundle (no bundle.json)")
+    raw = _read_checked(mpath, None)
     try:
-        manifest = json.loads(_read_checked(mpath, None))
+        manifest = json.loads(raw)
     except ValueError as exc:
         raise UserError(f"{mpath}: not valid JSON: {exc}") from None
     if manifest.get("format") != BUNDLE_FORMAT or manifest.get("bundle_version") != BUNDLE_VERSION:
@@ -496,4 +566,47 @@ def load_bundle(
 
     info = read_json("stacker/stacker.json")
     stacker = load_stacker(info, lambda rel: read(f"stacker/{rel}"))
-    return Bundle(root, manifest, list(models.values()), stacker, dev)
+    study_model = _study_model(root, manifest, read_json)
+    return Bundle(root, manifest, list(models.values()), stacker, dev, study_model, hashlib.sha256(raw).hexdigest())
+
+
+def _study_model(root: Path, manifest: dict[str, Any], read_json: Any) -> dict[str, Any] | None:
+    """The checked study model of a bundle, or None when the bundle has none (written before they existed)."""
+    from rsna19.calibration import check_study_model
+
+    entry = manifest.get("study_model")
+    if not entry:
+        return None
+    try:
+        return check_study_model(read_json(entry["file"]), str(root / entry["file"]))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def load_study_model(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, dict[str, Any], str]:
+    """The study model of a bundle without loading its networks (checksums checked like :func:`load_bundle`).
+
+    Returns:
+        (the study model or None, ``bundle.json``, the SHA-256 of ``bundle.json``).
+
+    Raises:
+        UserError: not a bundle, or a changed or invalid study model file.
+    """
+    root = Path(path)
+    mpath = root / "bundle.json"
+    if not mpath.is_file():
+        raise UserError(f"{root} is not an rsna19 bundle (no bundle.json)")
+    raw = _read_checked(mpath, None)
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise UserError(f"{mpath}: not valid JSON: {exc}") from None
+    files = manifest.get("files", {})
+
+    def read_json(rel: str) -> Any:
+        try:
+            return json.loads(_read_checked(root / rel, files.get(rel, "")))
+        except ValueError as exc:
+            raise UserError(f"{root / rel}: not valid JSON: {exc}") from None
+
+    return _study_model(root, manifest, read_json), manifest, hashlib.sha256(raw).hexdigest()

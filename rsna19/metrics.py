@@ -82,3 +82,79 @@ def score_table(y_true: np.ndarray, y_pred: np.ndarray, study_ids: np.ndarray | 
     if study_ids is not None:
         out["study_auc_any"] = study_auc_any(study_ids, np.asarray(y_true)[:, -1], np.asarray(y_pred)[:, -1])
     return out
+
+
+# ------------------------------------------------------------------------------------ binary decision metrics
+def _binary(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_prob, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels and probabilities differ in length: {y.shape} vs {p.shape}")
+    if not np.isfinite(p).all() or p.min(initial=0) < 0 or p.max(initial=0) > 1:
+        raise ValueError("probabilities must be finite and in [0, 1]")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0 or 1")
+    return y, p
+
+
+def binary_auc(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """ROC AUC; NaN when only one label value occurs."""
+    y, p = _binary(y_true, y_prob)
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def sensitivity_specificity(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> tuple[float, float]:
+    """Sensitivity and specificity of the decision ``p >= threshold``; NaN for a side without examples."""
+    y, p = _binary(y_true, y_prob)
+    pred = p >= threshold
+    pos, neg = y > 0.5, y < 0.5
+    sens = float(pred[pos].mean()) if pos.any() else float("nan")
+    spec = float((~pred[neg]).mean()) if neg.any() else float("nan")
+    return sens, spec
+
+
+def brier_score(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """Mean squared difference between probability and label."""
+    y, p = _binary(y_true, y_prob)
+    return float(np.mean((p - y) ** 2))
+
+
+def reliability_bins(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
+    """Equal-width probability bins (sklearn's ``calibration_curve`` binning, ``strategy="uniform"``).
+
+    Returns:
+        One row per bin (also empty ones): ``lo, hi, n, mean_prob, frac_pos`` (NaN means for an empty bin).
+    """
+    y, p = _binary(y_true, y_prob)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ids = np.searchsorted(edges[1:-1], p)
+    n = np.bincount(ids, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.bincount(ids, weights=p, minlength=n_bins) / n
+        frac_pos = np.bincount(ids, weights=y, minlength=n_bins) / n
+    return pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "n": n, "mean_prob": mean_prob, "frac_pos": frac_pos})
+
+
+def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 10) -> float:
+    """ECE: ``Σ_b (n_b / N) · |mean probability_b − fraction positive_b|`` over equal-width bins."""
+    bins = reliability_bins(y_true, y_prob, n_bins)
+    full = bins[bins["n"] > 0]
+    if full.empty:
+        return float("nan")
+    return float((full["n"] * (full["mean_prob"] - full["frac_pos"]).abs()).sum() / full["n"].sum())
+
+
+def decision_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, n_bins: int = 10) -> dict[str, float]:
+    """``n, n_pos, auc, threshold, sensitivity, specificity, brier, ece`` of one class (NaN where undefined)."""
+    y, p = _binary(y_true, y_prob)
+    sens, spec = sensitivity_specificity(y, p, threshold)
+    return {
+        "n": float(len(y)),
+        "n_pos": float(y.sum()),
+        "auc": binary_auc(y, p),
+        "threshold": float(threshold),
+        "sensitivity": sens,
+        "specificity": spec,
+        "brier": brier_score(y, p) if len(y) else float("nan"),
+        "ece": expected_calibration_error(y, p, n_bins),
+    }

@@ -319,3 +319,102 @@ def write_training_curves(run_dir: str | os.PathLike[str], title: str) -> Path |
     """
     run_dir = Path(run_dir)
     return plot_safely(plot_training_curves, run_dir / "log.csv", run_dir / "curves.png", title)
+
+
+#: One curve set of :func:`plot_roc` / :func:`plot_reliability`: panel title → class → (labels, probabilities).
+CurveSet = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+
+
+def _panels(curves: CurveSet, title: str) -> tuple[Figure, list[Any]]:
+    """A figure with one square panel per entry of ``curves``."""
+    n = max(len(curves), 1)
+    width = 0.3 + 3.6 * n
+    fig = Figure(figsize=(width, 4.2), dpi=DPI)
+    fig.suptitle(title, fontsize=10)
+    return fig, [fig.add_axes(((0.6 + 3.6 * i) / width, 0.13, 3.0 / width, 0.72)) for i in range(n)]
+
+
+def plot_roc(
+    curves: CurveSet,
+    out_png: str | os.PathLike[str],
+    title: str,
+    operating_points: dict[str, dict[str, tuple[float, float]]] | None = None,
+) -> Path:
+    """ROC curves, one panel per level (e.g. study and slice), one line per class with its AUC.
+
+    Args:
+        curves: panel title → class → ((N,) 0/1 labels, (N,) probabilities); a class with one label value is
+            left out of its panel.
+        out_png: output file (written atomically, deterministic bytes).
+        title: figure title.
+        operating_points: panel title → class → (sensitivity, specificity), drawn as dots.
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, axes = _panels(curves, title)
+    for ax, (panel, classes) in zip(axes, curves.items()):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        for c in CLASSES:
+            if c not in classes:
+                continue
+            y, p = (np.asarray(v, dtype=np.float64) for v in classes[c])
+            if not 0 < y.sum() < len(y):
+                continue
+            fpr, tpr, _ = roc_curve(y, p)
+            auc = roc_auc_score(y, p)
+            colour = CLASS_COLOURS[c]
+            ax.plot(fpr, tpr, color=colour, lw=2.0 if c == "any" else 1.2, label=f"{SHORT_NAMES[c]} {auc:.3f}")
+            op = (operating_points or {}).get(panel, {}).get(c)
+            if op is not None and all(math.isfinite(v) for v in op):
+                ax.plot([1 - op[1]], [op[0]], "o", color=colour, ms=5, mec="white", mew=0.8)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_aspect("equal")
+        ax.set_xlabel("1 − specificity", fontsize=8)
+        ax.set_ylabel("sensitivity", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(title="AUC (dot: operating point)", title_fontsize=7, fontsize=7, loc="lower right")
+    return _save(fig, out_png)
+
+
+def plot_reliability(curves: CurveSet, out_png: str | os.PathLike[str], title: str, n_bins: int = 10) -> Path:
+    """Reliability diagrams: mean predicted probability against the fraction of positives per equal-width bin.
+
+    One panel per level, one line per class (dots sized by the bin's count); the diagonal is perfect calibration.
+
+    Args:
+        curves: panel title → class → ((N,) 0/1 labels, (N,) probabilities).
+        out_png: output file.
+        title: figure title.
+        n_bins: equal-width bins over [0, 1] (those of :func:`rsna19.metrics.reliability_bins`).
+    """
+    from rsna19.metrics import expected_calibration_error, reliability_bins
+
+    fig, axes = _panels(curves, title)
+    for ax, (panel, classes) in zip(axes, curves.items()):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        for c in CLASSES:
+            if c not in classes:
+                continue
+            y, p = (np.asarray(v, dtype=np.float64) for v in classes[c])
+            if len(y) == 0:
+                continue
+            bins = reliability_bins(y, p, n_bins)
+            bins = bins[bins["n"] > 0]
+            ece = expected_calibration_error(y, p, n_bins)
+            colour = CLASS_COLOURS[c]
+            ax.plot(bins["mean_prob"], bins["frac_pos"], color=colour, lw=2.0 if c == "any" else 1.0, alpha=0.9)
+            sizes = 6 + 40 * np.sqrt(bins["n"].to_numpy() / max(int(bins["n"].max()), 1))
+            ax.scatter(bins["mean_prob"], bins["frac_pos"], s=sizes, color=colour, label=f"{SHORT_NAMES[c]} {ece:.3f}")
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_aspect("equal")
+        ax.set_xlabel("mean predicted probability", fontsize=8)
+        ax.set_ylabel("fraction positive", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(title="ECE (dot area: count)", title_fontsize=7, fontsize=7, loc="upper left")
+    return _save(fig, out_png)

@@ -30,6 +30,7 @@ _GAP = 0.08  # between images
 _LEFT = 0.35  # room for the window names
 _RIGHT = 0.1
 _HEADER = 0.3  # the study title
+_RESULT_LINE = 0.25  # the calibrated study result under the title, when there is one
 _SLICE_TITLE = 0.5  # three lines of 7.5 pt above each slice
 _PLOT_GAP = 0.35  # between the montage and the plot (rank numbers)
 _PLOT = 2.0
@@ -62,14 +63,32 @@ def top_slices(p_any: np.ndarray, k: int, z: np.ndarray | None = None) -> np.nda
     return np.lexsort((z, -p_any))[: max(0, min(k, p_any.shape[0]))]
 
 
-def report_size(top_k: int, n_slices: int) -> tuple[int, int]:
-    """(width, height) in pixels of the PNG :func:`render_study_report` writes for these sizes."""
-    width, height = _figure_inches(max(min(top_k, n_slices), MIN_COLUMNS))
+def report_size(top_k: int, n_slices: int, calibrated: bool = False) -> tuple[int, int]:
+    """(width, height) in pixels of the PNG :func:`render_study_report` writes for these sizes (``calibrated``: with
+    a ``study_result``)."""
+    width, height = _figure_inches(max(min(top_k, n_slices), MIN_COLUMNS), calibrated)
     return round(width * DPI), round(height * DPI)
 
 
-def _figure_inches(cols: int) -> tuple[float, float]:
-    return _LEFT + cols * PANEL_INCHES + _RIGHT, _HEADER + _SLICE_TITLE + 2 * PANEL_INCHES + _PLOT_GAP + _PLOT + _FOOTER
+def _figure_inches(cols: int, calibrated: bool = False) -> tuple[float, float]:
+    header = _HEADER + (_RESULT_LINE if calibrated else 0.0)
+    return _LEFT + cols * PANEL_INCHES + _RIGHT, header + _SLICE_TITLE + 2 * PANEL_INCHES + _PLOT_GAP + _PLOT + _FOOTER
+
+
+def result_line(study_result: dict[str, Any]) -> str:
+    """One line of the calibrated study result: the flag of ``any``, its probability and operating point, and the
+    subtypes flagged at theirs."""
+    a = study_result["classes"]["any"]
+    flagged = [
+        f"{SHORT_NAMES[c]} {study_result['classes'][c]['probability']:.2f}"
+        for c in CLASSES[:-1]
+        if study_result["classes"][c]["positive"]
+    ]
+    return (
+        f"calibrated p(any) {a['probability']:.2f} {'≥' if a['positive'] else '<'} {a['threshold']:.2f} "
+        f"(operating point for sensitivity {a['target_sensitivity']:.2f}) → {study_result['flag'].upper()}"
+        + (f" · flagged: {', '.join(flagged)}" if flagged else "")
+    )
 
 
 def _slice_title(rank: int, z: int, probs: np.ndarray, sop_uid: str, threshold: float) -> str:
@@ -93,6 +112,7 @@ def render_study_report(
     top_k: int = 6,
     cam: np.ndarray | None = None,
     threshold: float = 0.5,
+    study_result: dict[str, Any] | None = None,
 ) -> list[int]:
     """Draw the report of one study (one series) and write it atomically as PNG.
 
@@ -112,6 +132,8 @@ def render_study_report(
         cam: optional (h, w) heat map in [0, 1] for the top slice; stretched over the slice when its size differs
             (a network input may be resized).
         threshold: decision threshold drawn on the plot and used to pick the classes in the titles.
+        study_result: the calibrated study result (:func:`rsna19.calibration.apply_study_model`), drawn as a
+            second title line: the flag at the operating point, the calibrated probabilities, flagged subtypes.
 
     Returns:
         The z indices shown, most suspicious first.
@@ -135,7 +157,8 @@ def render_study_report(
 
     shown = top_slices(probs[:, -1], top_k)
     cols = max(len(shown), MIN_COLUMNS)
-    fig_w, fig_h = _figure_inches(cols)
+    fig_w, fig_h = _figure_inches(cols, study_result is not None)
+    header = _HEADER + (_RESULT_LINE if study_result is not None else 0.0)
     fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
 
     def add_axes(left: float, top: float, width: float, height: float) -> Any:
@@ -144,21 +167,35 @@ def render_study_report(
 
     flags = [SHORT_NAMES[c] for c, p in zip(CLASSES[:-1], probs.max(axis=0)) if p >= threshold]
     verdict = "POSITIVE" if probs[:, -1].max() >= threshold else "negative"
+    title = f"study {study_uid} · {n} slices · max p(any) {probs[:, -1].max():.2f}"
+    if study_result is None:  # with a study result, the verdict is the calibrated one of the line below
+        title += f" → {verdict}" + (f" ({', '.join(flags)})" if flags else "")
     fig.text(
         0.5,
         1 - 0.06 / fig_h,
-        f"study {study_uid} · {n} slices · max p(any) {probs[:, -1].max():.2f} → {verdict}"
-        + (f" ({', '.join(flags)})" if flags else ""),
+        title,
         ha="center",
         va="top",
         fontsize=11,
         fontweight="bold",
     )
+    if study_result is not None:
+        positive = study_result["flag"] == "positive"
+        fig.text(
+            0.5,
+            1 - (0.06 + _HEADER) / fig_h,
+            result_line(study_result),
+            ha="center",
+            va="top",
+            fontsize=10,
+            color="tab:red" if positive else "tab:green",
+            fontweight="bold",
+        )
 
     height, width = volume_hu.shape[1:]
     size = PANEL_INCHES - _GAP
     for row, window in enumerate(("brain", "subdural")):
-        top = _HEADER + _SLICE_TITLE + row * PANEL_INCHES
+        top = header + _SLICE_TITLE + row * PANEL_INCHES
         for col, z in enumerate(int(v) for v in shown):
             ax = add_axes(_LEFT + col * PANEL_INCHES, top, size, size)
             ax.set_xticks([])
@@ -182,7 +219,7 @@ def render_study_report(
                 )
                 ax.text(0.02, 0.02, "Grad-CAM (any)", transform=ax.transAxes, fontsize=7, color="yellow", va="bottom")
 
-    plot_top = _HEADER + _SLICE_TITLE + 2 * PANEL_INCHES + _PLOT_GAP
+    plot_top = header + _SLICE_TITLE + 2 * PANEL_INCHES + _PLOT_GAP
     ax = add_axes(_LEFT + 0.15, plot_top, cols * PANEL_INCHES - _GAP - 0.15 - _LEGEND, _PLOT)
     zs = np.arange(n)
     for i, name in enumerate(CLASSES):

@@ -93,11 +93,16 @@ def test_tampered_bundle_is_refused(bundled, tmp_path):
 def test_bundle_cli_and_errors(tiny_run, tmp_path, capsys):
     out = tmp_path / "b1"
     args = ["bundle", str(tiny_run), "--out", str(out), "--models", "clf2d", "clf2dc_5c", "--folds", "1"]
-    assert main([*args, "--which", "convex"]) == 0
-    assert "clf2d, clf2dc_5c" in capsys.readouterr().out
+    assert main([*args, "--which", "convex", "--sensitivity", "0.9", "any=0.8", "--study-score", "top3_mean"]) == 0
+    printed = capsys.readouterr().out
+    assert "clf2d, clf2dc_5c" in printed and "study operating points" in printed
     b = load_bundle(out)
     assert [m.name for m in b.models] == ["clf2d", "clf2dc_5c"] and b.models[0].folds == [1]
     assert b.stacker.info["method"] == "convex"
+    # Another model subset than the stack's: the study model is calibrated on that subset's own level-2 CV.
+    sm = b.study_model
+    assert sm["source"]["oof"] == "level-2 CV of the bundled models" and sm["score"] == "top3_mean"
+    assert sm["classes"]["any"]["target_sensitivity"] == 0.8 and sm["classes"]["subdural"]["target_sensitivity"] == 0.9
     assert main(args) == 1  # exists, no --force
     assert "exists" in capsys.readouterr().err
     with pytest.raises(UserError, match="unknown model"):

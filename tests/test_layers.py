@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "rsna19.utils": 0,
     "rsna19.config": 0,
     "rsna19.metrics": 0,
+    "rsna19.calibration": 0,
     "rsna19.plots": 0,
     "rsna19.preview": 0,
     "rsna19.report": 0,
@@ -38,6 +39,7 @@ LAYERS: dict[str, int] = {
     "rsna19.doctor": 8,
     "rsna19.pipeline": 9,
     "rsna19.bundle": 9,  # reads a finished pipeline's work folder
+    "rsna19.evaluate": 9,  # reads bundles (study model) and stack / predict-study outputs
     "rsna19.inference.study": 9,  # predict-study: a bundle (models + stacker) on new studies
     "rsna19.commands": 10,
     "rsna19.cli": 10,

@@ -52,3 +52,50 @@ def test_shape_errors():
         weighted_log_loss(np.zeros((3, 5)), np.zeros((3, 5)))
     with pytest.raises(ValueError, match="NaN"):
         weighted_log_loss(np.zeros((1, 6)), np.full((1, 6), np.nan))
+
+
+# ------------------------------------------------------------------------------ decision metrics vs scikit-learn
+def _binary_case(seed: int = 0, n: int = 400):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(float)
+    p = np.clip(rng.beta(2, 5, n) + 0.3 * y, 0, 1)
+    p[:7] = [0.0, 1.0, 0.1, 0.2, 0.5, 0.9, 0.99999]  # bin edges and the ends
+    return y, p
+
+
+def test_decision_metrics_match_sklearn():
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
+
+    from rsna19.metrics import decision_metrics, expected_calibration_error, reliability_bins
+
+    y, p = _binary_case()
+    m = decision_metrics(y, p, 0.4)
+    tn, fp, fn, tp = confusion_matrix(y, p >= 0.4).ravel()
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p), rel=1e-12)
+    assert m["sensitivity"] == pytest.approx(tp / (tp + fn)) and m["specificity"] == pytest.approx(tn / (tn + fp))
+    assert m["brier"] == pytest.approx(brier_score_loss(y, p), rel=1e-12)
+    assert (m["n"], m["n_pos"], m["threshold"]) == (400, y.sum(), 0.4)
+    frac_pos, mean_prob = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    bins = reliability_bins(y, p, 10)
+    full = bins[bins["n"] > 0]
+    np.testing.assert_allclose(full["frac_pos"], frac_pos, rtol=1e-12)
+    np.testing.assert_allclose(full["mean_prob"], mean_prob, rtol=1e-12)
+    ece = float(np.sum(full["n"] / len(y) * np.abs(frac_pos - mean_prob)))
+    assert expected_calibration_error(y, p, 10) == pytest.approx(ece, rel=1e-12) == pytest.approx(m["ece"])
+    assert bins["n"].sum() == len(y) and len(bins) == 10
+
+
+def test_decision_metrics_edge_cases():
+    from rsna19.metrics import decision_metrics, expected_calibration_error
+
+    perfect = decision_metrics(np.array([0, 0, 1, 1]), np.array([0.0, 0.0, 1.0, 1.0]), 0.5)
+    assert perfect["auc"] == 1 and perfect["brier"] == 0 and perfect["ece"] == 0
+    one_class = decision_metrics(np.zeros(5), np.linspace(0, 1, 5), 0.5)
+    assert math.isnan(one_class["auc"]) and math.isnan(one_class["sensitivity"]) and one_class["specificity"] == 0.4
+    # All probabilities 0.75 with 3 of 4 positive: calibrated, ECE 0.
+    assert expected_calibration_error(np.array([1, 1, 1, 0]), np.full(4, 0.75)) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        decision_metrics(np.array([0, 2]), np.array([0.1, 0.2]), 0.5)
+    with pytest.raises(ValueError):
+        decision_metrics(np.array([0, 1]), np.array([0.1, 1.2]), 0.5)

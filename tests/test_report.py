@@ -120,3 +120,34 @@ def test_summarise_study_rejects_bad_frames():
     bad = pd.DataFrame([[np.nan] * 6], columns=list(PROB_COLUMNS)).assign(sop_uid="a")
     with pytest.raises(ValueError, match="finite"):
         summarise_study(bad)
+
+
+def test_calibrated_result_line(tmp_path):
+    """With a study result the picture gets a second title line (the calibrated flag); the montage is unchanged."""
+    from rsna19.calibration import apply_study_model, fit_study_model
+    from rsna19.report import result_line
+
+    vol, probs, sops, pos = _study()
+    frame = pd.DataFrame(probs, columns=list(PROB_COLUMNS)).assign(study_uid="s", sop_uid=sops)
+    labels = np.zeros((len(sops), 6))
+    labels[4:9, [4, 5]] = 1
+    oof = pd.concat(
+        [
+            frame.assign(
+                study_uid=f"s{i}", sop_uid=[f"{i}_{s}" for s in sops], **dict(zip(CLASSES, labels.T * (i % 2)))
+            )
+            for i in range(6)
+        ]
+    )
+    oof.loc[oof["study_uid"].isin(["s0", "s2", "s4"]), list(PROB_COLUMNS)] *= 0.2  # negatives score lower
+    result = apply_study_model(fit_study_model(oof), frame)
+    line = result_line(result)
+    assert line.startswith("calibrated p(any)") and result["flag"].upper() in line
+    plain, calibrated = tmp_path / "plain.png", tmp_path / "calibrated.png"
+    render_study_report(vol, probs, sops, pos, plain, "ID_st", top_k=4)
+    render_study_report(vol, probs, sops, pos, calibrated, "ID_st", top_k=4, study_result=result)
+    a, b = mpimg.imread(plain), mpimg.imread(calibrated)
+    assert b.shape[:2] == report_size(4, len(vol), calibrated=True)[::-1]
+    extra = b.shape[0] - a.shape[0]
+    assert extra > 0 and a.shape[1] == b.shape[1]
+    np.testing.assert_array_equal(a[-300:], b[-300:])  # the curves below are drawn the same

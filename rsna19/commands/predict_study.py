@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=6, help="slices in each report (6)")
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold (0.5)")
     p.add_argument("--no-cam", dest="cam", action="store_false", help="no Grad-CAM overlay on the report")
+    p.add_argument(
+        "--dicom-out",
+        metavar="DIR",
+        help="also write, per study, a DICOM Structured Report (TID 1500: calibrated probabilities, flags, operating "
+        "points, the slices that drove them) and a Secondary Capture of the report picture, in the source study",
+    )
     p.set_defaults(func=run)
 
 
@@ -77,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         tta=[t.strip() for t in args.tta.split(",") if t.strip()] if args.tta is not None else None,
         all_series=args.all_series,
         include_contrast=args.include_contrast,
+        dicom_out=args.dicom_out,
     )
     print(
         f"predict-study: {summary['n_ok']} of {summary['n_studies']} studies predicted in {summary['total_s']:.1f} s "

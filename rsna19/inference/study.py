@@ -20,6 +20,10 @@ Outputs in ``OUT``: ``slices.csv`` (study, series, sop_uid, z, position, six sta
 study: max probabilities, top slices, series used and skipped with reasons, or the error that stopped it) and
 ``report_<study>.png`` (:func:`rsna19.report.render_study_report`, with a Grad-CAM map of ``any`` on the top slice
 where a 2D model allows it). A study that fails is reported with its message; the others are still processed.
+
+With a study model in the bundle (:mod:`rsna19.calibration`), each study also gets ``study_result`` (calibrated
+probabilities, operating points, flags), drawn on the report; ``dicom_out`` adds a DICOM SR and Secondary Capture
+per study (:mod:`rsna19.inference.dicom_out`). ``studies.json`` records the bundle's SHA-256 and version.
 """
 
 from __future__ import annotations
@@ -308,6 +312,7 @@ def predict_studies(
     all_series: bool = False,
     include_contrast: bool = False,
     say: Callable[[str], None] = print,
+    dicom_out: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Predict every study in a folder or zip and write ``slices.csv``, ``studies.json`` and the reports.
 
@@ -325,6 +330,8 @@ def predict_studies(
         all_series: predict every usable series of a study, not only the best ranked one.
         include_contrast: let contrast / CTA / perfusion series be predicted.
         say: where the one-line-per-study messages go.
+        dicom_out: folder for each study's DICOM SR and Secondary Capture (:mod:`rsna19.inference.dicom_out`);
+            None writes none.
 
     Returns:
         The ``studies.json`` dict.
@@ -392,6 +399,7 @@ def predict_studies(
                     c: max(done, key=lambda sp, i=i: float(sp.stacked[:, i].max())).series_uid
                     for i, c in enumerate(CLASSES)
                 }
+                entry["study_result"] = study_result(bundle, df)
                 entry["per_model_max"] = {
                     m: {
                         c: round(float(v), 6)
@@ -419,11 +427,14 @@ def predict_studies(
                     top_k=top_k,
                     cam=heat,
                     threshold=threshold,
+                    study_result=entry["study_result"],
                 )
                 entry["report"] = png.name
                 entry["report_series"] = best.series_uid
                 if cam_note:
                     entry["report_note"] = cam_note
+                if dicom_out is not None:
+                    entry["dicom"] = study_dicom(dicom_out, study, df, entry["study_result"], bundle, png)
                 p = entry["prediction"]["max_probability"]
                 say(
                     f"study {study_uid}: {sum(len(sp.out_meta['sop_uids']) for sp in done)} slices in {len(done)} "
@@ -452,6 +463,8 @@ def predict_studies(
     summary = {
         "source": str(path),
         "bundle": str(bundle.path),
+        **bundle_identity(bundle),
+        "study_model": operating_points(bundle),
         "device": str(bundle.device),
         "folds": bundle.folds,
         "tta": bundle.tta,
@@ -522,6 +535,56 @@ def apply_selection(study: Any, policy: SelectionPolicy) -> list[dict[str, Any]]
     study.used = used + [s for s in study.used if s.facts is None]
     study.skipped = skipped + study.skipped
     return ranking
+
+
+# ------------------------------------------------------------------------------ calibrated result, DICOM outputs
+def bundle_identity(bundle: Any) -> dict[str, Any]:
+    """What identifies the bundle in ``studies.json`` and the SR: the SHA-256 of ``bundle.json`` (which lists the
+    checksum of every other file), the bundle format version and the rsna19 version that wrote it."""
+    return {
+        "bundle_sha256": bundle.sha256,
+        "bundle_version": bundle.manifest.get("bundle_version"),
+        "rsna19_version": bundle.manifest.get("versions", {}).get("rsna19"),
+    }
+
+
+def operating_points(bundle: Any) -> dict[str, Any] | None:
+    """The study model's score, method and per-class thresholds (``studies.json``'s ``study_model``), or None."""
+    model = bundle.study_model
+    if model is None:
+        return None
+    keys = ("target_sensitivity", "threshold", "score_threshold", "slice_threshold", "oof_sensitivity")
+    return {
+        "score": model["score"],
+        "method": model["method"],
+        "bundle_sha256": bundle.sha256,
+        "classes": {c: {k: e.get(k) for k in (*keys, "oof_specificity")} for c, e in model["classes"].items()},
+    }
+
+
+def study_result(bundle: Any, slices: pd.DataFrame) -> dict[str, Any] | None:
+    """The calibrated study result (:func:`rsna19.calibration.apply_study_model`), None without a study model."""
+    from rsna19.calibration import apply_study_model
+
+    return apply_study_model(bundle.study_model, slices) if bundle.study_model is not None else None
+
+
+def study_dicom(
+    out: str | os.PathLike[str], study: Any, slices: pd.DataFrame, result: dict[str, Any] | None, bundle: Any, png: Path
+) -> dict[str, Any]:
+    """Write the SR and SC of one study; returns ``studies.json``'s ``dicom`` entry (with ``error`` on failure)."""
+    from rsna19.inference.dicom_out import write_study_dicom
+
+    if result is None:
+        return {"error": "the bundle has no study model (re-export it): no calibrated result to report"}
+    try:
+        predicted = set(slices["series_uid"].astype(str))
+        files = list(dict.fromkeys(f for s in study.used if s.series_uid in predicted for f in s.files))
+        written = write_study_dicom(out, files, slices, result, bundle_identity(bundle), png)
+        return written.to_dict(Path(out))
+    except Exception as exc:  # noqa: BLE001 - the DICOM copy is reported as failed; the prediction stands
+        log.debug("DICOM outputs failed", exc_info=True)
+        return {"error": _message(exc)}
 
 
 @contextlib.contextmanager

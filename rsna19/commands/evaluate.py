@@ -1,0 +1,61 @@
+"""``rsna19 evaluate SOURCE --labels CSV --out DIR``: AUC, sensitivity / specificity at the operating point, Brier
+score and calibration error per class, at study and slice level, with ROC and reliability plots."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``evaluate`` subcommand."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a stack's test predictions or predict-study outputs: AUC, sens/spec, Brier, ECE, plots",
+        description=(
+            "SOURCE is a stack folder (STACK/<name>/ with test.parquet) or a predict-study output folder (slices.csv, "
+            "studies.json). Per class, at study level (calibrated probability; and the uncalibrated study score) and "
+            "slice level: AUC, sensitivity and specificity at the operating point, Brier score and expected "
+            "calibration error. Writes DIR/evaluation.csv, evaluation.json, roc.png and reliability.png. The "
+            "operating points come from --bundle, from studies.json, or (a stack without --bundle) from a study "
+            "model fitted on the stack's oof.parquet like `rsna19 bundle` does."
+        ),
+    )
+    p.add_argument("source", help="stack folder or predict-study output folder")
+    p.add_argument("--labels", required=True, help="ID,Label csv (slice labels) or study_uid csv (study labels)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--bundle", help="bundle whose study model gives calibration and operating points")
+    p.add_argument("--which", help="stack method of a stack folder (default: blend)")
+    p.add_argument(
+        "--sensitivity",
+        nargs="+",
+        metavar="[CLASS=]S",
+        help="target sensitivity when the study model is fitted here: 0.9 (every class) and/or any=0.95 ... (0.95)",
+    )
+    p.add_argument("--study-score", default="max", choices=("max", "top3_mean"), help="study score to calibrate (max)")
+    p.add_argument("--bins", type=int, default=10, help="equal-width bins of the calibration error (10)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print the table."""
+    from rsna19.calibration import parse_sensitivity
+    from rsna19.errors import UserError
+    from rsna19.evaluate import evaluate, format_table
+
+    try:
+        sensitivity = parse_sensitivity(args.sensitivity)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    table = evaluate(
+        args.source,
+        args.labels,
+        args.out,
+        bundle=args.bundle,
+        which=args.which,
+        sensitivity=sensitivity,
+        study_score=args.study_score,
+        n_bins=args.bins,
+    )
+    print(format_table(table))
+    print(f"evaluate: evaluation.csv, evaluation.json, roc.png, reliability.png in {args.out}")
+    return 0

@@ -1,0 +1,316 @@
+"""DICOM results of ``predict-study --dicom-out DIR``: a TID 1500 Structured Report and a Secondary Capture.
+
+For each predicted study two new instances in the **source study** (same StudyInstanceUID, patient and study
+modules copied from the source images, each in a new series):
+
+* ``SR_<SOPInstanceUID>.dcm``: a Comprehensive 3D SR holding a TID 1500 *Imaging Measurement Report* (procedure
+  reported: LOINC 24725-4 "Head CT"). One measurement group per class (``any`` first, then the subtypes), with:
+
+  - finding type: SCT 1386000 "Intracranial hemorrhage" for ``any``; the subtypes in the private coding scheme
+    ``99RSNA19`` (``EDH``, ``IPH``, ``IVH``, ``SAH``, ``SDH``);
+  - measurements (unit UCUM ``1``): DCM 122157 *Probability* (the calibrated study probability), DCM 111071
+    *CAD Operating Point* (its threshold), DCM 111088 *Case Sensitivity* (the target sensitivity the threshold
+    was chosen for on the OOF studies) and ``99RSNA19 SCORE`` *Study score* (the uncalibrated score: the max
+    slice probability);
+  - a qualitative evaluation: the finding, SCT 52101004 *Present* or SCT 272519000 *Absent* (the flag at the
+    operating point);
+  - source images: the slices that drove the result (the class's highest slice probabilities), referenced by
+    SOP class and instance UID;
+  - algorithm identification (TID 4019): name ``rsna19``, the package version, and the parameters
+    ``bundle_sha256=…``, ``bundle_version=…``, ``study_model=platt/<score>``.
+
+  The SR's Current Requested Procedure Evidence lists every instance of the predicted series.
+* ``SC_<SOPInstanceUID>.dcm``: the report picture as an RGB Secondary Capture image.
+
+New UIDs are derived from the bundle checksum and the source study UID, so the same study and bundle give the same
+UIDs on a re-run. File names hold only the new SOP Instance UIDs, never patient data. Both files are written to a
+temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rsna19.constants import CLASSES
+from rsna19.utils.atomic import atomic_path
+
+#: Private coding scheme of the subtype findings and the study score (no verified standard codes for all five).
+CODING_SCHEME = "99RSNA19"
+#: Series numbers of the new series (high, to stay clear of a scanner's numbering).
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+#: Slices referenced per class in the SR.
+TOP_SLICES_PER_CLASS = 3
+MANUFACTURER = "rsna19"
+
+#: Patient and study attributes the new instances copy from the source (Type 2: empty when the source lacks them).
+_TYPE2_FROM_SOURCE = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+_SUBTYPE_CODES = {
+    "epidural": ("EDH", "Epidural hemorrhage"),
+    "intraparenchymal": ("IPH", "Intraparenchymal hemorrhage"),
+    "intraventricular": ("IVH", "Intraventricular hemorrhage"),
+    "subarachnoid": ("SAH", "Subarachnoid hemorrhage"),
+    "subdural": ("SDH", "Subdural hemorrhage"),
+}
+
+
+@dataclass
+class DicomOutputs:
+    """What :func:`write_study_dicom` wrote (paths relative to the output folder in ``to_dict``)."""
+
+    sr_path: Path
+    sc_path: Path
+    sr_uid: str
+    sc_uid: str
+    referenced: int
+    note: str | None = None
+
+    def to_dict(self, root: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "sr": self.sr_path.relative_to(root).as_posix(),
+            "sc": self.sc_path.relative_to(root).as_posix(),
+            "sr_sop_instance_uid": self.sr_uid,
+            "sc_sop_instance_uid": self.sc_uid,
+            "evidence_instances": self.referenced,
+        }
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def finding_code(cls: str) -> Any:
+    """The coded finding of a class (``any``: SNOMED CT intracranial hemorrhage; subtypes: ``99RSNA19``)."""
+    from highdicom.sr import CodedConcept
+    from pydicom.sr.codedict import codes
+
+    if cls == "any":
+        return codes.SCT.IntracranialHemorrhage
+    value, meaning = _SUBTYPE_CODES[cls]
+    return CodedConcept(value=value, scheme_designator=CODING_SCHEME, meaning=meaning)
+
+
+def read_source_headers(files: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+    """SOPInstanceUID → header (no pixels) of each readable source file, with SOPClassUID filled in from the file
+    meta where the dataset lacks it (RSNA-style files carry it only there) and missing Type 2 patient and study
+    attributes added empty."""
+    import pydicom
+
+    out = {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - an unreadable file was already skipped by the prediction
+            continue
+        if "SOPClassUID" not in ds and "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {}):
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        for keyword in _TYPE2_FROM_SOURCE:
+            if keyword not in ds:
+                setattr(ds, keyword, "")  # Type 2: present, may be empty (anonymised data often lacks them)
+        if "SOPInstanceUID" in ds and "SOPClassUID" in ds:
+            out[str(ds.SOPInstanceUID)] = ds
+    return out
+
+
+def _uid(bundle_sha: str, study_uid: str, what: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[bundle_sha, study_uid, what])
+
+
+def top_slice_uids(slices: pd.DataFrame, cls: str, k: int = TOP_SLICES_PER_CLASS) -> list[str]:
+    """SOP UIDs of the ``k`` slices with the highest probability of ``cls`` (ties: file order)."""
+    col = f"p_{cls}"
+    order = np.argsort(-slices[col].to_numpy(dtype=np.float64), kind="stable")[:k]
+    return [str(slices["sop_uid"].iloc[i]) for i in order]
+
+
+def build_sr(
+    headers: dict[str, Any],
+    slices: pd.DataFrame,
+    study_result: dict[str, Any],
+    identity: dict[str, Any],
+    sop_uid: str,
+    series_uid: str,
+) -> Any:
+    """The Comprehensive 3D SR (TID 1500) of one study.
+
+    Args:
+        headers: SOPInstanceUID → source header, every instance of the predicted series (the evidence).
+        slices: the study's slices (``sop_uid``, ``p_<class>``).
+        study_result: the calibrated study result (:func:`rsna19.calibration.apply_study_model`).
+        identity: ``rsna19_version``, ``bundle_sha256``, ``bundle_version`` (and ``study_score``).
+        sop_uid, series_uid: of the new SR.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algo = hd.sr.AlgorithmIdentification(
+        name="rsna19",
+        version=str(identity["rsna19_version"]),
+        parameters=[
+            f"bundle_sha256={identity['bundle_sha256']}",
+            f"bundle_version={identity['bundle_version']}",
+            f"study_model={study_result['method']}/{study_result['score']}",
+        ],
+    )
+    unit = codes.UCUM.NoUnits
+    score_code = hd.sr.CodedConcept(value="SCORE", scheme_designator=CODING_SCHEME, meaning="Study score")
+    study_uid = str(next(iter(headers.values())).StudyInstanceUID)
+    groups = []
+    for cls in ("any", *CLASSES[:-1]):
+        r = study_result["classes"][cls]
+        refs = [headers[u] for u in top_slice_uids(slices, cls) if u in headers]
+        finding = finding_code(cls)
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=_uid(identity["bundle_sha256"], study_uid, f"tracking/{cls}"), identifier=f"rsna19 {cls}"
+                ),
+                finding_type=finding,
+                algorithm_id=algo,
+                measurements=[
+                    hd.sr.Measurement(name=codes.DCM.Probability, value=float(r["probability"]), unit=unit),
+                    hd.sr.Measurement(name=codes.DCM.CADOperatingPoint, value=float(r["threshold"]), unit=unit),
+                    hd.sr.Measurement(name=codes.DCM.CaseSensitivity, value=float(r["target_sensitivity"]), unit=unit),
+                    hd.sr.Measurement(name=score_code, value=float(r["score"]), unit=unit),
+                ],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(
+                        name=finding, value=codes.SCT.Present if r["positive"] else codes.SCT.Absent
+                    )
+                ],
+                source_images=[
+                    hd.sr.SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in refs
+                ],
+            )
+        )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_uid(identity["bundle_sha256"], "", "device"),
+            name="rsna19",
+            manufacturer_name=MANUFACTURER,
+            model_name=f"bundle {identity['bundle_sha256'][:16]}",
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.LN.HeadCT,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    evidence = sorted(headers.values(), key=lambda ds: (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,  # a machine's result, not verified by a reader
+        is_verified=False,
+    )
+    sr.SeriesDescription = "rsna19 hemorrhage result (not verified)"
+    return sr
+
+
+def build_sc(ref: Any, png: str | os.PathLike[str], sop_uid: str, series_uid: str) -> Any:
+    """An RGB Secondary Capture of the report picture, in the study of ``ref`` (patient and study copied)."""
+    import highdicom as hd
+    from matplotlib.image import imread
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    img = imread(png)  # float RGBA in [0, 1]
+    rgb = np.ascontiguousarray(np.rint(np.asarray(img)[..., :3] * 255).astype(np.uint8))
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    sc.SeriesDescription = "rsna19 hemorrhage report (not verified)"
+    if "Laterality" not in sc:
+        sc.Laterality = ""  # Type 2C of General Series: the report picture has no side; dciodvfy asks for it
+    return sc
+
+
+def write_study_dicom(
+    out: str | os.PathLike[str],
+    files: Sequence[str | os.PathLike[str]],
+    slices: pd.DataFrame,
+    study_result: dict[str, Any],
+    identity: dict[str, Any],
+    report_png: str | os.PathLike[str],
+) -> DicomOutputs:
+    """Write the SR and the SC of one study into ``out``.
+
+    Args:
+        out: output folder (created).
+        files: every file of the predicted series (the SR's evidence and the source of the patient/study modules).
+        slices: the study's predicted slices (``sop_uid``, ``p_<class>``).
+        study_result: the calibrated result (``studies.json``'s ``study_result``).
+        identity: ``rsna19_version``, ``bundle_sha256``, ``bundle_version``.
+        report_png: the study's report picture.
+
+    Raises:
+        ValueError: no readable source header among ``files``.
+    """
+    headers = read_source_headers(files)
+    predicted = set(slices["sop_uid"].astype(str))
+    if not headers or not predicted & set(headers):
+        raise ValueError("no readable source header of the predicted slices")
+    ref = headers[next(u for u in slices["sop_uid"].astype(str) if u in headers)]
+    study_uid = str(ref.StudyInstanceUID)
+    sha = str(identity["bundle_sha256"])
+    sr_uid, sc_uid = _uid(sha, study_uid, "sr"), _uid(sha, study_uid, "sc")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # Source UIDs that break the UI rules (RSNA's "ID_<hex>") are copied as they are: the SR and SC must
+        # name the source study exactly; pydicom warns about each on write.
+        warnings.simplefilter("ignore", UserWarning)
+        sr = build_sr(headers, slices, study_result, identity, sr_uid, _uid(sha, study_uid, "sr-series"))
+        sc = build_sc(ref, report_png, sc_uid, _uid(sha, study_uid, "sc-series"))
+        sr_path, sc_path = out / f"SR_{sr_uid}.dcm", out / f"SC_{sc_uid}.dcm"
+        for ds, path in ((sr, sr_path), (sc, sc_path)):
+            with atomic_path(path) as tmp:
+                ds.save_as(tmp, enforce_file_format=True)
+    note = None
+    if not all(_valid_uid(u) for ds in headers.values() for u in (ds.StudyInstanceUID, ds.SOPInstanceUID)):
+        note = "source UIDs are not valid DICOM UIDs (e.g. RSNA's ID_<hex>); copied unchanged into the SR and SC"
+    return DicomOutputs(sr_path, sc_path, sr_uid, sc_uid, len(headers), note)
+
+
+def _valid_uid(uid: Any) -> bool:
+    from pydicom.uid import UID
+
+    return UID(str(uid)).is_valid
