@@ -33,6 +33,7 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "subdural": (80.0, 200.0),
     "bone": (600.0, 2800.0),
     "soft": (40.0, 380.0),
+    "stroke": (40.0, 40.0),  # narrow: acute blood (50–90 HU) against grey matter (30–45 HU)
 }
 
 #: Deterministic test-time augmentation views, averaged by default at prediction.
