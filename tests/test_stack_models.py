@@ -109,3 +109,73 @@ def test_postprocess():
     assert p[0, 5] == 0.5  # input untouched
     with pytest.raises(ValueError):
         postprocess(np.zeros((3, 5)))
+
+
+def _noise_problem(n: int = 600, seed: int = 3) -> tuple[Level2Data, np.ndarray]:
+    """A calibrated member (labels drawn from its own probabilities) and features that are pure noise."""
+    rng = np.random.default_rng(seed)
+    good = rng.beta(0.6, 2.0, (n, 6))
+    y = (rng.random((n, 6)) < good).astype(float)
+    bad = np.clip(good + rng.normal(0, 0.2, good.shape), 0.01, 0.99)
+    base = np.stack([good, bad], axis=1).astype(np.float32)
+    X = rng.random((n, 14)).astype(np.float32)
+    groups = np.repeat([f"P{i:03d}" for i in range(60)], n // 60)
+    return Level2Data(X, [f"f{i}" for i in range(14)], np.array([True] * 12 + [False] * 2), base, groups), y
+
+
+def test_lgbm_with_nothing_to_add_predicts_its_convex_start():
+    from rsna19.stacking.start import fit_start, start_logit
+
+    data, y = _noise_problem()
+    cfg = LgbmConfig(num_boost_round=60, early_stopping_rounds=5, learning_rate=0.1, num_threads=1)
+    st = LgbmStacker(cfg, seed=0)
+    st.fit(data, y)
+    start = 1 / (1 + np.exp(-start_logit(data.base, fit_start(data.base, y))))
+    p = st.predict(data)
+    kept = [c for c, b in enumerate(st.boosters) if b is None]
+    assert kept, "noise features should leave at least one class at its start"
+    np.testing.assert_allclose(p[:, kept], start[:, kept], rtol=1e-6)
+    # A held-out copy of the problem: the residual stacker is no worse than its start (the convex blend).
+    test, y_test = _noise_problem(seed=11)
+    q_start = 1 / (1 + np.exp(-start_logit(test.base, st.start_weights)))
+    assert weighted_log_loss(y_test, st.predict(test)) <= weighted_log_loss(y_test, q_start) * 1.02
+
+
+def test_lgbm_capacity_follows_the_number_of_patients():
+    st = LgbmStacker(LgbmConfig(num_leaves=31, min_data_in_leaf=20), seed=0)
+    small = st.params(n_rows=1900, n_patients=80)
+    assert small["num_leaves"] == 10 and small["min_data_in_leaf"] == 48
+    big = st.params(n_rows=870_000, n_patients=17_000)
+    assert big["num_leaves"] == 31 and big["min_data_in_leaf"] == 102
+    fixed = LgbmStacker(LgbmConfig(num_leaves=31, capacity="fixed"), seed=0).params(n_rows=1900, n_patients=80)
+    assert fixed["num_leaves"] == 31
+
+
+def test_mlp_without_epochs_is_its_convex_start_and_saves_it(tmp_path):
+    from rsna19.stacking.start import start_logit
+
+    data, y = _problem()
+    st = MlpStacker(MlpConfig(hidden=(16,), epochs=0, num_threads=1), seed=0)
+    st.fit(data, y)
+    expected = 1 / (1 + np.exp(-start_logit(data.base, st.start_weights)))
+    np.testing.assert_allclose(st.predict(data), expected, rtol=1e-5)
+    info = st.save(tmp_path)
+    loaded = MlpStacker.load(info, lambda name: (tmp_path / name).read_bytes())
+    np.testing.assert_allclose(loaded.predict(data), st.predict(data), rtol=1e-6)
+
+
+def test_mlp_capacity_auto_caps_widths_by_patients():
+    data, y = _problem()  # 60 patients; the inner split keeps ~51 for training
+    st = MlpStacker(MlpConfig(hidden=(128, 64), epochs=1, num_threads=1), seed=0)
+    st.fit(data, y)
+    assert st.hidden == (30, 30)
+
+
+def test_lgbm_round_trip_keeps_start_and_start_only_classes(tmp_path):
+    data, y = _noise_problem()
+    st = LgbmStacker(LgbmConfig(num_boost_round=60, early_stopping_rounds=5, num_threads=1), seed=0)
+    st.fit(data, y)
+    info = st.save(tmp_path)
+    assert "start_weights" in info and any(e.get("start_only") for e in info["boosters"])
+    loaded = LgbmStacker.load(info, lambda name: (tmp_path / name).read_bytes())
+    np.testing.assert_allclose(loaded.predict(data), st.predict(data), rtol=1e-9)

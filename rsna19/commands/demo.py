@@ -20,6 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--pipeline", default="demo", help="pipeline config (default configs/pipelines/demo.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
+    p.add_argument(
+        "--preset",
+        default="demo",
+        help="synthetic preset (default demo; demo60: 60 training studies, for checking the second level on a "
+        "second dataset; see `rsna19 synth --help`)",
+    )
     p.add_argument("--progress", action="store_true", help="show the stages' own progress bars and logs")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline overrides")
     p.set_defaults(func=run)
@@ -31,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from rsna19.pipeline.run import format_result, quiet_logs
 
     with quiet_logs(not (args.progress or args.verbose)):
-        result, seconds = run_demo(args.out, args.pipeline, args.overrides, seed=args.seed, progress=args.progress)
+        result, seconds = run_demo(
+            args.out, args.pipeline, args.overrides, seed=args.seed, preset=args.preset, progress=args.progress
+        )
     print(format_result(result))
     print(f"demo finished in {seconds / 60:.1f} min; outputs in {args.out}")
     return 0

@@ -17,6 +17,7 @@ def run_demo(
     pipeline: str = "demo",
     overrides: list[str] | tuple[str, ...] = (),
     seed: int = 0,
+    preset: str = "demo",
     workers: int | None = None,
     progress: bool = False,
     say: Callable[[str], None] = print,
@@ -28,6 +29,8 @@ def run_demo(
         pipeline: pipeline config (default ``configs/pipelines/demo.yaml``).
         overrides: pipeline overrides.
         seed: the dataset's seed.
+        preset: the synthetic preset (:mod:`rsna19.synth.presets`; ``demo``, or ``demo60`` / ``context`` for the
+            second-level and context checks).
         workers: processes rendering the dataset (default: all CPUs).
         progress: show the stages' own progress bars.
         say: where the progress lines go.
@@ -41,9 +44,9 @@ def run_demo(
     cfg = load_pipeline(pipeline, list(overrides))
     data = Path(out) / "data"
     n_workers = workers or os.cpu_count() or 1
-    summary = generate_dataset(data, preset="demo", seed=seed, workers=n_workers, progress=progress)
+    summary = generate_dataset(data, preset=preset, seed=seed, workers=n_workers, progress=progress)
     state = "skipped" if summary.get("skipped") else f"{time.perf_counter() - t0:7.1f} s"
-    say(f"[0/{len(STAGES)}] synth    {state:>10}  {data}: demo preset, seed {seed}")
+    say(f"[0/{len(STAGES)}] synth    {state:>10}  {data}: {preset} preset, seed {seed}")
     synth_s = time.perf_counter() - t0
     result = run_pipeline(data, out, cfg, progress=progress, say=say)
     result.timings = {"synth": synth_s, **result.timings}

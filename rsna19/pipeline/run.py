@@ -202,27 +202,56 @@ def summary_dict(cfg: PipelineConfig, result: PipelineResult) -> dict[str, Any]:
 
 
 def format_result(result: PipelineResult) -> str:
-    """The final table: per-model and stacked weighted log loss (OOF and test), then the time of each stage."""
+    """The final table: per-model and stacked weighted log loss (OOF and test), the AUC of ``any`` per slice and
+    per study, the blend against the best base model, then the time of each stage."""
     import math
 
-    lines = ["", "weighted log loss (lower is better; OOF = out-of-fold on train, test = held-out test labels)"]
-    rows = [("model", "kind", "OOF", "test")]
+    def cell(r: Any, key: str) -> str:
+        v = r.get(key)
+        return "" if v is None or math.isnan(float(v)) else f"{float(v):.4f}"
+
+    lines = [
+        "",
+        "weighted log loss (lower is better; OOF = out-of-fold on train, test = held-out test labels) and AUC of "
+        "`any` per slice and per study (a study scores its highest slice)",
+    ]
+    keys = ("wll_oof", "wll_test", "auc_any", "auc_any_test", "study_auc_oof", "study_auc_test")
+    rows = [("model", "kind", "OOF", "test", "AUC OOF", "AUC test", "study OOF", "study test")]
     for _, r in result.scores.iterrows():
-        test = "" if r["wll_test"] is None or math.isnan(float(r["wll_test"])) else f"{float(r['wll_test']):.4f}"
-        rows.append((str(r["name"]), str(r["kind"]), f"{float(r['wll_oof']):.4f}", test))
+        rows.append((str(r["name"]), str(r["kind"]), *(cell(r, k) for k in keys)))
     if result.submission_scores is not None:
-        rows.append(("submission.csv", "scored", "", f"{result.submission_scores['wll']:.4f}"))
-    w = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append(("submission.csv", "scored", "", f"{result.submission_scores['wll']:.4f}", "", "", "", ""))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
-        lines.append(f"  {r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}")
+        lines.append("  " + "  ".join(v.ljust(w[j]) if j < 2 else v.rjust(w[j]) for j, v in enumerate(r)).rstrip())
         if i == 0:
             lines.append("  " + "  ".join("-" * x for x in w))
+    lines += versus_best_base(result.scores)
     lines += ["", "time per stage"]
     for s, seconds in result.timings.items():
         flag = " (skipped: already done)" if result.skipped.get(s) else ""
         lines.append(f"  {s:<8} {seconds:8.1f} s{flag}")
     lines.append(f"  {'total':<8} {sum(result.timings.values()):8.1f} s")
     return "\n".join(lines)
+
+
+def versus_best_base(scores: pd.DataFrame) -> list[str]:
+    """One line comparing the blend with the best base model on OOF and, separately, with the best on test."""
+    base = scores[scores["kind"] == "base"]
+    blend = scores[scores["kind"] == "blend"]
+    if base.empty or blend.empty:
+        return []
+    s = blend.iloc[0]
+    parts = []
+    for col, label in (("wll_oof", "OOF"), ("wll_test", "test")):
+        vals = base[col].dropna()
+        if vals.empty or pd.isna(s[col]):
+            continue
+        best = base.loc[vals.idxmin()]
+        parts.append(f"{label} {s[col] / best[col]:.3f} × {best['name']}")
+    if not parts:
+        return []
+    return ["", "  blend / best base model: " + ", ".join(parts) + " (below 1: the second level helps)"]
 
 
 @contextlib.contextmanager

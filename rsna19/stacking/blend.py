@@ -12,6 +12,9 @@ import numpy as np
 
 from rsna19.stacking.convex import combine, fit_convex_weights
 
+#: Blend members that are a base model's own probabilities are named ``base:<model>``.
+BASE_PREFIX = "base:"
+
 
 @dataclass
 class BlendResult:

@@ -7,7 +7,8 @@
     models          base model names (order of the model axis of the level-2 features)
     features        {"offsets": k, "windows": [...]}; feature_names: the level-2 feature names
     postprocess     {"any_ge_max": ..., "clip": ...}
-    members         the stackers used (the blend's members, or the one stacker)
+    members         the stackers used (the blend's members, or the one stacker); ``base:<model>`` is a base model's
+                    own probabilities (no saved state)
     stackers        member name → the info its ``save`` returned (what its ``load`` gets back)
     blend_weights   (K, 6) blend weights when method is blend
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from rsna19.errors import UserError
 from rsna19.stacking.base import Reader
+from rsna19.stacking.blend import BASE_PREFIX
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.features import Level2Data
 from rsna19.stacking.registry import get_stacker_spec
@@ -75,6 +77,9 @@ class LoadedStacker:
         preds = {n: postprocess(self.members[n].predict(data), pp["any_ge_max"], pp["clip"]) for n in self.members}
         if method != "blend":
             return preds[method]
+        for name in self.info["members"]:  # base-model members: the model's own probabilities at the slice
+            if name.startswith(BASE_PREFIX):
+                preds[name] = data.base[:, self.models.index(name.removeprefix(BASE_PREFIX))].astype(np.float64)
         P = np.stack([preds[m] for m in self.info["members"]], axis=1)
         return postprocess(combine(P, np.asarray(self.info["blend_weights"])), pp["any_ge_max"], pp["clip"])
 
@@ -152,7 +157,7 @@ def export_stacker(
         UserError: ``which`` or a blend member is not an enabled stacker.
     """
     from rsna19.stacking.inputs import load_base_inputs
-    from rsna19.stacking.run import fit_stackers, make_stackers, prepare_level2
+    from rsna19.stacking.run import blend_members, fit_stackers, make_stackers, prepare_level2
 
     inputs = load_base_inputs(scfg.runs, models, scfg.folds_csv, list(scfg.folds))
     l2 = prepare_level2(inputs, scfg.features.offsets, tuple(scfg.features.windows))
@@ -169,14 +174,15 @@ def export_stacker(
     if which == "mean":
         return info, l2, None
     if which == "blend":
-        members = list(scfg.blend.members) or list(factories)
+        members = blend_members(scfg, list(factories), models)
         weights_path = Path(scfg.out) / scfg.name / "weights.json"
         saved = json.loads(weights_path.read_text()) if weights_path.is_file() else {}
         if saved.get("base_models") == models and "blend" in saved and saved["blend"]["members"] == members:
             blend_w = np.asarray(saved["blend"]["weights"], dtype=np.float64)
         else:  # another model subset than the stack's: the blend weights need their own level-2 CV
+            stacker_members = [m for m in members if not m.startswith(BASE_PREFIX)]
             _, blend = fit_stackers(
-                dataclasses.replace(scfg, blend=dataclasses.replace(scfg.blend, members=members)), l2
+                dataclasses.replace(scfg, blend=dataclasses.replace(scfg.blend, members=stacker_members)), l2
             )
             blend_w = np.asarray(blend.weights, dtype=np.float64)
         info["blend_weights"] = blend_w.tolist()
@@ -187,6 +193,10 @@ def export_stacker(
     info["members"] = members
     fitted = {}
     for name in members:
+        if name.startswith(BASE_PREFIX):
+            if name.removeprefix(BASE_PREFIX) not in models:
+                raise UserError(f"blend member {name!r} is not one of the bundled models ({', '.join(models)})")
+            continue
         if name not in factories:
             raise UserError(f"blend member {name!r} is not an enabled stacker ({', '.join(factories)})")
         st = factories[name]()
@@ -210,6 +220,8 @@ def load_stacker(info: dict[str, Any], read: Reader) -> LoadedStacker:
     saved = info.get("stackers") or {}
     members: dict[str, Any] = {}
     for name in info["members"]:
+        if name.startswith(BASE_PREFIX):  # a base model's own probabilities: nothing to load
+            continue
         if name not in saved:
             raise UserError(f"{INFO_FILE} has no saved state for stacker {name!r} (re-export the bundle)")
         members[name] = load_member(name, saved[name], read)

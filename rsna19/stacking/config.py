@@ -36,8 +36,16 @@ class LgbmConfig:
     lambda_l2: float = 1.0
     max_bin: int = 255
     num_threads: int = 2
-    #: Fraction of the level-2 training patients held out for early stopping.
+    #: Fraction of the level-2 training patients held out for early stopping (``inner_folds: 1``).
     inner_val_fraction: float = 0.15
+    #: Patient-grouped inner folds that choose the number of rounds (the mean of their early-stopped best
+    #: iterations, 0 where no round beat the start), then one refit on all rows; 1: one inner split, its booster.
+    inner_folds: int = 3
+    #: ``convex``: boost from the convex blend of the base models (no rounds = that blend); ``prior``: from zero.
+    start: str = "convex"
+    #: ``auto``: cap the capacity by the number of training patients (``num_leaves ≤ patients / 8``, a leaf holds
+    #: at least two patients' worth of slices); ``fixed``: the settings as written.
+    capacity: str = "auto"
 
 
 @dataclass
@@ -55,6 +63,11 @@ class MlpConfig:
     patience: int = 4
     inner_val_fraction: float = 0.15
     num_threads: int = 2
+    #: ``convex``: the network's output is added to the logit of the convex blend of the base models (last layer
+    #: zero-initialised, so an untrained network predicts that blend); ``prior``: a plain MLP.
+    start: str = "convex"
+    #: ``auto``: hidden widths capped at half the number of training patients (at least 8); ``fixed``: as written.
+    capacity: str = "auto"
 
 
 @dataclass
@@ -68,11 +81,14 @@ class ConvexConfig:
 
 @dataclass
 class BlendConfig:
-    """Non-negative weights summing to one over the stackers, fitted on their level-2 OOF predictions."""
+    """Non-negative weights summing to one over the stackers (and the base models), fitted on level-2 OOF."""
 
     enabled: bool = True
     #: Stacker names to blend; empty means every enabled stacker.
     members: list[str] = field(default_factory=list)
+    #: Also blend every base model's own probabilities (members ``base:<model>``): the blend's cross-fitted weights
+    #: then choose between stacking and the best single models, so it never needs to lose to them.
+    include_base: bool = True
     per_class: bool = True
 
 

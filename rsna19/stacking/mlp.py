@@ -22,6 +22,7 @@ from rsna19.stacking.base import Reader, inner_split, read_json, read_tensors, s
 from rsna19.stacking.config import MlpConfig
 from rsna19.stacking.features import Level2Data
 from rsna19.stacking.registry import register_stacker
+from rsna19.stacking.start import check_start, fit_start, start_logit
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +61,16 @@ class MlpStacker:
         self.std: np.ndarray | None = None
         self.prob_mask: np.ndarray | None = None
         self.history: list[float] = []
+        self.hidden: tuple[int, ...] = tuple(self.cfg.hidden)  # the widths used (``capacity: auto`` may cap them)
+        self.start_weights: np.ndarray | None = None  # (M, 6) convex weights of the start, or None
+
+    def _start(self, data: Level2Data) -> torch.Tensor:
+        """(N, 6) starting logits added to the network's output (zeros without a start)."""
+        import torch
+
+        if self.start_weights is None:
+            return torch.zeros((len(data), len(CLASSES)))
+        return torch.from_numpy(start_logit(data.base, self.start_weights).astype(np.float32))
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         """(N, F) raw features with the probability columns replaced by their logits (float32 copy)."""
@@ -94,6 +105,13 @@ class MlpStacker:
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         tr, va = inner_split(data.groups, c.inner_val_fraction, self.seed)
+        check_start(c.start)
+        self.start_weights = fit_start(data.base[tr], y[tr]) if c.start == "convex" else None
+        self.hidden = tuple(c.hidden)
+        if c.capacity == "auto":
+            cap = max(8, len(np.unique(data.groups)) // 2)
+            self.hidden = tuple(min(h, cap) for h in self.hidden)
+        s_tr, s_va = self._start(data.take(tr)), self._start(data.take(va))
         self.prob_mask = data.prob_mask
         raw = self._logits(data.X[tr])
         self.mean = raw.mean(axis=0)
@@ -105,23 +123,30 @@ class MlpStacker:
         y_va = torch.from_numpy(y[va].astype(np.float32))
         w = torch.tensor(CLASS_WEIGHTS, dtype=torch.float32) / sum(CLASS_WEIGHTS)
 
-        net = _mlp(x_tr.shape[1], tuple(c.hidden), c.dropout)
+        net = _mlp(x_tr.shape[1], self.hidden, c.dropout)
+        if self.start_weights is not None:
+            # Zero output layer: before any step the network predicts the start exactly.
+            nn.init.zeros_(net[-1].weight)
+            nn.init.zeros_(net[-1].bias)
         opt = torch.optim.AdamW(net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         loss_fn = nn.BCEWithLogitsLoss(reduction="none")
-        best, best_state, stale = float("inf"), copy.deepcopy(net.state_dict()), 0
+        with torch.no_grad():
+            start_val = float((loss_fn(net(x_va) + s_va, y_va) * w).sum(dim=1).mean())
+        # The untrained network (the start itself, with a start) is the first candidate: epochs must beat it.
+        best, best_state, stale = start_val, copy.deepcopy(net.state_dict()), 0
         self.history = []
         for _ in range(c.epochs):
             net.train()
             order = torch.randperm(len(x_tr), generator=gen)
             for i in range(0, len(order), c.batch_size):
                 idx = order[i : i + c.batch_size]
-                loss = (loss_fn(net(x_tr[idx]), y_tr[idx]) * w).sum(dim=1).mean()
+                loss = (loss_fn(net(x_tr[idx]) + s_tr[idx], y_tr[idx]) * w).sum(dim=1).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             net.eval()
             with torch.no_grad():
-                val = float((loss_fn(net(x_va), y_va) * w).sum(dim=1).mean())
+                val = float((loss_fn(net(x_va) + s_va, y_va) * w).sum(dim=1).mean())
             self.history.append(val)
             if val < best - 1e-6:
                 best, best_state, stale = val, copy.deepcopy(net.state_dict()), 0
@@ -142,7 +167,8 @@ class MlpStacker:
         out = []
         with torch.no_grad():
             for i in range(0, len(data.X), batch_size):
-                out.append(torch.sigmoid(self.net(self._transform(data.X[i : i + batch_size]))).numpy())
+                part = data.take(np.arange(i, min(i + batch_size, len(data))))
+                out.append(torch.sigmoid(self.net(self._transform(part.X)) + self._start(part)).numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(CLASSES)))
 
     def save(self, dest: Path) -> dict[str, Any]:
@@ -151,12 +177,14 @@ class MlpStacker:
             raise RuntimeError("MlpStacker.save before fit")
         save_tensors(self.net.state_dict(), dest / "mlp.safetensors")
         meta = {
-            "hidden": list(self.cfg.hidden),
+            "hidden": list(self.hidden),
             "dropout": self.cfg.dropout,
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
             "prob_mask": self.prob_mask.tolist(),
         }
+        if self.start_weights is not None:
+            meta["start_weights"] = np.asarray(self.start_weights).tolist()
         save_json(meta, dest / "mlp.json")
         return {"weights": "mlp.safetensors", "meta": "mlp.json"}
 
@@ -166,6 +194,11 @@ class MlpStacker:
         m = read_json(read, info["meta"])
         hidden, dropout = tuple(int(h) for h in m["hidden"]), float(m["dropout"])
         st = cls(MlpConfig(hidden=hidden, dropout=dropout))
+        st.hidden = hidden
+        if m.get("start_weights") is not None:  # bundles written before the residual start have none
+            st.start_weights = np.asarray(m["start_weights"], dtype=np.float64)
+            if st.start_weights.ndim != 2 or st.start_weights.shape[1] != len(CLASSES):
+                raise UserError(f"stacker file {info['meta']}: start weights of shape {st.start_weights.shape}")
         st.mean = np.asarray(m["mean"], dtype=np.float32)
         st.std = np.asarray(m["std"], dtype=np.float32)
         st.prob_mask = np.asarray(m["prob_mask"], dtype=bool)

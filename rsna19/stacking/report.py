@@ -8,10 +8,20 @@ import numpy as np
 import pandas as pd
 
 from rsna19.constants import CLASSES
-from rsna19.metrics import per_class_auc, per_class_log_loss, weighted_log_loss
+from rsna19.metrics import per_class_auc, per_class_log_loss, study_auc_any, weighted_log_loss
 
 #: Columns of ``scores.csv``, in order. ``kind`` is one of ``base``, ``mean``, ``stacker``, ``blend``.
-SCORE_COLUMNS: list[str] = ["name", "kind", "wll_oof", "wll_test", *[f"loss_{c}" for c in CLASSES], "auc_any"]
+SCORE_COLUMNS: list[str] = [
+    "name",
+    "kind",
+    "wll_oof",
+    "wll_test",
+    *[f"loss_{c}" for c in CLASSES],
+    "auc_any",
+    "auc_any_test",
+    "study_auc_oof",
+    "study_auc_test",
+]
 
 
 def score_row(
@@ -21,18 +31,30 @@ def score_row(
     p_oof: np.ndarray,
     y_test: np.ndarray | None = None,
     p_test: np.ndarray | None = None,
+    studies_oof: np.ndarray | None = None,
+    studies_test: np.ndarray | None = None,
 ) -> dict[str, object]:
     """Scores of one set of predictions.
 
     Args:
         name, kind: row identity.
-        y_oof, p_oof: (N, 6) OOF labels and probabilities; per-class losses and AUC are OOF.
-        y_test, p_test: (N_test, 6) test labels and probabilities; ``wll_test`` is NaN without labels.
+        y_oof, p_oof: (N, 6) OOF labels and probabilities; per-class losses and ``auc_any`` are OOF.
+        y_test, p_test: (N_test, 6) test labels and probabilities; test scores are NaN without labels.
+        studies_oof, studies_test: (N,) / (N_test,) study of each row, for the study-level AUC of ``any`` (a
+            study's score is its highest slice); NaN without them.
     """
+    has_test = y_test is not None and p_test is not None
     row: dict[str, object] = {"name": name, "kind": kind, "wll_oof": weighted_log_loss(y_oof, p_oof)}
-    row["wll_test"] = weighted_log_loss(y_test, p_test) if y_test is not None and p_test is not None else math.nan
+    row["wll_test"] = weighted_log_loss(y_test, p_test) if has_test else math.nan
     row.update({f"loss_{c}": v for c, v in per_class_log_loss(y_oof, p_oof).items()})
     row["auc_any"] = per_class_auc(y_oof, p_oof)["any"]
+    row["auc_any_test"] = per_class_auc(y_test, p_test)["any"] if has_test else math.nan
+    row["study_auc_oof"] = (
+        study_auc_any(studies_oof, y_oof[:, -1], p_oof[:, -1]) if studies_oof is not None else math.nan
+    )
+    row["study_auc_test"] = (
+        study_auc_any(studies_test, y_test[:, -1], p_test[:, -1]) if has_test and studies_test is not None else math.nan
+    )
     return row
 
 

@@ -4,7 +4,8 @@ Output (written as one directory, atomically; a finished one is skipped unless `
 
     <out>/<name>/oof.parquet     key columns, fold, model (mean / convex / lgbm / mlp / blend), p_<class> ×6, labels
     <out>/<name>/test.parquet    key columns, fold (−1), model, p_<class> ×6
-    <out>/<name>/scores.csv      name, kind, wll_oof, wll_test, loss_<class> ×6, auc_any
+    <out>/<name>/scores.csv      name, kind, wll_oof, wll_test, loss_<class> ×6, auc_any (OOF slice),
+                                 auc_any_test, study_auc_oof, study_auc_test
     <out>/<name>/scores.png      the score table as a bar chart (every base model, stacker and the blend)
     <out>/<name>/weights.json    convex (per level-2 fold) and blend weights
     <out>/<name>/timings.json    seconds per step
@@ -33,7 +34,7 @@ from rsna19.config import save_config
 from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.errors import UserError
 from rsna19.stacking.base import Stacker
-from rsna19.stacking.blend import BlendResult, fit_blend
+from rsna19.stacking.blend import BASE_PREFIX, BlendResult, fit_blend
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.cv import CrossFitResult, cross_fit
 from rsna19.stacking.features import Level2Data, build_features
@@ -129,8 +130,19 @@ class StackResult:
     blend: BlendResult | None = None
 
 
+def blend_members(cfg: StackConfig, stackers: list[str], models: list[str]) -> list[str]:
+    """The blend's members: ``blend.members`` (or every enabled stacker), then ``base:<model>`` for every base
+    model when ``blend.include_base`` is set."""
+    members = list(cfg.blend.members) or list(stackers)
+    if cfg.blend.include_base:
+        members += [f"{BASE_PREFIX}{m}" for m in models]
+    return members
+
+
 def fit_stackers(cfg: StackConfig, l2: Level2Set) -> tuple[dict[str, CrossFitResult], BlendResult | None]:
-    """Level-2 CV of every enabled stacker, then the blend of their (post-processed) OOF predictions."""
+    """Level-2 CV of every enabled stacker, then the blend of their (post-processed) OOF predictions and, with
+    ``blend.include_base``, of the base models' own: its cross-fitted weights pick the stackers only where they
+    beat the single models on held-out folds."""
     pp = cfg.postprocess
     results: dict[str, CrossFitResult] = {}
     for name, factory in make_stackers(cfg).items():
@@ -141,14 +153,16 @@ def fit_stackers(cfg: StackConfig, l2: Level2Set) -> tuple[dict[str, CrossFitRes
         log.info("level-2 CV: %s done in %.1f s", name, res.seconds)
         results[name] = res
     blend = None
-    members = list(cfg.blend.members) or list(results)
-    unknown = sorted(set(members) - set(results))
+    unknown = sorted(set(cfg.blend.members) - set(results))
     if unknown:
         raise UserError(f"blend.members names stacker(s) {unknown} that are not enabled; enabled: {list(results)}")
+    members = blend_members(cfg, list(results), l2.models)
     if cfg.blend.enabled and members:
+        base_oof = {f"{BASE_PREFIX}{m}": l2.oof.base[:, i].astype(np.float64) for i, m in enumerate(l2.models)}
+        base_test = {f"{BASE_PREFIX}{m}": l2.test.base[:, i].astype(np.float64) for i, m in enumerate(l2.models)}
         blend = fit_blend(
-            {m: results[m].oof for m in members},
-            {m: results[m].test for m in members},
+            {m: results[m].oof if m in results else base_oof[m] for m in members},
+            {m: results[m].test if m in results else base_test[m] for m in members},
             l2.y,
             l2.folds,
             cfg.blend.per_class,
@@ -162,18 +176,21 @@ def score_stack(
     l2: Level2Set, stackers: dict[str, CrossFitResult], blend: BlendResult | None
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Score table plus the final OOF and test probabilities of the plain mean, each stacker and the blend."""
-    rows = []
-    for i, m in enumerate(l2.models):
-        rows.append(score_row(m, "base", l2.y, l2.oof.base[:, i], l2.y_test, l2.test.base[:, i]))
+    so, st = l2.oof_features["study_uid"].to_numpy(), l2.test_features["study_uid"].to_numpy()
+
+    def row(name: str, kind: str, p_oof: np.ndarray, p_test: np.ndarray) -> dict[str, object]:
+        return score_row(name, kind, l2.y, p_oof, l2.y_test, p_test, so, st)
+
+    rows = [row(m, "base", l2.oof.base[:, i], l2.test.base[:, i]) for i, m in enumerate(l2.models)]
     oof = {"mean": l2.oof.base.mean(axis=1, dtype=np.float64)}
     test = {"mean": l2.test.base.mean(axis=1, dtype=np.float64)}
-    rows.append(score_row("mean", "mean", l2.y, oof["mean"], l2.y_test, test["mean"]))
+    rows.append(row("mean", "mean", oof["mean"], test["mean"]))
     for name, res in stackers.items():
         oof[name], test[name] = res.oof, res.test
-        rows.append(score_row(name, "stacker", l2.y, res.oof, l2.y_test, res.test))
+        rows.append(row(name, "stacker", res.oof, res.test))
     if blend is not None:
         oof["blend"], test["blend"] = blend.oof, blend.test
-        rows.append(score_row("blend", "blend", l2.y, blend.oof, l2.y_test, blend.test))
+        rows.append(row("blend", "blend", blend.oof, blend.test))
     return score_frame(rows), oof, test
 
 

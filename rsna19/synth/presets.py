@@ -61,6 +61,18 @@ PRESETS: dict[str, Preset] = {
         table_step=(4.0, 5.0),
         slab_offset=(-2.0, 10.0),
     ),
+    # A second, smaller dataset of demo-sized studies: checks that the second level carries over to data nobody
+    # tuned it to (another seed, fewer training patients).
+    "demo60": Preset(
+        name="demo60",
+        image_size=256,
+        n_train_studies=60,
+        n_test_studies=20,
+        n_repeat_patients=6,
+        n_slices=(20, 28),
+        table_step=(4.0, 5.0),
+        slab_offset=(-2.0, 10.0),
+    ),
 }
 
 
