@@ -2,8 +2,11 @@
 
 One synthetic head (with hemorrhages) from :mod:`rsna19.synth` is rendered as several series of one study, each
 with the headers a scanner writes: a soft-tissue 5 mm axial, a bone-kernel copy at the same positions, a
-0.625 mm reconstruction of the same head, a scout, and a CTA-like series. Thinner slices get proportionally more
-noise (noise SD ∝ 1/√thickness), as on a scanner.
+0.625 mm reconstruction of the same head, a scout, a CTA-like series, and a re-export copy of the soft-tissue
+series under a new series UID. The soft-tissue series is stored JPEG Lossless (1.2.840.10008.1.2.4.70, as PACS
+exports often are; encoded with imagecodecs' libjpeg-turbo), its copy uncompressed. Thinner slices get
+proportionally more noise (noise SD ∝ 1/√thickness), as on a scanner. Every UID is a valid DICOM UID and the files
+carry the patient and study modules, so DICOM outputs made from them can be validated.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import pydicom
+from pydicom.encaps import encapsulate
+from pydicom.uid import CTImageStorage, JPEGLosslessSV1
 from scipy.ndimage import gaussian_filter
 
 from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
@@ -28,7 +34,20 @@ THIN_MM = 0.625
 N_THICK = 8
 
 SOFT = {"ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "ConvolutionKernel": "H30s", "BodyPartExamined": "HEAD"}
-STUDY = {"StudyDescription": "CT HEAD WITHOUT CONTRAST"}
+STUDY = {
+    "StudyDescription": "CT HEAD WITHOUT CONTRAST",
+    "SOPClassUID": CTImageStorage,
+    "PatientName": "Hospital^Test",
+    "PatientBirthDate": "19600101",
+    "PatientSex": "O",
+    "StudyDate": "20240301",
+    "StudyTime": "083000",
+    "AccessionNumber": "A0001",
+    "StudyID": "1",
+    "ReferringPhysicianName": "",
+}
+#: Series of :func:`write_hospital_study`, in UID order (``<study>.1`` … ``<study>.6``).
+SERIES = ("soft", "bone", "thin", "scout", "cta", "copy")
 
 
 def head_plan(seed: int = 5, size: int = 64) -> SeriesPlan:
@@ -122,18 +141,29 @@ def write_localizer(folder: Path, plan: SeriesPlan, *, study_uid: str, series_ui
     return path
 
 
+def transcode_jpeg_lossless(path: Path) -> None:
+    """Re-encode a single-frame file as JPEG Lossless SV1 (1.2.840.10008.1.2.4.70) in place, bit for bit lossless."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ds = pydicom.dcmread(path)
+        stored = ds.pixel_array
+        cells = stored.view(np.uint16) if stored.dtype == np.int16 else stored  # the codec takes unsigned samples
+        frame = imagecodecs.jpeg8_encode(cells, bitspersample=int(ds.BitsStored), lossless=True, predictor=1)
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.save_as(path, enforce_file_format=True)
+
+
 def write_hospital_study(root: Path, plan: SeriesPlan, study_uid: str = "1.2.826.0.1.3680043.10.1226.900") -> dict:
-    """The five series of a hospital-like study under ``root``; returns series name → series UID."""
-    uid = {name: f"{study_uid}.{i + 1}" for i, name in enumerate(("soft", "bone", "thin", "scout", "cta"))}
+    """The six series of a hospital-like study under ``root`` (:data:`SERIES`); returns series name → series UID."""
+    uid = {name: f"{study_uid}.{i + 1}" for i, name in enumerate(SERIES)}
     common = {"study_uid": study_uid}
-    write_series(
-        root / "soft",
-        plan,
-        series_uid=uid["soft"],
-        step=THICK_MM,
-        attrs={**SOFT, "SeriesDescription": "Head 5.0 H30s"},
-        **common,
-    )
+    soft = {**SOFT, "SeriesDescription": "Head 5.0 H30s"}
+    for path in write_series(root / "soft", plan, series_uid=uid["soft"], step=THICK_MM, attrs=soft, **common):
+        transcode_jpeg_lossless(path)
+    # The same images re-exported under a new series UID (and new SOP instance UIDs), stored uncompressed.
+    write_series(root / "copy", plan, series_uid=uid["copy"], step=THICK_MM, attrs=soft, **common)
     write_series(
         root / "bone",
         plan,

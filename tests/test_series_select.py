@@ -8,10 +8,11 @@ import numpy as np
 import pydicom
 import pytest
 from hospital import SOFT, THICK_MM, THIN_MM, head_plan, write_hospital_study, write_series
+from pydicom.uid import JPEGLosslessSV1
 
 from rsna19.inference.inputs import collect_studies
 from rsna19.inference.reformat import needs_reformat, reformat_slabs, slab_index
-from rsna19.inference.series_select import SelectionPolicy, kernel_class
+from rsna19.inference.series_select import SelectionPolicy, SeriesFacts, kernel_class, rank_series, same_slices
 from rsna19.inference.study import apply_selection
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
@@ -40,7 +41,9 @@ def test_hospital_study_picks_the_soft_tissue_5mm_series(hospital, tmp_path):
     study, ranking = _select(root, tmp_path)
     assert [s.series_uid for s in study.used] == [uid["soft"]]
     reasons = {s.series_uid: s.reason for s in study.skipped}
-    assert set(reasons) == {uid["bone"], uid["thin"], uid["scout"], uid["cta"]}
+    assert set(reasons) == {uid["bone"], uid["thin"], uid["scout"], uid["cta"], uid["copy"]}
+    assert reasons[uid["copy"]].startswith(f"duplicate of 'Head 5.0 H30s' ({uid['soft']}): same 8 positions")
+    assert "stored as Explicit VR Little Endian, not JPEG Lossless" in reasons[uid["copy"]]
     assert reasons[uid["bone"]].startswith("bone kernel")
     assert "H70h" in reasons[uid["bone"]]
     assert reasons[uid["thin"]].startswith("thicker series preferred")
@@ -48,18 +51,20 @@ def test_hospital_study_picks_the_soft_tissue_5mm_series(hospital, tmp_path):
     assert "contrast" in reasons[uid["cta"]] and "Iohexol" in reasons[uid["cta"]]
     # The ranking lists every readable axial candidate, best first, with its score and criteria.
     assert ranking[0]["series_uid"] == uid["soft"] and ranking[0]["rank"] == 1 and ranking[0]["used"]
-    assert {r["series_uid"] for r in ranking} == {uid["soft"], uid["bone"], uid["thin"], uid["cta"]}
+    assert {r["series_uid"] for r in ranking} == {uid["soft"], uid["bone"], uid["thin"], uid["cta"], uid["copy"]}
     used = study.to_dict()["series_used"][0]
     crit = used["selection"]["criteria"]
     assert crit["kernel"]["points"] > 0 and crit["spacing"]["points"] == 0
     assert used["selection"]["header"]["kernel_class"] == "soft"
     assert used["selection"]["header"]["spacing_mm"] == pytest.approx(THICK_MM)
+    assert used["selection"]["header"]["transfer_syntax"] == JPEGLosslessSV1
 
 
 def test_all_series_predicts_every_usable_one_but_not_bone_or_contrast(hospital, tmp_path):
     root, uid = hospital
     study, _ = _select(root, tmp_path, SelectionPolicy(all_series=True))
-    assert {s.series_uid for s in study.used} == {uid["soft"], uid["thin"]}
+    assert {s.series_uid for s in study.used} == {uid["soft"], uid["thin"]}  # the copy's slices are the soft ones
+    assert next(s for s in study.skipped if s.series_uid == uid["copy"]).reason.startswith("duplicate of")
     study, _ = _select(root, tmp_path, SelectionPolicy(all_series=True, include_contrast=True))
     assert {s.series_uid for s in study.used} == {uid["soft"], uid["thin"], uid["cta"]}
 
@@ -137,6 +142,38 @@ def test_original_preferred_over_derived_at_equal_thickness(plan, tmp_path):
     study, _ = _select(tmp_path / "in", tmp_path)
     assert [s.series_uid for s in study.used] == ["1.2.6.2"]
     assert study.skipped[0].reason.startswith("derived image (DERIVED/SECONDARY/AXIAL)")
+
+
+def _facts(uid: str, **kw) -> SeriesFacts:
+    base = dict(
+        description="Head",
+        image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        kernel="H30s",
+        n_files=8,
+        n_positions=8,
+        spacing_mm=5.0,
+        thickness_mm=5.0,
+        z_extent_mm=40.0,
+        fov_mm=250.0,
+        pixel_spacing_mm=0.49,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        position_key=tuple(5.0 * k for k in range(8)),
+    )
+    return SeriesFacts(series_uid=uid, **{**base, **kw})
+
+
+def test_duplicates_are_predicted_once_and_a_lossless_copy_is_preferred():
+    lossy = _facts("1.1", transfer_syntax="1.2.840.10008.1.2.4.50")  # JPEG baseline, the lower UID
+    plain = _facts("1.2")
+    shifted = _facts("1.3", position_key=tuple(5.0 * k + 2.5 for k in range(8)))  # other positions: not a copy
+    for policy in (SelectionPolicy(), SelectionPolicy(all_series=True)):
+        got = {c.facts.series_uid: c for c in rank_series([lossy, plain, shifted], policy)}
+        assert got["1.2"].used and got["1.2"].rank == 1
+        assert not got["1.1"].used and got["1.1"].reason.startswith("duplicate of 'Head' (1.2): same 8 positions")
+        assert "stored as JPEG Baseline (Process 1), not Explicit VR Little Endian" in got["1.1"].reason
+        assert got["1.3"].used == policy.all_series
+    assert same_slices(lossy, plain) and not same_slices(plain, shifted)
+    assert not same_slices(plain, _facts("1.4", kernel="H70h")) and not same_slices(plain, _facts("1.5", n_files=9))
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Group the DICOM files under PATH (a folder, nested, studies mixed, stray files ignored; or a zip) into "
             "series, keep the readable axial CT ones and rank them per study (original/primary axials, soft-tissue "
             "kernel over bone, slice spacing nearest the training one, head coverage and field of view; "
-            "localizers, projections, other body parts, contrast/CTA and perfusion series are skipped), predict the "
+            "localizers, projections, other body parts, contrast/CTA and perfusion series are skipped, and a "
+            "duplicate of a better series, e.g. a copy in another transfer syntax, is predicted once), predict the "
             "best one (--all-series: every usable one), convert it exactly like the training data (a series much "
             "thinner than the training slices is averaged into slabs of the training spacing, and every input "
             "slice gets its slab's probabilities), run every bundled model and the stacker, and write "
             "OUT/slices.csv, OUT/models.csv, OUT/studies.json (every series choice with its reason, per-series "
-            "timings) and OUT/report_<study>.png. A study that fails is reported in studies.json; the others are "
-            "still processed."
+            "timings, the calibrated study result at the bundle's operating points, the bundle's checksum) and "
+            "OUT/report_<study>.png. Every common transfer syntax is read (uncompressed, deflate, RLE, JPEG "
+            "baseline/extended/lossless, JPEG-LS, JPEG 2000) and a multi-frame Enhanced CT file is read frame by "
+            "frame. A study that fails is reported in studies.json; the others are still processed."
         ),
     )
     p.add_argument("path", help="folder or .zip of DICOM files")
@@ -54,13 +57,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=int, default=1, help="processes reading DICOM headers (1)")
     p.add_argument("--top-k", type=int, default=6, help="slices in each report (6)")
-    p.add_argument("--threshold", type=float, default=0.5, help="decision threshold (0.5)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="threshold of the uncalibrated slice-maximum flags (`prediction.positive`) and of the report's "
+        "curves (0.5); the calibrated study flags use the bundle's operating points",
+    )
     p.add_argument("--no-cam", dest="cam", action="store_false", help="no Grad-CAM overlay on the report")
     p.add_argument(
         "--dicom-out",
         metavar="DIR",
         help="also write, per study, a DICOM Structured Report (TID 1500: calibrated probabilities, flags, operating "
-        "points, the slices that drove them) and a Secondary Capture of the report picture, in the source study",
+        "points, the slices that drove them, the bundle's checksum and version) and a Secondary Capture of the "
+        "report picture, both in the source study (new series; file names are the new UIDs, no patient data)",
     )
     p.set_defaults(func=run)
 

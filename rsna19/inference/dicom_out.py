@@ -15,11 +15,12 @@ modules copied from the source images, each in a new series):
   - a qualitative evaluation: the finding, SCT 52101004 *Present* or SCT 272519000 *Absent* (the flag at the
     operating point);
   - source images: the slices that drove the result (the class's highest slice probabilities), referenced by
-    SOP class and instance UID;
+    SOP class and instance UID; a frame of a multi-frame (Enhanced CT) image is referenced as the file's own
+    SOPInstanceUID plus its ReferencedFrameNumber (never the ``<uid>.f<frame>`` slice UID used inside rsna19);
   - algorithm identification (TID 4019): name ``rsna19``, the package version, and the parameters
     ``bundle_sha256=…``, ``bundle_version=…``, ``study_model=platt/<score>``.
 
-  The SR's Current Requested Procedure Evidence lists every instance of the predicted series.
+  The SR's Current Requested Procedure Evidence lists every instance (file) of the predicted series.
 * ``SC_<SOPInstanceUID>.dcm``: the report picture as an RGB Secondary Capture image.
 
 New UIDs are derived from the bundle checksum and the source study UID, so the same study and bundle give the same
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from rsna19.constants import CLASSES
+from rsna19.io.multiframe import frame_sop_uid, is_multiframe
 from rsna19.utils.atomic import atomic_path
 
 #: Private coding scheme of the subtype findings and the study score (no verified standard codes for all five).
@@ -108,26 +110,89 @@ def finding_code(cls: str) -> Any:
     return CodedConcept(value=value, scheme_designator=CODING_SCHEME, meaning=meaning)
 
 
-def read_source_headers(files: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
-    """SOPInstanceUID → header (no pixels) of each readable source file, with SOPClassUID filled in from the file
-    meta where the dataset lacks it (RSNA-style files carry it only there) and missing Type 2 patient and study
-    attributes added empty."""
+def read_source_header(path: str | os.PathLike[str]) -> Any | None:
+    """The header (no pixels) of one source file, or None when it cannot be read or has no SOP UIDs.
+
+    SOPClassUID is filled in from the file meta where the dataset lacks it (RSNA-style files carry it only there)
+    and missing Type 2 patient and study attributes are added empty.
+    """
     import pydicom
 
-    out = {}
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - an unreadable file was already skipped by the prediction
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - an unreadable file was already skipped by the prediction
+        return None
+    if "SOPClassUID" not in ds and "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {}):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    for keyword in _TYPE2_FROM_SOURCE:
+        if keyword not in ds:
+            setattr(ds, keyword, "")  # Type 2: present, may be empty (anonymised data often lacks them)
+    return ds if "SOPInstanceUID" in ds and "SOPClassUID" in ds else None
+
+
+@dataclass(frozen=True)
+class SourceSlices:
+    """The source instances of the predicted slices.
+
+    Attributes:
+        headers: SOPInstanceUID → header of every readable source file (one per file: the SR's evidence).
+        where: slice UID (``slices.csv``'s ``sop_uid``) → (SOPInstanceUID of its file, 1-based frame number; 0 for
+            a single-frame file).
+    """
+
+    headers: dict[str, Any]
+    where: dict[str, tuple[str, int]]
+
+
+def read_source_slices(sources: Sequence[str | os.PathLike[str] | Mapping[str, Any]]) -> SourceSlices:
+    """Read the header of every source file once and map each slice UID to its file's instance and frame.
+
+    Args:
+        sources: slice references (``path``, ``frame``, ``sop_uid``: :meth:`SeriesInput.slice_refs
+            <rsna19.inference.inputs.SeriesInput.slice_refs>`) or bare paths; a bare path of a multi-frame file
+            stands for all its frames (slice UIDs ``<SOPInstanceUID>.f<frame>``, :mod:`rsna19.io.multiframe`).
+    """
+    headers_of: dict[str, Any] = {}
+    headers: dict[str, Any] = {}
+    where: dict[str, tuple[str, int]] = {}
+    for src in sources:
+        ref = dict(src) if isinstance(src, Mapping) else {"path": os.fspath(src)}
+        path = str(ref["path"])
+        if path not in headers_of:
+            headers_of[path] = read_source_header(path)
+        ds = headers_of[path]
+        if ds is None:
             continue
-        if "SOPClassUID" not in ds and "MediaStorageSOPClassUID" in getattr(ds, "file_meta", {}):
-            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        for keyword in _TYPE2_FROM_SOURCE:
-            if keyword not in ds:
-                setattr(ds, keyword, "")  # Type 2: present, may be empty (anonymised data often lacks them)
-        if "SOPInstanceUID" in ds and "SOPClassUID" in ds:
-            out[str(ds.SOPInstanceUID)] = ds
-    return out
+        sop = str(ds.SOPInstanceUID)
+        headers.setdefault(sop, ds)
+        frame = int(ref.get("frame") or 0)
+        if "sop_uid" in ref:
+            where[str(ref["sop_uid"])] = (sop, frame)
+        elif is_multiframe(ds):
+            for f in range(1, int(ds.get("NumberOfFrames", 1) or 1) + 1):
+                where[frame_sop_uid(sop, f)] = (sop, f)
+        else:
+            where[sop] = (sop, 0)
+    return SourceSlices(headers, where)
+
+
+def source_images(slice_uids: Sequence[str], sources: SourceSlices) -> list[Any]:
+    """highdicom source-image references of some slices: one per file, with the frames of a multi-frame file."""
+    import highdicom as hd
+
+    frames: dict[str, list[int]] = {}
+    for u in slice_uids:
+        if u in sources.where:
+            sop, frame = sources.where[u]
+            frames.setdefault(sop, [])
+            if frame:
+                frames[sop].append(frame)
+    return [
+        hd.sr.SourceImageForMeasurementGroup(
+            str(sources.headers[sop].SOPClassUID), sop, referenced_frame_numbers=sorted(f) or None
+        )
+        for sop, f in frames.items()
+    ]
 
 
 def _uid(bundle_sha: str, study_uid: str, what: str) -> str:
@@ -144,7 +209,7 @@ def top_slice_uids(slices: pd.DataFrame, cls: str, k: int = TOP_SLICES_PER_CLASS
 
 
 def build_sr(
-    headers: dict[str, Any],
+    sources: SourceSlices,
     slices: pd.DataFrame,
     study_result: dict[str, Any],
     identity: dict[str, Any],
@@ -154,7 +219,7 @@ def build_sr(
     """The Comprehensive 3D SR (TID 1500) of one study.
 
     Args:
-        headers: SOPInstanceUID → source header, every instance of the predicted series (the evidence).
+        sources: the source files of the predicted series (the evidence) and where each slice lies in them.
         slices: the study's slices (``sop_uid``, ``p_<class>``).
         study_result: the calibrated study result (:func:`rsna19.calibration.apply_study_model`).
         identity: ``rsna19_version``, ``bundle_sha256``, ``bundle_version`` (and ``study_score``).
@@ -174,11 +239,11 @@ def build_sr(
     )
     unit = codes.UCUM.NoUnits
     score_code = hd.sr.CodedConcept(value="SCORE", scheme_designator=CODING_SCHEME, meaning="Study score")
+    headers = sources.headers
     study_uid = str(next(iter(headers.values())).StudyInstanceUID)
     groups = []
     for cls in ("any", *CLASSES[:-1]):
         r = study_result["classes"][cls]
-        refs = [headers[u] for u in top_slice_uids(slices, cls) if u in headers]
         finding = finding_code(cls)
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -198,9 +263,7 @@ def build_sr(
                         name=finding, value=codes.SCT.Present if r["positive"] else codes.SCT.Absent
                     )
                 ],
-                source_images=[
-                    hd.sr.SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in refs
-                ],
+                source_images=source_images(top_slice_uids(slices, cls), sources),
             )
         )
     observer = hd.sr.ObserverContext(
@@ -265,7 +328,7 @@ def build_sc(ref: Any, png: str | os.PathLike[str], sop_uid: str, series_uid: st
 
 def write_study_dicom(
     out: str | os.PathLike[str],
-    files: Sequence[str | os.PathLike[str]],
+    files: Sequence[str | os.PathLike[str] | Mapping[str, Any]],
     slices: pd.DataFrame,
     study_result: dict[str, Any],
     identity: dict[str, Any],
@@ -275,7 +338,8 @@ def write_study_dicom(
 
     Args:
         out: output folder (created).
-        files: every file of the predicted series (the SR's evidence and the source of the patient/study modules).
+        files: every slice of the predicted series, as slice references (``path``, ``frame``, ``sop_uid``) or file
+            paths (:func:`read_source_slices`): the SR's evidence and the source of the patient/study modules.
         slices: the study's predicted slices (``sop_uid``, ``p_<class>``).
         study_result: the calibrated result (``studies.json``'s ``study_result``).
         identity: ``rsna19_version``, ``bundle_sha256``, ``bundle_version``.
@@ -284,11 +348,12 @@ def write_study_dicom(
     Raises:
         ValueError: no readable source header among ``files``.
     """
-    headers = read_source_headers(files)
-    predicted = set(slices["sop_uid"].astype(str))
-    if not headers or not predicted & set(headers):
+    sources = read_source_slices(files)
+    headers = sources.headers
+    predicted = [u for u in slices["sop_uid"].astype(str) if u in sources.where]
+    if not predicted:
         raise ValueError("no readable source header of the predicted slices")
-    ref = headers[next(u for u in slices["sop_uid"].astype(str) if u in headers)]
+    ref = headers[sources.where[predicted[0]][0]]
     study_uid = str(ref.StudyInstanceUID)
     sha = str(identity["bundle_sha256"])
     sr_uid, sc_uid = _uid(sha, study_uid, "sr"), _uid(sha, study_uid, "sc")
@@ -298,7 +363,7 @@ def write_study_dicom(
         # Source UIDs that break the UI rules (RSNA's "ID_<hex>") are copied as they are: the SR and SC must
         # name the source study exactly; pydicom warns about each on write.
         warnings.simplefilter("ignore", UserWarning)
-        sr = build_sr(headers, slices, study_result, identity, sr_uid, _uid(sha, study_uid, "sr-series"))
+        sr = build_sr(sources, slices, study_result, identity, sr_uid, _uid(sha, study_uid, "sr-series"))
         sc = build_sc(ref, report_png, sc_uid, _uid(sha, study_uid, "sc-series"))
         sr_path, sc_path = out / f"SR_{sr_uid}.dcm", out / f"SC_{sc_uid}.dcm"
         for ds, path in ((sr, sr_path), (sc, sc_path)):

@@ -554,6 +554,7 @@ def _select_series(
         (first_row["pixel_spacing_row"], first_row["pixel_spacing_col"]),
         (first_row["rows"], first_row["cols"]),
         None if any(v is None or not math.isfinite(float(v)) for v in window) else window,
+        [r["transfer_syntax"] for r in rows],
     )
     return series, dropped
 

@@ -16,7 +16,12 @@ axial CT series that :mod:`rsna19.inference.inputs` found readable, from its hea
 * **score** (the best usable series is predicted; the others are skipped with the criterion that lost):
   kernel (soft tissue +4, unknown 0, bone −4), image type (ORIGINAL +2, PRIMARY +1, DERIVED / SECONDARY /
   MPR / REFORMATTED −1 each, at most −2), slice spacing (−3 per factor of two away from the training spacing,
-  capped at −12) and head coverage along z (≥ 100 mm +1, < 50 mm −2). Ties go to more slices, then the UID.
+  capped at −12) and head coverage along z (≥ 100 mm +1, < 50 mm −2). Ties go to more slices, then to a
+  lossless encoding over a lossy one (JPEG baseline / extended, JPEG 2000, near-lossless JPEG-LS), then the UID;
+* **duplicates**: a series with the same slices as a better-ranked one (:func:`same_slices`: the same positions,
+  kernel, slice thickness, pixel spacing, field of view, image type and contrast: a re-export, e.g. a PACS copy
+  in another transfer syntax under a new series UID) is skipped as a duplicate of it, also with ``all_series``:
+  the same images are predicted once.
 
 Kernels (:func:`kernel_class`) come from a table of common vendor tokens: Siemens ``H30s``/``Hr40``/``B31f``
 (≤ 49 soft, ≥ 60 sharp), Canon/Toshiba ``FC21``/``FC26`` (< 30 soft, ≥ 30 sharp), GE ``STANDARD``/``SOFT`` vs
@@ -59,6 +64,12 @@ _SIEMENS_RE = re.compile(r"^[A-Z]{1,2}(\d{2})[A-Z]?$")
 _FC_RE = re.compile(r"^FC(\d{2})$")
 _SOFT_WORDS = frozenset({"STANDARD", "STND", "STD", "SOFT", "SMOOTH", "BRAIN", "HEAD", "UA", "UB", "UC", "A", "B", "C"})
 _SHARP_WORDS = frozenset({"BONE", "BONEPLUS", "LUNG", "EDGE", "DETAIL", "SHARP", "D", "E", "L"})
+#: Transfer syntaxes whose compression loses information (JPEG baseline / extended, JPEG 2000 and HTJ2K with
+#: their lossy modes allowed, JPEG-LS near-lossless): a series stored this way ranks after a lossless copy of it.
+LOSSY_SYNTAXES: frozenset[str] = frozenset(
+    {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91",
+     "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203"}
+)  # fmt: skip
 #: Values of ContrastBolusAgent that mean "no contrast".
 _NO_AGENT = frozenset({"", "NONE", "NO", "N/A", "NA", "-"})
 
@@ -100,6 +111,8 @@ class SeriesFacts:
         z_extent_mm: covered length along the normal (first to last position + one spacing).
         fov_mm: in-plane field of view (rows × row spacing, the smaller of both directions).
         pixel_spacing_mm: in-plane pixel spacing (row direction).
+        transfer_syntax: the transfer syntax UID(s) of the files ("/"-joined when they differ; "" unknown).
+        position_key: the distinct slice positions (0.01 mm), for :func:`same_slices`.
     """
 
     series_uid: str
@@ -119,6 +132,13 @@ class SeriesFacts:
     z_extent_mm: float | None = None
     fov_mm: float | None = None
     pixel_spacing_mm: float | None = None
+    transfer_syntax: str = ""
+    position_key: tuple[float, ...] = ()
+
+    @property
+    def lossy(self) -> bool:
+        """True when a file of the series is stored with a lossy transfer syntax."""
+        return any(u in LOSSY_SYNTAXES for u in self.transfer_syntax.split("/"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready header facts for ``studies.json``."""
@@ -139,6 +159,7 @@ class SeriesFacts:
             "z_extent_mm": r(self.z_extent_mm),
             "fov_mm": r(self.fov_mm),
             "pixel_spacing_mm": r(self.pixel_spacing_mm),
+            "transfer_syntax": self.transfer_syntax,
         }
 
 
@@ -221,6 +242,7 @@ def series_facts(
     pixel_spacing: tuple[float, float] | None,
     shape: tuple[int, int] | None,
     window: tuple[float, float] | None,
+    transfer_syntaxes: Sequence[str] = (),
 ) -> SeriesFacts:
     """Condense the per-file values of one series into :class:`SeriesFacts`.
 
@@ -231,6 +253,7 @@ def series_facts(
         thicknesses: SliceThickness of the files (NaN / ≤ 0 ignored).
         pixel_spacing: (row, col) spacing in mm; shape: (rows, cols).
         window: first (centre, width) display window of the first file.
+        transfer_syntaxes: the transfer syntax UID of each file (duplicates fine).
     """
     first = hints[0] if hints else {}
     distinct = sorted({round(float(p), 2) for p in positions})
@@ -266,6 +289,8 @@ def series_facts(
         z_extent_mm=extent,
         fov_mm=fov,
         pixel_spacing_mm=ps,
+        transfer_syntax="/".join(sorted({str(u) for u in transfer_syntaxes if u})),
+        position_key=tuple(distinct),
     )
 
 
@@ -406,6 +431,42 @@ def _lost_on(c: SeriesChoice, best: SeriesChoice, policy: SelectionPolicy) -> st
     return f"less head coverage ({c.criteria['coverage']['why']}): {name} covers {best.criteria['coverage']['why']}"
 
 
+def same_slices(a: SeriesFacts, b: SeriesFacts) -> bool:
+    """True when ``a`` and ``b`` hold the same slices: the same positions (0.01 mm), kernel, slice thickness,
+    pixel spacing, field of view, image type and contrast agent. The transfer syntax and the description may
+    differ: a PACS or workstation copy of a series is often re-encoded and renamed under a new series UID."""
+
+    def close(x: float | None, y: float | None) -> bool:
+        return (x is None and y is None) or (x is not None and y is not None and abs(x - y) <= 1e-3 * max(abs(x), 1))
+
+    return (
+        bool(a.position_key)
+        and a.position_key == b.position_key
+        and a.kernel.upper() == b.kernel.upper()
+        and a.image_type == b.image_type
+        and a.contrast_agent.upper() == b.contrast_agent.upper()
+        and a.n_files == b.n_files
+        and close(a.thickness_mm, b.thickness_mm)
+        and close(a.pixel_spacing_mm, b.pixel_spacing_mm)
+        and close(a.fov_mm, b.fov_mm)
+    )
+
+
+def _duplicate_reason(c: SeriesChoice, of: SeriesChoice) -> str:
+    f = c.facts
+    what = f"same {f.n_positions} positions, kernel {f.kernel or 'none'}, {f.thickness_mm or 0:g} mm thickness"
+    if f.transfer_syntax != of.facts.transfer_syntax:
+        what += f"; stored as {_syntax_name(f.transfer_syntax)}, not {_syntax_name(of.facts.transfer_syntax)}"
+    return f"duplicate of {_name(of)}: {what}; the same slices are predicted once"
+
+
+def _syntax_name(uids: str) -> str:
+    """Transfer syntax UIDs ("/"-joined) by name where pydicom knows them."""
+    from pydicom.uid import UID
+
+    return "/".join(UID(u).name if UID(u).is_transfer_syntax else u for u in uids.split("/")) or "unknown syntax"
+
+
 def rank_series(facts: Sequence[SeriesFacts], policy: SelectionPolicy = SelectionPolicy()) -> list[SeriesChoice]:
     """Judge every candidate series of one study: which to predict, in which rank, and why each other is not.
 
@@ -428,7 +489,13 @@ def rank_series(facts: Sequence[SeriesFacts], policy: SelectionPolicy = Selectio
     # A bone kernel ranks after every other usable series whatever its other points: sharp kernels put noise
     # edges where a soft-tissue model looks for thin bright blood.
     scored.sort(
-        key=lambda c: (c.criteria["kernel"]["points"] < 0, -(c.score or 0.0), -c.facts.n_positions, c.facts.series_uid)
+        key=lambda c: (
+            c.criteria["kernel"]["points"] < 0,
+            -(c.score or 0.0),
+            -c.facts.n_positions,
+            c.facts.lossy,
+            c.facts.series_uid,
+        )
     )
     for i, c in enumerate(scored):
         c.rank = i + 1
@@ -436,12 +503,15 @@ def rank_series(facts: Sequence[SeriesFacts], policy: SelectionPolicy = Selectio
         return choices
     best = scored[0]
     soft_exists = any(c.criteria["kernel"]["points"] >= 0 for c in scored)
-    for c in scored:
+    for i, c in enumerate(scored):
         is_bone = c.criteria["kernel"]["points"] < 0
+        original = next((d for d in scored[:i] if same_slices(c.facts, d.facts)), None)
         if c is best:
             c.used = True
             if is_bone:
                 c.note = "only bone-kernel series available: expect more false positives"
+        elif original is not None:
+            c.reason = _duplicate_reason(c, original)
         elif is_bone and soft_exists:
             c.reason = f"bone kernel ({c.criteria['kernel']['why']}): {_name(best)} preferred"
         elif policy.all_series:

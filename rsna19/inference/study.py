@@ -35,7 +35,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,7 +203,7 @@ def in_plane_spacing(bundle: Any, pixel_spacing_mm: float) -> tuple[float | None
 
 def predict_series(
     bundle: Any,
-    files: list[Path],
+    slices: Sequence[str | os.PathLike[str] | Mapping[str, Any]],
     cache: Path,
     training_spacing_mm: float | None = None,
     pixel_spacing_mm: float | None = None,
@@ -212,7 +212,9 @@ def predict_series(
 
     Args:
         bundle: the loaded bundle.
-        files: the series' files.
+        slices: the series' slices: file paths (every slice a file holds: all frames of a multi-frame file), or the
+            slice references input collection kept (:meth:`rsna19.inference.inputs.SeriesInput.slice_refs`:
+            ``path``, ``frame``, ``sop_uid``), which convert exactly those slices, frames included.
         cache: scratch conversion cache.
         training_spacing_mm: slice spacing of the training series; a much thinner series is averaged into slabs
             of it first (:mod:`rsna19.inference.reformat`). None: never reformat.
@@ -228,9 +230,8 @@ def predict_series(
         spacing, why = c["spacing"], "bundle conversion options"
     else:
         spacing, why = in_plane_spacing(bundle, pixel_spacing_mm)
-    volume, meta = convert_series(
-        [str(f) for f in files], crop=c["crop"], spacing=spacing, correct_tilt=c["correct_tilt"]
-    )
+    refs = [dict(r) if isinstance(r, Mapping) else {"path": os.fspath(r)} for r in slices]
+    volume, meta = convert_series(refs, crop=c["crop"], spacing=spacing, correct_tilt=c["correct_tilt"])
     t1 = time.perf_counter()
     sp = SeriesPrediction(str(meta["series_uid"]), volume, meta)
     sp.info["in_plane"] = {"spacing_mm": spacing, "crop_px": c["crop"], "why": why}
@@ -377,7 +378,7 @@ def predict_studies(
                 for s in study.used:
                     try:
                         ps = s.facts.pixel_spacing_mm if s.facts is not None else None
-                        sp = predict_series(bundle, s.files, scratch / "cache", policy.training_spacing_mm, ps)
+                        sp = predict_series(bundle, s.slice_refs(), scratch / "cache", policy.training_spacing_mm, ps)
                         done.append(sp)
                         for d in entry["series_used"]:
                             if d["series_uid"] == s.series_uid:
@@ -579,8 +580,10 @@ def study_dicom(
         return {"error": "the bundle has no study model (re-export it): no calibrated result to report"}
     try:
         predicted = set(slices["series_uid"].astype(str))
-        files = list(dict.fromkeys(f for s in study.used if s.series_uid in predicted for f in s.files))
-        written = write_study_dicom(out, files, slices, result, bundle_identity(bundle), png)
+        # The slice references (path, frame, slice UID) of the predicted series: a frame of a multi-frame file is
+        # referenced as that file's SOP instance plus its frame number.
+        refs = [r for s in study.used if s.series_uid in predicted for r in s.slice_refs()]
+        written = write_study_dicom(out, refs, slices, result, bundle_identity(bundle), png)
         return written.to_dict(Path(out))
     except Exception as exc:  # noqa: BLE001 - the DICOM copy is reported as failed; the prediction stands
         log.debug("DICOM outputs failed", exc_info=True)

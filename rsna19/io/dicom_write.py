@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 #: Implementation class UID used for the file meta of every file this package writes.
 _IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1226.1"
@@ -69,6 +69,12 @@ def variant_intercept(variant: StorageVariant) -> float:
     return 0.0 if variant.wrap12 else variant.intercept
 
 
+def meta_instance_uid(sop_uid: str) -> str:
+    """The file meta's MediaStorageSOPInstanceUID: ``sop_uid`` itself when it is a valid UID (as DICOM requires),
+    else a valid UID derived from it (Kaggle replaced UIDs with ``ID_<hex>``; the meta must still hold a UID)."""
+    return sop_uid if UID(sop_uid).is_valid else generate_uid(entropy_srcs=[sop_uid])
+
+
 @dataclass(frozen=True)
 class SliceGeometry:
     """Where a slice sits in patient space (DICOM LPS, millimetres).
@@ -118,8 +124,7 @@ def write_ct_dicom(
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    # Kaggle replaced UIDs with ID_<hex>; the file meta must still hold a syntactically valid UID.
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[sop_uid])
+    meta.MediaStorageSOPInstanceUID = meta_instance_uid(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = _IMPLEMENTATION_UID
 
@@ -199,7 +204,7 @@ def write_enhanced_ct_dicom(
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[sop_uid])
+    meta.MediaStorageSOPInstanceUID = meta_instance_uid(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = _IMPLEMENTATION_UID
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
