@@ -202,11 +202,15 @@ def test_a_new_stacker_is_one_class_and_a_config_section(toy, work, tmp_path):
     assert np.isfinite(result.oof["toy"]).all()
 
     # The bundle functions save and load it through its own methods.
-    for which, members in (("blend", ["convex", "toy"]), ("toy", ["toy"])):
+    base_members = [f"base:{m}" for m in work.models]  # blend.include_base: the base models blend too
+    for which, members, stackers in (
+        ("blend", ["convex", "toy", *base_members], ["convex", "toy"]),
+        ("toy", ["toy"], ["toy"]),
+    ):
         dest = tmp_path / f"bundle_{which}"
         dest.mkdir()
         info, l2, preds = export_stacker(cfg, which, list(work.models), dest)
-        assert info["members"] == members and set(info["stackers"]) == set(members)
+        assert info["members"] == members and set(info["stackers"]) == set(stackers)
         save_json(info, dest / INFO_FILE)
         assert (dest / "toy.json").is_file()
         loaded = load_stacker(json.loads((dest / INFO_FILE).read_text()), _reader(dest))
