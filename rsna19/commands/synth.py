@@ -1,4 +1,4 @@
-"""``rsna19 synth OUT --preset tiny|demo``: write a synthetic dataset in the RSNA layout."""
+"""``rsna19 synth OUT --preset tiny|demo|context``: write a synthetic dataset in the RSNA layout."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="tiny",
-        help="tiny: 8 studies of 64x64 for tests (about a second); demo: 100 studies of 256x256 for learning",
+        help="; ".join(f"{name}: {PRESETS[name].description}" for name in PRESETS),
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random")
     parser.add_argument(

@@ -16,6 +16,11 @@ path is in the summary (``corrupt_file``).
 
 A slice is positive for a subtype where its mask covers at least ``min_pixels`` pixels (≥ 20 mm² and ≥ 4
 pixels, stored per series in the summary); ``any`` is the OR of the subtypes.
+
+Presets with partial volume (``slab_samples`` > 1) render each slice as the mean of ``slab_samples`` sub-planes
+across its SliceThickness; a mask pixel is set where the subtype covers at least half of the sub-planes there, so
+the mask (and the labels drawn from it) describe the slab-mean image: a bleed grazing a slab shows as a faint
+trace on that slice and leaves it negative.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from rsna19.errors import UserError
 from rsna19.io.dicom_write import write_ct_dicom
 from rsna19.synth.phantom import SUBTYPE_BIT, render
 from rsna19.synth.plan import SeriesPlan, make_plan
-from rsna19.synth.presets import get_preset
+from rsna19.synth.presets import Preset, get_preset
 from rsna19.utils.atomic import atomic_path
 
 #: Marks a folder as written by this generator; bump VERSION when the output changes for a given seed.
@@ -102,7 +107,10 @@ def _render_slice(
 ) -> None:
     """Render spatial slice ``k`` of ``plan``, write its file, fill ``masks[k]`` and ``counts[k]``."""
     g = plan.geometry
-    hu, mask = render(plan.head, plan.bleeds, g.pixel_points(k))
+    if plan.slab_samples > 1 or plan.mimics is not None:
+        hu, mask = render_slab(plan, k)
+    else:
+        hu, mask = render(plan.head, plan.bleeds, g.pixel_points(k))
     hu = hu + rng.normal(0.0, plan.noise_sd, hu.shape)
     hu = gaussian_filter(hu, plan.blur_px)  # scanner blur; also correlates the noise like real CT
     hu[~circle] = plan.outside_hu
@@ -127,6 +135,44 @@ def _render_slice(
         # A transfer cut short: the header survives, half of the pixel data is missing.
         size = path.stat().st_size
         os.truncate(path, size - g.rows * g.cols)
+
+
+def render_slab(plan: SeriesPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noiseless slice ``k`` of ``plan`` as the mean of its slab, and its mask.
+
+    Only pixels of the head (the central plane's pixels within a slice thickness of the scalp) are sampled on
+    every sub-plane; outside it (air, headrest, table: nearly constant along z) the central plane stands for
+    the slab, which saves about half of the rendering.
+
+    Returns:
+        hu: (rows, cols) float32, mean HU of ``plan.slab_samples`` sub-planes across the slice thickness.
+        mask: (rows, cols) uint8, bit ``c`` set where ``SUBTYPES[c]`` covers at least half of the sub-planes.
+    """
+    g, head, n = plan.geometry, plan.head, plan.slab_samples
+    plane = g.pixel_points(k)
+    hu, mask = render(head, plan.bleeds, plane, plan.mimics)
+    if n == 1:
+        return hu, mask
+    near = head.signed_distance(plane) <= head.skull_mm + head.scalp_mm + g.slice_thickness
+    pts = plane[near]
+    total = np.zeros(len(pts), dtype=np.float64)
+    covered = np.zeros((len(SUBTYPES), len(pts)), dtype=np.int64)
+    for offset in g.slab_offsets(n):
+        if abs(offset) < 1e-9:  # the central plane, already rendered
+            sub_hu, sub_mask = hu[near], mask[near]
+        else:
+            sub_hu, sub_mask = render(head, plan.bleeds, pts + offset * g.normal, plan.mimics)
+        total += sub_hu
+        for c, bit in enumerate(SUBTYPE_BIT.values()):
+            covered[c] += (sub_mask & bit) > 0
+    hu = hu.copy()
+    hu[near] = total / n
+    slab_mask = np.zeros(len(pts), dtype=np.uint8)
+    for c, bit in enumerate(SUBTYPE_BIT.values()):
+        slab_mask[2 * covered[c] >= n] |= bit
+    mask = np.zeros_like(mask)
+    mask[near] = slab_mask
+    return hu, mask
 
 
 @contextlib.contextmanager
@@ -159,7 +205,7 @@ def is_synth_output(path: str | os.PathLike[str]) -> bool:
 
 def generate_dataset(
     out_dir: str | os.PathLike[str],
-    preset: str = "tiny",
+    preset: str | Preset = "tiny",
     seed: int = 0,
     workers: int = 1,
     *,
@@ -174,7 +220,8 @@ def generate_dataset(
 
     Args:
         out_dir: dataset root to create (or replace, if it holds a previous synthetic dataset).
-        preset: ``tiny`` or ``demo`` (see :mod:`rsna19.synth.presets`).
+        preset: a preset name (``tiny``, ``demo``, ``context``; see :mod:`rsna19.synth.presets`) or a
+            :class:`~rsna19.synth.presets.Preset` (e.g. a tiny one with the realism switches on, in tests).
         seed: seed of everything random.
         workers: processes rendering series in parallel (1: in this process).
         force: replace ``out_dir`` even if it is a non-empty folder that is not a synthetic dataset, and
@@ -189,7 +236,7 @@ def generate_dataset(
         UserError: ``out_dir`` is a file, or a non-empty folder not written by this generator (without force).
     """
     out = Path(out_dir)
-    spec = get_preset(preset)
+    spec = preset if isinstance(preset, Preset) else get_preset(preset)
     if out.exists():
         if not out.is_dir():
             raise UserError(f"{out}: exists and is not a folder")
@@ -197,7 +244,8 @@ def generate_dataset(
             raise UserError(f"{out}: folder is not empty and is not a synthetic dataset; use --force to replace it")
         if is_synth_output(out) and not force:
             old = json.loads((out / SUMMARY_NAME).read_text())
-            if (old.get("version"), old.get("preset"), old.get("seed")) == (VERSION, preset, int(seed)):
+            wanted = (VERSION, spec.name, int(seed), _realism(spec))
+            if (old.get("version"), old.get("preset"), old.get("seed"), old.get("realism")) == wanted:
                 return {**old, "elapsed_s": 0.0, "skipped": True}
 
     start = time.perf_counter()
@@ -206,7 +254,7 @@ def generate_dataset(
         for name in (*SPLIT_DIRS.values(), "masks"):
             (tmp / name).mkdir(parents=True)
         results: list[SeriesResult | None] = [None] * len(plans)
-        bar = tqdm(total=len(plans), desc=f"synth {preset}", unit="series", disable=not progress)
+        bar = tqdm(total=len(plans), desc=f"synth {spec.name}", unit="series", disable=not progress)
         if workers <= 1:
             for plan in plans:
                 results[plan.index] = render_series(plan, tmp)
@@ -219,7 +267,7 @@ def generate_dataset(
                     results[res.index] = res
                     bar.update()
         bar.close()
-        summary = _write_tables(tmp, plans, [r for r in results if r is not None], spec.name, int(seed))
+        summary = _write_tables(tmp, plans, [r for r in results if r is not None], spec, int(seed))
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return {**summary, "elapsed_s": round(time.perf_counter() - start, 2), "skipped": False}
 
@@ -232,7 +280,7 @@ def _label_frame(rows: list[tuple[str, np.ndarray]]) -> pd.DataFrame:
     return pd.DataFrame({"ID": ids, "Label": labels.astype(int)})
 
 
-def _write_tables(root: Path, plans: list[SeriesPlan], results: list[SeriesResult], preset: str, seed: int) -> dict:
+def _write_tables(root: Path, plans: list[SeriesPlan], results: list[SeriesResult], spec: Preset, seed: int) -> dict:
     """Write the three csv files and build the summary."""
     label_rows: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
     corrupt = None
@@ -268,6 +316,9 @@ def _write_tables(root: Path, plans: list[SeriesPlan], results: list[SeriesResul
                 "min_pixels": plan.min_pixels,
             }
         )
+        if spec.has_context:  # only then: the summaries of the other presets stay as they were
+            series_info[-1]["small_bleeds"] = [plan.bleeds[i].subtype for i in plan.small_bleeds]
+            series_info[-1]["mimics"] = plan.mimics.names() if plan.mimics is not None else []
     train = _label_frame(label_rows["train"])
     test = _label_frame(label_rows["test"])
     train.to_csv(root / "stage_2_train.csv", index=False)
@@ -288,10 +339,10 @@ def _write_tables(root: Path, plans: list[SeriesPlan], results: list[SeriesResul
         }
         rates[split] = {c: round(float(lab[:, j].mean()), 4) if len(lab) else 0.0 for j, c in enumerate(CLASSES)}
     studies_per_patient = Counter(s["patient_id"] for s in series_info)
-    return {
+    summary = {
         "generator": GENERATOR,
         "version": VERSION,
-        "preset": preset,
+        "preset": spec.name,
         "seed": seed,
         "image_size": plans[0].geometry.rows,
         "splits": splits,
@@ -301,6 +352,21 @@ def _write_tables(root: Path, plans: list[SeriesPlan], results: list[SeriesResul
         "storage_variants": dict(Counter(s["storage"] for s in series_info)),
         "corrupt_file": corrupt,
         "series": series_info,
+    }
+    if spec.has_context:
+        summary["realism"] = _realism(spec)
+    return summary
+
+
+def _realism(spec: Preset) -> dict[str, Any] | None:
+    """The realism switches of ``spec`` as the summary records them (None where all are off)."""
+    if not spec.has_context:
+        return None
+    return {
+        "slab_samples": spec.slab_samples,
+        "mimics": spec.mimics,
+        "beam_hardening": spec.beam_hardening,
+        "small_bleed_fraction": spec.small_bleed_fraction,
     }
 
 
@@ -318,6 +384,14 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{', …' if len(tilted) > 6 else ''})")  # fmt: skip
     lines.append(f"  storage variants: {summary['storage_variants']}")
     lines.append(f"  patients with two studies: {len(summary['patients_with_several_studies'])}")
+    if summary.get("realism"):
+        r = summary["realism"]
+        n_small = sum(len(s.get("small_bleeds", [])) for s in summary["series"])
+        n_mimic = sum(bool(s.get("mimics")) for s in summary["series"])
+        lines.append(
+            f"  realism: slab of {r['slab_samples']} sub-planes, mimics={r['mimics']}, "
+            f"beam hardening={r['beam_hardening']}; {n_small} small bleeds, {n_mimic} series with mimics"
+        )
     if summary.get("corrupt_file"):
         lines.append(f"  corrupt file (no csv rows): {summary['corrupt_file']['path']}")
     return "\n".join(lines)

@@ -96,6 +96,26 @@ class SeriesGeometry:
         j = np.arange(self.cols, dtype=np.float64)[None, :, None]
         return origin + j * dc * self.row_cosines + i * dr * self.col_cosines
 
+    def slab_offsets(self, n: int) -> np.ndarray:
+        """(n,) distances (mm, along the normal) of ``n`` sub-planes that split the slab into equal parts.
+
+        The slab of a slice is ``slice_thickness`` thick and centred on its plane; each sub-plane sits at the
+        middle of its part (n = 1: the plane itself).
+        """
+        t = self.slice_thickness
+        return (np.arange(n, dtype=np.float64) + 0.5) / n * t - t / 2
+
+    def slab_points(self, k: int, n: int) -> np.ndarray:
+        """Pixel centres of ``n`` sub-planes across the slab of slice ``k``, moved along the slice normal.
+
+        With a tilted gantry the normal is tilted too, so the slab is the one the detector row integrates over.
+
+        Returns:
+            (n, rows, cols, 3) float64 LPS coordinates in mm.
+        """
+        plane = self.pixel_points(k)
+        return plane[None] + self.slab_offsets(n)[:, None, None, None] * self.normal
+
     def plane_point(self, k: float, u: float, v: float) -> np.ndarray:
         """(3,) point of plane ``k`` at in-plane offset (u along rows' direction, v along columns') from centre."""
         centre = np.asarray(self.centre, dtype=np.float64) + np.array([0.0, 0.0, k * self.table_step])

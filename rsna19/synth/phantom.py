@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rsna19.constants import SUBTYPES
+
+if TYPE_CHECKING:
+    from rsna19.synth.mimics import Mimics
 
 #: Bit of each subtype in the per-voxel masks: bit c is set where ``SUBTYPES[c]`` covers the voxel.
 SUBTYPE_BIT: dict[str, int] = {name: 1 << c for c, name in enumerate(SUBTYPES)}
@@ -309,13 +313,17 @@ class VentricleBleed:
 Bleed = SurfaceBleed | BlobBleed | VentricleBleed
 
 
-def render(head: HeadParams, bleeds: list[Bleed] | tuple[Bleed, ...], pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    head: HeadParams, bleeds: list[Bleed] | tuple[Bleed, ...], pts: np.ndarray, mimics: Mimics | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Sample the phantom at arbitrary points.
 
     Args:
         head: the patient's head.
         bleeds: hemorrhages painted over the anatomy, in order.
         pts: (..., 3) LPS points in mm (e.g. a slice's pixel centres, (rows, cols, 3)).
+        mimics: non-blood hyperdensities painted under the bleeds and streak artifacts added over them; never
+            in the mask (None: none).
 
     Returns:
         hu: (...) float32 noiseless Hounsfield units.
@@ -325,6 +333,8 @@ def render(head: HeadParams, bleeds: list[Bleed] | tuple[Bleed, ...], pts: np.nd
     flat = pts.reshape(-1, 3).astype(np.float64)
     f = head.fields(flat)
     hu = head.tissue_hu(flat, f)
+    if mimics is not None:
+        mimics.paint_tissue(f, np.asarray(head.axes), hu)
     mask = np.zeros(len(flat), dtype=np.uint8)
     for bleed in bleeds:
         if isinstance(bleed, BlobBleed):
@@ -332,6 +342,8 @@ def render(head: HeadParams, bleeds: list[Bleed] | tuple[Bleed, ...], pts: np.nd
         m = bleed.mask(flat, f)
         hu[m] = bleed.hu
         mask[m] |= SUBTYPE_BIT[bleed.subtype]
+    if mimics is not None:
+        mimics.paint_artifacts(f, hu)
     return hu.reshape(shape).astype(np.float32), mask.reshape(shape)
 
 

@@ -3,18 +3,22 @@
 The plan fixes patients, identifiers, geometry, storage, heads and bleeds of every series; rendering then only
 adds per-series noise from a seed derived from (dataset seed, series index). So the output does not depend on
 the number of worker processes.
+
+A preset's realism switches (mimics, small bleeds) draw from a second generator, seeded from (seed, 15): the
+main stream, hence every preset without them, is unchanged by their existence.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from rsna19.constants import SUBTYPES
 from rsna19.io.dicom_write import StorageVariant
 from rsna19.synth.geometry import SeriesGeometry
+from rsna19.synth.mimics import Mimics, random_mimics
 from rsna19.synth.phantom import Bleed, BlobBleed, HeadParams, SurfaceBleed, VentricleBleed
 from rsna19.synth.presets import Preset
 
@@ -61,6 +65,9 @@ class SeriesPlan:
         min_pixels: mask pixels that make a slice positive for a subtype.
         seed: entropy for the series' noise generator.
         corrupt_slice: spatial index of the slice written truncated, or None.
+        slab_samples: sub-planes averaged across the slab of each slice (1: no partial volume).
+        mimics: non-blood hyperdensities and skull-base streaks (None: none).
+        small_bleeds: indices into ``bleeds`` of the ones drawn small or thin.
     """
 
     index: int
@@ -84,6 +91,9 @@ class SeriesPlan:
     min_pixels: int
     seed: tuple[int, int]
     corrupt_slice: int | None = None
+    slab_samples: int = 1
+    mimics: Mimics | None = None
+    small_bleeds: tuple[int, ...] = ()
 
     @property
     def variant(self) -> StorageVariant:
@@ -218,6 +228,22 @@ def random_bleed(rng: np.random.Generator, subtype: str, head: HeadParams, geom:
     raise RuntimeError(f"could not place a {subtype} bleed in a series of {n} slices")
 
 
+def shrink_bleed(rng: np.random.Generator, bleed: Bleed, head: HeadParams) -> Bleed:
+    """A small or thin version of ``bleed`` (same place and subtype): a few mm, near the label threshold."""
+    if isinstance(bleed, BlobBleed):
+        radii = (*rng.uniform(2.5, 5.5, 2), rng.uniform(1.5, 3.5))
+        return replace(bleed, radii=tuple(float(r) for r in radii))
+    if isinstance(bleed, VentricleBleed):  # a thin dependent layer in one occipital horn
+        level = head.centre[1] + rng.uniform(20.0, 26.0) * head.ventricle_scale
+        return replace(bleed, level_y=float(level), sides=((1,), (2,))[int(rng.integers(2))])
+    radius, thick = {
+        "epidural": (rng.uniform(9.0, 15.0), rng.uniform(2.5, 4.5)),
+        "subdural": (rng.uniform(14.0, 28.0), rng.uniform(1.5, 3.0)),
+        "subarachnoid": (rng.uniform(8.0, 15.0), rng.uniform(2.0, 4.0)),
+    }[bleed.subtype]
+    return replace(bleed, radius=float(radius), thickness=float(thick))
+
+
 def _bleed_sets(rng: np.random.Generator, n: int, fraction: float) -> list[list[str]]:
     """Subtypes of each of ``n`` studies: ~``fraction`` positive, every subtype present when n allows."""
     n_pos = max(1, round(fraction * n))
@@ -236,6 +262,7 @@ def _bleed_sets(rng: np.random.Generator, n: int, fraction: float) -> list[list[
 def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
     """Draw the whole dataset for ``preset`` and ``seed``: a list of series, train first then test."""
     rng = np.random.default_rng(seed)
+    extra = np.random.default_rng([int(seed), 15])  # realism switches only: the main stream stays as it was
     ids = _Ids(rng)
     plans: list[SeriesPlan] = []
     corrupt_series = int(rng.integers(preset.n_train_studies))
@@ -261,6 +288,13 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
                 headrest_radius=float(rng.uniform(85.0, 110.0)), **anatomy,
             )  # fmt: skip
             bleeds = tuple(random_bleed(rng, st, head, geom) for st in bleed_sets[s])
+            mimics, small = None, ()
+            if preset.has_context:
+                small = tuple(i for i in range(len(bleeds)) if extra.random() < preset.small_bleed_fraction)
+                bleeds = tuple(shrink_bleed(extra, b, head) if i in small else b for i, b in enumerate(bleeds))
+                if preset.mimics or preset.beam_hardening:
+                    mimics = random_mimics(extra, head.ventricle_scale, head.axes, calcified=preset.mimics,
+                                           skull_base=preset.beam_hardening)  # fmt: skip
             n = geom.n_slices
             order = orders[s]
             if order == "ascending":
@@ -307,6 +341,9 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
                     min_pixels=max(4, math.ceil(MIN_BLEED_AREA_MM2 / (dr * dc))),
                     seed=(int(seed), len(plans)),
                     corrupt_slice=(n // 2) if (split == "train" and s == corrupt_series) else None,
+                    slab_samples=preset.slab_samples,
+                    mimics=mimics,
+                    small_bleeds=small,
                 )
             )
     return plans
