@@ -15,7 +15,6 @@ A run is ``DIR/<preset>_s<seed>``; finished runs are reused (``rsna19 demo`` ski
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import subprocess
 import sys
@@ -89,22 +88,17 @@ def main() -> int:
         out = Path(args.root) / f"{preset}_s{seed}"
         wall = run_demo(out, preset, int(seed)) if args.run else math.nan
         scores = scores_of(out)
-        timings = json.loads((out / "pipeline_summary.json").read_text()).get("timings_s", {})
         r = ratios(scores)
         best = scores[scores["kind"] == "base"].sort_values("wll_oof").iloc[0]
         print(f"\n### {preset}, seed {seed}\n")
         print(table(scores))
-        print(
-            f"\nblend / best base: OOF {r['wll_oof']:.3f}, test {r['wll_test']:.3f}; "
-            f"pipeline stages {sum(timings.values()) / 60:.1f} min"
-        )
-        summary.append(
-            (preset, seed, best["name"], best["auc_any"], r["wll_oof"], r["wll_test"], sum(timings.values()), wall)
-        )
-    print("\n| preset | seed | best base (OOF) | its slice AUC OOF | blend/best OOF | blend/best test | stages min |")
+        print(f"\nblend / best base: OOF {r['wll_oof']:.3f}, test {r['wll_test']:.3f}")
+        summary.append((preset, seed, best["name"], best["auc_any"], r["wll_oof"], r["wll_test"], wall))
+    print("\n| preset | seed | best base (OOF) | its slice AUC OOF | blend/best OOF | blend/best test | wall min |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    for preset, seed, name, auc, ro, rt, secs, _ in summary:
-        print(f"| {preset} | {seed} | {name} | {auc:.4f} | {ro:.3f} | {rt:.3f} | {secs / 60:.1f} |")
+    for preset, seed, name, auc, ro, rt, wall in summary:
+        minutes = "" if math.isnan(wall) else f"{wall / 60:.1f}"
+        print(f"| {preset} | {seed} | {name} | {auc:.4f} | {ro:.3f} | {rt:.3f} | {minutes} |")
     return 0
 
 
