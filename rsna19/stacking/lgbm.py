@@ -112,15 +112,16 @@ class LgbmStacker:
         params = self.params(len(data), len(np.unique(data.groups)))
         self.boosters = []
         for c in range(len(CLASSES)):
-            labels = y[:, c]
+            # Contiguous columns: LightGBM copies (and warns about) strided label and init-score arrays.
+            labels, m = np.ascontiguousarray(y[:, c]), np.ascontiguousarray(margin[:, c])
             if labels.min() == labels.max():
                 # LightGBM would boost towards log(0), and the start has no evidence either: a smoothed prior.
                 self.boosters.append(_Constant((labels.sum() + 0.5) / (len(labels) + 1.0)))
                 continue
             if self.cfg.inner_folds <= 1:
-                self.boosters.append(self._fit_split(lgb, params, data, labels, margin[:, c]))
+                self.boosters.append(self._fit_split(lgb, params, data, labels, m))
             else:
-                self.boosters.append(self._fit_folds(lgb, params, data, labels, margin[:, c]))
+                self.boosters.append(self._fit_folds(lgb, params, data, labels, m))
 
     def _train(self, lgb: Any, params: dict[str, Any], X: np.ndarray, y: np.ndarray, m: np.ndarray, **kw: Any) -> Any:
         init = m if self.start_weights is not None else None
