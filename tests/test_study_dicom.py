@@ -220,6 +220,24 @@ def test_dciodvfy_finds_no_error(served):
             assert not errors, f"{key}: {errors}"
 
 
+@pytest.mark.skipif(
+    shutil.which("dsr2html") is None or shutil.which("dcmj2pnm") is None,
+    reason="DCMTK (Debian package dcmtk) not installed",
+)
+def test_dcmtk_viewers_open_the_sr_and_the_sc(served, tmp_path):
+    """DCMTK's SR renderer reads the whole content tree; its image tool renders the SC picture."""
+    for s in served["summary"]["studies"]:
+        sr = served["out"] / "dicom" / s["dicom"]["sr"]
+        res = subprocess.run(["dsr2html", str(sr), str(tmp_path / "sr.html")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        html = (tmp_path / "sr.html").read_text(errors="replace")
+        assert "Imaging Measurement Report" in html and "rsna19 any" in html
+        sc = served["out"] / "dicom" / s["dicom"]["sc"]
+        png = tmp_path / "sc.png"
+        res = subprocess.run(["dcmj2pnm", "--write-png", str(sc), str(png)], capture_output=True, text=True)
+        assert res.returncode == 0 and png.read_bytes().startswith(b"\x89PNG"), res.stderr
+
+
 def test_evaluate_a_stack_folder(tiny_run, tiny_dataset, tmp_path, capsys):
     stack = next((tiny_run / "stack").glob("*/test.parquet")).parent
     out = tmp_path / "eval"

@@ -192,4 +192,5 @@ def test_cli_lists_the_context_preset(capsys: pytest.CaptureFixture[str]) -> Non
         main(["synth", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "context:" in text and "partial volume" in text
-    assert set(PRESETS) == {"tiny", "demo", "context"}
+    assert {"tiny", "demo", "context", "demo60"} <= set(PRESETS)
+    assert all(f"{name}:" in text for name in PRESETS)  # every preset explains itself in --help
