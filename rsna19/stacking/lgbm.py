@@ -127,16 +127,20 @@ class LgbmStacker:
         init = m if self.start_weights is not None else None
         return lgb.train(params, lgb.Dataset(X, label=y, init_score=init, params=params), **kw)
 
-    def _fit_split(
-        self, lgb: Any, params: dict[str, Any], data: Level2Data, labels: np.ndarray, margin: np.ndarray
+    def _early_stopped(
+        self,
+        lgb: Any,
+        params: dict[str, Any],
+        X: np.ndarray,
+        labels: np.ndarray,
+        margin: np.ndarray,
+        tr: np.ndarray,
+        va: np.ndarray,
     ) -> Any:
-        """One patient-grouped inner split; the early-stopped booster itself."""
-        tr, va = inner_split(data.groups, self.cfg.inner_val_fraction, self.seed)
-        init = margin if self.start_weights is not None else None
-        dtrain = lgb.Dataset(data.X[tr], label=labels[tr], init_score=None if init is None else init[tr], params=params)
-        dval = lgb.Dataset(
-            data.X[va], label=labels[va], init_score=None if init is None else init[va], reference=dtrain
-        )
+        """A booster on rows ``tr``, early-stopped on rows ``va`` (both boosting from the start when there is one)."""
+        use_init = self.start_weights is not None
+        dtrain = lgb.Dataset(X[tr], label=labels[tr], init_score=margin[tr] if use_init else None, params=params)
+        dval = lgb.Dataset(X[va], label=labels[va], init_score=margin[va] if use_init else None, reference=dtrain)
         return lgb.train(
             params,
             dtrain,
@@ -145,6 +149,13 @@ class LgbmStacker:
             valid_names=["inner_val"],
             callbacks=[lgb.early_stopping(self.cfg.early_stopping_rounds, verbose=False), lgb.log_evaluation(0)],
         )
+
+    def _fit_split(
+        self, lgb: Any, params: dict[str, Any], data: Level2Data, labels: np.ndarray, margin: np.ndarray
+    ) -> Any:
+        """One patient-grouped inner split; the early-stopped booster itself."""
+        tr, va = inner_split(data.groups, self.cfg.inner_val_fraction, self.seed)
+        return self._early_stopped(lgb, params, data.X, labels, margin, tr, va)
 
     def _fit_folds(
         self, lgb: Any, params: dict[str, Any], data: Level2Data, labels: np.ndarray, margin: np.ndarray
@@ -180,16 +191,7 @@ class LgbmStacker:
     ) -> int:
         """Best number of rounds on one inner fold (0 when no round beats the start)."""
         use_init = self.start_weights is not None
-        dtrain = lgb.Dataset(X[tr], label=labels[tr], init_score=margin[tr] if use_init else None, params=params)
-        dval = lgb.Dataset(X[va], label=labels[va], init_score=margin[va] if use_init else None, reference=dtrain)
-        b = lgb.train(
-            params,
-            dtrain,
-            num_boost_round=self.cfg.num_boost_round,
-            valid_sets=[dval],
-            valid_names=["inner_val"],
-            callbacks=[lgb.early_stopping(self.cfg.early_stopping_rounds, verbose=False), lgb.log_evaluation(0)],
-        )
+        b = self._early_stopped(lgb, params, X, labels, margin, tr, va)
         if not use_init:
             return int(b.best_iteration or b.current_iteration())
         yv, m0 = labels[va], margin[va]
