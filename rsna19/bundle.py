@@ -441,6 +441,22 @@ class Bundle:
         return self.manifest.get("training_geometry")
 
 
+def _read_manifest(root: Path) -> tuple[dict[str, Any], bytes]:
+    """The parsed ``bundle.json`` of ``root`` and its bytes (for its checksum).
+
+    Raises:
+        UserError: no ``bundle.json``, or not valid JSON.
+    """
+    mpath = root / "bundle.json"
+    if not mpath.is_file():
+        raise UserError(f"{root} is not an rsna19 bundle (no bundle.json)")
+    raw = _read_checked(mpath, None)
+    try:
+        return json.loads(raw), raw
+    except ValueError as exc:
+        raise UserError(f"{mpath}: not valid JSON: {exc}") from None
+
+
 def _read_checked(path: Path, digest: str | None) -> bytes:
     """The bytes of a bundle file, after the no-pickle and checksum checks."""
     if not path.is_file():
@@ -499,13 +515,7 @@ def load_bundle(
 
     root = Path(path)
     mpath = root / "bundle.json"
-    if not mpath.is_file():
-        raise UserError(f"{root} is not an rsna19 bundle (no bundle.json)")
-    raw = _read_checked(mpath, None)
-    try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise UserError(f"{mpath}: not valid JSON: {exc}") from None
+    manifest, raw = _read_manifest(root)
     if manifest.get("format") != BUNDLE_FORMAT or manifest.get("bundle_version") != BUNDLE_VERSION:
         raise UserError(f"{mpath}: not an rsna19 bundle of version {BUNDLE_VERSION}")
     files: dict[str, str] = manifest["files"]
@@ -593,14 +603,7 @@ def load_study_model(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | Non
         UserError: not a bundle, or a changed or invalid study model file.
     """
     root = Path(path)
-    mpath = root / "bundle.json"
-    if not mpath.is_file():
-        raise UserError(f"{root} is not an rsna19 bundle (no bundle.json)")
-    raw = _read_checked(mpath, None)
-    try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise UserError(f"{mpath}: not valid JSON: {exc}") from None
+    manifest, raw = _read_manifest(root)
     files = manifest.get("files", {})
 
     def read_json(rel: str) -> Any:
