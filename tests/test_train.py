@@ -77,6 +77,8 @@ def test_run_dir_contents_and_checkpoint(data, tmp_path):
     assert state["config"]["data"]["cache"] == str(data[0]) and "state" in state["optimizer"]
     best = load_checkpoint(run / "best.pt")
     assert best["best_wll"] == pytest.approx(log["val_wll"].min())
+    # best.pt is for predicting: weights and config, no resume state.
+    assert "model" in best and not set(best) & {"optimizer", "scheduler", "scaler", "torch_rng"}
     saved = load_config(TrainConfig, run / "config.yaml")
     assert saved.train.epochs == 2 and saved.name == "clf2d"
 

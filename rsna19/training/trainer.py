@@ -4,7 +4,8 @@
 all slices of fold ``k``'s patients each epoch (weighted log loss, no TTA). What an item is, its loss and how its
 outputs become one prediction per slice depend on the model family (:mod:`rsna19.engine.tasks`). It writes into
 ``RUNS/<config name>/fold_<k>/``: the resolved ``config.yaml``, ``log.csv`` (one row an epoch), ``last.pt``
-(every epoch), ``best.pt`` (best validation loss) and ``curves.png`` (the losses per epoch, drawn at the end).
+(every epoch, everything a resume needs), ``best.pt`` (the weights of the best validation loss, without optimizer
+state) and ``curves.png`` (the losses per epoch, drawn at the end).
 
 Reproducibility: every random draw of an epoch comes from ``(seed, epoch)`` — the slice sample, the
 augmentation of each sample (seeded by its index) and torch's generator (dropout) — so a run killed after
@@ -55,6 +56,9 @@ from rsna19.utils.atomic import write_csv
 from rsna19.utils.cv2_threads import cv2
 
 log = logging.getLogger(__name__)
+
+#: Checkpoint keys only ``last.pt`` keeps: what resuming needs and predicting does not.
+RESUME_ONLY_KEYS = frozenset({"optimizer", "scheduler", "scaler", "torch_rng"})
 
 LOG_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "val_wll", *(f"val_loss_{c}" for c in CLASSES), "lr", "time_s")
 
@@ -352,7 +356,11 @@ class Trainer:
                     self.best_wll = wll
                 state = self._state(epoch)
                 if improved:
-                    save_checkpoint(state, self.run_dir / "best.pt")
+                    # best.pt serves prediction, embedding and bundling only: without the optimizer, scheduler,
+                    # scaler and RNG state it is about a third of last.pt's size (Adam keeps two moments a weight).
+                    save_checkpoint(
+                        {k: v for k, v in state.items() if k not in RESUME_ONLY_KEYS}, self.run_dir / "best.pt"
+                    )
                 # last.pt after best.pt and log.csv: a run killed in between redoes this epoch (resume drops log
                 # rows from this epoch on) rather than losing its best model or its log row.
                 write_csv(pd.DataFrame(self.log_rows, columns=list(LOG_COLUMNS)), self.run_dir / "log.csv")
