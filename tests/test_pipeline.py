@@ -215,3 +215,24 @@ def test_graph_runs_in_dependency_order_in_worker_processes_and_reports_failures
     assert gpu_slots(3, 1, 0) == [None] * 3 and gpu_slots(2, 2, 4) == ["0,1", "2,3"]
     with pytest.raises(UserError, match="gpus_per_job"):
         gpu_slots(1, 4, 2)
+
+
+def test_rerun_with_a_changed_model_config_refuses_the_stale_run(tiny_run, tiny_dataset, tmp_path, capsys):
+    """A finished fold trained with another config is not reused: the run stops and names the changed key."""
+    import shutil
+
+    import yaml
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_run, work)
+    cfg = yaml.safe_load(PIPELINE.read_text())
+    cfg["models"] = [str((PIPELINE.parent / m).resolve()) for m in cfg["models"]]
+    cfg["stack"] = str((PIPELINE.parent / cfg["stack"]).resolve())
+    cfg["train_overrides"] = [*cfg["train_overrides"], "train.seed=7"]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    before = (work / "runs" / "clf2d" / "fold_0" / "best.pt").stat().st_mtime_ns
+    assert main(["run", "--data", str(tiny_dataset), "--out", str(work), "--pipeline", str(changed)]) != 0
+    captured = capsys.readouterr()
+    assert "train.seed" in captured.out + captured.err and "different config" in captured.out + captured.err
+    assert (work / "runs" / "clf2d" / "fold_0" / "best.pt").stat().st_mtime_ns == before

@@ -138,6 +138,22 @@ VOLATILE_KEYS: tuple[str, ...] = (
 )
 
 
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (as nested dicts), :data:`VOLATILE_KEYS`
+    left out: what makes a run directory written with ``a`` a different experiment from ``b``."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        if key in VOLATILE_KEYS:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, key + ".")
+        elif va != vb:
+            out.append(key)
+    return out
+
+
 def resolve_paths(
     cfg: TrainConfig,
     cache: str | None = None,

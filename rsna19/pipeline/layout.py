@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from rsna19.config import load_config
+from rsna19.engine.config import config_diff
 from rsna19.errors import UserError
 from rsna19.pipeline.config import PipelineConfig
 
@@ -139,16 +141,33 @@ def stack_overrides(cfg: PipelineConfig, paths: WorkPaths, layout: DataLayout) -
     return [*out, *cfg.stack_overrides]
 
 
-def train_done(fold_dir: Path, epochs: int) -> bool:
-    """True when ``fold_dir`` holds ``best.pt`` and ``log.csv`` reached epoch ``epochs - 1``."""
+def train_done(fold_dir: Path, epochs: int, config: dict[str, Any] | None = None) -> bool:
+    """True when ``fold_dir`` holds ``best.pt`` and ``log.csv`` reached epoch ``epochs - 1`` and, given the resolved
+    ``config`` (a nested dict) of the run to be, its saved ``config.yaml`` describes the same experiment.
+
+    A finished run of another config is not done: the trainer then refuses it and names the keys that differ,
+    rather than the pipeline scoring stale predictions of a model the config no longer describes.
+    """
     log_csv = fold_dir / "log.csv"
     if not (fold_dir / "best.pt").is_file() or not log_csv.is_file():
+        return False
+    if config is not None and trained_config_diff(fold_dir, config):
         return False
     try:
         epochs_done = pd.read_csv(log_csv)["epoch"]
     except (OSError, ValueError, KeyError):
         return False
     return len(epochs_done) > 0 and int(epochs_done.max()) >= epochs - 1
+
+
+def trained_config_diff(fold_dir: Path, config: dict[str, Any]) -> list[str]:
+    """Keys in which ``fold_dir/config.yaml`` (the config a run was trained with) differs from ``config``; empty
+    when they agree or when there is no readable ``config.yaml``."""
+    try:
+        saved = yaml.safe_load((fold_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return config_diff(saved, config) if isinstance(saved, dict) else []
 
 
 def newer(path: Path, *than: Path) -> bool:

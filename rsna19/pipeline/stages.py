@@ -36,7 +36,7 @@ from typing import Any
 
 import pandas as pd
 
-from rsna19.config import load_config
+from rsna19.config import load_config, to_dict
 from rsna19.errors import UserError
 from rsna19.pipeline.config import PipelineConfig
 from rsna19.pipeline.layout import (
@@ -284,7 +284,8 @@ class TrainJob(ModelJob):
     stage = "train"
 
     def done(self) -> bool:
-        return train_done(self.fold_dir, self.ctx.train_cfgs[self.model].train.epochs)
+        cfg = self.ctx.train_cfgs[self.model]
+        return train_done(self.fold_dir, cfg.train.epochs, to_dict(cfg))
 
     def run(self) -> str:
         from rsna19.training.trainer import train

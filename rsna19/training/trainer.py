@@ -34,7 +34,7 @@ from rsna19.config import save_config, to_dict
 from rsna19.constants import CLASSES
 from rsna19.data.sampler import epoch_sampler
 from rsna19.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from rsna19.engine.config import VOLATILE_KEYS, TrainConfig, model_kwargs
+from rsna19.engine.config import TrainConfig, config_diff, model_kwargs
 from rsna19.engine.embed import ensure_embeddings
 from rsna19.engine.forward import finish_rows, predict_rows
 from rsna19.engine.runtime import Runtime
@@ -137,21 +137,6 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        key = f"{prefix}{k}"
-        if key in VOLATILE_KEYS:
-            continue
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_diff(va, vb, key + ".")
-        elif va != vb:
-            out.append(key)
-    return out
-
-
 class Trainer:
     """Trains one fold of one config; see the module docstring. Use :func:`train`."""
 
@@ -243,7 +228,7 @@ class Trainer:
         if not path.is_file():
             return
         state = load_checkpoint(path, map_location=self.device)
-        diff = _config_diff(state["config"], to_dict(self.cfg))
+        diff = config_diff(state["config"], to_dict(self.cfg))
         if diff or state.get("fold") != self.fold:
             raise UserError(
                 f"{path} was written with a different config (differs in: {', '.join(diff) or 'fold'}); "
