@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -215,10 +214,10 @@ class Setup:
         self.pacs.add_modality("rsna19", self.node.ae_title, "127.0.0.1", self.node.dicom_port)
         self.root = root
 
-    def add_study(self, n: int, bleed: bool = True, slices: int = 8) -> tuple[str, str, list[str]]:
+    def add_study(self, n: int, slices: int = 8, scout: bool = False) -> tuple[str, str, list[str]]:
         """Write and upload study ``n``: (StudyInstanceUID, Orthanc study ID, SOP instance UIDs)."""
         uid = f"{UID_ROOT}.{100 + n}"
-        files = write_study(self.root / "studies" / str(n), uid, seed=5 + n, bleed=bleed, slices=slices)
+        files = write_study(self.root / "studies" / str(n), uid, seed=5 + n, slices=slices, scout=scout)
         self.pacs.upload_folder(self.root / "studies" / str(n))
         sid = self.pacs.study_id(uid)
         assert sid is not None
@@ -330,11 +329,11 @@ def test_roundtrip_results_in_same_study(setup: Setup) -> None:
 
 def test_worklist_in_browser(setup: Setup, chromium_exe: str, artifacts: Path) -> None:
     """Chromium shows the worklist while studies arrive: rows in API order, the top (flagged) row red."""
-    # Two studies with bleeds and one that cannot be predicted (a one-slice series: no usable series), which
-    # stays unflagged at the bottom.
+    # Two studies with bleeds and one that cannot be predicted (only a scout: no usable series), which stays
+    # unflagged at the bottom.
     uid_a, sid_a, _ = setup.add_study(0)
     uid_b, sid_b, _ = setup.add_study(1)
-    uid_c, sid_c, _ = setup.add_study(2, slices=1)
+    uid_c, sid_c, _ = setup.add_study(2, scout=True)
     setup.pacs.store("rsna19", [sid_a])
     sender = threading.Thread(target=setup.pacs.store, args=("rsna19", [sid_b, sid_c]))
     sender.start()
@@ -380,7 +379,9 @@ def test_faults_every_study_answered_once(setup: Setup) -> None:
     incoming = node.spool / "incoming" / uid_a
     wait_for(lambda: incoming.is_dir() and any(incoming.iterdir()), 60, interval=0.01, what="first instance")
     node.kill()
+    on_disk = len(list(incoming.glob("*.dcm")))
     sender.join()
+    assert on_disk < len(sops_a), "the whole study arrived before the kill: not a kill mid-reception"
     node.start()
     pacs.store("rsna19", [sid_a])  # the PACS's retry
     # 2. Killed mid-inference.
@@ -394,8 +395,12 @@ def test_faults_every_study_answered_once(setup: Setup) -> None:
     pacs.store("rsna19", [sid_c])
     wait_for(lambda: (node.study(uid_c) or {}).get("status") == "running", 60, interval=0.05, what="C running")
     pacs.stop()
-    time.sleep(3.0)
-    assert (node.study(uid_c) or {}).get("status") != "sent"
+
+    def send_failed() -> bool:
+        return any(e.get("event") == "send_failed" and e.get("study_uid") == uid_c for e in node.log_events())
+
+    wait_for(send_failed, 120, interval=0.2, what="a failed delivery of C while Orthanc is down")
+    assert (node.study(uid_c) or {}).get("status") == "done"  # predicted, not delivered
     pacs.start()
     rows = setup.wait_sent([uid_a, uid_b, uid_c], timeout=240)
     for uid, sops in ((uid_a, sops_a), (uid_b, sops_b), (uid_c, sops_c)):

@@ -204,13 +204,18 @@ class Node:
 
 
 # -- synthetic studies -------------------------------------------------------------------------------------------
-def write_study(folder: Path, study_uid: str, seed: int, bleed: bool = True, size: int = 64, slices: int = 8):
+def write_study(
+    folder: Path, study_uid: str, seed: int, bleed: bool = True, size: int = 64, slices: int = 8, scout: bool = False
+) -> list[Path]:
     """One 5 mm soft-tissue axial series of a synthetic head under ``folder`` (valid UIDs under ``study_uid``,
-    patient and study modules), with the plan's hemorrhages or none. Returns the file paths."""
+    patient and study modules), with the plan's hemorrhages or none. ``scout``: a single localizer image instead
+    (a study predict-study cannot use: it fails with "no usable series"). Returns the file paths."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from hospital import SOFT, THICK_MM, head_plan, write_series
+    from hospital import SOFT, THICK_MM, head_plan, write_localizer, write_series
 
     plan = head_plan(seed=seed, size=size)
+    if scout:
+        return [write_localizer(folder, plan, study_uid=study_uid, series_uid=f"{study_uid}.1")]
     g = dataclasses.replace(plan.geometry, n_slices=slices)
     plan = dataclasses.replace(plan, geometry=g, bleeds=plan.bleeds if bleed else ())
     if not bleed:
