@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,7 @@ pytestmark = pytest.mark.pacs
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 UID_ROOT = "1.2.826.0.1.3680043.10.1226.88"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _require(problem: str | None, what: str) -> None:
@@ -202,8 +206,8 @@ class Setup:
     """Orthanc and the node wired both ways: Orthanc's modality ``rsna19`` is the node, the node's destination is
     Orthanc."""
 
-    def __init__(self, root: Path, bundle: Path, quiet: float = 2.0) -> None:
-        self.pacs = Orthanc(root / "orthanc").start()
+    def __init__(self, root: Path, bundle: Path, quiet: float = 2.0, lua: str | None = None) -> None:
+        self.pacs = Orthanc(root / "orthanc", lua=lua).start()
         dest = f"{self.pacs.aet}@127.0.0.1:{self.pacs.dicom_port}"
         self.node = Node(root / "spool", bundle, destinations=[dest], quiet_seconds=quiet)
         try:
@@ -325,6 +329,32 @@ def test_roundtrip_results_in_same_study(setup: Setup) -> None:
         _check_answer(setup.pacs, uid, sops, row)
     metrics = setup.node.metrics()
     assert "rsna19_studies_received_total 2" in metrics.replace(".0\n", "\n")
+
+
+def _doc_lua() -> str:
+    """The routing rule of docs/reading_room.md (its only ``lua`` code block)."""
+    text = (ROOT / "docs" / "reading_room.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^ *```lua\n(.*?)^ *```", text, flags=re.M | re.S)
+    assert len(blocks) == 1, "docs/reading_room.md should hold one lua block"
+    return textwrap.dedent(blocks[0])
+
+
+def test_documented_routing_rule(orthanc_exe: str, serve_bundle: Path, tmp_path: Path) -> None:
+    """The Lua rule of the docs: a study uploaded to Orthanc reaches the node by itself, is answered once, and the
+    returning SR and SC do not send it again."""
+    s = Setup(tmp_path, serve_bundle, lua=_doc_lua())
+    try:
+        uid, _, sops = s.add_study(0)  # uploaded only: the rule sends it once it is stable (StableAge 2 s)
+        rows = s.wait_sent([uid])
+        _check_answer(s.pacs, uid, sops, rows[uid])
+        # After the SR and SC arrived the study becomes stable again: the rule must leave it alone.
+        time.sleep(s.pacs.config()["StableAge"] + s.node.quiet_seconds + 4)
+        assert s.node.study(uid)["status"] == "sent"
+        assert s.node.study(uid)["n_instances"] == len(sops)
+        assert "rsna19_instances_received_total " + str(len(sops)) in s.node.metrics().replace(".0\n", "\n")
+        _check_answer(s.pacs, uid, sops, s.node.study(uid))
+    finally:
+        s.close()
 
 
 def test_worklist_in_browser(setup: Setup, chromium_exe: str, artifacts: Path) -> None:
