@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from hospital import SOFT, head_plan, write_series
+from hospital import SOFT, head_plan, transcode_jpeg_lossless, write_series
+from pydicom.uid import JPEGLosslessSV1
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
@@ -31,6 +32,7 @@ from rsna19.serve.app import ServeApp
 from rsna19.serve.config import Destination, ServeConfig, load_config
 from rsna19.serve.db import ServeDB
 from rsna19.serve.http import ServeHTTP, authorized, sorted_studies
+from rsna19.serve.scp import StorageSCP
 from rsna19.serve.spool import Spool
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
@@ -259,6 +261,7 @@ def test_echo(node):
 def test_non_ct_is_refused_with_its_status(node, tmp_path):
     port = json.loads(node.spool.ports_path.read_text())["dicom"]
     before = node.db.counter("instances_refused")
+    rejected_before = node.db.counter("contexts_rejected")
     # An MR SOP class gets no presentation context (abstract syntax not supported, result 0x03).
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(MRImageStorage)
@@ -268,6 +271,7 @@ def test_non_ct_is_refused_with_its_status(node, tmp_path):
     rejected = {str(cx.abstract_syntax): cx.result for cx in assoc.rejected_contexts}
     assert rejected == {MRImageStorage: 0x03}
     assoc.release()
+    assert node.db.counter("contexts_rejected") == rejected_before + 1  # logged and counted
     # A CT Image Storage object whose Modality is MR: 0xA900 (data set does not match the SOP class).
     uid = f"{STUDY_BASE}.9"
     f = write_study(tmp_path, uid)[0]
@@ -279,18 +283,46 @@ def test_non_ct_is_refused_with_its_status(node, tmp_path):
     assert node.db.study(uid) is None and not (node.spool.root / "incoming" / uid).exists()
 
 
-def test_instance_larger_than_the_limit_is_refused(bundle, tmp_path):
-    spool = Spool(tmp_path / "spool")
-    from rsna19.serve.scp import StorageSCP
+@pytest.fixture
+def scp_only(bundle, tmp_path):
+    """A Storage SCP on its own spool and DB (no workers): ``make(**cfg)`` starts one, stopped at the end."""
+    started = []
 
-    db = ServeDB(spool.db_path)
-    scp = StorageSCP(_cfg(bundle, spool.root, max_instance_mb=0.001), spool, db)
-    port = scp.start()
-    try:
-        assert send(port, write_study(tmp_path / "in", f"{STUDY_BASE}.8")[:1]) == [0xA700]
-    finally:
+    def make(**kw):
+        spool = Spool(tmp_path / f"spool{len(started)}")
+        db = ServeDB(spool.db_path)
+        scp = StorageSCP(_cfg(bundle, spool.root, **kw), spool, db)
+        started.append(scp)
+        return scp.start(), spool, db
+
+    yield make
+    for scp in started:
         scp.stop()
+
+
+def test_limits_refuse_with_out_of_resources(scp_only, tmp_path):
+    study_a = write_study(tmp_path / "a", f"{STUDY_BASE}.5")
+    study_b = write_study(tmp_path / "b", f"{STUDY_BASE}.6")
+    port, _, db = scp_only(max_instance_mb=0.001)  # instance size
+    assert send(port, study_a[:1]) == [0xA700]
     assert db.counter("instances_refused") == 1 and db.studies() == []
+    port, _, db = scp_only(min_free_disk_mb=1e12)  # free disk
+    assert send(port, study_a[:1]) == [0xA700] and db.studies() == []
+    port, _, db = scp_only(max_studies_per_minute=1)  # new studies a minute; a known study goes on
+    assert send(port, study_a[:2] + study_b[:1] + study_a[2:3]) == [0, 0, 0xA700, 0]
+    assert [s["study_uid"] for s in db.studies()] == [f"{STUDY_BASE}.5"] and db.counter("instances_refused") == 1
+
+
+def test_compressed_instance_is_stored_as_received(scp_only, tmp_path):
+    f = write_study(tmp_path / "in", f"{STUDY_BASE}.7")[0]
+    transcode_jpeg_lossless(f)
+    port, spool, db = scp_only()
+    assert send(port, [f], contexts=[build_context(CTImageStorage, JPEGLosslessSV1)]) == [0]
+    (row,) = db.instances(f"{STUDY_BASE}.7")
+    assert row["transfer_syntax"] == JPEGLosslessSV1
+    stored = pydicom.dcmread(spool.root / row["path"])
+    assert stored.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    assert stored.PixelData == pydicom.dcmread(f).PixelData  # the encoded pixels, byte for byte
 
 
 def test_rerun_queues_the_study_again(answered, node, dest):
@@ -398,7 +430,7 @@ def _start(bundle: Path, spool: Path, dest: str, log: Path) -> subprocess.Popen:
         "--http-port",
         "0",
         "--quiet-seconds",
-        "1",
+        "3",
         "--device",
         "cpu",
         "--no-cam",
@@ -445,11 +477,11 @@ def test_sigkill_restart_every_acknowledged_instance_and_one_answer_then_sigterm
         for _, rel in rows:
             assert pydicom.dcmread(spool / rel).StudyInstanceUID == uid  # whole, readable files
 
+        # Restart: the study (quiet for long already) is queued, predicted and answered once.
         proc = _start(bundle, spool, dest.node, log)
         ports = _ports(proc, spool, log)
-        assert send(ports["dicom"], files[5:]) == [0, 0, 0]
         s = wait_for(lambda: (s := api_study(ports["http"], uid)) and s["status"] == "sent" and s, timeout=120)
-        assert s["n_instances"] == 8 and s["runs"] == 1
+        assert s["n_instances"] == 5 and s["runs"] == 1
         assert len(dest.of(uid, SR_CLASS)) == 1 and len(dest.of(uid, SC_CLASS)) == 1  # exactly once
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0

@@ -182,7 +182,8 @@ class ServeApp:
         self.queue.notify()
         end = time.time() + grace
         for w in self.workers:
-            w.join(max(0.0, end - time.time()))
+            if w.current is not None:  # idle or still loading its bundle: nothing to finish
+                w.join(max(0.0, end - time.time()))
         if self.sender is not None:
             self.sender.wake.set()
             self.sender.join(max(1.0, end - time.time()))
