@@ -60,8 +60,18 @@ def setup_json_logging(level: int = logging.INFO) -> None:
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # library warnings (pydicom's VR notes) as JSON lines too
+    threading.excepthook = _log_thread_exception
     for noisy in ("pynetdicom", "highdicom"):  # a line per PDU / per copied module otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    log.error(
+        "thread_crashed",
+        extra={"thread": getattr(args.thread, "name", None), "error": f"{args.exc_type.__name__}: {args.exc_value}"},
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+    )
 
 
 class ServeApp:
