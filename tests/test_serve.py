@@ -431,6 +431,8 @@ def test_config_file_and_flags(tmp_path):
     cfg = load_config(str(tmp_path / "serve.yaml"), {"bundle": "b", "spool": "s", "workers": 1, "port": None})
     assert (cfg.quiet_seconds, cfg.ae_title, cfg.workers, cfg.port) == (3.0, "NODE", 1, 11112)
     assert cfg.destination_nodes == [Destination("A", "h", 1)]
+    (tmp_path / "alias.yaml").write_text("destination: B@h:2\n")
+    assert load_config(str(tmp_path / "alias.yaml"), {"bundle": "b", "spool": "s"}).destinations == ["B@h:2"]
     (tmp_path / "bad.yaml").write_text("quiet_secs: 3\n")
     with pytest.raises(UserError, match="unknown key"):
         load_config(str(tmp_path / "bad.yaml"), {"bundle": "b", "spool": "s"})
