@@ -540,4 +540,6 @@ def test_graceful_shutdown_requeues_unfinished_work(bundle, loaded, tmp_path):
     wait_for(lambda: app.db.study(uid)["status"] == "running", timeout=30)
     app.shutdown(grace_s=0.2)
     assert app.db.study(uid)["status"] == "queued"
-    gate.set()
+    gate.set()  # the late run ends after the re-queue: its result is dropped, the study stays queued
+    worker.join(60)
+    assert not worker.is_alive() and app.db.study(uid)["status"] == "queued" and app.db.study(uid)["p_any"] is None

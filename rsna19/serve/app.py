@@ -112,7 +112,6 @@ class ServeApp:
             "starting",
             extra={"spool": str(self.spool.root), "requeued": requeued, "temp_removed": removed, "pid": os.getpid()},
         )
-        self._torch_threads()
         for i in range(cfg.workers):
             w = Worker(i, cfg, self.spool, self.db, self.queue, self.stop_event)
             if i == 0 and self.preloaded is not None:
@@ -135,13 +134,6 @@ class ServeApp:
         self.spool.write_json(ports, self.spool.ports_path)
         log.info("listening", extra={**ports, "ae_title": cfg.ae_title, "destinations": cfg.destinations})
         return ports
-
-    def _torch_threads(self) -> None:
-        """Share the CPUs between the workers (the SCP and HTTP threads need little)."""
-        import torch
-
-        n = self.cfg.torch_threads or max(1, (os.cpu_count() or 1) // self.cfg.workers)
-        torch.set_num_threads(n)
 
     def _monitor(self) -> None:
         """Queue the studies that have been quiet long enough (every 0.2 s)."""
