@@ -543,3 +543,27 @@ def test_graceful_shutdown_requeues_unfinished_work(bundle, loaded, tmp_path):
     gate.set()  # the late run ends after the re-queue: its result is dropped, the study stays queued
     worker.join(60)
     assert not worker.is_alive() and app.db.study(uid)["status"] == "queued" and app.db.study(uid)["p_any"] is None
+
+
+def test_restart_requeues_a_study_a_kill_left_running(bundle, loaded, dest, tmp_path):
+    """The spool and DB as a SIGKILL during a prediction leaves them: the restarted node predicts and answers once."""
+    uid = f"{STUDY_BASE}.11"
+    spool = Spool(tmp_path / "spool")
+    db = ServeDB(spool.db_path)
+    for f in write_study(tmp_path / "in", uid):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        path = spool.write_instance(uid, str(ds.SOPInstanceUID), f.read_bytes())
+        kw = dict(series_uid=str(ds.SeriesInstanceUID), sop_class_uid=CTImageStorage, transfer_syntax="", size=0)
+        db.add_instance(uid, uid, str(ds.SOPInstanceUID), path=str(path.relative_to(spool.root)), calling_ae="M", **kw)
+    db.queue_quiet(0.0)
+    assert db.claim()["study_uid"] == uid  # running when the process died
+    db.close()
+    (spool.root / "incoming" / uid / ".half.dcm.1.2.tmp").write_bytes(b"never acknowledged")
+    app = ServeApp(_cfg(bundle, spool.root, destinations=[dest.node]), bundle=loaded)
+    ports = app.start()
+    try:
+        s = wait_for(lambda: (s := api_study(ports["http"], uid)) and s["status"] == "sent" and s, timeout=90)
+        assert s["runs"] == 2 and len(dest.of(uid, SR_CLASS)) == 1
+        assert not list((spool.root / "incoming" / uid).glob(".*.tmp"))  # unacknowledged leftovers removed
+    finally:
+        app.shutdown(grace_s=10)
