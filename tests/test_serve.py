@@ -61,7 +61,7 @@ def write_study(folder: Path, study_uid: str) -> list[Path]:
     return write_series(folder, head_plan(), study_uid=study_uid, series_uid=f"{study_uid}.1", step=5.0, attrs={**SOFT})
 
 
-class Destination_SCP:  # noqa: N801 - a test double's name, read as "destination SCP"
+class DestinationSCP:
     """A pynetdicom Storage SCP on a free loopback port that records what it receives."""
 
     def __init__(self) -> None:
@@ -141,7 +141,7 @@ def loaded(bundle):
 
 @pytest.fixture(scope="module")
 def dest():
-    d = Destination_SCP()
+    d = DestinationSCP()
     yield d
     d.stop()
 
