@@ -60,8 +60,18 @@ def setup_json_logging(level: int = logging.INFO) -> None:
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # library warnings (pydicom's VR notes) as JSON lines too
+    threading.excepthook = _log_thread_exception
     for noisy in ("pynetdicom", "highdicom"):  # a line per PDU / per copied module otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    log.error(
+        "thread_crashed",
+        extra={"thread": getattr(args.thread, "name", None), "error": f"{args.exc_type.__name__}: {args.exc_value}"},
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+    )
 
 
 class ServeApp:
@@ -102,7 +112,6 @@ class ServeApp:
             "starting",
             extra={"spool": str(self.spool.root), "requeued": requeued, "temp_removed": removed, "pid": os.getpid()},
         )
-        self._torch_threads()
         for i in range(cfg.workers):
             w = Worker(i, cfg, self.spool, self.db, self.queue, self.stop_event)
             if i == 0 and self.preloaded is not None:
@@ -125,13 +134,6 @@ class ServeApp:
         self.spool.write_json(ports, self.spool.ports_path)
         log.info("listening", extra={**ports, "ae_title": cfg.ae_title, "destinations": cfg.destinations})
         return ports
-
-    def _torch_threads(self) -> None:
-        """Share the CPUs between the workers (the SCP and HTTP threads need little)."""
-        import torch
-
-        n = self.cfg.torch_threads or max(1, (os.cpu_count() or 1) // self.cfg.workers)
-        torch.set_num_threads(n)
 
     def _monitor(self) -> None:
         """Queue the studies that have been quiet long enough (every 0.2 s)."""
@@ -182,7 +184,8 @@ class ServeApp:
         self.queue.notify()
         end = time.time() + grace
         for w in self.workers:
-            w.join(max(0.0, end - time.time()))
+            if w.current is not None:  # idle or still loading its bundle: nothing to finish
+                w.join(max(0.0, end - time.time()))
         if self.sender is not None:
             self.sender.wake.set()
             self.sender.join(max(1.0, end - time.time()))

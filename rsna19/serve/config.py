@@ -144,7 +144,8 @@ def is_loopback(host: str) -> bool:
 
 
 def load_config(path: str | None, overrides: Mapping[str, Any]) -> ServeConfig:
-    """Defaults, then the YAML file ``path`` (keys as :class:`ServeConfig`), then ``overrides`` that are not None.
+    """Defaults, then the YAML file ``path`` (keys as :class:`ServeConfig`; ``destination`` is an alias of
+    ``destinations``, dashes may stand for underscores), then ``overrides`` that are not None.
 
     Raises:
         UserError: an unreadable file, an unknown key, or a value of the wrong type.
@@ -159,6 +160,9 @@ def load_config(path: str | None, overrides: Mapping[str, Any]) -> ServeConfig:
         if not isinstance(loaded, dict):
             raise UserError(f"{p}: the serve config must be a mapping of keys to values")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        if "destination" in values:  # the flag's name (--destination) is accepted as a key too
+            d = values.pop("destination")
+            values["destinations"] = [*values.get("destinations", []), *(d if isinstance(d, list) else [d])]
     values.update({k: v for k, v in overrides.items() if v is not None})
     fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
     unknown = sorted(set(values) - set(fields))

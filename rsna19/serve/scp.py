@@ -170,7 +170,7 @@ class StorageSCP:
                     sop_uid,
                     series_uid=series_uid,
                     sop_class_uid=sop_class,
-                    transfer_syntax=str(event.context.transfer_syntax[0]),
+                    transfer_syntax=_syntax(event.context.transfer_syntax),
                     path=str(path.relative_to(self.spool.root)),
                     size=len(data),
                     calling_ae=_calling(event),
@@ -208,6 +208,11 @@ def _calling(event: Any) -> str:
         return str(event.assoc.requestor.ae_title).strip()
     except AttributeError:
         return ""
+
+
+def _syntax(ts: Any) -> str:
+    """The accepted transfer syntax of a context (a UID; a list of one in some pynetdicom versions)."""
+    return str(ts if isinstance(ts, str) else ts[0])
 
 
 def _ms(t0: float) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ class Spool:
         new = not folder.is_dir()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{safe_name(sop_uid)}.dcm"
-        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"  # two associations, one SOP
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -143,8 +143,13 @@ class Worker(threading.Thread):
 
     def load(self) -> None:
         """Load the bundle (once; the worker keeps it in memory)."""
+        import torch
+
         from rsna19.bundle import load_bundle
 
+        # Share the CPUs between the workers (the SCP and HTTP threads need little); imported here, in the worker's
+        # thread, so that the node listens before torch is imported.
+        torch.set_num_threads(self.cfg.torch_threads or max(1, (os.cpu_count() or 1) // self.cfg.workers))
         t0 = time.perf_counter()
         self.bundle = load_bundle(self.cfg.bundle, device=self.cfg.device)
         log.info(
