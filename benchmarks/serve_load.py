@@ -10,9 +10,9 @@ routing rule does). A warm-up study is answered first (bundle loading is not tim
 * **steady**: one study every ``--interval`` s (default 60) for ``--minutes`` (default 10) minutes.
 * **burst**: ``--studies`` (default 30) studies pushed by ``--senders`` (default 3) concurrent senders.
 
-Latency of a study = the time its SR is first seen in Orthanc (``/tools/find`` polled every 0.25 s) minus the
-node's ``received_s`` (its last instance received): the quiet period (``--quiet-seconds``, the node's default 10 s)
-is part of it. Checked at the end of each phase: every study has exactly one SR and one SC in Orthanc (nothing
+Latency of a study = the time its SR is first seen in Orthanc (its change feed polled every 0.25 s) minus
+the node's ``received_s`` (its last instance received): the quiet period (``--quiet-seconds``, the node's default
+10 s) is part of it. Checked at the end of each phase: every study has exactly one SR and one SC in Orthanc (nothing
 lost, answered once), every study is ``sent`` in the node, and the node's queue is empty.
 
 Goal: steady p95 < 60 s on two cores; burst: nothing lost, no study answered twice, the queue drains.
@@ -72,36 +72,36 @@ def upload_clone(pacs: Orthanc, template: list[Path], study_uid: str) -> str:
 
 
 class Watcher:
-    """Polls Orthanc for the SR of each pending study and records when it first appears."""
+    """Follows Orthanc's change feed (``GET /changes``) and records when each study's first SR series appears."""
 
     def __init__(self, pacs: Orthanc, interval: float = 0.25) -> None:
         self.pacs = pacs
         self.interval = interval
-        self.pending: set[str] = set()
         self.seen: dict[str, float] = {}
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
+        self.since = int(pacs.get("/changes?last")["Last"])
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
-    def watch(self, uid: str) -> None:
-        with self.lock:
-            self.pending.add(uid)
-
     def run(self) -> None:
         while not self.stop_event.is_set():
-            with self.lock:
-                pending = sorted(self.pending)
-            for uid in pending:
-                try:
-                    found = self.pacs.post("/tools/find", {"Level": "Series", "Query": {"StudyInstanceUID": uid}})
-                    series = [self.pacs.get(f"/series/{s}") for s in found]
-                except OSError:
-                    continue  # Orthanc busy; next round
-                if any(s["MainDicomTags"].get("Modality") == "SR" for s in series):
+            try:
+                feed = self.pacs.get(f"/changes?since={self.since}&limit=500")
+                for change in feed["Changes"]:
+                    if change["ChangeType"] != "NewSeries":
+                        continue
+                    series = self.pacs.get(f"/series/{change['ID']}")
+                    if series["MainDicomTags"].get("Modality") != "SR":
+                        continue
+                    study = self.pacs.get(f"/studies/{series['ParentStudy']}")
                     with self.lock:
-                        self.seen.setdefault(uid, time.time())
-                        self.pending.discard(uid)
+                        self.seen.setdefault(str(study["MainDicomTags"]["StudyInstanceUID"]), time.time())
+                self.since = int(feed["Last"])
+                if not feed["Done"]:
+                    continue
+            except OSError:
+                pass  # Orthanc busy: next round
             self.stop_event.wait(self.interval)
 
     def wait(self, uids: list[str], timeout: float) -> list[str]:
@@ -174,7 +174,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512, help="pixels per side of each slice")
     parser.add_argument("--slices", type=int, default=40, help="5 mm slices per study")
     parser.add_argument("--workers", type=int, default=1, help="the node's --workers")
-    parser.add_argument("--threads", type=int, default=2, help="torch / BLAS threads of the node")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each worker of the node")
     parser.add_argument("--quiet-seconds", type=float, default=10.0, help="the node's --quiet-seconds")
     parser.add_argument("--phases", default="steady,burst", help="comma-separated: steady, burst")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the answers of a phase")
@@ -219,7 +219,6 @@ def main() -> int:
         print(f"{len(uids)} studies of {args.slices} × {args.size}² in Orthanc after {time.perf_counter() - t0:.1f} s")
         watcher = Watcher(pacs)
         # Warm-up: the workers load the bundle and run once.
-        watcher.watch(uids[0])
         push(pacs, sids[:1])
         if watcher.wait(uids[:1], args.timeout):
             raise SystemExit(f"serve_load: the warm-up study was not answered; node log:\n{node.log_tail()}")
@@ -227,9 +226,8 @@ def main() -> int:
         if n_steady:
             steady_uids, steady_sids = uids[1 : 1 + n_steady], sids[1 : 1 + n_steady]
             start = time.monotonic()
-            for i, (uid, sid) in enumerate(zip(steady_uids, steady_sids)):
+            for i, sid in enumerate(steady_sids):
                 time.sleep(max(0.0, start + i * args.interval - time.monotonic()))
-                watcher.watch(uid)
                 push(pacs, [sid])
                 print(f"steady: sent {i + 1}/{n_steady}", flush=True)
             missing = watcher.wait(steady_uids, args.timeout)
@@ -247,8 +245,6 @@ def main() -> int:
 
         if n_burst:
             burst_uids, burst_sids = uids[1 + n_steady :], sids[1 + n_steady :]
-            for uid in burst_uids:
-                watcher.watch(uid)
             shares = [burst_sids[k :: args.senders] for k in range(args.senders)]
             threads = [threading.Thread(target=push, args=(pacs, share)) for share in shares]
             t_start = time.time()

@@ -47,7 +47,8 @@ class Node:
         ae_title: the node's AE title.
         quiet_seconds: a study is complete after this many seconds without a new instance.
         extra: more command-line arguments.
-        threads: torch / BLAS threads of the node process (OMP_NUM_THREADS).
+        threads: torch threads of each worker (``torch_threads`` in the node's ``--config`` YAML, written next to
+            the spool) and OMP / MKL threads of the process.
     """
 
     def __init__(
@@ -76,8 +77,14 @@ class Node:
         """The node's stderr (JSON lines), appended across restarts."""
         return self.spool.parent / f"{self.spool.name}.log"
 
+    @property
+    def config_path(self) -> Path:
+        """The node's ``--config`` YAML (settings without a flag: ``torch_threads``)."""
+        return self.spool.parent / f"{self.spool.name}.yaml"
+
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "rsna19", "serve", "--bundle", str(self.bundle), "--spool", str(self.spool)]
+        cmd += ["--config", str(self.config_path)]
         cmd += ["--port", str(self.ports.get("dicom", 0)), "--http-port", str(self.ports.get("http", 0))]
         cmd += ["--ae-title", self.ae_title, "--quiet-seconds", f"{self.quiet_seconds:g}", "--device", "cpu"]
         for dest in self.destinations:
@@ -92,6 +99,7 @@ class Node:
         self.spool.mkdir(parents=True, exist_ok=True)
         ports_file = self.spool / "ports.json"
         ports_file.unlink(missing_ok=True)
+        self.config_path.write_text(f"torch_threads: {int(self.threads)}\n", encoding="utf-8")
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
