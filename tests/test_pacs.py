@@ -305,6 +305,7 @@ def _check_answer(pacs: Orthanc, uid: str, sops: list[str], row: dict) -> None:
     sr, sc = srs[0], scs[0]
     assert sr["StudyInstanceUID"] == sc["StudyInstanceUID"] == uid
     assert sr["PatientID"] == by_modality["CT"][0]["PatientID"]
+    assert sr["ConceptNameCodeSequence"][0]["CodeMeaning"] == "Imaging Measurement Report"  # TID 1500
     assert _evidence_uids(sr) == set(sops)
     results = _sr_results(sr)
     assert set(results) == set(row["probabilities"])
@@ -434,6 +435,7 @@ def test_faults_every_study_answered_once(setup: Setup) -> None:
     pacs.start()
     rows = setup.wait_sent([uid_a, uid_b, uid_c], timeout=240)
     for uid, sops in ((uid_a, sops_a), (uid_b, sops_b), (uid_c, sops_c)):
+        assert rows[uid]["n_instances"] == len(sops)  # the PACS's re-send of A counted each instance once
         _check_answer(pacs, uid, sops, rows[uid])
     assert len(node.studies()) == 3
     assert node.starts == 3

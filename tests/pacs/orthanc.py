@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -112,7 +111,7 @@ class Orthanc:
             "HttpPort": self.http_port,
             "DicomPort": self.dicom_port,
             "DicomAet": self.aet,
-            "RemoteAccessAllowed": False,
+            "RemoteAccessAllowed": False,  # the REST API answers loopback callers only, so no login is needed
             "AuthenticationEnabled": False,
             # Orthanc 1.10 has no DICOM bind address: its DICOM port listens on every interface, so only the
             # declared modalities (calling AE title + their host, 127.0.0.1) may store or echo; the called AE
@@ -127,9 +126,7 @@ class Orthanc:
             "Plugins": [],
         }
         if self.lua:
-            script = self.root / "rules.lua"
-            script.write_text(self.lua, encoding="utf-8")
-            cfg["LuaScripts"] = [str(script)]
+            cfg["LuaScripts"] = [str(self.root / "rules.lua")]  # written by start()
         return cfg
 
     def start(self, timeout: float = 30.0) -> Orthanc:
@@ -138,6 +135,8 @@ class Orthanc:
             return self
         self.root.mkdir(parents=True, exist_ok=True)
         cfg_path = self.root / "orthanc.json"
+        if self.lua:
+            (self.root / "rules.lua").write_text(self.lua, encoding="utf-8")
         cfg_path.write_text(json.dumps(self.config(), indent=1), encoding="utf-8")
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child; closed in stop()
         self._log = log
@@ -249,6 +248,7 @@ class Orthanc:
         return str(found[0]) if found else None
 
     def studies(self) -> list[str]:
+        """Orthanc IDs of every study it holds."""
         return [str(s) for s in self.get("/studies")]
 
     def study_series(self, study_id: str) -> list[dict[str, Any]]:
@@ -285,12 +285,3 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.5, what: str = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout:.0f} s")
         time.sleep(interval)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (and is not a zombie we can see)."""
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
