@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,9 @@ class Node:
             cmd += ["--destination", dest]
         return cmd + self.extra
 
-    def start(self, timeout: float = 120.0) -> Node:
-        """Start the node and wait until ``ports.json`` names its ports and ``GET /health`` answers.
+    def start(self, timeout: float = 120.0, ready: bool = True) -> Node:
+        """Start the node and wait until ``ports.json`` names its ports and ``GET /health`` answers (with
+        ``ready``: until its status is ``ok``, every worker's bundle loaded).
 
         After the first start the same ports are asked for again, so a PACS that knows the node keeps reaching it.
         """
@@ -118,8 +120,12 @@ class Node:
                 ports = json.loads(ports_file.read_text())
                 if ports.get("pid") == self.proc.pid:
                     self.ports = {"dicom": int(ports["dicom"]), "http": int(ports["http"])}
-                    self.health()
-                    return self
+                    status = self.health().get("status")
+                    if not ready or status == "ok":
+                        return self
+            except urllib.error.HTTPError as exc:  # 503: a bundle failed to load
+                self.kill()
+                raise NodeError(f"rsna19 serve is unhealthy ({exc}); log:\n{self.log_tail()}") from None
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.2)
