@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 TORCH_PINS = $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 
-.PHONY: demo test test-slow test-slurm lint bench fuzz clean venv
+.PHONY: demo test test-slow test-slurm test-pacs lint bench fuzz clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test-slow: $(STAMP)
 # apt-get when missing, so root; nothing under /etc is changed; the daemons stop when the tests end).
 test-slurm: $(STAMP)
 	RSNA19_REQUIRE_SLURM=1 tests/slurm/with_slurm.sh $(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
+
+# `rsna19 serve` against a real PACS (Orthanc) and browser (headless Chromium), both on loopback ports started by
+# the tests (installs the Debian packages orthanc and chromium with apt-get when missing, so root; a few minutes).
+test-pacs: $(STAMP)
+	RSNA19_REQUIRE_PACS=1 tests/pacs/ensure_tools.sh $(BIN)/python -m pytest -q -m pacs tests/test_pacs.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -75,6 +75,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("stack", "stack_speed.py", full_args=("--stackers", "lgbm,mlp,convex", "--threads", "1")),
     Bench("predict_study", "predict_study_speed.py", device_arg=True),
     Bench("demo", "demo_speed.py", max_repeats=1),
+    Bench("serve_load", "serve_load.py", max_repeats=1),
 )
 
 

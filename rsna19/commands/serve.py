@@ -1,0 +1,83 @@
+"""``rsna19 serve --bundle B --spool DIR``: a DICOM node that predicts every CT study it receives."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` subcommand."""
+    p = subparsers.add_parser(
+        "serve",
+        help="DICOM node: receive CT studies (C-STORE), predict them with a bundle, send SR + SC back; worklist",
+        description=(
+            "A DICOM Storage SCP for CT Image Storage and Enhanced CT (lossless transfer syntaxes) and Verification. "
+            "Every instance is written to SPOOL/incoming/ and recorded in SPOOL/serve.db before it is acknowledged. "
+            "A study with no new instance for --quiet-seconds is queued; workers (each with the bundle loaded once) "
+            "predict it like predict-study and send the DICOM SR and Secondary Capture to every --destination with "
+            "retries (then SPOOL/dead_letter/). HTTP: worklist page /, /api/studies, /health, /metrics, "
+            "POST /api/studies/<uid>/rerun. Port 0 picks a free port; the ports are written to SPOOL/ports.json. "
+            "SIGTERM: graceful shutdown (exit 0). Flags override the keys of --config (same names, snake_case). "
+            "See docs/serve.md."
+        ),
+    )
+    p.add_argument("--bundle", help="bundle folder written by `rsna19 bundle`")
+    p.add_argument("--spool", help="spool folder: incoming instances, results, dead letters, serve.db, ports.json")
+    p.add_argument("--config", help="YAML file with any of the settings below (snake_case keys); flags override it")
+    p.add_argument("--port", type=int, help="DICOM port (11112; 0: a free one)")
+    p.add_argument("--ae-title", help="AE title of the SCP (RSNA19)")
+    p.add_argument("--host", help="interface of the DICOM port (127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="HTTP port (8080; 0: a free one)")
+    p.add_argument("--http-host", help="interface of the HTTP port (127.0.0.1; anything else needs --token)")
+    p.add_argument("--token", help="bearer token every HTTP request must carry (Authorization: Bearer or ?token=)")
+    p.add_argument(
+        "--destination",
+        dest="destinations",
+        action="append",
+        metavar="AET@HOST:PORT",
+        help="where the SR and SC go (repeatable); none: results stay in the spool (status done)",
+    )
+    p.add_argument("--quiet-seconds", type=float, help="a study is complete after this long without instances (10)")
+    p.add_argument("--workers", type=int, help="prediction workers, each with its own bundle in memory (1)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), help="where the models run (auto)")
+    p.add_argument("--max-instance-mb", type=float, help="refuse larger instances with 0xA700 (64)")
+    p.add_argument("--max-studies-per-minute", type=int, help="refuse new studies beyond this rate (0: no limit)")
+    p.add_argument("--min-free-disk-mb", type=float, help="refuse instances below this free space on the spool (500)")
+    p.add_argument("--send-retries", type=int, help="C-STORE attempts per destination before dead letter (5)")
+    p.add_argument("--retry-backoff-s", type=float, help="first wait between attempts, doubled each time (2)")
+    p.add_argument("--shutdown-grace-s", type=float, help="on SIGTERM, how long running studies may finish (60)")
+    p.add_argument("--no-cam", dest="cam", action="store_const", const=False, help="no Grad-CAM on the report")
+    p.set_defaults(func=run)
+
+
+KEYS = (
+    "bundle",
+    "spool",
+    "port",
+    "ae_title",
+    "host",
+    "http_port",
+    "http_host",
+    "token",
+    "destinations",
+    "quiet_seconds",
+    "workers",
+    "device",
+    "max_instance_mb",
+    "max_studies_per_minute",
+    "min_free_disk_mb",
+    "send_retries",
+    "retry_backoff_s",
+    "shutdown_grace_s",
+    "cam",
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM / SIGINT; 0 after a graceful shutdown."""
+    from rsna19.serve.app import serve_forever, setup_json_logging
+    from rsna19.serve.config import load_config
+
+    cfg = load_config(args.config, {k: getattr(args, k) for k in KEYS})
+    setup_json_logging()
+    return serve_forever(cfg)

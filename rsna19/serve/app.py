@@ -1,0 +1,220 @@
+"""Wiring of the node: spool + DB + SCP + quiet-period monitor + workers + sender + HTTP, and its shutdown.
+
+Start order: the spool and ``serve.db`` (studies left ``running`` by a kill go back to ``queued``), the workers
+(each loads the bundle in its own thread), the sender, the SCP and the HTTP server; ``ports.json`` is written once
+both listen. Shutdown (SIGTERM/SIGINT): stop accepting associations, let running studies finish for up to
+``shutdown_grace_s``, re-queue the rest in the DB, stop the sender and the HTTP server, remove ``ports.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import yaml
+
+from rsna19.serve.config import ServeConfig
+from rsna19.serve.db import ServeDB
+from rsna19.serve.http import ServeHTTP
+from rsna19.serve.scp import StorageSCP
+from rsna19.serve.sender import Sender
+from rsna19.serve.spool import Spool
+from rsna19.serve.worker import Worker, WorkQueue
+
+log = logging.getLogger("rsna19.serve")
+
+#: Standard attributes of a LogRecord (everything else passed in ``extra`` goes into the JSON line).
+_RECORD_KEYS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ``ts``, ``level``, ``event`` (the message), ``logger``, then the ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+            "logger": record.name,
+        }
+        for k, v in record.__dict__.items():
+            if k not in _RECORD_KEYS and not k.startswith("_"):
+                obj[k] = v
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str)
+
+
+def setup_json_logging(level: int = logging.INFO) -> None:
+    """Send every log record to stderr as one JSON line (replaces the root logger's handlers)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)  # library warnings (pydicom's VR notes) as JSON lines too
+    threading.excepthook = _log_thread_exception
+    for noisy in ("pynetdicom", "highdicom"):  # a line per PDU / per copied module otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    log.error(
+        "thread_crashed",
+        extra={"thread": getattr(args.thread, "name", None), "error": f"{args.exc_type.__name__}: {args.exc_value}"},
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+    )
+
+
+class ServeApp:
+    """The running node. ``start()`` returns once it listens; ``shutdown()`` stops it gracefully."""
+
+    def __init__(self, cfg: ServeConfig, bundle: Any = None) -> None:
+        """``bundle``: an already loaded :class:`rsna19.bundle.Bundle` for the first worker (embedding, tests);
+        None: every worker loads ``cfg.bundle``."""
+        cfg.check()
+        self.preloaded = bundle
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool)
+        self.db: ServeDB | None = None
+        self.stop_event = threading.Event()  # workers, sender and monitor stop
+        self.queue = WorkQueue()
+        self.workers: list[Worker] = []
+        self.sender: Sender | None = None
+        self.scp: StorageSCP | None = None
+        self.http: ServeHTTP | None = None
+        self.monitor: threading.Thread | None = None
+        self.bundle_sha = ""
+        self.started_s = time.time()
+
+    # ------------------------------------------------------------------------------------------------ start
+    def start(self) -> dict[str, int]:
+        """Start every part; returns ``{"dicom": port, "http": port, "pid": pid}`` (also in ``ports.json``)."""
+        from rsna19.bundle import load_study_model
+
+        cfg = self.cfg
+        self.spool.ports_path.unlink(missing_ok=True)
+        _, _, self.bundle_sha = load_study_model(cfg.bundle)  # a bad bundle fails here, before listening
+        removed = self.spool.clean_temp()
+        with open(self.spool.root / "serve_config.yaml", "w", encoding="utf-8") as fh:
+            yaml.safe_dump(cfg.to_dict(), fh, sort_keys=True)
+        self.db = ServeDB(self.spool.db_path)
+        requeued = self.db.requeue_running()
+        log.info(
+            "starting",
+            extra={"spool": str(self.spool.root), "requeued": requeued, "temp_removed": removed, "pid": os.getpid()},
+        )
+        for i in range(cfg.workers):
+            w = Worker(i, cfg, self.spool, self.db, self.queue, self.stop_event)
+            if i == 0 and self.preloaded is not None:
+                w.bundle = self.preloaded
+            self.workers.append(w)
+            w.start()
+        if cfg.destinations:
+            self.sender = Sender(cfg, self.spool, self.db, self.stop_event)
+            self.sender.start()
+            for w in self.workers:
+                w.on_done = lambda _uid, _status: self.sender.wake.set()  # type: ignore[union-attr]
+        self.monitor = threading.Thread(target=self._monitor, name="rsna19-quiet", daemon=True)
+        self.monitor.start()
+        self.scp = StorageSCP(cfg, self.spool, self.db)
+        dicom_port = self.scp.start()
+        self.http = ServeHTTP(cfg.http_host, cfg.http_port, self.db, self.spool, cfg.token, self.health)
+        self.http.on_rerun = lambda _uid: self.queue.notify()
+        http_port = self.http.start()
+        ports = {"dicom": dicom_port, "http": http_port, "pid": os.getpid()}
+        self.spool.write_json(ports, self.spool.ports_path)
+        log.info("listening", extra={**ports, "ae_title": cfg.ae_title, "destinations": cfg.destinations})
+        return ports
+
+    def _monitor(self) -> None:
+        """Queue the studies that have been quiet long enough (every 0.2 s)."""
+        assert self.db is not None
+        while not self.stop_event.is_set():
+            try:
+                uids = self.db.queue_quiet(self.cfg.quiet_seconds)
+                for uid in uids:
+                    log.info("study_queued", extra={"study_uid": uid})
+                if uids:
+                    self.queue.notify()
+            except Exception:  # noqa: BLE001 - the monitor must keep running; the next tick retries
+                log.exception("monitor_error")
+            self.stop_event.wait(0.2)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def health(self) -> dict[str, Any]:
+        """``/health``: ``status`` ok (every worker has its bundle), loading, or error (a bundle failed to load)."""
+        assert self.db is not None
+        loaded = sum(1 for w in self.workers if w.bundle is not None and w.is_alive())
+        errors = [w.load_error for w in self.workers if w.load_error]
+        status = "error" if errors and not loaded else ("ok" if loaded == len(self.workers) else "loading")
+        out: dict[str, Any] = {
+            "status": status,
+            "queue": self.db.counts()["queued"],
+            "workers": loaded,
+            "bundle": self.bundle_sha,
+            "running": [w.current for w in self.workers if w.current],
+            "uptime_s": round(time.time() - self.started_s, 1),
+        }
+        if errors:
+            out["error"] = errors[0]
+        return out
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until every worker has loaded its bundle (or failed to)."""
+        end = time.time() + timeout
+        return all(w.ready.wait(max(0.0, end - time.time())) for w in self.workers)
+
+    # ------------------------------------------------------------------------------------------------ stop
+    def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let running studies finish (``grace_s``), re-queue the rest, stop everything."""
+        grace = self.cfg.shutdown_grace_s if grace_s is None else grace_s
+        log.info("stopping", extra={"grace_s": grace})
+        if self.scp is not None:
+            self.scp.stop()
+        self.stop_event.set()  # workers take no new study; the one in hand finishes
+        self.queue.notify()
+        end = time.time() + grace
+        for w in self.workers:
+            if w.current is not None:  # idle or still loading its bundle: nothing to finish
+                w.join(max(0.0, end - time.time()))
+        if self.sender is not None:
+            self.sender.wake.set()
+            self.sender.join(max(1.0, end - time.time()))
+        if self.monitor is not None:
+            self.monitor.join(1.0)
+        unfinished = self.db.requeue_running() if self.db is not None else []
+        if self.http is not None:
+            self.http.stop()
+        self.spool.ports_path.unlink(missing_ok=True)
+        log.info("stopped", extra={"requeued": unfinished})
+        # A worker still inside a prediction keeps its DB handle; the process exits right after, so only close
+        # the DB when every worker is gone.
+        if self.db is not None and not any(w.is_alive() for w in self.workers):
+            self.db.close()
+
+
+def serve_forever(cfg: ServeConfig) -> int:
+    """Run the node until SIGTERM or SIGINT; returns 0 after a graceful shutdown."""
+    app = ServeApp(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app.start()
+    while not stop.wait(0.5):
+        pass
+    app.shutdown()
+    return 0

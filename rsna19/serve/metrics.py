@@ -1,0 +1,49 @@
+"""Prometheus text metrics of the node, read from ``serve.db`` (so they survive a restart)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rsna19.serve.db import STATUSES, ServeDB
+
+
+def latencies(db: ServeDB) -> list[float]:
+    """Seconds from a study's last instance to its answer, for every answered study."""
+    rows = db.query("SELECT answered_s - received_s AS s FROM studies WHERE answered_s IS NOT NULL")
+    return [float(r["s"]) for r in rows if r["s"] is not None]
+
+
+def render_metrics(db: ServeDB, *, workers: int) -> str:
+    """The ``/metrics`` page (text exposition format 0.0.4)."""
+    counts = db.counts()
+    lat = latencies(db)
+    lines = [
+        "# HELP rsna19_studies_received_total Studies whose first instance was received.",
+        "# TYPE rsna19_studies_received_total counter",
+        f"rsna19_studies_received_total {sum(counts.values())}",
+        "# HELP rsna19_instances_received_total Instances stored and acknowledged.",
+        "# TYPE rsna19_instances_received_total counter",
+        f"rsna19_instances_received_total {db.counter('instances_received')}",
+        "# HELP rsna19_instances_refused_total C-STORE requests refused with a failure status.",
+        "# TYPE rsna19_instances_refused_total counter",
+        f"rsna19_instances_refused_total {db.counter('instances_refused')}",
+        "# HELP rsna19_contexts_rejected_total Presentation contexts rejected at association (not CT, syntax).",
+        "# TYPE rsna19_contexts_rejected_total counter",
+        f"rsna19_contexts_rejected_total {db.counter('contexts_rejected')}",
+        "# HELP rsna19_queue_length Studies queued for prediction.",
+        "# TYPE rsna19_queue_length gauge",
+        f"rsna19_queue_length {counts['queued']}",
+        "# HELP rsna19_workers Prediction workers.",
+        "# TYPE rsna19_workers gauge",
+        f"rsna19_workers {workers}",
+        "# HELP rsna19_studies_total Studies by status.",
+        "# TYPE rsna19_studies_total gauge",
+        *(f'rsna19_studies_total{{status="{s}"}} {counts[s]}' for s in STATUSES),
+        "# HELP rsna19_latency_seconds Last instance received to results delivered (written when no destination).",
+        "# TYPE rsna19_latency_seconds summary",
+    ]
+    for q in (0.5, 0.95):
+        value = float(np.quantile(lat, q)) if lat else float("nan")
+        lines.append(f'rsna19_latency_seconds{{quantile="{q}"}} {value:.6g}')
+    lines += [f"rsna19_latency_seconds_sum {sum(lat):.6g}", f"rsna19_latency_seconds_count {len(lat)}"]
+    return "\n".join(lines) + "\n"
