@@ -22,7 +22,8 @@ The stackers of a bundle are refitted on **all** OOF rows of the base models (th
 average its level-2 fold models instead); the blend weights are the stack stage's own, fitted on all OOF rows.
 The study model is fitted on the level-2 OOF predictions of the bundled method (the stack's ``oof.parquet`` when
 the bundle has the stack's models, else a level-2 CV of the chosen subset), so its calibration and thresholds
-come from studies no model of the bundle saw when it predicted them.
+come from studies no model of the bundle saw when it predicted them. :func:`write_recalibrated_bundle` copies a
+bundle with a study model refitted on a site's studies (``rsna19 validate --recalibrate``).
 """
 
 from __future__ import annotations

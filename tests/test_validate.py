@@ -270,7 +270,7 @@ def test_every_reported_number_matches_an_independent_computation(validated):
     # The published-style table and the clinician summary carry the same numbers.
     any_row = result[(result["model"] == "bundle") & (result["class"] == "any")].iloc[0]
     assert f"{any_row['auc']:.3f}" in (out / "table.md").read_text() if not np.isnan(any_row["auc"]) else True
-    assert "Checked on 5 of CQ500-format studies" in (out / "summary.txt").read_text()
+    assert "Checked on 5 CQ500-format studies" in (out / "summary.txt").read_text()
     assert (out / "report.png").stat().st_size > 10_000
 
 
@@ -286,7 +286,8 @@ def test_problems_are_reported_with_message_and_count(validated, capsys):
     table = pd.read_csv(validated["out"] / "studies.csv").set_index("study_key")
     assert table.loc["CQ500-CT-90", "status"] == "unreadable" and table.loc["CQ500-CT-77", "status"] == "not_in_data"
     summary = (validated["out"] / "summary.txt").read_text()
-    assert "1 studies in DATA that could not be read" in summary and "1 studies in the labels that are not" in summary
+    assert "studies in DATA that could not be read or predicted (not evaluated): 1" in summary
+    assert "studies in the labels that are not in DATA (not evaluated): 1" in summary
 
 
 def test_recalibrated_bundle_loads_and_the_original_is_unchanged(validated):

@@ -86,9 +86,9 @@ def cq500_table(result: pd.DataFrame, info: dict[str, Any]) -> str:
 def clinical_summary(result: pd.DataFrame, info: dict[str, Any]) -> str:
     """A few plain sentences: what was checked, how well the bundle found hemorrhage, what could not be checked."""
     n = info["n_studies"]
-    where = "CQ500-format studies" if info["format"] == "cq500" else "the site's labelled studies"
+    where = "CQ500-format studies" if info["format"] == "cq500" else "labelled studies of the site"
     ref = "the majority of three radiologists' reads" if info["format"] == "cq500" else "the site's labels"
-    lines = [f"Checked on {n['ok']} of {where} against {ref}."]
+    lines = [f"Checked on {n['ok']} {where} against {ref}."]
     op = _row(result, "any", "operating_point")
     if op is not None:
         lines.append(
@@ -120,7 +120,7 @@ def clinical_summary(result: pd.DataFrame, info: dict[str, Any]) -> str:
         if k and math.isfinite(k.get("kappa", float("nan"))):
             lines.append(f"The three readers agreed on hemorrhage with Fleiss' kappa {k['kappa']:.2f}.")
     probs = info["problems"]
-    left = [f"{probs[k]['count']} {probs[k]['message']}" for k in probs if probs[k]["count"] and k != "label_rows"]
+    left = [f"{probs[k]['message']}: {probs[k]['count']}" for k in probs if probs[k]["count"] and k != "label_rows"]
     if left:
         lines.append("Not evaluated or incomplete: " + "; ".join(left) + ".")
     recal = info.get("recalibration")
