@@ -17,8 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "study_uid (StudyInstanceUID) and any of any, epidural, intraparenchymal, intraventricular, "
             "subarachnoid, subdural (0/1), DATA a folder (any layout) or zip; --format cq500: DATA the CQ500 folders "
             "as distributed and CSV its reads.csv (reference: the majority of readers R1-R3 per finding; study key "
-            "CQ500-CT-<n> from the folder name). Per class: positive / negative studies, AUC with a bootstrap 95 %% "
-            "interval, sensitivity and specificity (Wilson 95 %% intervals) at the bundle's operating point and at "
+            "CQ500-CT-<n> from the folder name). Per class: positive / negative studies, AUC with a bootstrap 95 % "
+            "interval, sensitivity and specificity (Wilson 95 % intervals) at the bundle's operating point and at "
             "the thresholds giving 0.90 / 0.95 sensitivity and specificity on these studies, Brier score and "
             "calibration error; Fleiss' kappa of the readers (cq500). Writes OUT/studies.csv, validation.csv, "
             "validation.json, report.png, table.md (laid out like the published CQ500 table), summary.txt and the "
@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="NEW_BUNDLE",
         help="refit the study calibration and operating points on these studies and write a new bundle "
-        "(default OUT/bundle_recalibrated); the numbers reported for it are cross-validated",
+        "(default OUT/bundle_recalibrated; without NEW_BUNDLE, put the option after DATA); the numbers reported for "
+        "it are cross-validated",
     )
     p.add_argument("--cv-folds", type=int, default=5, help="folds of the recalibration's cross-validation (5)")
     p.add_argument("--force", action="store_true", help="replace an existing recalibrated bundle")
