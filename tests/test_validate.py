@@ -349,7 +349,7 @@ def test_studies_format_on_a_folder_and_a_zip(bundle, cq, tmp_path):
     results = []
     for src, out in ((data, tmp_path / "out_dir"), (zpath, tmp_path / "out_zip")):
         args = ["validate", src, "--bundle", bundle, "--labels", tmp_path / "labels.csv", "--out", out]
-        assert main([str(a) for a in [*args, "--bootstrap", 100]]) == 0
+        assert main([str(a) for a in [*args, "--bootstrap", 100, "--folds", "0"]]) == 0
         info = json.loads((out / "validation.json").read_text())
         assert info["classes"] == ["subdural", "any"] and info["n_studies"]["ok"] == 3
         assert info["problems"]["not_in_data"]["studies"] == [labels.loc[3, "study_uid"]]
