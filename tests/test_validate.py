@@ -271,6 +271,7 @@ def test_every_reported_number_matches_an_independent_computation(validated):
     any_row = result[(result["model"] == "bundle") & (result["class"] == "any")].iloc[0]
     assert f"{any_row['auc']:.3f}" in (out / "table.md").read_text() if not np.isnan(any_row["auc"]) else True
     assert "Checked on 5 CQ500-format studies" in (out / "summary.txt").read_text()
+    assert "Inter-reader agreement (Fleiss' κ, three readers): ICH" in (out / "table.md").read_text()
     assert (out / "report.png").stat().st_size > 10_000
 
 

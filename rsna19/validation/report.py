@@ -73,6 +73,14 @@ def cq500_table(result: pd.DataFrame, info: dict[str, Any]) -> str:
             f"| {PUBLISHED_AUC[cls]:.2f} |"
         )
     ref = "majority of three readers" if info["format"] == "cq500" else "the site's labels"
+    if info.get("fleiss_kappa"):
+        kappas = [
+            f"{name.split('(')[-1].rstrip(')')} {info['fleiss_kappa'][cls]['kappa']:.2f}"
+            for cls, name in FINDING_ROWS
+            if isinstance((info["fleiss_kappa"].get(cls) or {}).get("kappa"), float)
+            and math.isfinite(info["fleiss_kappa"][cls]["kappa"])
+        ]
+        lines += ["", "Inter-reader agreement (Fleiss' κ, three readers): " + ", ".join(kappas) + "."]
     lines.append("")
     lines.append(
         f"Reference: {ref}. AUC intervals: study bootstrap ({info['bootstrap']['resamples']} resamples, seed "
