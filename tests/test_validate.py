@@ -373,3 +373,31 @@ def test_user_errors(bundle, cq, tmp_path, capsys):
     assert "no 'name' column" in capsys.readouterr().err
     assert main([*base, "--labels", str(root / "reads.csv"), "--format", "cq500", "--bootstrap", "10"]) == 1
     assert "at least 100" in capsys.readouterr().err
+
+
+def test_study_table_statuses_from_a_predict_study_summary():
+    """Every status from a hand-made ``studies.json`` summary: a CQ500 folder with two StudyInstanceUIDs of which
+    one failed (its slices still evaluated, the failure kept as the reason), a folder whose files were all skipped,
+    a study without reads and reads without a study."""
+    from rsna19.validation.references import Reference
+    from rsna19.validation.run import study_table
+
+    summary = {
+        "studies": [
+            {"study_uid": "u1", "status": "ok", "folder": "CQ500CT1 CQ500CT1/Unknown Study"},
+            {"study_uid": "u2", "status": "error", "error": "no usable axial CT series", "folder": "CQ500CT1 CQ500CT1"},
+            {"study_uid": "u3", "status": "ok", "folder": "CQ500CT2 CQ500CT2/Unknown Study"},
+        ],
+        "files_skipped": [{"path": "CQ500CT3 CQ500CT3/Unknown Study/CT 5mm/CT000000.dcm", "reason": "not DICOM"}],
+    }
+    slices = pd.DataFrame({"study_uid": ["u1", "u1", "u3"], **{f"p_{c}": [0.2, 0.7, 0.1] for c in CLASSES}})
+    model = {"score": "max", "classes": {c: {"a": 1.0, "b": 0.0, "threshold": 0.5} for c in CLASSES}}
+    labels = pd.DataFrame(0.0, index=["CQ500-CT-1", "CQ500-CT-3", "CQ500-CT-4"], columns=list(CLASSES))
+    table = study_table(summary, slices, model, Reference(labels, list(CLASSES)), "cq500")
+    assert table["status"].to_dict() == {
+        "CQ500-CT-1": "ok", "CQ500-CT-2": "not_in_labels", "CQ500-CT-3": "unreadable", "CQ500-CT-4": "not_in_data"
+    }  # fmt: skip
+    assert table.at["CQ500-CT-1", "study_uids"] == "u1;u2"
+    assert table.at["CQ500-CT-1", "reason"] == "partly unreadable: no usable axial CT series"
+    assert table.at["CQ500-CT-3", "reason"] == "no readable DICOM study: 1 file(s) skipped (1× not DICOM)"
+    assert np.isclose(table.at["CQ500-CT-1", "p_any"], 0.7) and np.isnan(table.at["CQ500-CT-4", "p_any"])

@@ -99,7 +99,8 @@ def study_table(
         row: dict[str, Any] = {"study_key": key, "study_uids": ";".join(sorted(uids.get(key, [])))}
         if key in probs.index:
             row["status"] = "ok" if key in ref.labels.index else "not_in_labels"
-            row["reason"] = ""
+            # A key with two studies (one CQ500 folder, two StudyInstanceUIDs) of which one failed keeps the error.
+            row["reason"] = "; ".join(f"partly unreadable: {e}" for e in errors.get(key, []))
         elif key in uids or key in folder_problems:
             row["status"] = "unreadable"
             row["reason"] = "; ".join(errors.get(key, [])) or folder_problems.get(key, "no series could be predicted")
