@@ -22,7 +22,8 @@ The stackers of a bundle are refitted on **all** OOF rows of the base models (th
 average its level-2 fold models instead); the blend weights are the stack stage's own, fitted on all OOF rows.
 The study model is fitted on the level-2 OOF predictions of the bundled method (the stack's ``oof.parquet`` when
 the bundle has the stack's models, else a level-2 CV of the chosen subset), so its calibration and thresholds
-come from studies no model of the bundle saw when it predicted them.
+come from studies no model of the bundle saw when it predicted them. :func:`write_recalibrated_bundle` copies a
+bundle with a study model refitted on a site's studies (``rsna19 validate --recalibrate``).
 """
 
 from __future__ import annotations
@@ -613,3 +614,58 @@ def load_study_model(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | Non
             raise UserError(f"{root / rel}: not valid JSON: {exc}") from None
 
     return _study_model(root, manifest, read_json), manifest, hashlib.sha256(raw).hexdigest()
+
+
+def write_recalibrated_bundle(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    study_model: dict[str, Any],
+    recalibration: dict[str, Any],
+    force: bool = False,
+) -> str:
+    """A copy of bundle ``src`` at ``dst`` whose study model is ``study_model``; ``src`` is left untouched.
+
+    Every other file is copied byte for byte; ``study_model.json`` is replaced, and ``bundle.json`` gets the new
+    file's checksum, the new operating points and a ``recalibration`` entry (what the model was fitted on, and
+    the SHA-256 of the original ``bundle.json``). The copy is written atomically and loads like any bundle.
+
+    Returns:
+        The SHA-256 of the new ``bundle.json`` (the new bundle's identity).
+
+    Raises:
+        UserError: ``src`` is not a bundle or has changed files, ``dst`` exists without ``force`` or is ``src``,
+            or ``study_model`` is not a valid study model.
+    """
+    import shutil
+
+    from rsna19.calibration import check_study_model
+
+    src, dst = Path(src), Path(dst)
+    _, manifest, sha = load_study_model(src)  # checks bundle.json and the study model's checksum
+    files = manifest.get("files", {})
+    for rel, digest in files.items():  # a bundle that fails its checksums is not copied on
+        _read_checked(src / rel, digest)
+    if dst.resolve() == src.resolve():
+        raise UserError(f"{dst}: the recalibrated bundle must not replace the original")
+    if dst.exists() and not force:
+        raise UserError(f"{dst} exists; use --force to replace it")
+    try:
+        check_study_model(study_model, "recalibrated study model")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    with atomic_path(dst) as tmp:
+        shutil.copytree(src, tmp)
+        _write_json(study_model, tmp / STUDY_MODEL_FILE)
+        manifest = {**manifest, "files": {**files, STUDY_MODEL_FILE: sha256_file(tmp / STUDY_MODEL_FILE)}}
+        manifest["study_model"] = {
+            "file": STUDY_MODEL_FILE,
+            "method": study_model["method"],
+            "score": study_model["score"],
+            "operating_points": {
+                c: {k: e.get(k) for k in ("threshold", "target_sensitivity", "oof_sensitivity", "oof_specificity")}
+                for c, e in study_model["classes"].items()
+            },
+        }
+        manifest["recalibration"] = {**recalibration, "original_bundle_sha256": sha}
+        _write_json(manifest, tmp / "bundle.json")
+    return hashlib.sha256((dst / "bundle.json").read_bytes()).hexdigest()

@@ -171,6 +171,33 @@ def threshold_for_sensitivity(p: np.ndarray, y: np.ndarray, target: float) -> tu
     return thr, sens, spec
 
 
+def threshold_for_specificity(p: np.ndarray, y: np.ndarray, target: float) -> tuple[float | None, float, float]:
+    """The lowest threshold whose specificity on ``(p, y)`` is at least ``target`` (positive: ``p >= t``).
+
+    The lowest such threshold flags the most studies, so it has the highest sensitivity of all thresholds that keep
+    the specificity. It is the smallest probability in ``p`` above the ⌈target · N₋⌉-th lowest negative one (so
+    that at least that many negatives fall below it), or just above that negative when nothing in ``p`` is higher.
+
+    Args:
+        p: (N,) probabilities; y: (N,) 0/1 labels; target: specificity in (0, 1].
+
+    Returns:
+        ``(threshold, sensitivity, specificity)``; ``(None, nan, nan)`` without negatives (sensitivity is NaN
+        without positives).
+    """
+    p = np.asarray(p, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64) > 0.5
+    neg = np.sort(p[~y])
+    if len(neg) == 0:
+        return None, float("nan"), float("nan")
+    k = min(max(math.ceil(target * len(neg) - 1e-9), 1), len(neg))
+    above = p[p > neg[k - 1]]
+    thr = float(above.min()) if len(above) else float(np.nextafter(neg[k - 1], np.inf))
+    spec = float((neg < thr).mean())
+    sens = float((p[y] >= thr).mean()) if y.any() else float("nan")
+    return thr, sens, spec
+
+
 def parse_sensitivity(values: list[str] | None) -> dict[str, float]:
     """Target sensitivities per class from ``["0.9"]`` (every class) and/or ``["any=0.95", "subdural=0.8"]``.
 
@@ -230,31 +257,14 @@ def fit_study_model(
         raise ValueError("fit_study_model: labels must be 0 or 1 (no missing labels)")
     scores = study_scores(slices, score)
     ys = study_labels(slices).loc[scores.index]
-    classes: dict[str, Any] = {}
+    classes = fit_study_classes(scores, ys, targets)
     for i, c in enumerate(CLASSES):
-        s, y = scores[c].to_numpy(), ys[c].to_numpy()
-        a, b, fitted = fit_platt(s, y)
-        p_cal = apply_platt(s, a, b)
-        thr, sens, spec = threshold_for_sensitivity(p_cal, y, targets[c])
         s_thr, s_sens, s_spec = threshold_for_sensitivity(probs[:, i], labels[:, i], targets[c])
-        entry: dict[str, Any] = {
-            "a": a,
-            "b": b,
-            "fitted": fitted,
-            "n_pos": int(y.sum()),
-            "n_neg": int(len(y) - y.sum()),
-            "target_sensitivity": float(targets[c]),
-            "threshold": thr if thr is not None else FALLBACK_THRESHOLD,
-            "threshold_chosen": thr is not None,
-            # The same operating point on the score scale (the old max-probability fields), for reading.
-            "score_threshold": float(s[p_cal >= thr].min()) if thr is not None else None,
-            "oof_sensitivity": _num(sens),
-            "oof_specificity": _num(spec),
+        classes[c] |= {
             "slice_threshold": s_thr if s_thr is not None else FALLBACK_THRESHOLD,
             "slice_oof_sensitivity": _num(s_sens),
             "slice_oof_specificity": _num(s_spec),
         }
-        classes[c] = entry
     return {
         "format": STUDY_MODEL_FORMAT,
         "version": STUDY_MODEL_VERSION,
@@ -265,6 +275,43 @@ def fit_study_model(
         "source": dict(source or {}),
         "classes": classes,
     }
+
+
+def fit_study_class(score: np.ndarray, y: np.ndarray, target: float) -> dict[str, Any]:
+    """Platt calibration and operating point of one class from study scores and study labels.
+
+    Args:
+        score: (N,) study scores in [0, 1]; y: (N,) 0/1 study labels; target: sensitivity of the operating point.
+
+    Returns:
+        The study-level fields of a class entry of ``study_model.json`` (``a, b, fitted, n_pos, n_neg,
+        target_sensitivity, threshold, threshold_chosen, score_threshold, oof_sensitivity, oof_specificity``).
+    """
+    s, y = np.asarray(score, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    a, b, fitted = fit_platt(s, y)
+    p_cal = apply_platt(s, a, b)
+    thr, sens, spec = threshold_for_sensitivity(p_cal, y, target)
+    return {
+        "a": a,
+        "b": b,
+        "fitted": fitted,
+        "n_pos": int(y.sum()),
+        "n_neg": int(len(y) - y.sum()),
+        "target_sensitivity": float(target),
+        "threshold": thr if thr is not None else FALLBACK_THRESHOLD,
+        "threshold_chosen": thr is not None,
+        # The same operating point on the score scale (the old max-probability fields), for reading.
+        "score_threshold": float(s[p_cal >= thr].min()) if thr is not None else None,
+        "oof_sensitivity": _num(sens),
+        "oof_specificity": _num(spec),
+    }
+
+
+def fit_study_classes(
+    scores: pd.DataFrame, labels: pd.DataFrame, targets: dict[str, float]
+) -> dict[str, dict[str, Any]]:
+    """:func:`fit_study_class` for every class: ``scores`` and ``labels`` are one row a study, ``CLASSES`` columns."""
+    return {c: fit_study_class(scores[c].to_numpy(), labels[c].to_numpy(), targets[c]) for c in CLASSES}
 
 
 def _num(v: float) -> float | None:

@@ -158,3 +158,98 @@ def decision_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, n
         "brier": brier_score(y, p) if len(y) else float("nan"),
         "ece": expected_calibration_error(y, p, n_bins),
     }
+
+
+# ----------------------------------------------------------------------------- intervals, bootstrap, agreement
+#: The 97.5 % point of the standard normal: a two-sided 95 % interval.
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (95 % by default); ``(nan, nan)`` when ``n`` is 0.
+
+    Chosen over the Wald interval because it stays inside [0, 1] and keeps its coverage at the small counts and the
+    proportions near 1 that sensitivities on a few dozen positive studies are.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    phat = k / n
+    denom = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """The resamples of a bootstrap: ``(n_boot, n)`` indices drawn with replacement from ``range(n)``.
+
+    ``numpy.random.default_rng(seed).integers(0, n, size=(n_boot, n))``: written out so that an independent check
+    can draw the very same resamples.
+    """
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def resample_weights(indices: np.ndarray, n: int) -> np.ndarray:
+    """``(B, n)`` multiplicities of each item in each resample of :func:`bootstrap_indices` (float64)."""
+    b = indices.shape[0]
+    flat = (indices + np.arange(b)[:, None] * n).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def weighted_auc(y_true: np.ndarray, y_prob: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of many weighted copies of one sample at once (the bootstrap resamples), ties counted as one half.
+
+    With integer weights (multiplicities) each value equals ``roc_auc_score`` of the resample it stands for.
+
+    Args:
+        y_true: (N,) 0/1 labels; y_prob: (N,) scores.
+        weights: (B, N) non-negative weights (:func:`resample_weights`).
+
+    Returns:
+        (B,) AUCs; NaN for a resample without a positive or without a negative.
+    """
+    y = np.asarray(y_true, dtype=np.float64) > 0.5
+    p = np.asarray(y_prob, dtype=np.float64)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    values, group = np.unique(p, return_inverse=True)
+    onehot = np.zeros((len(p), len(values)))
+    onehot[np.arange(len(p)), group] = 1.0
+    w_pos = (w * y) @ onehot  # (B, K): weight of the positives at each distinct score, ascending
+    w_neg = (w * ~y) @ onehot
+    below = np.cumsum(w_neg, axis=1) - w_neg  # negatives strictly below each score
+    pairs = w_pos.sum(axis=1) * w_neg.sum(axis=1)
+    wins = (w_pos * (below + 0.5 * w_neg)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap values (NaNs, i.e. undefined resamples, left out); NaNs when none is left."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def fleiss_kappa(ratings: np.ndarray) -> float:
+    """Fleiss' κ of binary ratings: subjects rated by the same number of raters.
+
+    Args:
+        ratings: (N, R) 0/1, one row a subject, one column a rater (R ≥ 2; rows with a missing rating removed).
+
+    Returns:
+        ``(P̄ − P̄e) / (1 − P̄e)`` with ``P̄`` the mean pairwise agreement per subject and ``P̄e`` the agreement
+        expected by chance from the overall category proportions; NaN without subjects, and NaN when every rating
+        is the same category (``P̄e`` = 1: κ undefined).
+    """
+    r = np.asarray(ratings, dtype=np.float64)
+    if r.ndim != 2 or r.shape[0] == 0 or r.shape[1] < 2:
+        return float("nan")
+    n_raters = r.shape[1]
+    counts = np.stack([(r == 0).sum(axis=1), (r == 1).sum(axis=1)], axis=1).astype(np.float64)  # (N, 2)
+    p_subject = ((counts**2).sum(axis=1) - n_raters) / (n_raters * (n_raters - 1))
+    share = counts.sum(axis=0) / counts.sum()
+    p_bar, p_e = float(p_subject.mean()), float((share**2).sum())
+    return float("nan") if p_e >= 1.0 else (p_bar - p_e) / (1.0 - p_e)

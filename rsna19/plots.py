@@ -334,6 +334,64 @@ def _panels(curves: CurveSet, title: str) -> tuple[Figure, list[Any]]:
     return fig, [fig.add_axes(((0.6 + 3.6 * i) / width, 0.13, 3.0 / width, 0.72)) for i in range(n)]
 
 
+def _draw_roc(ax: Any, panel: str, classes: dict[str, tuple[np.ndarray, np.ndarray]], ops: dict[str, Any]) -> None:
+    """One ROC panel: a line per class with its AUC, the operating points ``ops`` (class → (sens, spec)) as dots."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    for c in CLASSES:
+        if c not in classes:
+            continue
+        y, p = (np.asarray(v, dtype=np.float64) for v in classes[c])
+        if not 0 < y.sum() < len(y):
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        auc = roc_auc_score(y, p)
+        colour = CLASS_COLOURS[c]
+        ax.plot(fpr, tpr, color=colour, lw=2.0 if c == "any" else 1.2, label=f"{SHORT_NAMES[c]} {auc:.3f}")
+        op = ops.get(c)
+        if op is not None and all(math.isfinite(v) for v in op):
+            ax.plot([1 - op[1]], [op[0]], "o", color=colour, ms=5, mec="white", mew=0.8)
+    ax.set_title(panel, fontsize=9)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("1 − specificity", fontsize=8)
+    ax.set_ylabel("sensitivity", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(title="AUC (dot: operating point)", title_fontsize=7, fontsize=7, loc="lower right")
+
+
+def _draw_reliability(ax: Any, panel: str, classes: dict[str, tuple[np.ndarray, np.ndarray]], n_bins: int) -> None:
+    """One reliability panel: a line per class through its non-empty bins (dot area: count), ECE in the legend."""
+    from rsna19.metrics import expected_calibration_error, reliability_bins
+
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    for c in CLASSES:
+        if c not in classes:
+            continue
+        y, p = (np.asarray(v, dtype=np.float64) for v in classes[c])
+        if len(y) == 0:
+            continue
+        bins = reliability_bins(y, p, n_bins)
+        bins = bins[bins["n"] > 0]
+        ece = expected_calibration_error(y, p, n_bins)
+        colour = CLASS_COLOURS[c]
+        ax.plot(bins["mean_prob"], bins["frac_pos"], color=colour, lw=2.0 if c == "any" else 1.0, alpha=0.9)
+        sizes = 6 + 40 * np.sqrt(bins["n"].to_numpy() / max(int(bins["n"].max()), 1))
+        ax.scatter(bins["mean_prob"], bins["frac_pos"], s=sizes, color=colour, label=f"{SHORT_NAMES[c]} {ece:.3f}")
+    ax.set_title(panel, fontsize=9)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("mean predicted probability", fontsize=8)
+    ax.set_ylabel("fraction positive", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(title="ECE (dot area: count)", title_fontsize=7, fontsize=7, loc="upper left")
+
+
 def plot_roc(
     curves: CurveSet,
     out_png: str | os.PathLike[str],
@@ -349,33 +407,9 @@ def plot_roc(
         title: figure title.
         operating_points: panel title → class → (sensitivity, specificity), drawn as dots.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     fig, axes = _panels(curves, title)
     for ax, (panel, classes) in zip(axes, curves.items()):
-        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-        for c in CLASSES:
-            if c not in classes:
-                continue
-            y, p = (np.asarray(v, dtype=np.float64) for v in classes[c])
-            if not 0 < y.sum() < len(y):
-                continue
-            fpr, tpr, _ = roc_curve(y, p)
-            auc = roc_auc_score(y, p)
-            colour = CLASS_COLOURS[c]
-            ax.plot(fpr, tpr, color=colour, lw=2.0 if c == "any" else 1.2, label=f"{SHORT_NAMES[c]} {auc:.3f}")
-            op = (operating_points or {}).get(panel, {}).get(c)
-            if op is not None and all(math.isfinite(v) for v in op):
-                ax.plot([1 - op[1]], [op[0]], "o", color=colour, ms=5, mec="white", mew=0.8)
-        ax.set_title(panel, fontsize=9)
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.set_aspect("equal")
-        ax.set_xlabel("1 − specificity", fontsize=8)
-        ax.set_ylabel("sensitivity", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(title="AUC (dot: operating point)", title_fontsize=7, fontsize=7, loc="lower right")
+        _draw_roc(ax, panel, classes, (operating_points or {}).get(panel, {}))
     return _save(fig, out_png)
 
 
@@ -390,31 +424,29 @@ def plot_reliability(curves: CurveSet, out_png: str | os.PathLike[str], title: s
         title: figure title.
         n_bins: equal-width bins over [0, 1] (those of :func:`rsna19.metrics.reliability_bins`).
     """
-    from rsna19.metrics import expected_calibration_error, reliability_bins
-
     fig, axes = _panels(curves, title)
     for ax, (panel, classes) in zip(axes, curves.items()):
-        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-        for c in CLASSES:
-            if c not in classes:
-                continue
-            y, p = (np.asarray(v, dtype=np.float64) for v in classes[c])
-            if len(y) == 0:
-                continue
-            bins = reliability_bins(y, p, n_bins)
-            bins = bins[bins["n"] > 0]
-            ece = expected_calibration_error(y, p, n_bins)
-            colour = CLASS_COLOURS[c]
-            ax.plot(bins["mean_prob"], bins["frac_pos"], color=colour, lw=2.0 if c == "any" else 1.0, alpha=0.9)
-            sizes = 6 + 40 * np.sqrt(bins["n"].to_numpy() / max(int(bins["n"].max()), 1))
-            ax.scatter(bins["mean_prob"], bins["frac_pos"], s=sizes, color=colour, label=f"{SHORT_NAMES[c]} {ece:.3f}")
-        ax.set_title(panel, fontsize=9)
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.set_aspect("equal")
-        ax.set_xlabel("mean predicted probability", fontsize=8)
-        ax.set_ylabel("fraction positive", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(title="ECE (dot area: count)", title_fontsize=7, fontsize=7, loc="upper left")
+        _draw_reliability(ax, panel, classes, n_bins)
+    return _save(fig, out_png)
+
+
+def plot_roc_reliability(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    operating_points: dict[str, tuple[float, float]],
+    out_png: str | os.PathLike[str],
+    title: str,
+    n_bins: int = 10,
+) -> Path:
+    """ROC curves (with operating points) and the reliability diagram of one set of study results, side by side.
+
+    Args:
+        curves: class → ((N,) 0/1 labels, (N,) probabilities).
+        operating_points: class → (sensitivity, specificity), drawn on the ROC curves.
+        out_png: output file (atomic, deterministic bytes).
+        title: figure title.
+        n_bins: reliability bins.
+    """
+    fig, (ax_roc, ax_rel) = _panels({"roc": curves, "reliability": curves}, title)
+    _draw_roc(ax_roc, "ROC (dot: the bundle's operating point)", curves, operating_points)
+    _draw_reliability(ax_rel, "reliability", curves, n_bins)
     return _save(fig, out_png)

@@ -1,4 +1,5 @@
-"""``rsna19 synth OUT --preset tiny|demo|context``: write a synthetic dataset in the RSNA layout."""
+"""``rsna19 synth OUT --preset tiny|demo|context|...``: write a synthetic dataset in the RSNA layout; ``--preset
+cq500``: a CQ500-shaped one (:mod:`rsna19.synth.cq500`) for ``rsna19 validate --format cq500``."""
 
 from __future__ import annotations
 
@@ -19,16 +20,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(train and test series) "
             "and synth_summary.json. The same preset and seed give the same files. The dataset is written to a "
             "temporary folder next to OUT and renamed at the end; re-running with the same preset and seed "
-            "skips the work."
+            "skips the work. --preset cq500 writes a CQ500-shaped dataset instead (one folder a study, 'CQ500CT<i> "
+            "CQ500CT<i>/Unknown Study/' with the series 'CT 5mm', 'CT BONE' and 'CT PLAIN THIN', and reads.csv with "
+            "three readers R1-R3 who disagree on a few studies), for `rsna19 validate --format cq500`."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("out", metavar="OUT", help="dataset folder to create")
     parser.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
+        choices=[*sorted(PRESETS), "cq500"],
         default="tiny",
-        help="; ".join(f"{name}: {PRESETS[name].description}" for name in PRESETS),
+        help="; ".join(f"{name}: {PRESETS[name].description}" for name in PRESETS)
+        + "; cq500: a CQ500-shaped dataset (--studies studies of --image-size pixels)",
+    )
+    parser.add_argument("--studies", type=int, default=40, help="studies of the cq500 preset")
+    parser.add_argument(
+        "--image-size", type=int, default=256, help="rows = columns of the cq500 preset (256: the demo bundle's)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random")
     parser.add_argument(
@@ -45,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the dataset and print its summary."""
+    if args.preset == "cq500":
+        return _run_cq500(args)
     summary = generate_dataset(
         args.out,
         preset=args.preset,
@@ -56,6 +66,25 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     if summary.get("skipped"):
         print(f"{args.out}: already holds preset {args.preset} seed {args.seed}; nothing to do (--force regenerates)")
+    else:
+        print(f"written to {args.out} in {summary['elapsed_s']:.1f} s")
+    return 0
+
+
+def _run_cq500(args: argparse.Namespace) -> int:
+    from rsna19.synth.cq500 import format_cq500_summary, generate_cq500
+
+    summary = generate_cq500(
+        args.out,
+        args.studies,
+        args.seed,
+        image_size=args.image_size,
+        workers=max(1, args.workers),
+        force=args.force,
+    )
+    print(format_cq500_summary(summary))
+    if summary.get("skipped"):
+        print(f"{args.out}: already holds this cq500 dataset; nothing to do (--force regenerates)")
     else:
         print(f"written to {args.out} in {summary['elapsed_s']:.1f} s")
     return 0

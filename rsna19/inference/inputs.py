@@ -193,7 +193,18 @@ class StudyInput:
             "series_skipped": [s.to_dict() for s in self.skipped],
             "files_skipped": [{"path": _show(f.path, root), "reason": f.reason} for f in self.skipped_files],
             "problem": self.problem,
+            "folder": self.folder(root),
         }
+
+    def folder(self, root: Path | None = None) -> str:
+        """The deepest folder holding every file of the study (kept, skipped and left-out ones), relative to
+        ``root`` when it lies below it (``.`` for ``root`` itself): where the study sits in the input, e.g. the
+        study folder of a dataset laid out one folder a study (CQ500)."""
+        files = [f for s in (*self.used, *self.skipped) for f in s.files] + [f.path for f in self.skipped_files]
+        if not files:
+            return "."
+        common = Path(os.path.commonpath([str(Path(f).parent) for f in files]))
+        return _show(common, root)
 
 
 @dataclass

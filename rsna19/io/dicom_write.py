@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -106,6 +108,7 @@ def write_ct_dicom(
     window_center: float | list[float] = 40.0,
     window_width: float | list[float] = 80.0,
     modality: str = "CT",
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Write one CT slice with the header elements the RSNA files carry.
 
@@ -118,6 +121,8 @@ def write_ct_dicom(
         variant: pixel storage convention.
         window_center, window_width: display window; a list writes a multi-valued tag.
         modality: Modality tag (tests write non-CT files with it).
+        extra: more elements by keyword (``SeriesDescription``, ``ConvolutionKernel``, ``ImageType``, ...), set
+            last, so they may also replace the ones above.
     """
     stored = encode_hu(hu, variant)
     rows, cols = stored.shape
@@ -156,6 +161,8 @@ def write_ct_dicom(
     ds.RescaleSlope = f"{variant.slope:g}"
     ds.SliceThickness = f"{geometry.slice_thickness:g}"
     ds.PixelData = stored.tobytes()
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the ID_<hex> UIDs are validated again on write
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
