@@ -64,6 +64,29 @@ def test_blend_is_cross_fitted_and_convex():
     np.testing.assert_allclose(res.oof[held], combine(P[held], fit_convex_weights(P[~held], y[~held])))
 
 
+def test_blend_falls_back_on_the_best_base_model_when_it_loses_on_oof():
+    rng = np.random.default_rng(0)
+    n = 500
+    y = (rng.random((n, 6)) < 0.3).astype(np.float64)
+    folds = np.repeat(np.arange(5), n // 5)
+    base = np.where(y == 1, 0.7, 0.3)  # a steady base model
+    # A stacker that is excellent on folds 1-4 and inverted on fold 0: weights fitted without fold 0 trust it.
+    good = np.where(y == 1, 0.95, 0.05)
+    stacker = np.where((folds == 0)[:, None], 1 - good, good)
+    oof = {"lgbm": stacker, "base:a": base}
+    test = {"lgbm": np.full((7, 6), 0.9), "base:a": np.full((7, 6), 0.2)}
+    plain = fit_blend(oof, test, y, folds, per_class=False)
+    assert plain.fallback is None and weighted_log_loss(y, plain.oof) > weighted_log_loss(y, base)
+    safe = fit_blend(oof, test, y, folds, per_class=False, fallback=True)
+    assert safe.fallback == "base:a"
+    np.testing.assert_array_equal(safe.oof, base)
+    np.testing.assert_allclose(safe.test, test["base:a"])
+    assert safe.weights[:, 0].tolist() == [0, 1] and np.all(safe.weights[1] == 1)
+    # Where the blend wins, the safeguard leaves it alone.
+    won = fit_blend({"lgbm": good, "base:a": base}, test, y, folds, per_class=False, fallback=True)
+    assert won.fallback is None and weighted_log_loss(y, won.oof) < weighted_log_loss(y, base)
+
+
 def test_inner_split_groups_patients():
     groups = np.repeat(np.arange(20), 3)
     tr, va = inner_split(groups, 0.25, seed=1)

@@ -90,6 +90,9 @@ class BlendConfig:
     #: then choose between stacking and the best single models, so it never needs to lose to them.
     include_base: bool = True
     per_class: bool = True
+    #: When the cross-fitted blend does not beat its best base-model member on level-2 OOF, the blend is that
+    #: base model (needs ``include_base``): the second level never scores worse than its best input on OOF.
+    fallback: bool = True
 
 
 @dataclass

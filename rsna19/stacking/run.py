@@ -166,7 +166,10 @@ def fit_stackers(cfg: StackConfig, l2: Level2Set) -> tuple[dict[str, CrossFitRes
             l2.y,
             l2.folds,
             cfg.blend.per_class,
+            cfg.blend.fallback,
         )
+        if blend.fallback:
+            log.info("blend: the cross-fitted blend did not beat %s on OOF; the blend is that model", blend.fallback)
         blend.oof = postprocess(blend.oof, pp.any_ge_max, pp.clip)
         blend.test = postprocess(blend.test, pp.any_ge_max, pp.clip)
     return results, blend
@@ -250,7 +253,7 @@ def run_stack(cfg: StackConfig, force: bool = False) -> StackResult:
             str(k): np.asarray(m.weights).tolist() for k, m in stackers["convex"].models.items()
         }
     if blend is not None:
-        weights["blend"] = {"members": blend.members, "weights": blend.weights.tolist()}
+        weights["blend"] = {"members": blend.members, "weights": blend.weights.tolist(), "fallback": blend.fallback}
     resolved = dataclasses.replace(cfg, models=l2.models, folds=sorted(int(k) for k in set(l2.folds)))
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
