@@ -21,6 +21,7 @@ The bundle is the tiny pipeline run's (made once per session, about a minute on 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import textwrap
@@ -316,6 +317,17 @@ def _check_answer(pacs: Orthanc, uid: str, sops: list[str], row: dict) -> None:
     assert row["p_any"] == pytest.approx(results["any"]["probability"], abs=1e-4)
 
 
+def _answer_counts(pacs: Orthanc, uid: str, row: dict) -> dict[str, int]:
+    """CT instances received by the node, SRs and SCs of the node in Orthanc's copy of the study."""
+    by_modality = pacs.instances_by_modality(uid)
+    every = [t for tags in by_modality.values() for t in tags]
+    return {
+        "instances_received": row["n_instances"],
+        "sr_in_orthanc": sum(t["SOPClassUID"] == SR_CLASS for t in every),
+        "sc_in_orthanc": sum(t["SOPClassUID"] == SC_CLASS for t in every),
+    }
+
+
 def test_roundtrip_results_in_same_study(setup: Setup) -> None:
     """Orthanc → node (C-STORE of whole studies) → SR + SC back into each study, checked over Orthanc's REST API."""
     studies = [setup.add_study(0), setup.add_study(1, slices=5)]
@@ -400,8 +412,10 @@ def test_worklist_in_browser(setup: Setup, chromium_exe: str, artifacts: Path) -
     assert red[0][0] < last_plain and red[-1][1] < last_plain, found
 
 
-def test_faults_every_study_answered_once(setup: Setup) -> None:
-    """SIGKILL while receiving, SIGKILL while predicting, Orthanc down while results go out: one SR per study."""
+def test_faults_every_study_answered_once(setup: Setup, artifacts: Path) -> None:
+    """SIGKILL while receiving, SIGKILL while predicting, Orthanc down while results go out: one SR per study.
+
+    What happened is written to ``faults.json`` in the artifacts folder (docs/benchmarks.md quotes it)."""
     pacs, node = setup.pacs, setup.node
     # 1. Killed mid-reception: the node dies while Orthanc is sending; the PACS sends the study again later.
     uid_a, sid_a, sops_a = setup.add_study(0, slices=24)
@@ -421,11 +435,14 @@ def test_faults_every_study_answered_once(setup: Setup) -> None:
     wait_for(lambda: (node.study(uid_b) or {}).get("status") == "running", 60, interval=0.05, what="B running")
     node.kill()
     node.start()
-    # 3. Orthanc down while the results are being sent: the node retries until it is back.
+    # 3. Orthanc down while the results are being sent: the node retries until it is back. Orthanc crashes
+    # (SIGKILL) as soon as it has handed C over, inside the node's quiet period: a graceful stop takes ~1.5 s, and
+    # on an idle machine the tiny bundle predicts and sends C in under a second, so the results would have gone
+    # out before the PACS went down.
     uid_c, sid_c, sops_c = setup.add_study(2)
     pacs.store("rsna19", [sid_c])
-    wait_for(lambda: (node.study(uid_c) or {}).get("status") == "running", 60, interval=0.05, what="C running")
-    pacs.stop()
+    pacs.kill()
+    assert (node.study(uid_c) or {}).get("status") in ("receiving", "queued", "running")  # not answered yet
 
     def send_failed() -> bool:
         return any(e.get("event") == "send_failed" and e.get("study_uid") == uid_c for e in node.log_events())
@@ -439,6 +456,24 @@ def test_faults_every_study_answered_once(setup: Setup) -> None:
         _check_answer(pacs, uid, sops, rows[uid])
     assert len(node.studies()) == 3
     assert node.starts == 3
+    events = node.log_events()
+    record = {
+        "killed_mid_reception": {"instances": len(sops_a), "on_disk_at_kill": on_disk},
+        "killed_mid_inference": {
+            "instances": len(sops_b),
+            "predictions_started": sum(
+                e.get("event") == "study_started" and e.get("study_uid") == uid_b for e in events
+            ),
+        },
+        "orthanc_down_while_sending": {
+            "failed_sends": sum(e.get("event") == "send_failed" and e.get("study_uid") == uid_c for e in events)
+        },
+        "node_starts": node.starts,
+        "per_study": {
+            name: _answer_counts(pacs, uid, rows[uid]) for name, uid in (("A", uid_a), ("B", uid_b), ("C", uid_c))
+        },
+    }
+    (artifacts / "faults.json").write_text(json.dumps(record, indent=2))
 
 
 def _ignore(exc: type[BaseException], fn, *args) -> None:  # noqa: ANN001

@@ -236,3 +236,23 @@ def test_rerun_with_a_changed_model_config_refuses_the_stale_run(tiny_run, tiny_
     captured = capsys.readouterr()
     assert "train.seed" in captured.out + captured.err and "different config" in captured.out + captured.err
     assert (work / "runs" / "clf2d" / "fold_0" / "best.pt").stat().st_mtime_ns == before
+
+
+def test_versus_best_base_says_when_the_blend_fell_back():
+    import pandas as pd
+
+    from rsna19.pipeline.run import versus_best_base
+
+    scores = pd.DataFrame(
+        {
+            "name": ["clf2d", "seq", "lgbm", "blend"],
+            "kind": ["base", "base", "stacker", "blend"],
+            "wll_oof": [0.22, 0.18, 0.19, 0.18],
+            "wll_test": [0.19, 0.14, 0.13, 0.14],
+        }
+    )
+    lines = versus_best_base(scores)
+    assert "OOF 1.000 × seq, test 1.000 × seq" in lines[1]
+    assert "the blend is seq" in lines[2]
+    scores.loc[3, "wll_oof"] = 0.17
+    assert len(versus_best_base(scores)) == 2

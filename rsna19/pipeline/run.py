@@ -251,7 +251,13 @@ def versus_best_base(scores: pd.DataFrame) -> list[str]:
         parts.append(f"{label} {s[col] / best[col]:.3f} × {best['name']}")
     if not parts:
         return []
-    return ["", "  blend / best base model: " + ", ".join(parts) + " (below 1: the second level helps)"]
+    lines = ["", "  blend / best base model: " + ", ".join(parts) + " (below 1: the second level helps)"]
+    best_oof = base.loc[base["wll_oof"].idxmin()] if base["wll_oof"].notna().any() else None
+    if best_oof is not None and s["wll_oof"] == best_oof["wll_oof"]:
+        lines.append(
+            f"  (the blend is {best_oof['name']}: stacking did not beat it on the level-2 OOF rows, blend.fallback)"
+        )
+    return lines
 
 
 @contextlib.contextmanager

@@ -169,6 +169,17 @@ class Orthanc:
         if log is not None:
             log.close()
 
+    def kill(self) -> None:
+        """SIGKILL Orthanc at once (a crash: its DICOM port is gone within milliseconds); its storage stays."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.kill()
+        proc.wait()
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
+
     def restart(self, down_s: float = 0.0) -> Orthanc:
         """Stop, stay down ``down_s`` seconds, start again on the same ports with the same storage."""
         self.stop()
