@@ -55,10 +55,16 @@ def test_base_models_predict_the_same_after_bundling(bundled, tiny_run):
 
 def test_stacker_predicts_the_same_after_bundling(bundled):
     bundle = load_bundle(bundled.path)
-    after = bundle.stacker.predict(bundled.level2.test)
+    after = bundle.stacker.predict(bundled.level2.test_sets)  # per base fold, as at export
     assert after.shape == bundled.stacker_test.shape
     np.testing.assert_allclose(after, bundled.stacker_test, rtol=1e-9, atol=1e-12)
     assert np.all((after > 0) & (after < 1))
+    # New slices are stacked per base fold, like the stack's test rows; a bundle written before that setting
+    # existed (no key) stacks the fold-averaged predictions, as it did then.
+    assert bundle.stacker.per_fold and bundle.stacker.info["test_per_fold"] is True
+    old = dict(bundle.stacker.info)
+    del old["test_per_fold"]
+    assert not type(bundle.stacker)(old, bundle.stacker.members).per_fold
 
 
 def _rehash(root, rel):

@@ -215,7 +215,7 @@ def test_a_new_stacker_is_one_class_and_a_config_section(toy, work, tmp_path):
         assert (dest / "toy.json").is_file()
         loaded = load_stacker(json.loads((dest / INFO_FILE).read_text()), _reader(dest))
         assert isinstance(loaded.members["toy"], toy)
-        np.testing.assert_array_equal(loaded.predict(l2.test), preds)
+        np.testing.assert_array_equal(loaded.predict(l2.test_sets), preds)  # per base fold, as exported
 
 
 def test_a_stacker_without_a_config_section_is_not_run(toy, caplog):

@@ -101,12 +101,46 @@ class _PatientMemory:
         return self.table.reindex(data.groups).fillna(0.5).to_numpy()
 
 
+class _Squared:
+    """A non-linear stacker that learns nothing: the squared mean of the base probabilities."""
+
+    name = "squared"
+
+    def fit(self, data: Level2Data, y: np.ndarray) -> None:
+        pass
+
+    def predict(self, data: Level2Data) -> np.ndarray:
+        return data.base.astype(np.float64).mean(axis=1) ** 2
+
+
 def test_memorising_stacker_learns_nothing_out_of_fold(result):
     l2 = result.level2
     res = cross_fit(_PatientMemory, l2.oof, l2.y, l2.folds, l2.test)
     # Every OOF row was predicted by a model that never saw its patient.
     assert np.all(res.oof == 0.5)
     assert np.all(res.test == 0.5)
+
+
+def test_test_rows_are_stacked_per_base_fold(result, work, tmp_path):
+    """Each level-2 fold model predicts the features of every base fold's test predictions; the mean is the test
+    prediction. The features of one fold have the spread of the OOF rows the stackers were fitted on."""
+    l2 = result.level2
+    assert len(l2.test_folds) == len(set(l2.folds)) and l2.test_sets == l2.test_folds
+    for k, d in enumerate(l2.test_folds):  # each set holds that fold model's own test predictions
+        want = pd.read_parquet(work.runs / work.models[0] / f"fold_{k}" / "test.parquet").set_index("sop_uid")
+        got = want.loc[l2.test_features["sop_uid"], list(PROB_COLUMNS)].to_numpy()
+        np.testing.assert_allclose(d.base[:, 0], got, rtol=1e-6)
+    np.testing.assert_allclose(np.mean([d.base for d in l2.test_folds], axis=0), l2.test.base, atol=1e-6)
+    res = cross_fit(_Squared, l2.oof, l2.y, l2.folds, l2.test_sets)
+    manual = np.mean([d.base.astype(np.float64).mean(axis=1) ** 2 for d in l2.test_folds], axis=0)
+    np.testing.assert_allclose(res.test, manual)
+    assert not np.allclose(res.test, l2.test.base.astype(np.float64).mean(axis=1) ** 2)  # not the averaged features
+    # Averaged features instead: the convex blend is linear in the base probabilities, so it gives the same test
+    # predictions; LightGBM's trees do not.
+    averaged = run_stack(_cfg(work, tmp_path, f"test_labels={work.test_labels}", "features.test_per_fold=false"))
+    assert averaged.level2.test_folds == []
+    np.testing.assert_allclose(averaged.test["convex"], result.test["convex"], atol=1e-6)
+    assert not np.allclose(averaged.test["lgbm"], result.test["lgbm"], atol=1e-6)
 
 
 def test_restart_skips_and_force_recomputes(result, work):

@@ -119,22 +119,57 @@ def model_probabilities(bundle: Any, cache: Path, rows: pd.DataFrame) -> dict[st
     Returns:
         model name → (N, 6) float32, in ``rows`` order.
     """
-    return {p.name: p.predict_cache(cache, rows) for p in bundle.models}
+    return {name: _fold_mean(folds) for name, folds in fold_probabilities(bundle, cache, rows).items()}
 
 
-def stack_probabilities(bundle: Any, rows: pd.DataFrame, per_model: dict[str, np.ndarray]) -> np.ndarray:
-    """The bundled stacker's (N, 6) probabilities for ``rows`` (one or more series), in ``rows`` order."""
+def fold_probabilities(bundle: Any, cache: Path, rows: pd.DataFrame) -> dict[str, dict[int, np.ndarray]]:
+    """Each bundled model's probabilities for ``rows`` of ``cache`` from each of its folds.
+
+    Returns:
+        model name → fold → (N, 6) float32, in ``rows`` order.
+    """
+    return {p.name: p.predict_cache(cache, rows, per_member=True) for p in bundle.models}
+
+
+def _fold_mean(folds: dict[int, np.ndarray]) -> np.ndarray:
+    """The fold average, as :meth:`rsna19.engine.predictor.Predictor.predict_cache` takes it."""
+    return np.mean(np.stack(list(folds.values())), axis=0, dtype=np.float64).astype(np.float32)
+
+
+def stack_probabilities(
+    bundle: Any,
+    rows: pd.DataFrame,
+    per_model: dict[str, np.ndarray],
+    per_fold: dict[str, dict[int, np.ndarray]] | None = None,
+) -> np.ndarray:
+    """The bundled stacker's (N, 6) probabilities for ``rows`` (one or more series), in ``rows`` order.
+
+    Args:
+        per_model: model name → (N, 6) fold-averaged probabilities.
+        per_fold: model name → fold → (N, 6); when the stacker stacks each base fold separately (bundles with
+            ``test_per_fold``), its level-2 features are built per fold and its predictions averaged.
+    """
     from rsna19.stacking.features import Level2Data, build_features
 
     st = bundle.stacker
-    preds = {}
-    for m in st.models:
-        df = rows[["sop_uid", "series_uid", "study_uid", "patient_id"]].copy()
-        df["slice_idx"] = rows["z"].to_numpy()
-        df[list(PROB_COLUMNS)] = per_model[m]
-        preds[m] = df
-    feats = build_features(preds, st.offsets, st.windows)
-    stacked = st.predict(Level2Data.from_features(feats, st.models))
+
+    def features(probs: dict[str, np.ndarray]) -> pd.DataFrame:
+        preds = {}
+        for m in st.models:
+            df = rows[["sop_uid", "series_uid", "study_uid", "patient_id"]].copy()
+            df["slice_idx"] = rows["z"].to_numpy()
+            df[list(PROB_COLUMNS)] = probs[m]
+            preds[m] = df
+        return build_features(preds, st.offsets, st.windows)
+
+    feats = features(per_model)
+    if st.per_fold and per_fold:
+        folds = sorted(set.intersection(*(set(per_fold[m]) for m in st.models)))
+        stacked = st.predict(
+            [Level2Data.from_features(features({m: per_fold[m][k] for m in st.models}), st.models) for k in folds]
+        )
+    else:
+        stacked = st.predict(Level2Data.from_features(feats, st.models))
     where = pd.Index(feats["sop_uid"]).get_indexer(rows["sop_uid"])
     return np.asarray(stacked, dtype=np.float64)[where]
 
@@ -246,9 +281,10 @@ def predict_series(
     write_series(sp.volume, sp.meta, cache, preview=False)
     rows = _rows(sp.meta)
     t2 = time.perf_counter()
-    sp.per_model = model_probabilities(bundle, cache, rows)
+    per_fold = fold_probabilities(bundle, cache, rows)
+    sp.per_model = {name: _fold_mean(folds) for name, folds in per_fold.items()}
     t3 = time.perf_counter()
-    sp.stacked = stack_probabilities(bundle, rows, sp.per_model)
+    sp.stacked = stack_probabilities(bundle, rows, sp.per_model, per_fold)
     t4 = time.perf_counter()
     sp.seconds = {
         "convert_s": round(t1 - t0, 3),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,8 @@ class LoadedStacker:
         info: the content of ``stacker.json``.
         members: member name → fitted stacker.
         models: base model names; offsets, windows: the level-2 feature settings; feature_names: the features the
-            members were fitted on.
+            members were fitted on; per_fold: new slices are stacked from each base fold's predictions separately
+            (``features.test_per_fold``; False for bundles written before it).
     """
 
     def __init__(self, info: dict[str, Any], members: dict[str, Any]) -> None:
@@ -58,9 +60,11 @@ class LoadedStacker:
         self.offsets = int(info["features"]["offsets"])
         self.windows = tuple(int(w) for w in info["features"]["windows"])
         self.feature_names = list(info["feature_names"])
+        self.per_fold = bool(info.get("test_per_fold", False))
 
-    def predict(self, data: Level2Data) -> np.ndarray:
-        """(N, 6) stacked probabilities of level-2 features ``data``.
+    def predict(self, data: Level2Data | Sequence[Level2Data]) -> np.ndarray:
+        """(N, 6) stacked probabilities of level-2 features ``data``: one set, or one set per base fold (each member
+        predicts every set and its predictions are averaged, as in the stack's test predictions).
 
         Raises:
             UserError: ``data`` has other features than the stackers were fitted on.
@@ -68,18 +72,23 @@ class LoadedStacker:
         from rsna19.stacking.convex import combine
         from rsna19.stacking.postprocess import postprocess
 
-        if list(data.feature_names) != self.feature_names:
+        sets = [data] if isinstance(data, Level2Data) else list(data)
+        if any(list(d.feature_names) != self.feature_names for d in sets):
             raise UserError("the level-2 features differ from the ones the bundle's stacker was trained on")
         pp = self.info["postprocess"]
         method = self.info["method"]
+        base = np.mean([d.base.astype(np.float64) for d in sets], axis=0)  # (N, M, 6)
         if method == "mean":
-            return data.base.mean(axis=1, dtype=np.float64)
-        preds = {n: postprocess(self.members[n].predict(data), pp["any_ge_max"], pp["clip"]) for n in self.members}
+            return base.mean(axis=1)
+        preds = {
+            n: postprocess(np.mean([m.predict(d) for d in sets], axis=0), pp["any_ge_max"], pp["clip"])
+            for n, m in self.members.items()
+        }
         if method != "blend":
             return preds[method]
         for name in self.info["members"]:  # base-model members: the model's own probabilities at the slice
             if name.startswith(BASE_PREFIX):
-                preds[name] = data.base[:, self.models.index(name.removeprefix(BASE_PREFIX))].astype(np.float64)
+                preds[name] = base[:, self.models.index(name.removeprefix(BASE_PREFIX))]
         P = np.stack([preds[m] for m in self.info["members"]], axis=1)
         return postprocess(combine(P, np.asarray(self.info["blend_weights"])), pp["any_ge_max"], pp["clip"])
 
@@ -160,12 +169,13 @@ def export_stacker(
     from rsna19.stacking.run import blend_members, fit_stackers, make_stackers, prepare_level2
 
     inputs = load_base_inputs(scfg.runs, models, scfg.folds_csv, list(scfg.folds))
-    l2 = prepare_level2(inputs, scfg.features.offsets, tuple(scfg.features.windows))
+    l2 = prepare_level2(inputs, scfg.features.offsets, tuple(scfg.features.windows), scfg.features.test_per_fold)
     factories = make_stackers(scfg)
     info: dict[str, Any] = {
         "method": which,
         "models": models,
         "features": {"offsets": scfg.features.offsets, "windows": list(scfg.features.windows)},
+        "test_per_fold": bool(scfg.features.test_per_fold),
         "feature_names": list(l2.oof.feature_names),
         "postprocess": dataclasses.asdict(scfg.postprocess),
         "members": [],
@@ -203,7 +213,7 @@ def export_stacker(
         st.fit(l2.oof, l2.y)
         fitted[name] = st
         info["stackers"][name] = save_member(name, st, dest)
-    return info, l2, LoadedStacker(info, fitted).predict(l2.test)
+    return info, l2, LoadedStacker(info, fitted).predict(l2.test_sets)
 
 
 def load_stacker(info: dict[str, Any], read: Reader) -> LoadedStacker:

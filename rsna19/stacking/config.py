@@ -18,6 +18,11 @@ class FeatureConfig:
     offsets: int = 2
     #: Centred rolling windows (odd lengths) over which mean and max are taken.
     windows: tuple[int, ...] = (3, 5)
+    #: Test rows: build the features from each base fold's predictions separately, let every level-2 model predict
+    #: each set and average (True), or build them once from the fold-averaged predictions (False). The stackers are
+    #: fitted on OOF features, which come from one fold model each; an average of several fold models is less
+    #: extreme, a shift that tree models feel (docs/architecture.md, "Second level").
+    test_per_fold: bool = True
 
 
 @dataclass

@@ -8,7 +8,7 @@ fold models' predictions.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +44,7 @@ def cross_fit(
     data: Level2Data,
     y: np.ndarray,
     folds: np.ndarray,
-    test: Level2Data | None = None,
+    test: Level2Data | Sequence[Level2Data] | None = None,
     keep_models: bool = False,
 ) -> CrossFitResult:
     """Run level-2 CV for one kind of stacker.
@@ -54,7 +54,8 @@ def cross_fit(
         data: OOF features, N rows.
         y: (N, 6) labels.
         folds: (N,) fold of each row (the base models' patient-grouped folds).
-        test: test features, or None.
+        test: test features, or several sets of them (one per base fold: every fold model predicts each and the
+            test prediction is the mean over fold models and sets), or None.
         keep_models: keep the fitted fold models in the result (for inspection).
 
     Returns:
@@ -62,7 +63,8 @@ def cross_fit(
     """
     start = time.perf_counter()
     oof = np.full((len(data), len(CLASSES)), np.nan)
-    test_sum = np.zeros((len(test) if test is not None else 0, len(CLASSES)))
+    test_sets = [] if test is None else [test] if isinstance(test, Level2Data) else list(test)
+    test_sum = np.zeros((len(test_sets[0]) if test_sets else 0, len(CLASSES)))
     fold_ids = np.unique(folds)
     result = CrossFitResult(name="", oof=oof, test=test_sum)
     for k in fold_ids:
@@ -71,8 +73,8 @@ def cross_fit(
         stacker = make_stacker()
         stacker.fit(train, y[~held])
         oof[held] = stacker.predict(data.take(held))
-        if test is not None:
-            test_sum += stacker.predict(test)
+        for t in test_sets:
+            test_sum += stacker.predict(t) / len(test_sets)
         result.name = stacker.name
         result.train_patients[int(k)] = np.unique(train.groups)
         if keep_models:

@@ -8,7 +8,7 @@ score, an outer join would invent predictions).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,22 @@ def load_test(runs: str | os.PathLike[str], model: str, folds: list[int]) -> pd.
     Returns:
         One row per test slice: key columns, ``fold`` (−1: an average) and the mean ``p_<class>`` ×6.
     """
-    parts = []
+    return _mean_over_folds(load_test_folds(runs, model, folds))
+
+
+def _mean_over_folds(parts: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """One frame of the fold frames' mean probabilities, ``fold`` −1, in the first fold's row order."""
+    first = next(iter(parts.values()))
+    df = pd.concat(list(parts.values()), ignore_index=True)
+    mean = df.groupby("sop_uid", sort=False)[list(PROB_COLUMNS)].mean()
+    out = first[list(KEY_COLUMNS)].set_index("sop_uid").join(mean).reset_index()
+    out["fold"] = -1
+    return out
+
+
+def load_test_folds(runs: str | os.PathLike[str], model: str, folds: list[int]) -> dict[int, pd.DataFrame]:
+    """Each fold model's test predictions (fold → frame); every fold must predict the same slices."""
+    parts: dict[int, pd.DataFrame] = {}
     ref: set[str] | None = None
     for k in folds:
         path = Path(runs) / model / f"fold_{k}" / "test.parquet"
@@ -95,13 +110,8 @@ def load_test(runs: str | os.PathLike[str], model: str, folds: list[int]) -> pd.
                 f"test predictions of model {model!r}, fold {k}: {len(ref - sops)} slice(s) missing and "
                 f"{len(sops - ref)} extra compared with fold {folds[0]} ({path})"
             )
-        parts.append(df)
-    df = pd.concat(parts, ignore_index=True)
-    mean = df.groupby("sop_uid", sort=False)[list(PROB_COLUMNS)].mean()
-    keys = parts[0][list(KEY_COLUMNS)].set_index("sop_uid")
-    out = keys.join(mean).reset_index()
-    out["fold"] = -1
-    return out
+        parts[k] = df
+    return parts
 
 
 def check_alignment(preds: dict[str, pd.DataFrame], split: str) -> None:
@@ -161,6 +171,7 @@ class BaseInputs:
         folds: the folds used.
         fold_of_patient: ``patient_id`` → fold, from ``folds.csv``.
         test_labels: labels of the test slices (index ``sop_uid``), or None.
+        test_folds: fold → model → that fold model's test frame (the rows of ``test``, not averaged).
     """
 
     models: list[str]
@@ -169,6 +180,7 @@ class BaseInputs:
     folds: list[int]
     fold_of_patient: pd.Series
     test_labels: pd.DataFrame | None = None
+    test_folds: dict[int, dict[str, pd.DataFrame]] = field(default_factory=dict)
 
 
 def load_base_inputs(
@@ -200,7 +212,9 @@ def load_base_inputs(
         raise UserError(f"no base-model runs with OOF predictions under {runs}")
     fold_of_patient = fold_df.set_index("patient_id")["fold"]
     oof = {m: load_oof(runs, m, folds) for m in models}
-    test = {m: load_test(runs, m, folds) for m in models}
+    per_fold = {m: load_test_folds(runs, m, folds) for m in models}
+    test = {m: _mean_over_folds(per_fold[m]) for m in models}
+    test_folds = {k: {m: per_fold[m][k] for m in models} for k in folds}
     check_alignment(oof, "OOF")
     check_alignment(test, "test")
     for m, df in oof.items():
@@ -221,4 +235,4 @@ def load_base_inputs(
         missing = pd.Index(test[models[0]]["sop_uid"]).difference(labels.index)
         if len(missing):
             raise UserError(f"{test_labels}: no labels for {len(missing)} test slice(s) (e.g. {missing[0]})")
-    return BaseInputs(models, oof, test, folds, fold_of_patient, labels)
+    return BaseInputs(models, oof, test, folds, fold_of_patient, labels, test_folds)

@@ -65,6 +65,8 @@ class Level2Set:
         oof_features, test_features: frames from :func:`build_features` (sorted by series, slice).
         oof, test: the same as matrices for the stackers.
         y: (N, 6) OOF labels; folds: (N,) fold of each OOF row; y_test: (N_test, 6) or None.
+        test_folds: with ``features.test_per_fold``, the test features built from each base fold's predictions
+            alone, one :class:`Level2Data` a fold in ``test_features``' row order; empty otherwise.
     """
 
     models: list[str]
@@ -75,12 +77,31 @@ class Level2Set:
     y: np.ndarray
     folds: np.ndarray
     y_test: np.ndarray | None = None
+    test_folds: list[Level2Data] = field(default_factory=list)
+
+    @property
+    def test_sets(self) -> list[Level2Data]:
+        """What a level-2 model predicts for the test rows, its predictions averaged: each fold's features, or the
+        features of the fold-averaged predictions."""
+        return self.test_folds or [self.test]
 
 
-def prepare_level2(inputs: BaseInputs, offsets: int = 2, windows: tuple[int, ...] = (3, 5)) -> Level2Set:
-    """Build features for OOF and test rows and align labels and folds with them."""
+def prepare_level2(
+    inputs: BaseInputs, offsets: int = 2, windows: tuple[int, ...] = (3, 5), test_per_fold: bool = False
+) -> Level2Set:
+    """Build features for OOF and test rows and align labels and folds with them.
+
+    With ``test_per_fold`` the test features are also built from each base fold's predictions alone
+    (:attr:`Level2Set.test_folds`)."""
     oof_feats = build_features(inputs.oof, offsets, windows)
     test_feats = build_features(inputs.test, offsets, windows)
+    test_folds = []
+    if test_per_fold:
+        for k in inputs.folds:
+            feats_k = build_features(inputs.test_folds[k], offsets, windows)
+            if not np.array_equal(feats_k["sop_uid"].to_numpy(), test_feats["sop_uid"].to_numpy()):
+                raise UserError(f"test features of base fold {k} do not line up with the fold-averaged ones")
+            test_folds.append(Level2Data.from_features(feats_k, inputs.models))
     ref = inputs.oof[inputs.models[0]].set_index("sop_uid")
     y = ref.loc[oof_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64)
     folds = oof_feats["patient_id"].map(inputs.fold_of_patient).to_numpy(int)
@@ -96,6 +117,7 @@ def prepare_level2(inputs: BaseInputs, offsets: int = 2, windows: tuple[int, ...
         y=y,
         folds=folds,
         y_test=y_test,
+        test_folds=test_folds,
     )
 
 
@@ -147,7 +169,7 @@ def fit_stackers(cfg: StackConfig, l2: Level2Set) -> tuple[dict[str, CrossFitRes
     results: dict[str, CrossFitResult] = {}
     for name, factory in make_stackers(cfg).items():
         log.info("level-2 CV: %s on %d rows × %d features, %d folds", name, *l2.oof.X.shape, len(set(l2.folds)))
-        res = cross_fit(factory, l2.oof, l2.y, l2.folds, l2.test, keep_models=name == "convex")
+        res = cross_fit(factory, l2.oof, l2.y, l2.folds, l2.test_sets, keep_models=name == "convex")
         res.oof = postprocess(res.oof, pp.any_ge_max, pp.clip)
         res.test = postprocess(res.test, pp.any_ge_max, pp.clip)
         log.info("level-2 CV: %s done in %.1f s", name, res.seconds)
@@ -240,7 +262,7 @@ def run_stack(cfg: StackConfig, force: bool = False) -> StackResult:
     inputs = load_base_inputs(cfg.runs, list(cfg.models), cfg.folds_csv, list(cfg.folds), cfg.test_labels)
     timings["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows))
+    l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows), cfg.features.test_per_fold)
     timings["features_s"] = time.perf_counter() - t0
     log.info("features: %d OOF and %d test rows × %d features", len(l2.oof), len(l2.test), l2.oof.X.shape[1])
     stackers, blend = fit_stackers(cfg, l2)
@@ -278,7 +300,7 @@ def write_features(cfg: StackConfig, out_dir: str | os.PathLike[str] | None = No
     """
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out) / f"{cfg.name}-features"
     inputs = load_base_inputs(cfg.runs, list(cfg.models), cfg.folds_csv, list(cfg.folds), cfg.test_labels)
-    l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows))
+    l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows), cfg.features.test_per_fold)
     oof = l2.oof_features.copy()
     oof.insert(len(KEY_COLUMNS), "fold", l2.folds)
     labels = pd.DataFrame(l2.y, columns=list(CLASSES))
