@@ -352,15 +352,20 @@ def _draw_roc(ax: Any, panel: str, classes: dict[str, tuple[np.ndarray, np.ndarr
         op = ops.get(c)
         if op is not None and all(math.isfinite(v) for v in op):
             ax.plot([1 - op[1]], [op[0]], "o", color=colour, ms=5, mec="white", mew=0.8)
+    _unit_square(ax, panel, "1 − specificity", "sensitivity")
+    ax.legend(title="AUC (dot: operating point)", title_fontsize=7, fontsize=7, loc="lower right")
+
+
+def _unit_square(ax: Any, panel: str, xlabel: str, ylabel: str) -> None:
+    """Title, [0, 1] axes of equal scale, small labels and a grid: the frame of a ROC or reliability panel."""
     ax.set_title(panel, fontsize=9)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
-    ax.set_xlabel("1 − specificity", fontsize=8)
-    ax.set_ylabel("sensitivity", fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    ax.legend(title="AUC (dot: operating point)", title_fontsize=7, fontsize=7, loc="lower right")
 
 
 def _draw_reliability(ax: Any, panel: str, classes: dict[str, tuple[np.ndarray, np.ndarray]], n_bins: int) -> None:
@@ -381,14 +386,7 @@ def _draw_reliability(ax: Any, panel: str, classes: dict[str, tuple[np.ndarray, 
         ax.plot(bins["mean_prob"], bins["frac_pos"], color=colour, lw=2.0 if c == "any" else 1.0, alpha=0.9)
         sizes = 6 + 40 * np.sqrt(bins["n"].to_numpy() / max(int(bins["n"].max()), 1))
         ax.scatter(bins["mean_prob"], bins["frac_pos"], s=sizes, color=colour, label=f"{SHORT_NAMES[c]} {ece:.3f}")
-    ax.set_title(panel, fontsize=9)
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.set_xlabel("mean predicted probability", fontsize=8)
-    ax.set_ylabel("fraction positive", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
+    _unit_square(ax, panel, "mean predicted probability", "fraction positive")
     ax.legend(title="ECE (dot area: count)", title_fontsize=7, fontsize=7, loc="upper left")
 
 

@@ -47,6 +47,7 @@ from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.errors import UserError
 from rsna19.inference.series_select import DEFAULT_TRAINING_SPACING_MM, SelectionPolicy, rank_series
 from rsna19.utils.atomic import write_csv, write_text
+from rsna19.utils.jsonable import json_default
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +516,7 @@ def predict_studies(
         "files_skipped": files_skipped,
         "studies": studies_out,
     }
-    write_text(json.dumps(summary, indent=1, default=_json_default) + "\n", out / "studies.json")
+    write_text(json.dumps(summary, indent=1, default=json_default) + "\n", out / "studies.json")
     return summary
 
 
@@ -646,11 +647,3 @@ def _message(exc: BaseException) -> str:
     """A one-line message: the text of expected errors, the type as well for unexpected ones."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if isinstance(exc, UserError | ValueError) else f"{type(exc).__name__}: {text}"
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

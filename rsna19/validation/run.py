@@ -39,6 +39,7 @@ from rsna19.constants import CLASSES
 from rsna19.errors import UserError
 from rsna19.metrics import bootstrap_indices, resample_weights
 from rsna19.utils.atomic import ensure_writable_dir, write_csv, write_text
+from rsna19.utils.jsonable import json_default
 from rsna19.validation.references import Reference, read_reference
 from rsna19.validation.stats import VALIDATION_COLUMNS, class_rows, confusion, ranking_metrics
 
@@ -240,7 +241,7 @@ def validate(
     write_csv(result, out / "validation.csv")
     info["summary"] = write_report(result, table, info, out)
     write_text(
-        json.dumps(_finite(info), indent=1, default=_json_default, allow_nan=False) + "\n", out / "validation.json"
+        json.dumps(_finite(info), indent=1, default=json_default, allow_nan=False) + "\n", out / "validation.json"
     )
     for entry in problems.values():
         if entry["count"]:
@@ -348,11 +349,3 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, float | np.floating) and not math.isfinite(float(obj)):
         return None
     return obj
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
