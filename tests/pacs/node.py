@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from pacs.orthanc import terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,15 +138,9 @@ class Node:
         proc, self.proc = self.proc, None
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        code = terminate(proc, timeout)
         self._close_log()
-        return proc.returncode
+        return code
 
     def kill(self) -> None:
         """SIGKILL, like a power cut: nothing is flushed or cleaned up by the node."""

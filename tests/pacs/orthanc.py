@@ -48,6 +48,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def terminate(proc: subprocess.Popen, timeout: float | None) -> int | None:
+    """SIGTERM ``proc`` and wait ``timeout`` s, then SIGKILL (``timeout`` None: SIGKILL at once). Returns its exit
+    code."""
+    if proc.poll() is None:
+        if timeout is None:
+            proc.kill()
+        else:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait()
+    return proc.returncode
+
+
 class OrthancError(RuntimeError):
     """Orthanc did not start, or a REST call failed (the message holds the status and the answer)."""
 
@@ -155,27 +171,16 @@ class Orthanc:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop Orthanc (SIGTERM, SIGKILL after ``timeout`` s); its storage stays."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log = getattr(self, "_log", None)
-        if log is not None:
-            log.close()
+        self._end(timeout)
 
     def kill(self) -> None:
         """SIGKILL Orthanc at once (a crash: its DICOM port is gone within milliseconds); its storage stays."""
+        self._end(None)
+
+    def _end(self, timeout: float | None) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.kill()
-        proc.wait()
+        if proc is not None:
+            terminate(proc, timeout)
         log = getattr(self, "_log", None)
         if log is not None:
             log.close()
