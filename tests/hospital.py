@@ -25,6 +25,7 @@ from pydicom.uid import CTImageStorage, JPEGLosslessSV1
 from scipy.ndimage import gaussian_filter
 
 from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
+from rsna19.synth.cq500 import series_geometry
 from rsna19.synth.phantom import render
 from rsna19.synth.plan import SeriesPlan, make_plan
 from rsna19.synth.presets import Preset
@@ -85,11 +86,8 @@ def write_series(
     The thin slices tile the thick ones exactly (8 × 0.625 mm per 5 mm slice, centred alike). ``attrs`` are set on
     every file after writing (ImageType, ConvolutionKernel, SeriesDescription, ...).
     """
-    g = plan.geometry
-    n = round(g.n_slices * g.table_step / step)
-    z_shift = -g.table_step / 2 + step / 2
-    centre = (g.centre[0], g.centre[1], g.centre[2] + z_shift)
-    geom = dataclasses.replace(g, table_step=step, n_slices=n, centre=centre, slice_thickness=step)
+    geom = series_geometry(plan, step)
+    n = geom.n_slices
     rng = np.random.default_rng(int(step * 1000) + int(sharpen))
     circle = geom.recon_circle()
     noise = plan.noise_sd * math.sqrt(THICK_MM / step)

@@ -37,6 +37,7 @@ from rsna19.constants import CLASSES, SUBTYPES
 from rsna19.errors import UserError
 from rsna19.io.cq500 import FINDINGS, OTHER_FINDINGS, READERS
 from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
+from rsna19.synth.geometry import SeriesGeometry
 from rsna19.synth.phantom import SUBTYPE_BIT, render
 from rsna19.synth.plan import SeriesPlan, make_plan
 from rsna19.synth.presets import Preset
@@ -86,6 +87,16 @@ def cq500_plans(n_studies: int, seed: int, image_size: int, n_slices: tuple[int,
     return [dataclasses.replace(p, corrupt_slice=None) for p in plans]
 
 
+def series_geometry(plan: SeriesPlan, step: float) -> SeriesGeometry:
+    """The geometry of ``plan``'s slab cut into slices ``step`` mm thick and apart: the slices tile the plan's own
+    (8 × 0.625 mm per 5 mm slice), centred alike."""
+    g = plan.geometry
+    n = round(g.n_slices * g.table_step / step)
+    z_shift = -g.table_step / 2 + step / 2
+    centre = (g.centre[0], g.centre[1], g.centre[2] + z_shift)
+    return dataclasses.replace(g, table_step=step, n_slices=n, centre=centre, slice_thickness=step)
+
+
 def write_series(
     folder: Path,
     plan: SeriesPlan,
@@ -103,11 +114,8 @@ def write_series(
     Thin slices tile the thick ones (8 × 0.625 mm per 5 mm slice, centred alike) and are noisier
     (SD ∝ 1/√thickness); a bone kernel enhances edges and noise.
     """
-    g = plan.geometry
-    n = round(g.n_slices * g.table_step / step)
-    z_shift = -g.table_step / 2 + step / 2
-    centre = (g.centre[0], g.centre[1], g.centre[2] + z_shift)
-    geom = dataclasses.replace(g, table_step=step, n_slices=n, centre=centre, slice_thickness=step)
+    geom = series_geometry(plan, step)
+    n = geom.n_slices
     rng = np.random.default_rng([*plan.seed, int(step * 1000), int(sharpen)])
     circle = geom.recon_circle()
     noise = plan.noise_sd * math.sqrt(THICK_MM / step)
