@@ -24,7 +24,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, JPEGLosslessSV1
 from scipy.ndimage import gaussian_filter
 
-from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
+from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom, write_enhanced_ct_dicom
 from rsna19.synth.cq500 import series_geometry
 from rsna19.synth.phantom import render
 from rsna19.synth.plan import SeriesPlan, make_plan
@@ -200,3 +200,28 @@ def _set(path: Path, attrs: dict[str, Any]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         ds.save_as(path, enforce_file_format=True)
+
+
+def enhanced_copy(
+    files: list[Path], path: Path, *, sop_uid: str, series_uid: str, study_uid: str, patient_id: str, reverse: bool
+) -> int:
+    """The single-frame CT ``files`` as one multi-frame Enhanced CT file at ``path`` (same HU and geometry; frames
+    in reverse order with ``reverse``); returns the number of frames."""
+    dss = [pydicom.dcmread(f) for f in files]
+    hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in dss])
+    geoms = [
+        SliceGeometry(
+            tuple(map(float, ds.ImagePositionPatient)),
+            tuple(map(float, ds.ImageOrientationPatient)),
+            tuple(map(float, ds.PixelSpacing)),
+            float(ds.SliceThickness),
+        )
+        for ds in dss
+    ]
+    if reverse:
+        hu, geoms = hu[::-1], geoms[::-1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_enhanced_ct_dicom(
+        path, hu, geoms, sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid, patient_id=patient_id
+    )
+    return len(dss)

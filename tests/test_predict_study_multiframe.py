@@ -12,13 +12,12 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from hospital import SOFT, THICK_MM, head_plan, write_series
+from hospital import SOFT, THICK_MM, enhanced_copy, head_plan, write_series
 from pydicom.multival import MultiValue
 
 from rsna19.bundle import export_bundle
 from rsna19.cli import main
 from rsna19.constants import CLASSES
-from rsna19.io.dicom_write import SliceGeometry, write_enhanced_ct_dicom
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 
@@ -30,22 +29,9 @@ PROB = [f"p_{c}" for c in CLASSES]
 
 def _enhanced_copy(files: list[Path], path: Path) -> int:
     """The single-frame ``files`` as one Enhanced CT file (frames in reverse spatial order); returns the frames."""
-    dss = [pydicom.dcmread(f) for f in files]
-    hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in dss])[::-1]
-    geoms = [
-        SliceGeometry(
-            tuple(map(float, ds.ImagePositionPatient)),
-            tuple(map(float, ds.ImageOrientationPatient)),
-            tuple(map(float, ds.PixelSpacing)),
-            float(ds.SliceThickness),
-        )
-        for ds in dss
-    ][::-1]
-    path.parent.mkdir(parents=True)
-    write_enhanced_ct_dicom(
-        path, hu, geoms, sop_uid=MULTI_SOP, series_uid=MULTI_SERIES, study_uid=STUDY_MULTI, patient_id="P1"
+    return enhanced_copy(
+        files, path, sop_uid=MULTI_SOP, series_uid=MULTI_SERIES, study_uid=STUDY_MULTI, patient_id="P1", reverse=True
     )
-    return len(dss)
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
-from hospital import SOFT, head_plan, transcode_jpeg_lossless, write_series
+from hospital import SOFT, enhanced_copy, head_plan, transcode_jpeg_lossless, write_series
 from pydicom.uid import JPEGLosslessSV1
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, MRImageStorage, Verification
 
 from rsna19.bundle import export_bundle, load_bundle
 from rsna19.errors import UserError
-from rsna19.io.dicom_write import SliceGeometry, write_enhanced_ct_dicom
 from rsna19.serve.app import ServeApp
 from rsna19.serve.config import Destination, ServeConfig, load_config
 from rsna19.serve.db import ServeDB
@@ -330,19 +328,10 @@ def test_compressed_instance_is_stored_as_received(scp_only, tmp_path):
 def test_enhanced_ct_study_is_predicted_and_answered(node, dest, tmp_path):
     """One multi-frame Enhanced CT file: stored, predicted frame by frame, SR + SC at the destination."""
     uid = f"{STUDY_BASE}.10"
-    dss = [pydicom.dcmread(f) for f in write_study(tmp_path / "single", uid)]
-    hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in dss])
-    geoms = [
-        SliceGeometry(
-            tuple(map(float, ds.ImagePositionPatient)),
-            tuple(map(float, ds.ImageOrientationPatient)),
-            tuple(map(float, ds.PixelSpacing)),
-            float(ds.SliceThickness),
-        )
-        for ds in dss
-    ]
     path = tmp_path / "enhanced.dcm"
-    write_enhanced_ct_dicom(path, hu, geoms, sop_uid=f"{uid}.2.1", series_uid=f"{uid}.2", study_uid=uid, patient_id="P")
+    singles = write_study(tmp_path / "single", uid)
+    ids = {"sop_uid": f"{uid}.2.1", "series_uid": f"{uid}.2", "study_uid": uid, "patient_id": "P"}
+    enhanced_copy(singles, path, **ids, reverse=False)
     ports = json.loads(node.spool.ports_path.read_text())
     assert send(ports["dicom"], [path], contexts=[build_context(EnhancedCTImageStorage)]) == [0]
     s = wait_for(lambda: (s := api_study(ports["http"], uid)) and s["status"] in ("sent", "failed") and s, timeout=90)

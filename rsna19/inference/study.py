@@ -114,15 +114,6 @@ def _rows(meta: dict[str, Any]) -> pd.DataFrame:
     )
 
 
-def model_probabilities(bundle: Any, cache: Path, rows: pd.DataFrame) -> dict[str, Any]:
-    """Each bundled model's probabilities for ``rows`` of ``cache``, averaged over its folds.
-
-    Returns:
-        model name → (N, 6) float32, in ``rows`` order.
-    """
-    return {name: _fold_mean(folds) for name, folds in fold_probabilities(bundle, cache, rows).items()}
-
-
 def fold_probabilities(bundle: Any, cache: Path, rows: pd.DataFrame) -> dict[str, dict[int, np.ndarray]]:
     """Each bundled model's probabilities for ``rows`` of ``cache`` from each of its folds.
 
@@ -163,15 +154,13 @@ def stack_probabilities(
             preds[m] = df
         return build_features(preds, st.offsets, st.windows)
 
-    feats = features(per_model)
     if st.per_fold and per_fold:
         folds = sorted(set.intersection(*(set(per_fold[m]) for m in st.models)))
-        stacked = st.predict(
-            [Level2Data.from_features(features({m: per_fold[m][k] for m in st.models}), st.models) for k in folds]
-        )
+        sets = [features({m: per_fold[m][k] for m in st.models}) for k in folds]
     else:
-        stacked = st.predict(Level2Data.from_features(feats, st.models))
-    where = pd.Index(feats["sop_uid"]).get_indexer(rows["sop_uid"])
+        sets = [features(per_model)]
+    stacked = st.predict([Level2Data.from_features(f, st.models) for f in sets])
+    where = pd.Index(sets[0]["sop_uid"]).get_indexer(rows["sop_uid"])
     return np.asarray(stacked, dtype=np.float64)[where]
 
 

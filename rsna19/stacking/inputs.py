@@ -76,15 +76,6 @@ def load_oof(runs: str | os.PathLike[str], model: str, folds: list[int]) -> pd.D
     return df
 
 
-def load_test(runs: str | os.PathLike[str], model: str, folds: list[int]) -> pd.DataFrame:
-    """Average a model's test predictions over the folds' models; every fold must predict the same slices.
-
-    Returns:
-        One row per test slice: key columns, ``fold`` (−1: an average) and the mean ``p_<class>`` ×6.
-    """
-    return _mean_over_folds(load_test_folds(runs, model, folds))
-
-
 def _mean_over_folds(parts: dict[int, pd.DataFrame]) -> pd.DataFrame:
     """One frame of the fold frames' mean probabilities, ``fold`` −1, in the first fold's row order."""
     first = next(iter(parts.values()))

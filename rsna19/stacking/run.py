@@ -300,7 +300,7 @@ def write_features(cfg: StackConfig, out_dir: str | os.PathLike[str] | None = No
     """
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.out) / f"{cfg.name}-features"
     inputs = load_base_inputs(cfg.runs, list(cfg.models), cfg.folds_csv, list(cfg.folds), cfg.test_labels)
-    l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows), cfg.features.test_per_fold)
+    l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows))  # the written features only
     oof = l2.oof_features.copy()
     oof.insert(len(KEY_COLUMNS), "fold", l2.folds)
     labels = pd.DataFrame(l2.y, columns=list(CLASSES))
