@@ -189,3 +189,47 @@ def test_weights_file_is_loaded_and_adapted(tmp_path, monkeypatch):
     import os
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """The registry as the package leaves it; what a test's plugins register is gone after it."""
+    from rsna19.nets import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", {k: s for k, s in registry._REGISTRY.items() if s.plugin is None})
+    monkeypatch.setattr(registry, "_PLUGINS", {})
+    return registry
+
+
+def test_plugins_register_their_families_and_fail_by_name(clean_registry, tmp_path, monkeypatch, capsys):
+    """``$RSNA19_PLUGINS``: a module name or a .py file registers families with their traits; a broken one is an
+    error naming it, on every look-up."""
+    registry = clean_registry
+    body = (
+        "from torch import nn\nfrom rsna19.nets.registry import register_model\n\n"
+        "@register_model({name!r}, masks=True, pretrained=None)\n"
+        "def build(**kwargs) -> nn.Module:\n    return nn.Linear(2, 6)\n"
+    )
+    (tmp_path / "toy_file.py").write_text(body.format(name="toy_b"))
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgless"))
+    (tmp_path / "pkgless").mkdir()
+    (tmp_path / "pkgless" / "toy_mod.py").write_text(body.format(name="toy_a"))
+    monkeypatch.setenv(registry.PLUGINS_ENV, f"toy_mod, {tmp_path / 'toy_file.py'}")
+    a, b = get_model_spec("toy_a"), get_model_spec("toy_b")
+    assert (a.plugin, b.plugin) == ("toy_mod", str(tmp_path / "toy_file.py"))
+    assert a.masks and a.pretrained is None and not a.reads_embeddings
+    assert isinstance(build_model("toy_b"), nn.Linear)
+    assert main(["models"]) == 0
+    assert f"[plugin {tmp_path / 'toy_file.py'}]" in capsys.readouterr().out
+
+    monkeypatch.setenv(registry.PLUGINS_ENV, f"{tmp_path / 'missing.py'}")
+    for _ in range(2):  # not only the first look-up
+        with pytest.raises(UserError, match=r"plugin '.*missing\.py' \(\$RSNA19_PLUGINS\) failed to import: .*no such"):
+            get_model_spec("clf2d")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('half written')\n")
+    monkeypatch.setenv(registry.PLUGINS_ENV, str(tmp_path / "broken.py"))
+    with pytest.raises(UserError, match="broken.py.*RuntimeError: half written"):
+        list_models()
+    monkeypatch.delenv(registry.PLUGINS_ENV)
+    with pytest.raises(UserError, match=r"unknown model 'toy_c'.*\$RSNA19_PLUGINS"):
+        get_model_spec("toy_c")
