@@ -109,21 +109,14 @@ def register_model(
     if pretrained not in PRETRAINED_SOURCES:
         raise ValueError(f"model {name!r}: unknown pretrained source {pretrained!r}; known: {PRETRAINED_SOURCES}")
 
+    task_ = task or DEFAULT_TASKS[input_layout]
+
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
-        _REGISTRY[name] = ModelSpec(
-            name,
-            family or name,
-            doc,
-            fn,
-            input_layout,
-            task or DEFAULT_TASKS[input_layout],
-            masks,
-            pretrained,
-            _LOADING[-1] if _LOADING else None,
-        )
+        plugin = _LOADING[-1] if _LOADING else None
+        _REGISTRY[name] = ModelSpec(name, family or name, doc, fn, input_layout, task_, masks, pretrained, plugin)
         return fn
 
     return wrap
