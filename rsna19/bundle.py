@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -510,8 +511,6 @@ def load_bundle(
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from rsna19.config import from_dict
-    from rsna19.engine.config import TrainConfig
     from rsna19.engine.predictor import Predictor
     from rsna19.engine.runtime import parse_tta, resolve_device
     from rsna19.stacking.bundled import load_stacker
@@ -556,8 +555,7 @@ def load_bundle(
     embed_views: dict[str, list[str]] = {}
     for entry in manifest["models"]:
         name = entry["name"]
-        _check_registered(root, entry)
-        cfg = from_dict(TrainConfig, yaml.safe_load(read(f"models/{name}/config.yaml")))
+        cfg = _bundled_config(root, entry, read)
         weights, meta = [], {}
         for k in entry["folds"] if folds is None else [k for k in entry["folds"] if int(k) in folds]:
             meta = read_json(f"models/{name}/fold_{k}.json")
@@ -584,14 +582,17 @@ def load_bundle(
     return Bundle(root, manifest, list(models.values()), stacker, dev, study_model, hashlib.sha256(raw).hexdigest())
 
 
-def _check_registered(root: Path, entry: dict[str, Any]) -> None:
-    """Refuse a bundled model whose family is not registered here, naming the plugin it came from.
+def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], bytes]) -> Any:
+    """The training config of a bundled model, once its family is known to be registered here.
 
     A bundle never imports code: a family from a plugin loads only when the user names that plugin.
 
     Raises:
-        UserError: the model's registry name is unknown (also after the ``$RSNA19_PLUGINS`` plugins).
+        UserError: the model's registry name is unknown (also after the ``$RSNA19_PLUGINS`` plugins): the message
+            names the plugin it came from.
     """
+    from rsna19.config import from_dict
+    from rsna19.engine.config import TrainConfig
     from rsna19.nets import get_model_spec
     from rsna19.nets.registry import PLUGINS_ENV
 
@@ -605,6 +606,7 @@ def _check_registered(root: Path, entry: dict[str, Any]) -> None:
             f"{root}: model {entry['name']!r} is a {entry['model_name']!r} model of plugin {plugin!r}, which is not "
             f"loaded: name the plugin in ${PLUGINS_ENV} (a bundle never imports code itself)"
         ) from None
+    return from_dict(TrainConfig, yaml.safe_load(read(f"models/{entry['name']}/config.yaml")))
 
 
 def _study_model(root: Path, manifest: dict[str, Any], read_json: Any) -> dict[str, Any] | None:
