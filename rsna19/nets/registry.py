@@ -188,9 +188,12 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build registered model ``name`` with keyword arguments (from the config).
 
     Raises:
-        UserError: unknown model or an argument its builder does not take.
+        UserError: unknown model, an argument its builder does not take, or ``pretrained`` for a family without
+            pretrained weights.
     """
     spec = get_model_spec(name)
+    if spec.pretrained is None and kwargs.get("pretrained"):
+        raise UserError(f"model {name!r} has no pretrained weights: set model.pretrained: false")
     params = inspect.signature(spec.builder).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
