@@ -256,3 +256,22 @@ def test_versus_best_base_says_when_the_blend_fell_back():
     assert "the blend is seq" in lines[2]
     scores.loc[3, "wll_oof"] = 0.17
     assert len(versus_best_base(scores)) == 2
+
+
+def test_embedding_readers_need_an_embedding_run_of_the_pipeline():
+    """The job graph's embed jobs follow the `reads_embeddings` trait and the image run's task (`can_embed`)."""
+    import copy
+
+    from tinyfamilies import tiny_models
+
+    from rsna19.pipeline.stages import embedding_splits
+
+    cfgs = {m.name: m.config for m in tiny_models()}
+    assert embedding_splits(cfgs) == {image: ("oof", "test") for image in EMBEDDINGS.values()}
+    reader = next(iter(EMBEDDINGS))
+    no_embeddings = next(m.name for m in tiny_models() if m.spec.input_layout == "slab")
+    for upstream, message in ((no_embeddings, f"a {cfgs[no_embeddings].model.name} model"), ("nope", "not in the")):
+        bad = {**cfgs, reader: copy.deepcopy(cfgs[reader])}
+        bad[reader].data.embeddings = upstream
+        with pytest.raises(UserError, match=message):
+            embedding_splits(bad)
