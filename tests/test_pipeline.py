@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tinyfamilies import EMBEDDINGS, MODELS, PIPELINE
+from tinyfamilies import EMBEDDINGS, MODELS, PIPELINE, tiny_models
 
 from rsna19.cli import main
 from rsna19.constants import CLASSES, PROB_COLUMNS
@@ -261,8 +261,6 @@ def test_versus_best_base_says_when_the_blend_fell_back():
 def test_embedding_readers_need_an_embedding_run_of_the_pipeline():
     """The job graph's embed jobs follow the `reads_embeddings` trait and the image run's task (`can_embed`)."""
     import copy
-
-    from tinyfamilies import tiny_models
 
     from rsna19.pipeline.stages import embedding_splits
 
