@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from tinyfamilies import FAMILIES
 
 from rsna19.bundle import export_bundle
 from rsna19.cli import main
@@ -83,7 +84,7 @@ def test_outputs_per_study(case, folder_run):
         assert len(s["series_used"]) == 1
         assert set(s["prediction"]["max_probability"]) == {c.removeprefix("p_") for c in PROB_COLUMNS}
         assert s["prediction"]["top_slices"][0]["sop_uid"] in set(slices["sop_uid"])
-        assert set(s["per_model_max"]) == {"clf2d", "clf2dc_5c", "combine_last", "clf3d", "seg_aux", "seq"}
+        assert set(s["per_model_max"]) == set(FAMILIES)
         png = folder_run / s["report"]
         assert png.name == report_name(uid) and png.read_bytes().startswith(b"\x89PNG")
     bad = by_uid[case["bad"]]
@@ -99,10 +100,6 @@ def test_same_probabilities_as_the_training_pipeline(case, folder_run):
     want.index = l2.test_features["sop_uid"].to_numpy()
     got = slices.loc[want.index, list(PROB_COLUMNS)]
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-4, atol=1e-5)
-
-
-FAMILIES = {"clf2d": "clf2d", "clf2dc_5c": "clf2dc", "combine_last": "combine_last", "clf3d": "clf3d"}
-FAMILIES |= {"seg_aux": "seg_aux", "seq": "seq"}
 
 
 @pytest.mark.parametrize("model", sorted(FAMILIES))
