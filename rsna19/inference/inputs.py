@@ -650,6 +650,27 @@ def collect_studies(
         root = source.resolve().parent
         files = [source.resolve()]
 
+    return group_files(files, source, root, rules=rules, workers=workers)
+
+
+def group_files(
+    files: list[Path],
+    source: Path,
+    root: Path,
+    *,
+    rules: SelectionRules = SelectionRules(),
+    workers: int = 1,
+) -> StudyInputs:
+    """Read the headers of ``files`` and group them into studies and series (:func:`collect_studies` after the
+    files were found).
+
+    Args:
+        files: the files to read (any file: the unusable ones become skipped files with their reasons).
+        source: what the user gave (recorded in the result).
+        root: the folder the files are shown relative to.
+        rules: series selection rules.
+        workers: processes reading headers (1 reads in this process).
+    """
     if workers > 1 and len(files) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             infos = list(pool.map(_read_file, files, chunksize=max(1, len(files) // (4 * workers))))

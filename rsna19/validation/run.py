@@ -179,8 +179,8 @@ def validate(
         UserError: unreadable labels, a bundle without a study model, no study both predicted and labelled, or
             fewer than 100 bootstrap resamples.
     """
-    from rsna19.bundle import load_bundle
     from rsna19.inference.study import predict_studies
+    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
     from rsna19.validation.report import write_report
 
     if n_boot < 100:
@@ -189,12 +189,13 @@ def validate(
         raise UserError(f"{recalibrate} exists; use --force to replace the recalibrated bundle")
     ref = read_reference(labels, fmt)
     out = ensure_writable_dir(out)
-    loaded = load_bundle(bundle, device=device, folds=folds, tta=tta)
+    predictor = StudyPredictor.load(bundle, device=device, folds=folds, tta=tta, options=StudyOptions(cam=False))
+    loaded = predictor.bundle
     if loaded.study_model is None:
         raise UserError(f"{bundle}: the bundle has no study model (re-export it with `rsna19 bundle`)")
     model = loaded.study_model
-    summary = predict_studies(data, loaded, out / "predict", workers=workers, cam=False, say=say)
-    slices = pd.read_csv(out / "predict" / "slices.csv", dtype={"study_uid": str, "series_uid": str, "sop_uid": str})
+    batch = predict_studies(data, predictor, out / "predict", workers=workers, say=say)
+    summary, slices = batch.summary, batch.slices
     table = study_table(summary, slices, model, ref, fmt)
 
     ok = table[table["status"] == "ok"]
