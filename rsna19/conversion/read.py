@@ -21,29 +21,10 @@ import pydicom
 import pydicom.config
 from pydicom.dataelem import RawDataElement
 
+from rsna19.io.dicom import TAGS, SliceGeometry
 from rsna19.io.hu import dataset_to_hu, decode_stored, frame_to_hu, native_to_hu
 from rsna19.io.multiframe import frame_headers, frame_sop_uid, is_multiframe
 
-# Tags read by value (plain ints: the fastest dict keys for Dataset.get_item).
-_MODALITY = 0x00080060
-_SOP_UID = 0x00080018
-_PATIENT_ID = 0x00100020
-_SLICE_THICKNESS = 0x00180050
-_STUDY_UID = 0x0020000D
-_SERIES_UID = 0x0020000E
-_IPP = 0x00200032
-_IOP = 0x00200037
-_SAMPLES = 0x00280002
-_FRAMES = 0x00280008
-_ROWS = 0x00280010
-_COLS = 0x00280011
-_SPACING = 0x00280030
-_BITS_ALLOCATED = 0x00280100
-_BITS_STORED = 0x00280101
-_PIXEL_REPRESENTATION = 0x00280103
-_INTERCEPT = 0x00281052
-_SLOPE = 0x00281053
-_PIXEL_DATA = 0x7FE00010
 #: Little-endian transfer syntaxes whose pixel data is a plain buffer.
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
 _US = {True: struct.Struct("<H").unpack, False: struct.Struct(">H").unpack}
@@ -76,13 +57,10 @@ class Slice:
     slice_thickness: float
     frame: int = 0
 
-    def geometry_key(self) -> tuple:
-        """What must agree between slices stacked together: shape, orientation, pixel spacing."""
-        return (
-            self.hu.shape,
-            tuple(np.round(self.iop, 3).tolist()),
-            tuple(round(v, 4) for v in self.pixel_spacing),
-        )
+    def geometry(self) -> SliceGeometry:
+        """What must agree between slices stacked together (:func:`rsna19.io.dicom.pick_geometry`)."""
+        spacing = (float(self.pixel_spacing[0]), float(self.pixel_spacing[1]))
+        return SliceGeometry(tuple(self.hu.shape), tuple(float(v) for v in self.iop), spacing)
 
 
 @contextlib.contextmanager
@@ -175,18 +153,18 @@ class _Header:
 
 
 def _hu(ds: pydicom.Dataset, h: _Header) -> np.ndarray:
-    rows, cols = h.us(_ROWS), h.us(_COLS)
+    rows, cols = h.us(TAGS["Rows"]), h.us(TAGS["Columns"])
     if not rows or not cols:
         raise ValueError("no Rows/Columns")
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-    pixels = h._elem(_PIXEL_DATA)
+    pixels = h._elem(TAGS["PixelData"])
     if pixels is None:
         raise ValueError("no pixel data")
-    frames = h.number(_FRAMES, 1.0)
+    frames = h.number(TAGS["NumberOfFrames"], 1.0)
     if (
         ts in _NATIVE_LE
-        and h.us(_BITS_ALLOCATED) == 16
-        and h.us(_SAMPLES, 1) == 1
+        and h.us(TAGS["BitsAllocated"]) == 16
+        and h.us(TAGS["SamplesPerPixel"], 1) == 1
         and frames == 1.0
         and isinstance(pixels.value, bytes)
     ):
@@ -194,10 +172,10 @@ def _hu(ds: pydicom.Dataset, h: _Header) -> np.ndarray:
             pixels.value,
             rows,
             cols,
-            slope=h.number(_SLOPE, 1.0),
-            intercept=h.number(_INTERCEPT, 0.0),
-            bits_stored=h.us(_BITS_STORED, 16) or 16,
-            pixel_representation=h.us(_PIXEL_REPRESENTATION, 0) or 0,
+            slope=h.number(TAGS["RescaleSlope"], 1.0),
+            intercept=h.number(TAGS["RescaleIntercept"], 0.0),
+            bits_stored=h.us(TAGS["BitsStored"], 16) or 16,
+            pixel_representation=h.us(TAGS["PixelRepresentation"], 0) or 0,
         )
     return dataset_to_hu(ds)  # compressed, big-endian or unusual bit depths: pydicom's decoders
 
@@ -220,26 +198,26 @@ def read_slice_unguarded(path: str | os.PathLike[str]) -> Slice:
 
 def _single_slice(path: str | os.PathLike[str], ds: pydicom.Dataset) -> Slice:
     h = _Header(ds)
-    modality = h.string(_MODALITY)
+    modality = h.string(TAGS["Modality"])
     if modality and modality != "CT":
         raise ValueError(f"not CT (Modality={modality})")
     if is_multiframe(ds):
         raise ValueError("multi-frame image: read it with read_file_slices")
-    ipp = h.floats(_IPP, 3, "ImagePositionPatient")
-    iop = _check_iop(h.floats(_IOP, 6, "ImageOrientationPatient"))
-    spacing = _check_spacing(h.floats(_SPACING, 2, "PixelSpacing"))
+    ipp = h.floats(TAGS["ImagePositionPatient"], 3, "ImagePositionPatient")
+    iop = _check_iop(h.floats(TAGS["ImageOrientationPatient"], 6, "ImageOrientationPatient"))
+    spacing = _check_spacing(h.floats(TAGS["PixelSpacing"], 2, "PixelSpacing"))
     hu = _hu(ds, h)
     return Slice(
         path=str(path),
-        sop_uid=h.string(_SOP_UID),
-        series_uid=h.string(_SERIES_UID),
-        study_uid=h.string(_STUDY_UID),
-        patient_id=h.string(_PATIENT_ID),
+        sop_uid=h.string(TAGS["SOPInstanceUID"]),
+        series_uid=h.string(TAGS["SeriesInstanceUID"]),
+        study_uid=h.string(TAGS["StudyInstanceUID"]),
+        patient_id=h.string(TAGS["PatientID"]),
         hu=hu,
         ipp=ipp,
         iop=iop,
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
-        slice_thickness=h.number(_SLICE_THICKNESS, 0.0),
+        slice_thickness=h.number(TAGS["SliceThickness"], 0.0),
     )
 
 
@@ -290,7 +268,7 @@ def read_file_slices_unguarded(path: str | os.PathLike[str], frames: Sequence[in
     if not is_multiframe(ds):
         return [_single_slice(path, ds)]
     h = _Header(ds)
-    modality = h.string(_MODALITY)
+    modality = h.string(TAGS["Modality"])
     if modality and modality != "CT":
         raise ValueError(f"not CT (Modality={modality})")
     headers = frame_headers(ds)
@@ -306,28 +284,28 @@ def read_file_slices_unguarded(path: str | os.PathLike[str], frames: Sequence[in
         spacing = _check_spacing(_vector(fh.pixel_spacing, 2, "PixelSpacing", f))
         geometry[f] = (ipp, iop, spacing)
     stored = decode_stored(ds)
-    sop = h.string(_SOP_UID)
-    bits_stored = h.us(_BITS_STORED, 16) or 16
-    representation = h.us(_PIXEL_REPRESENTATION, 0) or 0
+    sop = h.string(TAGS["SOPInstanceUID"])
+    bits_stored = h.us(TAGS["BitsStored"], 16) or 16
+    representation = h.us(TAGS["PixelRepresentation"], 0) or 0
     out = []
     for f in wanted:
         fh = headers[f - 1]
         ipp, iop, spacing = geometry[f]
         hu = frame_to_hu(
             stored[f - 1],
-            slope=fh.slope if fh.slope is not None else h.number(_SLOPE, 1.0),
-            intercept=fh.intercept if fh.intercept is not None else h.number(_INTERCEPT, 0.0),
+            slope=fh.slope if fh.slope is not None else h.number(TAGS["RescaleSlope"], 1.0),
+            intercept=fh.intercept if fh.intercept is not None else h.number(TAGS["RescaleIntercept"], 0.0),
             bits_stored=bits_stored,
             pixel_representation=representation,
         )
-        thickness = fh.slice_thickness if fh.slice_thickness is not None else h.number(_SLICE_THICKNESS, 0.0)
+        thickness = fh.slice_thickness if fh.slice_thickness is not None else h.number(TAGS["SliceThickness"], 0.0)
         out.append(
             Slice(
                 path=str(path),
                 sop_uid=frame_sop_uid(sop, f),
-                series_uid=h.string(_SERIES_UID),
-                study_uid=h.string(_STUDY_UID),
-                patient_id=h.string(_PATIENT_ID),
+                series_uid=h.string(TAGS["SeriesInstanceUID"]),
+                study_uid=h.string(TAGS["StudyInstanceUID"]),
+                patient_id=h.string(TAGS["PatientID"]),
                 hu=hu,
                 ipp=ipp,
                 iop=iop,

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,14 +21,7 @@ import numpy as np
 import pandas as pd
 
 from rsna19.constants import AIR_HU, CLASSES
-from rsna19.conversion.geometry import (
-    TILT_THRESHOLD_DEG,
-    order_slices,
-    positions_along_normal,
-    slice_spacing,
-    tilt_deg,
-    tilt_shifts,
-)
+from rsna19.conversion.geometry import TILT_THRESHOLD_DEG, order_slices, slice_spacing, tilt_shifts
 from rsna19.conversion.read import Slice, describe_error, lenient_reading, read_file_slices_unguarded
 from rsna19.conversion.resample import (
     Window,
@@ -39,10 +31,11 @@ from rsna19.conversion.resample import (
     sample_window,
     scale_factors,
 )
+from rsna19.io.dicom import pick_geometry, positions_along_normal, series_orientation, slice_normal, tilt_deg
 from rsna19.utils.atomic import ensure_writable_dir, output_error
 
 #: Bump when the conversion changes what it writes: every cached series is then out of date.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: one geometry rule and series orientation with predict-study (rsna19.io.dicom)
 
 #: Name prefix of series directories being written; never a complete series.
 TMP_PREFIX = ".tmp-"
@@ -137,22 +130,19 @@ def input_fingerprint(paths_or_rows: Any) -> str:
 
 
 def _pick_geometry(slices: list[Slice], dropped: list[dict[str, str]]) -> list[Slice]:
-    """Keep the slices whose shape, orientation and spacing agree with the most common ones."""
-    keys = Counter(s.geometry_key() for s in slices)
-    best = max(keys.items(), key=lambda kv: kv[1])[0]  # ties: the first seen (inputs are sorted)
-    kept = []
-    for s in slices:
-        if s.geometry_key() == best:
-            kept.append(s)
-        else:
-            dropped.append(
-                {
-                    "path": s.path,
-                    "sop_uid": s.sop_uid,
-                    "reason": f"geometry {s.geometry_key()} differs from the rest of the series {best}",
-                }
-            )
-    return kept
+    """The slices that agree with the series geometry (:func:`rsna19.io.dicom.pick_geometry`); the others go to
+    ``dropped``.
+
+    Raises:
+        SeriesError: no geometry is shared by a strict majority of the slices.
+    """
+    geometries = [s.geometry() for s in slices]
+    kept, off = pick_geometry(geometries)
+    if not all(geometries[i].agrees(geometries[kept[0]]) for i in kept):
+        shown = "; ".join(sorted({str(g) for g in geometries})[:3])
+        raise SeriesError(f"mixed geometry, no majority of the slices agrees on one ({shown})", dropped)
+    dropped.extend({"path": slices[i].path, "sop_uid": slices[i].sop_uid, "reason": why} for i, why in off)
+    return [slices[i] for i in kept]
 
 
 def convert_series(
@@ -214,8 +204,8 @@ def convert_series(
         raise SeriesError(f"the files hold {len(series_uids)} series: {', '.join(series_uids[:5])}", dropped)
     slices = _pick_geometry(slices, dropped)
 
-    iop = slices[0].iop
-    positions = positions_along_normal(np.stack([s.ipp for s in slices]), iop)
+    iop = series_orientation(np.stack([s.iop for s in slices]))
+    positions = positions_along_normal(np.stack([s.ipp for s in slices]), slice_normal(iop))
     keep, duplicates = order_slices(positions, [s.sop_uid for s in slices])
     for dup, kept in duplicates:
         dropped.append(
