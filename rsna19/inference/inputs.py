@@ -7,8 +7,9 @@ study → series → files, and decides which series the models can read:
 * kept: CT series whose slices share one geometry (image size, orientation, pixel spacing) by the rule the
   converter applies (:func:`rsna19.io.dicom.pick_geometry`: a file that disagrees with a strict majority of the
   series, such as a misfiled slice, is dropped alone with its reason; a slice at the position of another too,
-  as the converter does), ordered like the converter orders them, with the slice normal within :attr:`SelectionRules.max_axial_angle_deg` (35°) of the patient z axis: plain axials and
-  gantry-tilted axials (tilts up to 30°) pass, sagittal and coronal reformats do not;
+  as the converter does), ordered like the converter orders them, with the slice normal within
+  :attr:`SelectionRules.max_axial_angle_deg` (35°) of the patient z axis: plain axials and gantry-tilted axials
+  (tilts up to 30°) pass, sagittal and coronal reformats do not;
 * skipped, with a reason each: non-CT modality, localizer / scout / topogram (``ImageType``), non-axial
   orientation, mixed orientations, mixed image sizes or pixel spacings, no slice with usable geometry.
 
