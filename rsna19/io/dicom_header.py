@@ -25,7 +25,7 @@ from pydicom.filereader import data_element_generator
 from pydicom.multival import MultiValue
 from pydicom.valuerep import STANDARD_VR
 
-from rsna19.io.dicom import TAGS, is_ct_sop_class
+from rsna19.io.dicom import TAGS, UID_KEYWORDS, is_ct_sop_class
 from rsna19.io.multiframe import frame_headers, frame_sop_uid
 
 #: Columns of a header row, in the order of ``index.parquet`` (the index adds split, geometry and labels).
@@ -293,6 +293,23 @@ def _us(values: dict[int, bytes | str], tag: int, little: bool) -> int | None:
     return (_US_LE if little else _US_BE)(raw[:2])[0]
 
 
+def _uids(elems: dict[int, bytes | str]) -> tuple[str, str, str]:
+    """The (SOP instance, series, study) UIDs of a CT image, or :class:`_Bad` naming the missing or wrong one."""
+    sop_class = _text(elems, TAGS["SOPClassUID"])
+    modality = _text(elems, TAGS["Modality"])
+    if modality != "CT" and not (modality is None and is_ct_sop_class(sop_class)):
+        raise _Bad(f"not CT: Modality={modality}" if modality else "not CT: no Modality")
+    uids = []
+    for name in UID_KEYWORDS.values():
+        uid = _text(elems, TAGS[name])
+        if uid is None:
+            raise _Bad(f"no {name}")
+        if "\\" in uid:  # UIDs have one value; every later stage keys on them
+            raise _Bad(f"bad {name}: {uid[:60]!r} has several values")
+        uids.append(uid)
+    return uids[0], uids[1], uids[2]
+
+
 def _rows(path: str, fp: Any, size: int, parsed: _Parsed) -> list[dict[str, Any]]:
     """Validate the parsed header and build the row(s) of its slice(s); raises :class:`_Bad` with the reason."""
     elems = _values(parsed.elements)
@@ -308,24 +325,8 @@ def _rows(path: str, fp: Any, size: int, parsed: _Parsed) -> list[dict[str, Any]
             if end < size:
                 raise _Bad(f"truncated: {size - end} stray bytes after the last complete element")
 
-    sop_class = _text(elems, TAGS["SOPClassUID"])
-    modality = _text(elems, TAGS["Modality"])
-    if modality != "CT" and not (modality is None and is_ct_sop_class(sop_class)):
-        raise _Bad(f"not CT: Modality={modality}" if modality else "not CT: no Modality")
-
-    sop = _text(elems, TAGS["SOPInstanceUID"])
-    if sop is None:
-        raise _Bad("no SOPInstanceUID")
-    series = _text(elems, TAGS["SeriesInstanceUID"])
-    if series is None:
-        raise _Bad("no SeriesInstanceUID")
-    study = _text(elems, TAGS["StudyInstanceUID"])
-    if study is None:
-        raise _Bad("no StudyInstanceUID")
+    sop, series, study = _uids(elems)
     patient = _text(elems, TAGS["PatientID"]) or study  # grouping by patient needs a key; a study is the best fallback
-    for name, uid in (("SOPInstanceUID", sop), ("SeriesInstanceUID", series), ("StudyInstanceUID", study)):
-        if "\\" in uid:  # UIDs have one value; every later stage keys on them
-            raise _Bad(f"bad {name}: {uid[:60]!r} has several values")
 
     rows, cols = _us(elems, TAGS["Rows"], little), _us(elems, TAGS["Columns"], little)
     if not rows or not cols:
