@@ -7,7 +7,10 @@ Sources:
   study model comes from ``--bundle`` or, without one, is fitted on the same folder's ``oof.parquet`` exactly as
   ``rsna19 bundle`` fits it;
 * a ``predict-study`` output folder (``slices.csv`` + ``studies.json``): the slices as served, and the calibrated
-  study results ``studies.json`` holds (or, for outputs of a bundle without a study model, those of ``--bundle``).
+  study results ``studies.json`` holds (or, for outputs of a bundle without a study model, those of ``--bundle``);
+* with ``--bundle``, a folder or zip of DICOM studies: predicted in memory by the bundle's
+  :class:`~rsna19.inference.study_predictor.StudyPredictor` (exactly what ``predict-study`` would write, nothing
+  written), then evaluated like a ``predict-study`` output.
 
 Labels: a Kaggle label csv (``ID,Label``, ``ID_<sop>_<class>``; a study is positive when any labelled slice is),
 or a study-level csv with ``study_uid`` and the six class columns (then only study-level rows are reported).
@@ -33,6 +36,7 @@ import pandas as pd
 from rsna19.calibration import calibrate_frame, fit_study_model, study_labels
 from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.errors import UserError
+from rsna19.inference.result import SLICE_COLUMNS
 from rsna19.utils.atomic import write_csv, write_text
 
 log = logging.getLogger(__name__)
@@ -74,8 +78,11 @@ class Source:
     operating_points: dict[str, Any] | None = None
 
 
-def load_source(path: str | os.PathLike[str], which: str | None = None) -> Source:
-    """Read a stack folder or a ``predict-study`` output folder.
+def load_source(
+    path: str | os.PathLike[str], which: str | None = None, bundle: str | os.PathLike[str] | None = None
+) -> Source:
+    """Read a stack folder or a ``predict-study`` output folder; with ``bundle``, a folder or zip of DICOM studies is
+    predicted in memory (:func:`predict_source`).
 
     Raises:
         UserError: neither kind of folder, or an unknown stack method.
@@ -96,21 +103,59 @@ def load_source(path: str | os.PathLike[str], which: str | None = None) -> Sourc
     if (root / "slices.csv").is_file() and (root / "studies.json").is_file():
         slices = pd.read_csv(root / "slices.csv", dtype={"study_uid": str, "sop_uid": str, "series_uid": str})
         summary = json.loads((root / "studies.json").read_text())
-        rows = {}
-        for s in summary.get("studies", []):
-            result = s.get("study_result")
-            if s.get("status") != "ok" or not result:
-                continue
-            rows[s["study_uid"]] = {
-                **{f"score_{c}": result["classes"][c]["score"] for c in CLASSES},
-                **{f"p_{c}": result["classes"][c]["probability"] for c in CLASSES},
-            }
-        studies = pd.DataFrame.from_dict(rows, orient="index") if rows else None
-        if studies is not None:
-            studies.index.name = "study_uid"
-        ops = summary.get("study_model") if studies is not None else None
-        return Source("predict-study", slices, studies, None, f"predict-study output {root.name}", ops)
-    raise UserError(f"{root}: neither a stack folder (test.parquet) nor a predict-study output (slices.csv)")
+        return study_source(
+            slices, summary.get("studies", []), summary.get("study_model"), f"predict-study output {root.name}"
+        )
+    if bundle is not None and root.exists():
+        return predict_source(root, bundle)
+    raise UserError(
+        f"{root}: neither a stack folder (test.parquet) nor a predict-study output (slices.csv); DICOM studies "
+        "are evaluated with --bundle"
+    )
+
+
+def study_source(
+    slices: pd.DataFrame, entries: list[dict[str, Any]], operating_points: dict[str, Any] | None, describe: str
+) -> Source:
+    """A ``predict-study`` source from its slices and ``studies.json`` entries (as written, or in memory).
+
+    Args:
+        slices: ``slices.csv`` rows.
+        entries: ``studies.json``'s per-study entries (:meth:`rsna19.inference.result.StudyResult.entry`).
+        operating_points: ``studies.json``'s ``study_model``.
+        describe: a short description for the summary.
+    """
+    rows = {}
+    for s in entries:
+        result = s.get("study_result")
+        if s.get("status") != "ok" or not result:
+            continue
+        rows[s["study_uid"]] = {
+            **{f"score_{c}": result["classes"][c]["score"] for c in CLASSES},
+            **{f"p_{c}": result["classes"][c]["probability"] for c in CLASSES},
+        }
+    studies = pd.DataFrame.from_dict(rows, orient="index") if rows else None
+    if studies is not None:
+        studies.index.name = "study_uid"
+    return Source("predict-study", slices, studies, None, describe, operating_points if studies is not None else None)
+
+
+def predict_source(path: str | os.PathLike[str], bundle: str | os.PathLike[str]) -> Source:
+    """Predict the DICOM studies of a folder or zip in memory with
+    :class:`rsna19.inference.study_predictor.StudyPredictor` (no Grad-CAM, nothing written): the evaluated source."""
+    # Here, not at the top: it imports torch, which evaluating written predictions does not need.
+    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
+
+    predictor = StudyPredictor.load(bundle, options=StudyOptions(cam=False))
+    with predictor.reading(path) as inputs:
+        results = [predictor.predict_input(study, inputs.root) for study in inputs.studies.values()]
+    slices = [r.slices() for r in results if r.ok]
+    return study_source(
+        pd.concat(slices, ignore_index=True) if slices else pd.DataFrame(columns=list(SLICE_COLUMNS)),
+        [r.entry() for r in results],
+        predictor.operating_points(),
+        f"DICOM studies {Path(path).name} predicted with {Path(bundle).name}",
+    )
 
 
 def read_label_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
@@ -150,7 +195,7 @@ def evaluate(
     """Evaluate ``source`` against ``labels`` and write ``evaluation.csv``, ``evaluation.json`` and the plots.
 
     Args:
-        source: a stack folder or a ``predict-study`` output folder.
+        source: a stack folder, a ``predict-study`` output folder, or (with ``bundle``) DICOM studies to predict.
         labels: the labels csv (see the module docstring).
         out: output folder (created).
         bundle: a bundle whose study model gives the operating points (and the calibration of a stack source).
@@ -168,7 +213,7 @@ def evaluate(
     from rsna19.metrics import decision_metrics
     from rsna19.plots import plot_reliability, plot_roc
 
-    src = load_source(source, which)
+    src = load_source(source, which, bundle)
     slice_labels, given_study_labels = read_label_table(labels)
     model, bundle_sha = None, None
     if bundle is not None:
