@@ -151,6 +151,7 @@ def test_in_memory_result_equals_what_the_command_writes(case, folder_run, predi
     strip = ("seconds", "convert_s", "reformat_s", "models_s", "stack_s")
     used = [{k: v for k, v in d.items() if k not in strip} for d in entry["series_used"]]
     assert used == [{k: v for k, v in d.items() if k not in strip} for d in written["series_used"]]
+    assert result.top_slices[0]["sop_uid"] == result.slices().sort_values("p_any")["sop_uid"].iloc[-1]
     assert result.cam is not None and result.cam.ndim == 2
     png = tmp_path / "report.png"
     write_report(result, png)

@@ -122,6 +122,11 @@ class StudyResult:
         return self.study.study_uid
 
     @property
+    def top_slices(self) -> list[dict[str, Any]]:
+        """The most suspicious slices, ``p_any`` descending (``sop_uid, z, position, p_any, series_uid``)."""
+        return list(self.prediction["top_slices"]) if self.prediction else []
+
+    @property
     def ok(self) -> bool:
         """True when the study was predicted."""
         return self.error is None and bool(self.series)
