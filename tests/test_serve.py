@@ -746,3 +746,45 @@ def test_token_flags_and_yaml_tokens(tmp_path):
     assert cfg.named_tokens == {"bob": "bob-secret-1", "token": "shared-secret"}
     with pytest.raises(UserError, match="NAME=SECRET"):
         load_config(None, {"bundle": "b", "spool": "s", "tokens": ["nosecret"]})
+
+
+# ------------------------------------------------------------------------------------------------ worker processes
+@pytest.mark.slow
+def test_worker_processes_survive_a_hang_and_a_crash(bundle, dest, tmp_path):
+    """A bundle rigged (tests/rigged.py) to hang on one study and to SIGKILL its process on another: both are failed
+    with the reason, the worker process is replaced, and every other study is still answered once."""
+    from rigged import CRASH, HANG, rigged_predict
+
+    cfg = _cfg(bundle, tmp_path / "spool", destinations=[dest.node], worker_isolation="process", study_timeout_s=20)
+    cfg.torch_threads = 1
+    app = ServeApp(cfg, predict=rigged_predict)
+    ports = app.start()
+    try:
+        assert app.wait_ready(180) and app.health()["status"] == "ok"
+        first_pid = app.workers[0].process_.pid
+        uids = [f"{STUDY_BASE}.30", f"{STUDY_BASE}.31{HANG}", f"{STUDY_BASE}.32{CRASH}", f"{STUDY_BASE}.33"]
+        for i, uid in enumerate(uids):
+            assert send(ports["dicom"], write_study(tmp_path / f"in{i}", uid)) == [0] * 8
+            time.sleep(0.6)  # queued in this order
+        final = ("sent", "failed")
+        done = wait_for(
+            lambda: (
+                (s := {u: api_study(ports["http"], u) for u in uids})
+                and all(v["status"] in final for v in s.values())
+                and s
+            ),
+            timeout=300,
+        )
+        hang, crash = done[uids[1]], done[uids[2]]
+        assert hang["status"] == "failed" and "timed out after 20 s" in hang["error"], hang
+        assert crash["status"] == "failed" and "died while predicting (killed by SIGKILL)" in crash["error"], crash
+        for uid in (uids[0], uids[3]):
+            assert done[uid]["status"] == "sent" and done[uid]["runs"] == 1
+            assert len(dest.of(uid, SR_CLASS)) == 1 and len(dest.of(uid, SC_CLASS)) == 1
+        assert not dest.of(uids[1], SR_CLASS) and not dest.of(uids[2], SR_CLASS)
+        worker = app.workers[0]
+        assert worker.process_.starts == 3 and worker.process_.pid != first_pid  # replaced after each loss
+        assert not list((app.spool.root / "results").glob(".*.tmp"))  # the lost runs' temp folders removed
+    finally:
+        app.shutdown(grace_s=10)
+    assert app.workers[0].process_.proc is None  # the worker process is gone after the shutdown
