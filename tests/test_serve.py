@@ -359,6 +359,22 @@ def test_rerun_queues_the_study_again(answered, node, dest):
     assert s["sr_uid"] == answered["study"]["sr_uid"]
 
 
+def test_silent_mode_predicts_and_records_but_sends_nothing(bundle, loaded, dest, tmp_path):
+    app = ServeApp(_cfg(bundle, tmp_path / "spool", destinations=[dest.node], silent=True), bundle=loaded)
+    ports = app.start()
+    try:
+        uid = f"{STUDY_BASE}.22"
+        assert send(ports["dicom"], write_study(tmp_path / "in", uid)) == [0] * 8
+        s = wait_for(lambda: (s := api_study(ports["http"], uid)) and s["status"] in ("done", "failed") and s, 90)
+        assert s["status"] == "done" and s["sr_uid"] and 0.0 <= s["p_any"] <= 1.0  # predicted, SR written
+        assert (app.spool.root / "results" / uid / "studies.json").is_file()
+        time.sleep(1.0)  # a sender would have delivered by now
+        assert not dest.of(uid, SR_CLASS) and not dest.of(uid, SC_CLASS) and app.sender is None
+        assert app.db.deliveries(uid) == [] and app.health()["silent"] is True
+    finally:
+        app.shutdown(grace_s=10)
+
+
 def test_retries_then_dead_letter_when_the_destination_is_down(bundle, loaded, tmp_path):
     down = f"DOWN@127.0.0.1:{free_port()}"
     app = ServeApp(_cfg(bundle, tmp_path / "spool", destinations=[down], send_retries=2), bundle=loaded)
