@@ -116,8 +116,9 @@ KEYS = (
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM / SIGINT; 0 after a graceful shutdown."""
-    from rsna19.serve.app import serve_forever, setup_json_logging
+    from rsna19.serve.app import serve_forever
     from rsna19.serve.config import load_config
+    from rsna19.serve.logs import setup_json_logging
 
     cfg = load_config(args.config, {k: getattr(args, k) for k in KEYS})
     setup_json_logging()
