@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from rsna19.constants import CLASSES
+from rsna19.constants import CLASSES, SHORT_NAMES
 from rsna19.serve.config import ServeConfig
 from rsna19.serve.db import REVIEWS, ServeDB
 from rsna19.serve.metrics import render_metrics
@@ -163,7 +163,10 @@ def render_page(studies: list[dict[str, Any]], *, user: str, phi: bool, flagged_
     subtypes = [c for c in CLASSES if c != "any"]
     return (
         PAGE.replace("__SUBTYPES__", json.dumps(subtypes))
-        .replace("__SUB_HEADS__", "".join(f'<th class="sub">{html.escape(c)}</th>' for c in subtypes))
+        .replace(
+            "__SUB_HEADS__",
+            "".join(f'<th class="sub" title="{html.escape(c)}">{html.escape(SHORT_NAMES[c])}</th>' for c in subtypes),
+        )
         .replace("__USER__", html.escape(user))
         .replace("__PHI__", "true" if phi else "false")
         .replace("__FLAGGED_CHECKED__", " checked" if flagged_only else "")

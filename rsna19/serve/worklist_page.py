@@ -10,7 +10,7 @@ A row: flag badge (BLEED red, "no bleed", NOT ASSESSABLE amber with the reason),
 probabilities, patient name and ID and accession number (token holders only), time since the first instance
 arrived, status, the review (acknowledge / dismiss, then who and when, and "reopen"), a link that opens the study
 in the PACS viewer (``viewer_url``), the report thumbnail, and notes (``finding_note``, ``drift``). Flagged rows
-carry a red bar and badge, not a red background; reviewed rows are dimmed.
+carry a red bar and badge, not a red background; reviewed rows are dimmed (all but the badge).
 """
 
 PAGE = """<!doctype html>
@@ -29,7 +29,7 @@ tr.study td.flag { border-left: 6px solid transparent; white-space: nowrap; }
 tr.flagged td.flag { border-left-color: #c62828; }
 tr.flagged td.pany { color: #c62828; font-weight: 700; }
 tr.not-assessable td.flag { border-left-color: #ef8f00; }
-tr.reviewed { opacity: .55; }
+tr.reviewed td:not(.flag) { opacity: .55; }
 .badge { display: inline-block; padding: 2px 8px; border-radius: 3px; font-size: 12px; font-weight: 700; }
 .badge.bleed { background: #c62828; color: #fff; }
 .badge.neg { background: #e8f5e9; color: #2e7d32; }
@@ -38,6 +38,7 @@ tr.reviewed { opacity: .55; }
 .why, .small { font-size: 11px; color: #555; }
 .hidden { color: #999; font-style: italic; font-size: 12px; }
 img.thumb { height: 44px; display: block; }
+a.viewer, td.arrived { white-space: nowrap; }
 button { font-size: 12px; padding: 2px 6px; margin-right: 3px; cursor: pointer; }
 .drift { color: #ef8f00; font-weight: 700; }
 </style></head>
@@ -81,7 +82,7 @@ function reviewCell(s) {
   if (s.review) return esc(s.review) + ' by <b>' + esc(s.review_by) + '</b><div class="small">' +
     esc(ago(Date.now() / 1000 - s.review_s)) + ' <button data-action="reopen" data-uid="' + uid +
     '">reopen</button></div>';
-  if (s.flag === null || s.flag === undefined) return "";
+  if (s.flag !== true && !s.not_assessable) return "";  // a flag (or a study the models cannot judge) is reviewed
   return '<button data-action="acknowledge" data-uid="' + uid + '">acknowledge</button>' +
     '<button data-action="dismiss" data-uid="' + uid + '">dismiss</button>';
 }
