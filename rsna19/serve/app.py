@@ -181,6 +181,7 @@ class ServeApp:
                 w.close()
         for w in self.workers:
             w.join(2.0)  # idle ones stop their process within a second
+            w.close()  # whatever is left of a worker process goes now
         if self.http is not None:
             self.http.stop()
         self.spool.ports_path.unlink(missing_ok=True)
