@@ -9,8 +9,12 @@ ports and stop when the test ends. Without them the tests are skipped with the r
   keeps the storage) and Chromium alone (DOM order and a red first row of a static worklist page);
 * round trip: Orthanc sends synthetic studies to the node; the SR and SC come back into the same studies, the SR
   naming every source instance and holding the node's probabilities and flag;
-* worklist: Chromium loads the node's page while studies arrive; the rows follow ``/api/studies`` and the top
-  (flagged) row is red on the screenshot (``RSNA19_PACS_ARTIFACTS=DIR`` keeps the PNG);
+* worklist: Chromium loads the node's page (behind a named token) while studies arrive; the rows follow
+  ``/api/studies``, flagged rows are marked red on the screenshot (``RSNA19_PACS_ARTIFACTS=DIR`` keeps the PNG),
+  patient and accession are shown, "open in PACS" redirects to Orthanc's page of the study, an acknowledgement
+  names its reader, the flagged-only filter keeps the flagged rows;
+* security: DICOM TLS both ways with Orthanc (a CA made by the test); a plain connection to the node's TLS port,
+  an AE title the node does not allow and an allowed title from a wrong address are refused and counted;
 * faults: SIGKILL of the node while receiving and while predicting, Orthanc restarted while results are sent:
   every study ends with exactly one SR in Orthanc.
 
