@@ -771,7 +771,7 @@ def test_worker_processes_survive_a_hang_and_a_crash(bundle, dest, tmp_path):
     with the reason, the worker process is replaced, and every other study is still answered once."""
     from rigged import CRASH, HANG, rigged_predict
 
-    cfg = _cfg(bundle, tmp_path / "spool", destinations=[dest.node], worker_isolation="process", study_timeout_s=20)
+    cfg = _cfg(bundle, tmp_path / "spool", destinations=[dest.node], worker_isolation="process", study_timeout_s=30)
     cfg.torch_threads = 1
     app = ServeApp(cfg, predict=rigged_predict)
     ports = app.start()
@@ -792,7 +792,7 @@ def test_worker_processes_survive_a_hang_and_a_crash(bundle, dest, tmp_path):
             timeout=300,
         )
         hang, crash = done[uids[1]], done[uids[2]]
-        assert hang["status"] == "failed" and "timed out after 20 s" in hang["error"], hang
+        assert hang["status"] == "failed" and "timed out after 30 s" in hang["error"], hang
         assert crash["status"] == "failed" and "died while predicting (killed by SIGKILL)" in crash["error"], crash
         for uid in (uids[0], uids[3]):
             assert done[uid]["status"] == "sent" and done[uid]["runs"] == 1
