@@ -1,9 +1,11 @@
 """Wiring of the node: spool + DB + SCP + quiet-period monitor + workers + sender + HTTP, and its shutdown.
 
 Start order: the spool and ``serve.db`` (studies left ``running`` by a kill go back to ``queued``), the workers
-(each loads the bundle in its own thread), the sender, the SCP and the HTTP server; ``ports.json`` is written once
-both listen. Shutdown (SIGTERM/SIGINT): stop accepting associations, let running studies finish for up to
-``shutdown_grace_s``, re-queue the rest in the DB, stop the sender and the HTTP server, remove ``ports.json``.
+(each starts its worker process, which loads the bundle; or loads it in its thread with ``worker_isolation:
+thread``), the sender (not in ``silent`` mode), the SCP and the HTTP server; ``ports.json`` is written once both
+listen. Shutdown (SIGTERM/SIGINT): stop accepting associations, let running studies finish for up to
+``shutdown_grace_s``, re-queue the rest in the DB, end the worker processes, stop the sender and the HTTP server,
+remove ``ports.json``.
 """
 
 from __future__ import annotations
