@@ -348,7 +348,10 @@ def load_config(path: str | None, overrides: Mapping[str, Any]) -> ServeConfig:
             elif isinstance(default, list):
                 v = [str(x) for x in (v if isinstance(v, list | tuple) else [v])]
             elif isinstance(default, dict):
-                v = _mapping(v)
+                try:
+                    v = _mapping(v)
+                except ValueError as exc:
+                    raise UserError(f"serve config: {k}: {exc} (give NAME=SECRET, or a YAML mapping)") from None
             elif v is not None:
                 v = str(v)
         except (TypeError, ValueError):
