@@ -173,7 +173,7 @@ def main() -> int:
     parser.add_argument("--senders", type=int, default=3, help="concurrent senders of the burst phase")
     parser.add_argument("--size", type=int, default=512, help="pixels per side of each slice")
     parser.add_argument("--slices", type=int, default=40, help="5 mm slices per study")
-    parser.add_argument("--workers", type=int, default=1, help="the node's --workers")
+    parser.add_argument("--workers", type=int, default=1, help="the node's --workers (worker processes)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each worker of the node")
     parser.add_argument("--quiet-seconds", type=float, default=10.0, help="the node's --quiet-seconds")
     parser.add_argument("--phases", default="steady,burst", help="comma-separated: steady, burst")
@@ -283,8 +283,8 @@ def main() -> int:
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; python "
-        f"{platform.python_version()}; node: {args.workers} worker(s), {args.threads} thread(s), cpu, quiet "
-        f"{args.quiet_seconds:g} s; studies {args.slices} × {args.size}²; bundle {bundle}"
+        f"{platform.python_version()}; node: {args.workers} worker process(es), {args.threads} thread(s) each, "
+        f"cpu, quiet {args.quiet_seconds:g} s; studies {args.slices} × {args.size}²; bundle {bundle}"
     )
     print("| phase | studies | rate | p50 s | p95 s | max s | lost | answered twice | not sent | queue after |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -319,7 +319,7 @@ def main() -> int:
         args,
         "serve_load",
         f"rsna19 serve behind Orthanc: steady 1 study / {args.interval:g} s × {n_steady}, burst {n_burst} studies "
-        f"× {args.senders} senders; {args.slices} × {args.size}² slices; {args.workers} worker(s), "
+        f"× {args.senders} senders; {args.slices} × {args.size}² slices; {args.workers} worker process(es), "
         f"{args.threads} thread(s), cpu",
         "steady p95 < 60 s (last instance received → SR in the PACS) on 2 cores; burst: none lost or answered "
         "twice, the queue drains",

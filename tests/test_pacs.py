@@ -9,8 +9,12 @@ ports and stop when the test ends. Without them the tests are skipped with the r
   keeps the storage) and Chromium alone (DOM order and a red first row of a static worklist page);
 * round trip: Orthanc sends synthetic studies to the node; the SR and SC come back into the same studies, the SR
   naming every source instance and holding the node's probabilities and flag;
-* worklist: Chromium loads the node's page while studies arrive; the rows follow ``/api/studies`` and the top
-  (flagged) row is red on the screenshot (``RSNA19_PACS_ARTIFACTS=DIR`` keeps the PNG);
+* worklist: Chromium loads the node's page (behind a named token) while studies arrive; the rows follow
+  ``/api/studies``, flagged rows are marked red on the screenshot (``RSNA19_PACS_ARTIFACTS=DIR`` keeps the PNG),
+  patient and accession are shown, "open in PACS" redirects to Orthanc's page of the study, an acknowledgement
+  names its reader, the flagged-only filter keeps the flagged rows;
+* security: DICOM TLS both ways with Orthanc (a CA made by the test); a plain connection to the node's TLS port,
+  an AE title the node does not allow and an allowed title from a wrong address are refused and counted;
 * faults: SIGKILL of the node while receiving and while predicting, Orthanc restarted while results are sent:
   every study ends with exactly one SR in Orthanc.
 
@@ -27,6 +31,8 @@ import re
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -207,10 +213,14 @@ class Setup:
     """Orthanc and the node wired both ways: Orthanc's modality ``rsna19`` is the node, the node's destination is
     Orthanc."""
 
-    def __init__(self, root: Path, bundle: Path, quiet: float = 2.0, lua: str | None = None) -> None:
+    def __init__(self, root: Path, bundle: Path, quiet: float = 2.0, lua: str | None = None, **node_kw: object) -> None:
         self.pacs = Orthanc(root / "orthanc", lua=lua).start()
         dest = f"{self.pacs.aet}@127.0.0.1:{self.pacs.dicom_port}"
-        self.node = Node(root / "spool", bundle, destinations=[dest], quiet_seconds=quiet)
+        config = dict(node_kw.pop("config", None) or {})  # type: ignore[call-overload]
+        if "viewer_url" in config:
+            config["viewer_url"] = str(config["viewer_url"]).replace("{pacs}", self.pacs.url)
+        node_kw["config"] = config
+        self.node = Node(root / "spool", bundle, destinations=[dest], quiet_seconds=quiet, **node_kw)  # type: ignore[arg-type]
         try:
             self.node.start()
         except Exception:
@@ -370,18 +380,32 @@ def test_documented_routing_rule(orthanc_exe: str, serve_bundle: Path, tmp_path:
         s.close()
 
 
-def test_worklist_in_browser(setup: Setup, chromium_exe: str, artifacts: Path) -> None:
-    """Chromium shows the worklist while studies arrive: rows in API order, the top (flagged) row red."""
-    # Two studies with bleeds and one that cannot be predicted (only a scout: no usable series), which stays
-    # unflagged at the bottom.
+#: ``viewer_url`` of the worklist test: Orthanc's explorer page of a study (``{pacs}``: Orthanc's URL, set by Setup).
+VIEWER = "{pacs}/app/explorer.html#study?uuid={orthanc_id}"
+
+
+def test_worklist_in_browser(orthanc_exe: str, chromium_exe: str, serve_bundle: Path, tmp_path: Path,
+                             artifacts: Path) -> None:  # fmt: skip
+    """Chromium shows the worklist while studies arrive: rows in API order, flagged rows marked red, patient and
+    accession behind the token, "open in PACS" going to Orthanc's page of that very study, acknowledge (who, when)
+    and the flagged-only filter. The screenshot is docs/img/worklist.png."""
+    token = ("reader1", "reader1-secret-token")
+    setup = Setup(tmp_path, serve_bundle, token=token, config={"viewer_url": VIEWER})
+    try:
+        _worklist(setup, artifacts)
+    finally:
+        setup.close()
+
+
+def _worklist(setup: Setup, artifacts: Path) -> None:
     uid_a, sid_a, _ = setup.add_study(0)
     uid_b, sid_b, _ = setup.add_study(1)
-    uid_c, sid_c, _ = setup.add_study(2, scout=True)
+    uid_c, sid_c, _ = setup.add_study(2, scout=True)  # only a scout: cannot be predicted, stays at the bottom
     setup.pacs.store("rsna19", [sid_a])
     sender = threading.Thread(target=setup.pacs.store, args=("rsna19", [sid_b, sid_c]))
     sender.start()
     # While the rest arrives (and the first is predicted), the page already lists what the node has.
-    early = worklist_rows(dump_dom(setup.node.url + "/", wait_ms=2500))
+    early = worklist_rows(dump_dom(setup.node.page_url, wait_ms=2500))
     assert uid_a in [u for u, _ in early]
     sender.join()
 
@@ -392,7 +416,27 @@ def test_worklist_in_browser(setup: Setup, chromium_exe: str, artifacts: Path) -
 
     api = wait_for(settled, 180, what="three studies answered")
     assert {s["study_uid"] for s in api} == {uid_a, uid_b, uid_c}
-    html = dump_dom(setup.node.url + "/", wait_ms=3000)
+    ct = setup.pacs.tags(setup.pacs.study_instances(sid_a)[0]["ID"])
+    by_uid = {s["study_uid"]: s for s in api}
+    assert by_uid[uid_a]["patient_id"] == ct["PatientID"] and by_uid[uid_a]["accession"] == ct["AccessionNumber"]
+
+    # "open in PACS": the node's redirect lands on Orthanc's page of that study (Orthanc's own study ID).
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    with pytest.raises(urllib.error.HTTPError) as redirect:
+        opener.open(setup.node.request(by_uid[uid_a]["viewer_url"]), timeout=10)
+    assert redirect.value.code == 302
+    assert redirect.value.headers["Location"] == f"{setup.pacs.url}/app/explorer.html#study?uuid={sid_a}"
+    # Acknowledge the top flagged study as reader1.
+    api_now = setup.node.studies()
+    top = api_now[0]
+    if top["flag"]:
+        answer = setup.node.post_json(f"/api/studies/{top['study_uid']}/acknowledge")
+        assert answer["review"] == "acknowledged" and answer["review_by"] == "reader1"
+    html = dump_dom(setup.node.page_url, wait_ms=3000)
     rows = worklist_rows(html)
     api_now = setup.node.studies()
     assert [u for u, _ in rows] == [s["study_uid"] for s in api_now]
@@ -400,16 +444,95 @@ def test_worklist_in_browser(setup: Setup, chromium_exe: str, artifacts: Path) -
     ps = [s["p_any"] for s in api_now if s["p_any"] is not None]
     assert ps == sorted(ps, reverse=True)
     assert api_now[-1]["study_uid"] == uid_c and not rows[-1][1]  # p_any null: last, unflagged
-    png = screenshot(setup.node.url + "/", artifacts / "worklist.png", size=(1280, 480), wait_ms=3000)
+    patient_name = str(ct.get("PatientName", "")).replace("^", " ").strip()
+    assert patient_name and patient_name in html and ct["AccessionNumber"] in html  # behind the token
+    assert f"/studies/{uid_a}/viewer" in html and "open in PACS" in html
+    if top["flag"]:
+        assert "acknowledged by <b>reader1</b>" in html
+    # Without the token: 401, and no patient field leaks into the page.
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(setup.node.url + "/", timeout=10)
+    assert denied.value.code == 401
+    # The flagged-only filter (the checkbox's ?flagged=1).
+    flagged_rows = worklist_rows(dump_dom(setup.node.page_url + "&flagged=1", wait_ms=3000))
+    assert [u for u, _ in flagged_rows] == [s["study_uid"] for s in api_now if s["flag"]]
+    png = screenshot(setup.node.page_url, artifacts / "worklist.png", size=(1400, 420), wait_ms=3000)
     assert rows[0][1] == bool(api_now[0]["flag"])
     if not rows[0][1]:
         pytest.skip("the bundle flagged none of the studies: nothing red to look for")
-    # The flagged rows are red on the picture, above the unflagged row of the study that could not be predicted.
+    # The flagged rows are marked red (bar and badge) on the picture, above the plain row of the study that could
+    # not be predicted.
     found = bands(png)
     red = [b for b in found if b[2]]
-    assert red, f"no red row on the screenshot: {found}"
+    assert red, f"no red mark on the screenshot: {found}"
     last_plain = max(b[0] for b in found if not b[2])
     assert red[0][0] < last_plain and red[-1][1] < last_plain, found
+
+
+def test_dicom_tls_and_allowed_senders_with_orthanc(orthanc_exe: str, serve_bundle: Path, tmp_path: Path) -> None:
+    """DICOM TLS both ways with Orthanc on loopback (a CA made here; both sides require the other's certificate):
+    Orthanc sends a study to the node over TLS, the SR and SC come back over TLS. A plain connection to the node's
+    TLS port is refused; Orthanc calling with an unknown AE title, and a known title from a wrong address, are
+    refused and counted in /metrics and /health."""
+    from pacs.certs import make_pki, openssl_available
+
+    _require(openssl_available(), "no openssl")
+    pki = make_pki(tmp_path / "pki", names=("node", "orthanc"))
+    pacs = Orthanc(tmp_path / "orthanc", tls=(pki["orthanc"].cert, pki["orthanc"].key, pki.ca)).start()
+    node = Node(
+        tmp_path / "spool",
+        serve_bundle,
+        destinations=[f"{pacs.aet}@localhost:{pacs.dicom_port}"],
+        extra=["--tls-cert", str(pki["node"].cert), "--tls-key", str(pki["node"].key), "--tls-ca", str(pki.ca),
+               "--allowed-aet", f"{pacs.aet}@127.0.0.1"],
+    )  # fmt: skip
+    try:
+        node.start()
+        pacs.add_modality("rsna19", node.ae_title, "127.0.0.1", node.dicom_port, tls=True)
+        pacs.add_modality("stranger", node.ae_title, "127.0.0.1", node.dicom_port, tls=True, local_aet="STRANGER")
+        uid = f"{UID_ROOT}.300"
+        files = write_study(tmp_path / "study", uid, seed=5, slices=6)
+        pacs.upload_folder(tmp_path / "study")
+        sid = pacs.study_id(uid)
+        assert sid is not None and pacs.echo("rsna19")
+        pacs.store("rsna19", [sid])
+
+        def sent() -> dict | None:
+            row = node.study(uid)
+            assert not row or row["status"] != "failed", f"{row}\n{node.log_tail()}"
+            return row if row and row["status"] == "sent" else None
+
+        row = wait_for(sent, 180, what="the study answered over TLS")
+        _check_answer(pacs, uid, [f"{uid}.1.{k + 1}" for k in range(len(files))], row)
+        # A plain association to the TLS port: no association.
+        assert _c_store(files[0], node.dicom_port, calling=pacs.aet, called=node.ae_title) is None
+        # Orthanc as "STRANGER" (not allowed): the association is rejected.
+        with pytest.raises(OrthancError):
+            pacs.store("stranger", [sid])
+        # The allowed title from an address it is not allowed from (127.0.0.2), over TLS with a valid certificate.
+        import ssl
+
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(pki.ca))
+        ctx.load_cert_chain(str(pki["orthanc"].cert), str(pki["orthanc"].key))
+        ae = AE(ae_title=pacs.aet)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title=node.ae_title, tls_args=(ctx, "localhost"),
+                             bind_address=("127.0.0.2", 0))  # fmt: skip
+        assert assoc.is_rejected
+        health = node.health()
+        assert health["dicom_tls"] is True and health["associations_refused"] == 2 and health["tls_refused"] >= 1
+        metrics = node.metrics()
+        assert "rsna19_associations_refused_total 2" in metrics
+        events = [e for e in node.log_events() if e.get("event") == "association_refused"]
+        assert {e["calling_ae"] for e in events} == {"STRANGER", pacs.aet}
+        assert any(e["address"] == "127.0.0.2" for e in events)
+    finally:
+        node.stop()
+        pacs.stop()
 
 
 def test_faults_every_study_answered_once(setup: Setup, artifacts: Path) -> None:

@@ -6,6 +6,7 @@ stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -84,13 +85,18 @@ class DestinationSCP:
         self.server.shutdown()
 
 
-def send(port: int, files: list[Path], after_each=None, contexts=None) -> list[int]:
-    """C-STORE ``files`` to the node in one association; returns the statuses."""
-    ae = AE(ae_title="MODALITY")
+def send(
+    port: int, files: list[Path], after_each=None, contexts=None, calling: str = "MODALITY", tls=None
+) -> list[int] | None:
+    """C-STORE ``files`` to the node in one association; returns the statuses (None: association not established).
+
+    ``tls``: an ``ssl.SSLContext`` (DICOM TLS)."""
+    ae = AE(ae_title=calling)
     for cx in contexts or [build_context(CTImageStorage)]:
         ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title="RSNA19")
-    assert assoc.is_established
+    assoc = ae.associate("127.0.0.1", port, ae_title="RSNA19", tls_args=None if tls is None else (tls, "localhost"))
+    if not assoc.is_established:
+        return None
     statuses = []
     try:
         for f in files:
@@ -158,6 +164,7 @@ def _cfg(bundle: Path, spool: Path, **kw) -> ServeConfig:
         retry_backoff_s=0.1,
         network_timeout_s=5,
         shutdown_grace_s=30,
+        worker_isolation="thread",  # the module's preloaded bundle; worker processes: test_worker_processes_*
     )
     return ServeConfig(**{**base, **kw})
 
@@ -250,8 +257,11 @@ def test_api_objects_report_page_health_and_metrics(answered, node):
     code, body, ctype = http(port, "/")
     page = body.decode()
     assert code == 200 and ctype.startswith("text/html") and '<table id="worklist">' in page
-    assert f'data-study-uid="{uid}"' in page and "setInterval(refresh, 2000)" in page
-    assert ("study flagged" in page) == bool(s["flag"]) and "#c62828" in page
+    assert "setInterval(refresh, 2000)" in page and "#c62828" in page
+    initial = json.loads(page.split("const INITIAL = ", 1)[1].split(";\n", 1)[0])  # the rows the script renders
+    (row,) = [r for r in initial if r["study_uid"] == uid]
+    assert row["flag"] == s["flag"] and row["p_any"] == s["p_any"]
+    assert "patient_name" not in row  # no token: no patient fields
 
 
 def test_echo(node):
@@ -353,6 +363,22 @@ def test_rerun_queues_the_study_again(answered, node, dest):
     # Deterministic SR/SC UIDs: the PACS keeps one copy of each.
     assert len({r["sop_uid"] for r in dest.of(uid, SR_CLASS)}) == 1 and len(dest.of(uid, SR_CLASS)) == 2
     assert s["sr_uid"] == answered["study"]["sr_uid"]
+
+
+def test_silent_mode_predicts_and_records_but_sends_nothing(bundle, loaded, dest, tmp_path):
+    app = ServeApp(_cfg(bundle, tmp_path / "spool", destinations=[dest.node], silent=True), bundle=loaded)
+    ports = app.start()
+    try:
+        uid = f"{STUDY_BASE}.22"
+        assert send(ports["dicom"], write_study(tmp_path / "in", uid)) == [0] * 8
+        s = wait_for(lambda: (s := api_study(ports["http"], uid)) and s["status"] in ("done", "failed") and s, 90)
+        assert s["status"] == "done" and s["sr_uid"] and 0.0 <= s["p_any"] <= 1.0  # predicted, SR written
+        assert (app.spool.root / "results" / uid / "studies.json").is_file()
+        time.sleep(1.0)  # a sender would have delivered by now
+        assert not dest.of(uid, SR_CLASS) and not dest.of(uid, SC_CLASS) and app.sender is None
+        assert app.db.deliveries(uid) == [] and app.health()["silent"] is True
+    finally:
+        app.shutdown(grace_s=10)
 
 
 def test_retries_then_dead_letter_when_the_destination_is_down(bundle, loaded, tmp_path):
@@ -562,3 +588,225 @@ def test_restart_requeues_a_study_a_kill_left_running(bundle, loaded, dest, tmp_
         assert not list((spool.root / "incoming" / uid).glob(".*.tmp"))  # unacknowledged leftovers removed
     finally:
         app.shutdown(grace_s=10)
+
+
+# ------------------------------------------------------------------------------------------------ who may send
+@pytest.fixture
+def bare_scp(tmp_path):
+    """A Storage SCP on its own spool and DB, no bundle needed: ``make(**cfg)`` → (port, spool, db, scp)."""
+    started = []
+
+    def make(**kw):
+        spool = Spool(tmp_path / f"bare{len(started)}")
+        db = ServeDB(spool.db_path)
+        scp = StorageSCP(_cfg(Path("no-bundle"), spool.root, **kw), spool, db)
+        started.append(scp)
+        return scp.start(), spool, db, scp
+
+    yield make
+    for scp in started:
+        scp.stop()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from pacs.certs import make_pki, openssl_available
+
+    if openssl_available():
+        pytest.skip(openssl_available())
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _client_tls(pki, pair=None):
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(pki.ca))
+    if pair is not None:
+        ctx.load_cert_chain(str(pair.cert), str(pair.key))
+    return ctx
+
+
+def test_allowed_aets_refuse_unknown_titles_and_wrong_addresses(bare_scp, tmp_path):
+    files = write_study(tmp_path / "in", f"{STUDY_BASE}.20")[:1]
+    port, _, db, scp = bare_scp(allowed_aets=["MODALITY@127.0.0.1", "PACS@10.9.8.0/24", "CT2"])
+    assert send(port, files, calling="MODALITY") == [0]  # listed, from its address
+    assert send(port, files, calling="CT2") == [0]  # listed without an address: from anywhere
+    assert send(port, files, calling="INTRUDER") is None  # unknown title: association rejected
+    assert send(port, files, calling="PACS") is None  # known title, wrong address
+    assert db.counter("associations_refused") == 2 and db.counter("instances_received") == 2
+    assert scp.policy.check("PACS", "10.9.8.77") is None and scp.policy.check("PACS", "::ffff:10.9.8.1") is None
+    assert "not allowed from 10.9.7.1" in scp.policy.check("PACS", "10.9.7.1")
+    with pytest.raises(UserError, match="TITLE@ADDRESS"):
+        ServeConfig(bundle="b", spool="s", allowed_aets=["TOO LONG A TITLE FOR DICOM"]).check()
+    with pytest.raises(UserError, match="cannot resolve"):
+        ServeConfig(bundle="b", spool="s", allowed_aets=["CT@no-such-host.invalid"]).check()
+
+
+def test_dicom_tls_receive_and_send(bare_scp, pki, tmp_path):
+    """The SCP speaks TLS only: a caller with a certificate of the CA stores; a plain connection, a caller without
+    a certificate and one with an untrusted certificate are refused and counted. The sender reaches it over TLS."""
+    from rsna19.serve.sender import SendError, send_files
+    from rsna19.serve.tls import dicom_client_context
+
+    files = write_study(tmp_path / "in", f"{STUDY_BASE}.21")[:2]
+    tls = dict(tls_cert=str(pki["node"].cert), tls_key=str(pki["node"].key), tls_ca=str(pki.ca))
+    port, _, db, _ = bare_scp(**tls, network_timeout_s=2)
+    assert send(port, files[:1], tls=_client_tls(pki, pki["modality"])) == [0]
+    assert send(port, files[:1]) is None  # plain DICOM to the TLS port
+    assert send(port, files[:1], tls=_client_tls(pki)) is None  # TLS without a client certificate
+    assert send(port, files[:1], tls=_client_tls(pki, pki.rogue)) is None  # a certificate of another CA
+    assert db.counter("tls_refused") == 3 and db.counter("instances_received") == 1
+    # The sender: TLS with the node's own certificate, the destination's checked against the CA and host name.
+    cfg = ServeConfig(
+        bundle="b", spool="s", **{**tls, "tls_cert": str(pki["pacs"].cert), "tls_key": str(pki["pacs"].key)}
+    )
+    send_files(files[1:], Destination("RSNA19", "localhost", port), "PACS", 5, dicom_client_context(cfg))
+    assert db.counter("instances_received") == 2
+    with pytest.raises(SendError, match="TLS"):
+        send_files(files[1:], Destination("RSNA19", "127.0.0.1", port), "PACS", 5, None)  # plain: refused
+    with pytest.raises(UserError, match="both"):
+        ServeConfig(bundle="b", spool="s", tls_cert=str(pki["node"].cert)).check()
+
+
+def test_https_named_tokens_reviews_and_patient_fields(pki, tmp_path, caplog):
+    """HTTPS with the node's certificate; each named token is logged with what it views, re-runs and reviews; patient
+    fields only behind a token; the viewer link; the flagged-only filter."""
+
+    db = ServeDB(tmp_path / "serve.db")
+    kw = dict(series_uid="s", sop_class_uid="c", transfer_syntax="t", path="p", size=1, calling_ae="A")
+    from rsna19.serve.scp import patient_fields
+
+    header = pydicom.Dataset()
+    header.PatientName, header.PatientID, header.AccessionNumber = "Doe^Jane", "PID-7", "ACC-42"
+    patient = patient_fields(header)  # what the SCP stores of each instance
+    for i, p in enumerate((0.9, 0.1)):
+        uid = f"1.2.3.{i}"
+        db.add_instance(uid, uid, f"{uid}.1", patient=patient, **kw)
+        db.rerun(uid)
+        row = db.claim()
+        db.finish(uid, started_s=row["started_s"], result={"p_any": p, "flag": p > 0.5}, error=None, destinations=[])
+    cfg = ServeConfig(
+        bundle="b",
+        spool=str(tmp_path),
+        http_tls_cert=str(pki["node"].cert),
+        http_tls_key=str(pki["node"].key),
+        tokens={"alice": "alice-secret-1", "ris": "ris-secret-22"},
+        viewer_url="http://pacs:8042/app/explorer.html#study?uuid={orthanc_id}&acc={accession}",
+    )
+    srv = ServeHTTP("127.0.0.1", 0, db, Spool(tmp_path), cfg.named_tokens, lambda: {"status": "ok"}, cfg=cfg)
+    port = srv.start()
+    ctx = _client_tls(pki)
+
+    def get(path, token=None, method="GET"):
+        req = urllib.request.Request(f"https://localhost:{port}{path}", method=method)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _NoRedirect)
+        try:
+            with opener.open(req, timeout=10) as r:
+                return r.status, r.read(), r.headers
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), e.headers
+
+    try:
+        caplog.set_level("INFO", logger="rsna19.serve.http")
+        assert get("/health")[0] == 401
+        code, body, _ = get("/api/studies", token="alice-secret-1")
+        studies = json.loads(body)
+        assert code == 200 and [s["study_uid"] for s in studies] == ["1.2.3.0", "1.2.3.1"]
+        assert studies[0]["patient_name"] == "Doe Jane" and studies[0]["accession"] == "ACC-42"
+        assert studies[0]["age_s"] >= 0
+        flagged = json.loads(get("/api/studies?flagged=1", token="alice-secret-1")[1])
+        assert [s["study_uid"] for s in flagged] == ["1.2.3.0"]
+        assert get("/api/studies/1.2.3.0/acknowledge", token="alice-secret-1", method="POST")[0] == 200
+        assert get("/api/studies/1.2.3.1/dismiss", token="ris-secret-22", method="POST")[0] == 200
+        assert get("/api/studies/1.2.3.404/dismiss", token="ris-secret-22", method="POST")[0] == 404
+        one = json.loads(get("/api/studies/1.2.3.0", token="ris-secret-22")[1])
+        assert one["review"] == "acknowledged" and one["review_by"] == "alice" and one["review_s"] > 0
+        code, _, headers = get(one["viewer_url"], token="ris-secret-22")
+        sha = hashlib.sha1(b"PID-7|1.2.3.0").hexdigest()
+        assert code == 302 and headers["Location"].startswith(
+            f"http://pacs:8042/app/explorer.html#study?uuid={sha[:8]}-"
+        )
+        assert headers["Location"].endswith("&acc=ACC-42")
+        assert get("/api/studies/1.2.3.0/rerun", token="ris-secret-22", method="POST")[0] == 202
+        with pytest.raises(OSError):  # plain HTTP to the HTTPS port: no answer
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        srv.stop()
+    events = [(r.getMessage(), getattr(r, "user", None), getattr(r, "study_uid", None)) for r in caplog.records]
+    assert ("review", "alice", "1.2.3.0") in events and ("review", "ris", "1.2.3.1") in events
+    assert ("study_viewed", "ris", "1.2.3.0") in events and ("rerun", "ris", "1.2.3.0") in events
+    text = " ".join(str(r.__dict__) for r in caplog.records)
+    assert "Doe" not in text and "PID-7" not in text and "ACC-42" not in text and "secret" not in text
+    # Without tokens (loopback only) the same API hides the patient fields.
+    srv = ServeHTTP("127.0.0.1", 0, db, Spool(tmp_path), None, lambda: {"status": "ok"})
+    port = srv.start()
+    try:
+        s = json.loads(http(port, "/api/studies")[1])[0]
+        assert "patient_name" not in s and "accession" not in s
+    finally:
+        srv.stop()
+    with pytest.raises(UserError, match="share one secret"):
+        ServeConfig(bundle="b", spool="s", tokens={"a": "same-secret", "b": "same-secret"}).check()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def test_token_flags_and_yaml_tokens(tmp_path):
+    (tmp_path / "serve.yaml").write_text(
+        "tokens: {alice: alice-secret-1}\nallowed_aets: [CT1@10.0.0.7]\nsilent: true\n"
+    )
+    cfg = load_config(str(tmp_path / "serve.yaml"), {"bundle": "b", "spool": "s"})
+    assert cfg.named_tokens == {"alice": "alice-secret-1"} and cfg.allowed_aets == ["CT1@10.0.0.7"] and cfg.silent
+    assert cfg.to_dict()["tokens"] == {"alice": "***"}
+    cfg = load_config(None, {"bundle": "b", "spool": "s", "tokens": ["bob=bob-secret-1"], "token": "shared-secret"})
+    assert cfg.named_tokens == {"bob": "bob-secret-1", "token": "shared-secret"}
+    with pytest.raises(UserError, match="NAME=SECRET"):
+        load_config(None, {"bundle": "b", "spool": "s", "tokens": ["nosecret"]})
+
+
+# ------------------------------------------------------------------------------------------------ worker processes
+@pytest.mark.slow
+def test_worker_processes_survive_a_hang_and_a_crash(bundle, dest, tmp_path):
+    """A bundle rigged (tests/rigged.py) to hang on one study and to SIGKILL its process on another: both are failed
+    with the reason, the worker process is replaced, and every other study is still answered once."""
+    from rigged import CRASH, HANG, rigged_predict
+
+    cfg = _cfg(bundle, tmp_path / "spool", destinations=[dest.node], worker_isolation="process", study_timeout_s=30)
+    cfg.torch_threads = 1
+    app = ServeApp(cfg, predict=rigged_predict)
+    ports = app.start()
+    try:
+        assert app.wait_ready(180) and app.health()["status"] == "ok"
+        first_pid = app.workers[0].process_.pid
+        uids = [f"{STUDY_BASE}.30", f"{STUDY_BASE}.31{HANG}", f"{STUDY_BASE}.32{CRASH}", f"{STUDY_BASE}.33"]
+        for i, uid in enumerate(uids):
+            assert send(ports["dicom"], write_study(tmp_path / f"in{i}", uid)) == [0] * 8
+            time.sleep(0.6)  # queued in this order
+        final = ("sent", "failed")
+        done = wait_for(
+            lambda: (
+                (s := {u: api_study(ports["http"], u) for u in uids})
+                and all(v["status"] in final for v in s.values())
+                and s
+            ),
+            timeout=300,
+        )
+        hang, crash = done[uids[1]], done[uids[2]]
+        assert hang["status"] == "failed" and "timed out after 30 s" in hang["error"], hang
+        assert crash["status"] == "failed" and "died while predicting (killed by SIGKILL)" in crash["error"], crash
+        for uid in (uids[0], uids[3]):
+            assert done[uid]["status"] == "sent" and done[uid]["runs"] == 1
+            assert len(dest.of(uid, SR_CLASS)) == 1 and len(dest.of(uid, SC_CLASS)) == 1
+        assert not dest.of(uids[1], SR_CLASS) and not dest.of(uids[2], SR_CLASS)
+        worker = app.workers[0]
+        assert worker.process_.starts == 3 and worker.process_.pid != first_pid  # replaced after each loss
+        assert not list((app.spool.root / "results").glob(".*.tmp"))  # the lost runs' temp folders removed
+    finally:
+        app.shutdown(grace_s=10)
+    assert app.workers[0].process_.proc is None  # the worker process is gone after the shutdown

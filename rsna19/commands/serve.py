@@ -47,6 +47,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-backoff-s", type=float, help="first wait between attempts, doubled each time (2)")
     p.add_argument("--shutdown-grace-s", type=float, help="on SIGTERM, how long running studies may finish (60)")
     p.add_argument("--no-cam", dest="cam", action="store_const", const=False, help="no Grad-CAM on the report")
+    p.add_argument(
+        "--allowed-aet",
+        dest="allowed_aets",
+        action="append",
+        metavar="TITLE[@ADDRESS]",
+        help="a calling AE title that may store, optionally only from ADDRESS (IP, CIDR or host name); repeatable; "
+        "none: anyone who reaches the port",
+    )
+    p.add_argument("--tls-cert", help="PEM certificate: the DICOM port and the sender use DICOM TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-ca", help="PEM authorities: callers must present a certificate they signed; checks destinations"
+    )
+    p.add_argument("--http-tls-cert", help="PEM certificate: the HTTP port serves HTTPS only")
+    p.add_argument("--http-tls-key", help="PEM private key of --http-tls-cert")
+    p.add_argument(
+        "--user-token",
+        dest="tokens",
+        action="append",
+        metavar="NAME=SECRET",
+        help="a named bearer token (one per user or system; the name is logged with what it views); repeatable",
+    )
+    p.add_argument("--viewer-url", help="PACS viewer URL template: {study_uid}, {accession}, {orthanc_id}")
+    p.add_argument(
+        "--worker-isolation", choices=("process", "thread"), help="workers as processes (default) or threads"
+    )
+    p.add_argument("--study-timeout-s", type=float, help="fail a study whose prediction runs longer (600; 0: none)")
+    p.add_argument(
+        "--silent", action="store_const", const=True, help="predict and record every study, send nothing (site trial)"
+    )
     p.set_defaults(func=run)
 
 
@@ -70,13 +100,25 @@ KEYS = (
     "retry_backoff_s",
     "shutdown_grace_s",
     "cam",
+    "allowed_aets",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "http_tls_cert",
+    "http_tls_key",
+    "tokens",
+    "viewer_url",
+    "worker_isolation",
+    "study_timeout_s",
+    "silent",
 )
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM / SIGINT; 0 after a graceful shutdown."""
-    from rsna19.serve.app import serve_forever, setup_json_logging
+    from rsna19.serve.app import serve_forever
     from rsna19.serve.config import load_config
+    from rsna19.serve.logs import setup_json_logging
 
     cfg = load_config(args.config, {k: getattr(args, k) for k in KEYS})
     setup_json_logging()

@@ -1,27 +1,28 @@
 """Wiring of the node: spool + DB + SCP + quiet-period monitor + workers + sender + HTTP, and its shutdown.
 
 Start order: the spool and ``serve.db`` (studies left ``running`` by a kill go back to ``queued``), the workers
-(each loads the bundle in its own thread), the sender, the SCP and the HTTP server; ``ports.json`` is written once
-both listen. Shutdown (SIGTERM/SIGINT): stop accepting associations, let running studies finish for up to
-``shutdown_grace_s``, re-queue the rest in the DB, stop the sender and the HTTP server, remove ``ports.json``.
+(each starts its worker process, which loads the bundle; or loads it in its thread with ``worker_isolation:
+thread``), the sender (not in ``silent`` mode), the SCP and the HTTP server; ``ports.json`` is written once both
+listen. Shutdown (SIGTERM/SIGINT): stop accepting associations, let running studies finish for up to
+``shutdown_grace_s``, re-queue the rest in the DB, end the worker processes, stop the sender and the HTTP server,
+remove ``ports.json``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
 
 import yaml
 
-from rsna19.serve.config import ServeConfig
+from rsna19.serve.config import ServeConfig, is_loopback
 from rsna19.serve.db import ServeDB
 from rsna19.serve.http import ServeHTTP
+from rsna19.serve.procs import LoadFn, PredictFn
 from rsna19.serve.scp import StorageSCP
 from rsna19.serve.sender import Sender
 from rsna19.serve.spool import Spool
@@ -29,59 +30,23 @@ from rsna19.serve.worker import Worker, WorkQueue
 
 log = logging.getLogger("rsna19.serve")
 
-#: Standard attributes of a LogRecord (everything else passed in ``extra`` goes into the JSON line).
-_RECORD_KEYS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line: ``ts``, ``level``, ``event`` (the message), ``logger``, then the ``extra`` fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        obj: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "event": record.getMessage(),
-            "logger": record.name,
-        }
-        for k, v in record.__dict__.items():
-            if k not in _RECORD_KEYS and not k.startswith("_"):
-                obj[k] = v
-        if record.exc_info:
-            obj["exception"] = self.formatException(record.exc_info)
-        return json.dumps(obj, default=str)
-
-
-def setup_json_logging(level: int = logging.INFO) -> None:
-    """Send every log record to stderr as one JSON line (replaces the root logger's handlers)."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root.addHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(True)  # library warnings (pydicom's VR notes) as JSON lines too
-    threading.excepthook = _log_thread_exception
-    for noisy in ("pynetdicom", "highdicom"):  # a line per PDU / per copied module otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
-    log.error(
-        "thread_crashed",
-        extra={"thread": getattr(args.thread, "name", None), "error": f"{args.exc_type.__name__}: {args.exc_value}"},
-        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
-    )
-
 
 class ServeApp:
     """The running node. ``start()`` returns once it listens; ``shutdown()`` stops it gracefully."""
 
-    def __init__(self, cfg: ServeConfig, bundle: Any = None) -> None:
-        """``bundle``: an already loaded :class:`rsna19.bundle.Bundle` for the first worker (embedding, tests);
-        None: every worker loads ``cfg.bundle``."""
+    def __init__(
+        self, cfg: ServeConfig, bundle: Any = None, predict: PredictFn | None = None, load: LoadFn | None = None
+    ) -> None:
+        """``bundle``: an already loaded :class:`rsna19.bundle.Bundle` for the first worker (thread isolation only:
+        embedding, tests); None: every worker loads ``cfg.bundle``. ``predict`` / ``load``: what a worker runs on a
+        study and loads once (module-level functions; default :func:`rsna19.serve.worker.predict_one` and
+        :func:`rsna19.serve.worker.load_predictor`)."""
         cfg.check()
+        if bundle is not None and cfg.worker_isolation == "process":
+            raise ValueError("a preloaded bundle needs worker_isolation='thread' (a worker process loads its own)")
         self.preloaded = bundle
+        self.predict = predict
+        self.load = load
         self.cfg = cfg
         self.spool = Spool(cfg.spool)
         self.db: ServeDB | None = None
@@ -113,12 +78,12 @@ class ServeApp:
             extra={"spool": str(self.spool.root), "requeued": requeued, "temp_removed": removed, "pid": os.getpid()},
         )
         for i in range(cfg.workers):
-            w = Worker(i, cfg, self.spool, self.db, self.queue, self.stop_event)
+            w = Worker(i, cfg, self.spool, self.db, self.queue, self.stop_event, predict=self.predict, load=self.load)
             if i == 0 and self.preloaded is not None:
                 w.bundle = self.preloaded
             self.workers.append(w)
             w.start()
-        if cfg.destinations:
+        if cfg.destinations and not cfg.silent:
             self.sender = Sender(cfg, self.spool, self.db, self.stop_event)
             self.sender.start()
             for w in self.workers:
@@ -127,12 +92,27 @@ class ServeApp:
         self.monitor.start()
         self.scp = StorageSCP(cfg, self.spool, self.db)
         dicom_port = self.scp.start()
-        self.http = ServeHTTP(cfg.http_host, cfg.http_port, self.db, self.spool, cfg.token, self.health)
+        self.http = ServeHTTP(cfg.http_host, cfg.http_port, self.db, self.spool, cfg.named_tokens, self.health, cfg=cfg)
         self.http.on_rerun = lambda _uid: self.queue.notify()
         http_port = self.http.start()
         ports = {"dicom": dicom_port, "http": http_port, "pid": os.getpid()}
         self.spool.write_json(ports, self.spool.ports_path)
-        log.info("listening", extra={**ports, "ae_title": cfg.ae_title, "destinations": cfg.destinations})
+        log.info(
+            "listening",
+            extra={
+                **ports,
+                "ae_title": cfg.ae_title,
+                "destinations": cfg.destinations,
+                "allowed_aets": cfg.allowed_aets or "any",
+                "dicom_tls": cfg.dicom_tls,
+                "http_tls": bool(cfg.http_tls_cert),
+                "tokens": sorted(cfg.named_tokens),
+                "worker_isolation": cfg.worker_isolation,
+                "silent": cfg.silent,
+            },
+        )
+        if not cfg.allowed_aets and not is_loopback(cfg.host):
+            log.warning("any_caller_may_store", extra={"host": cfg.host, "fix": "give --allowed-aet TITLE[@ADDRESS]"})
         return ports
 
     def _monitor(self) -> None:
@@ -153,7 +133,7 @@ class ServeApp:
     def health(self) -> dict[str, Any]:
         """``/health``: ``status`` ok (every worker has its bundle), loading, or error (a bundle failed to load)."""
         assert self.db is not None
-        loaded = sum(1 for w in self.workers if w.bundle is not None and w.is_alive())
+        loaded = sum(1 for w in self.workers if w.loaded and w.is_alive())
         errors = [w.load_error for w in self.workers if w.load_error]
         status = "error" if errors and not loaded else ("ok" if loaded == len(self.workers) else "loading")
         out: dict[str, Any] = {
@@ -163,6 +143,12 @@ class ServeApp:
             "bundle": self.bundle_sha,
             "running": [w.current for w in self.workers if w.current],
             "uptime_s": round(time.time() - self.started_s, 1),
+            "worker_isolation": self.cfg.worker_isolation,
+            "silent": self.cfg.silent,
+            "dicom_tls": self.cfg.dicom_tls,
+            "allowed_aets": list(self.cfg.allowed_aets),
+            "associations_refused": self.db.counter("associations_refused"),
+            "tls_refused": self.db.counter("tls_refused"),
         }
         if errors:
             out["error"] = errors[0]
@@ -187,6 +173,12 @@ class ServeApp:
         if self.monitor is not None:
             self.monitor.join(1.0)
         unfinished = self.db.requeue_running() if self.db is not None else []
+        for w in self.workers:  # a worker process still predicting: its study is queued again, the run is dropped
+            if w.current is not None:
+                w.close()
+        for w in self.workers:
+            w.join(2.0)  # idle ones stop their process within a second
+            w.close()  # whatever is left of a worker process goes now
         if self.http is not None:
             self.http.stop()
         self.spool.ports_path.unlink(missing_ok=True)

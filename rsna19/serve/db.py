@@ -64,6 +64,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
+#: Columns added to ``studies`` after its first version (added to an older serve.db when it is opened): the patient
+#: fields (shown only to token holders) and the review of a flag (acknowledged or dismissed, by whom, when).
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("patient_name", "TEXT"),
+    ("patient_id", "TEXT"),
+    ("accession", "TEXT"),
+    ("review", "TEXT"),
+    ("review_by", "TEXT"),
+    ("review_s", "REAL"),
+)
+REVIEWS: tuple[str, ...] = ("acknowledged", "dismissed")
+
 
 class ServeDB:
     """Thread-safe access to ``serve.db`` (one connection, one lock: the writes are small and few)."""
@@ -78,6 +90,10 @@ class ServeDB:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(SCHEMA)
+            have = {r[1] for r in self._conn.execute("PRAGMA table_info(studies)").fetchall()}
+            for name, sql_type in ADDED_COLUMNS:
+                if name not in have:
+                    self._conn.execute(f"ALTER TABLE studies ADD COLUMN {name} {sql_type}")
 
     def close(self) -> None:
         with self._lock:
@@ -115,14 +131,17 @@ class ServeDB:
         path: str,
         size: int,
         calling_ae: str,
+        patient: dict[str, str] | None = None,
         now: float | None = None,
     ) -> bool:
         """Record an instance already on disk; its study becomes (or stays) ``receiving``.
 
         A study that was queued, done, sent or failed goes back to ``receiving`` (it will be predicted again with
         the new instance); a running one keeps running and is re-queued when it ends (its ``received_s`` is then
-        later than its ``started_s``). Returns whether the study is new.
+        later than its ``started_s``). ``patient``: ``patient_name``, ``patient_id``, ``accession`` of the instance
+        (the study keeps the first non-empty value of each). Returns whether the study is new.
         """
+        p = {k: (patient or {}).get(k) or None for k in ("patient_name", "patient_id", "accession")}
         now = time.time() if now is None else now
         with self.tx() as c:
             row = c.execute("SELECT status FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
@@ -133,15 +152,16 @@ class ServeDB:
             n = c.execute("SELECT COUNT(*) FROM instances WHERE study_uid=?", (study_uid,)).fetchone()[0]
             if row is None:
                 c.execute(
-                    "INSERT INTO studies (study_uid, folder, status, n_instances, first_received_s, received_s) "
-                    "VALUES (?,?,?,?,?,?)",
-                    (study_uid, folder, "receiving", n, now, now),
+                    "INSERT INTO studies (study_uid, folder, status, n_instances, first_received_s, received_s, "
+                    "patient_name, patient_id, accession) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (study_uid, folder, "receiving", n, now, now, p["patient_name"], p["patient_id"], p["accession"]),
                 )
             else:
                 status = row["status"] if row["status"] == "running" else "receiving"
                 c.execute(
-                    "UPDATE studies SET status=?, n_instances=?, received_s=? WHERE study_uid=?",
-                    (status, n, now, study_uid),
+                    "UPDATE studies SET status=?, n_instances=?, received_s=?, patient_name=COALESCE(patient_name, ?), "
+                    "patient_id=COALESCE(patient_id, ?), accession=COALESCE(accession, ?) WHERE study_uid=?",
+                    (status, n, now, p["patient_name"], p["patient_id"], p["accession"], study_uid),
                 )
             c.execute(
                 "INSERT INTO counters VALUES ('instances_received', 1) "
@@ -233,9 +253,9 @@ class ServeDB:
             c.execute("DELETE FROM deliveries WHERE study_uid=?", (study_uid,))
             for d in destinations:
                 c.execute("INSERT INTO deliveries VALUES (?, ?, 'pending', 0, NULL, NULL)", (study_uid, d))
-            c.execute(
+            c.execute(  # a new result: the review of the previous one no longer applies
                 "UPDATE studies SET status='done', error=NULL, done_s=?, predict_s=?, p_any=?, flag=?, result=?, "
-                "answered_s=?, next_send_s=? WHERE study_uid=?",
+                "answered_s=?, next_send_s=?, review=NULL, review_by=NULL, review_s=NULL WHERE study_uid=?",
                 (
                     now,
                     now - started_s,
@@ -318,6 +338,19 @@ class ServeDB:
         """Studies per status (every status present, zeros included)."""
         rows = self.query("SELECT status, COUNT(*) AS n FROM studies GROUP BY status")
         return {s: 0 for s in STATUSES} | {r["status"]: int(r["n"]) for r in rows}
+
+    def review(self, study_uid: str, review: str | None, by: str, now: float | None = None) -> bool:
+        """Record that ``by`` acknowledged or dismissed the study's result (``review`` None: undo); False when the
+        study is unknown."""
+        if review is not None and review not in REVIEWS:
+            raise ValueError(f"review {review!r}: one of {', '.join(REVIEWS)} or None")
+        now = time.time() if now is None else now
+        with self.tx() as c:
+            cur = c.execute(
+                "UPDATE studies SET review=?, review_by=?, review_s=? WHERE study_uid=?",
+                (review, by if review else None, now if review else None, study_uid),
+            )
+            return cur.rowcount > 0
 
     def rerun(self, study_uid: str) -> str | None:
         """Queue a study again (not while it runs); returns its new status, None when unknown."""

@@ -9,6 +9,11 @@ C-STORE is refused with a DICOM status, logged and counted (``instances_refused`
 * 0xA700 out of resources (instance larger than ``max_instance_mb``, less than ``min_free_disk_mb`` free on the
   spool's disk, more than ``max_studies_per_minute`` new studies in the last minute, or writing failed).
 
+An association from a calling AE title (or an address) that ``allowed_aets`` does not list is rejected before any
+C-STORE (A-ASSOCIATE-RJ, "calling AE title not recognized"), logged and counted (``associations_refused``). With
+``tls_cert`` the port speaks DICOM TLS only: a plain connection or a caller without a trusted certificate fails the
+handshake (logged and counted, ``tls_refused``).
+
 A success (0x0000) is returned only after the file is fsynced under its final name and its row is committed.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import ssl
 import threading
 import time
 from typing import Any
@@ -24,6 +30,7 @@ from typing import Any
 from rsna19.serve.config import ServeConfig
 from rsna19.serve.db import ServeDB
 from rsna19.serve.spool import Spool, safe_name
+from rsna19.serve.tls import dicom_server_context
 
 log = logging.getLogger("rsna19.serve.scp")
 
@@ -60,6 +67,7 @@ class StorageSCP:
         self.db = db
         self.on_stored = on_stored
         self.server: Any = None
+        self.policy = cfg.sender_policy
         # One new study at a time passes the rate check (two associations must not both take the last slot).
         self._new_study_lock = threading.Lock()
 
@@ -77,12 +85,36 @@ class StorageSCP:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(VERIFICATION)
         handlers = [
+            (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_ACCEPTED, self.handle_accepted),
         ]
+        ctx = dicom_server_context(self.cfg)
         self.server = ae.start_server((self.cfg.host, int(self.cfg.port)), block=False, evt_handlers=handlers)
+        if ctx is not None:
+            self.server.get_request = self._tls_accept(self.server, ctx)
         return int(self.server.server_address[1])
+
+    def _tls_accept(self, server: Any, ctx: ssl.SSLContext) -> Any:
+        """``server.get_request`` with the TLS handshake under the network timeout; a failed handshake (a plain
+        connection, no or an untrusted client certificate) is logged and counted, and the connection dropped."""
+        timeout = max(self.cfg.network_timeout_s, 1.0)
+
+        def get_request() -> tuple[Any, Any]:
+            sock, address = server.socket.accept()
+            sock.settimeout(timeout)  # a caller that never completes the handshake cannot hold the accept loop
+            try:
+                tls = ctx.wrap_socket(sock, server_side=True)
+            except (OSError, ValueError) as exc:
+                sock.close()
+                self.db.bump("tls_refused")
+                log.warning("tls_refused", extra={"address": address[0], "reason": " ".join(str(exc).split())})
+                raise OSError(f"TLS handshake failed: {exc}") from None
+            tls.settimeout(None)
+            return tls, address
+
+        return get_request
 
     @property
     def port(self) -> int:
@@ -95,6 +127,22 @@ class StorageSCP:
             self.server = None
 
     # ------------------------------------------------------------------------------------------------ handlers
+    def handle_requested(self, event: Any) -> None:
+        """Refuse an association from a calling AE title (or address) that ``allowed_aets`` does not list.
+
+        The A-ASSOCIATE-RJ is rejected-permanent, service-user, "calling AE title not recognized" (0x01, 0x01, 0x03),
+        as for pynetdicom's own ``require_calling_aet``; it is logged and counted (``associations_refused``).
+        """
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        address = str(event.assoc.requestor.address)
+        reason = self.policy.check(calling, address)
+        if reason is None:
+            return
+        self.db.bump("associations_refused")
+        log.warning("association_refused", extra={"calling_ae": calling, "address": address, "reason": reason})
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        time.sleep(0.05)  # let the requestor read the A-ASSOCIATE-RJ before the connection is closed
+
     def handle_echo(self, event: Any) -> int:
         log.info("echo", extra={"calling_ae": _calling(event)})
         return SUCCESS
@@ -142,6 +190,7 @@ class StorageSCP:
             study_uid = str(ds.get("StudyInstanceUID", "") or "")
             series_uid = str(ds.get("SeriesInstanceUID", "") or "")
             modality = str(ds.get("Modality", "") or "")
+            patient = patient_fields(ds)
         except Exception as exc:  # noqa: BLE001
             return self._refuse(event, DATASET_MISMATCH, f"cannot decode the data set: {exc}", sop_uid=sop_uid)
         if not study_uid or not sop_uid:
@@ -174,6 +223,7 @@ class StorageSCP:
                     path=str(path.relative_to(self.spool.root)),
                     size=len(data),
                     calling_ae=_calling(event),
+                    patient=patient,
                 )
             except Exception as exc:  # noqa: BLE001 - a disk or DB error refuses this instance, not the node
                 log.exception("store_failed", extra={"study_uid": study_uid, "sop_uid": sop_uid})
@@ -201,6 +251,16 @@ class StorageSCP:
             },
         )
         return status
+
+
+def patient_fields(ds: Any) -> dict[str, str]:
+    """PatientName, PatientID and AccessionNumber of an instance (empty strings when absent): stored in serve.db and
+    shown only to token holders, never logged or used in a file name."""
+    return {
+        "patient_name": str(ds.get("PatientName", "") or "").replace("^", " ").strip(),
+        "patient_id": str(ds.get("PatientID", "") or "").strip(),
+        "accession": str(ds.get("AccessionNumber", "") or "").strip(),
+    }
 
 
 def _calling(event: Any) -> str:

@@ -5,7 +5,8 @@ after ``retry_backoff_s`` × 2^(attempt-1) (at most ``retry_backoff_max_s``), up
 destination; then the files are copied to ``SPOOL/dead_letter/<study>/`` with ``reason.json`` and the study is
 ``failed`` with the reason. A destination that has the results is not sent them again; a study becomes ``sent``
 once every destination has them. The SR/SC SOP Instance UIDs are deterministic (bundle + study), so a re-send after
-a kill between the C-STORE and the DB update leaves one copy in the PACS.
+a kill between the C-STORE and the DB update leaves one copy in the PACS. With ``tls_cert`` every destination is
+reached over DICOM TLS (:mod:`rsna19.serve.tls`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 from rsna19.serve.config import Destination, ServeConfig
 from rsna19.serve.db import ServeDB
 from rsna19.serve.spool import Spool
+from rsna19.serve.tls import dicom_client_context
 
 log = logging.getLogger("rsna19.serve.sender")
 
@@ -32,8 +35,11 @@ class SendError(RuntimeError):
     """A delivery attempt failed (the message says why)."""
 
 
-def send_files(files: list[Path], dest: Destination, calling_ae: str, timeout_s: float) -> None:
-    """C-STORE ``files`` to ``dest`` in one association.
+def send_files(
+    files: list[Path], dest: Destination, calling_ae: str, timeout_s: float, tls: ssl.SSLContext | None = None
+) -> None:
+    """C-STORE ``files`` to ``dest`` in one association (over DICOM TLS with ``tls``, the destination's certificate
+    checked against the host name it is reached by).
 
     Raises:
         SendError: no association, no accepted context for a file, or a failure status.
@@ -48,9 +54,11 @@ def send_files(files: list[Path], dest: Destination, calling_ae: str, timeout_s:
     ae.connection_timeout = timeout_s
     for sop_class in sorted({str(h.SOPClassUID) for _, h in headers}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    tls_args = None if tls is None else (tls, dest.host)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        raise SendError(f"no association with {dest} (refused, aborted or unreachable)")
+        how = "TLS " if tls is not None else ""
+        raise SendError(f"no {how}association with {dest} (refused, aborted, unreachable or a failed TLS handshake)")
     try:
         for path, _ in headers:
             try:
@@ -78,6 +86,7 @@ class Sender(threading.Thread):
         self.stop_event = stop
         self.wake = threading.Event()
         self.by_name = {str(d): d for d in cfg.destination_nodes}
+        self.tls = dicom_client_context(cfg)
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -106,7 +115,7 @@ class Sender(threading.Thread):
                 missing = [p.name for p in files if not p.is_file()]
                 if not files or missing:
                     raise SendError(f"result files missing: {', '.join(missing) or 'no SR/SC'}")
-                send_files(files, dest, self.cfg.ae_title, self.cfg.network_timeout_s)
+                send_files(files, dest, self.cfg.ae_title, self.cfg.network_timeout_s, self.tls)
             except Exception as exc:  # noqa: BLE001 - any failure is one failed attempt
                 error = str(exc) if isinstance(exc, SendError) else f"{type(exc).__name__}: {exc}"
                 attempt = int(d["attempts"]) + 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Orthanc and Chromium from Debian when missing (`make test-pacs`), then run CMD [ARGS...].
+# Install Orthanc, Chromium and openssl from Debian when missing (`make test-pacs`), then run CMD [ARGS...].
 #
 #   tests/pacs/ensure_tools.sh CMD [ARGS...]
 #
@@ -17,6 +17,7 @@ export PATH="$PATH:/usr/sbin:/sbin"  # Debian puts Orthanc in /usr/sbin
 missing=()
 command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the DICOM TLS tests make their own CA
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "ensure_tools.sh: ${missing[*]} not installed and this is not root: apt-get install -y ${missing[*]}" >&2

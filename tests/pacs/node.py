@@ -51,6 +51,8 @@ class Node:
         extra: more command-line arguments.
         threads: torch threads of each worker (``torch_threads`` in the node's ``--config`` YAML, written next to
             the spool) and OMP / MKL threads of the process.
+        token: ``(name, secret)`` of a named token (``--user-token``): every HTTP call of this helper sends it.
+        config: more keys of the ``--config`` YAML.
     """
 
     def __init__(
@@ -62,6 +64,8 @@ class Node:
         quiet_seconds: float = 2.0,
         extra: list[str] | None = None,
         threads: int = 2,
+        token: tuple[str, str] | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.spool = Path(spool)
         self.bundle = Path(bundle)
@@ -70,6 +74,8 @@ class Node:
         self.quiet_seconds = quiet_seconds
         self.extra = list(extra or [])
         self.threads = threads
+        self.token = token
+        self.config = dict(config or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
         self.starts = 0
@@ -91,6 +97,8 @@ class Node:
         cmd += ["--ae-title", self.ae_title, "--quiet-seconds", f"{self.quiet_seconds:g}", "--device", "cpu"]
         for dest in self.destinations:
             cmd += ["--destination", dest]
+        if self.token:
+            cmd += ["--user-token", f"{self.token[0]}={self.token[1]}"]
         return cmd + self.extra
 
     def start(self, timeout: float = 120.0, ready: bool = True) -> Node:
@@ -102,7 +110,11 @@ class Node:
         self.spool.mkdir(parents=True, exist_ok=True)
         ports_file = self.spool / "ports.json"
         ports_file.unlink(missing_ok=True)
-        self.config_path.write_text(f"torch_threads: {int(self.threads)}\n", encoding="utf-8")
+        import yaml
+
+        self.config_path.write_text(
+            yaml.safe_dump({"torch_threads": int(self.threads), **self.config}), encoding="utf-8"
+        )
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -193,8 +205,24 @@ class Node:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.ports['http']}"
 
+    @property
+    def page_url(self) -> str:
+        """The worklist page's URL (with ``?token=`` when the node has a token)."""
+        return self.url + "/" + (f"?token={self.token[1]}" if self.token else "")
+
+    def request(self, path: str, method: str = "GET") -> urllib.request.Request:
+        """A request to the node's HTTP port, with the token's ``Authorization`` header."""
+        req = urllib.request.Request(self.url + path, method=method)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token[1]}")
+        return req
+
     def get_json(self, path: str, timeout: float = 10.0) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+        with urllib.request.urlopen(self.request(path), timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def post_json(self, path: str, timeout: float = 10.0) -> Any:
+        with urllib.request.urlopen(self.request(path, "POST"), timeout=timeout) as resp:
             return json.loads(resp.read())
 
     def health(self) -> dict[str, Any]:
@@ -208,7 +236,7 @@ class Node:
         return next((s for s in self.studies() if s["study_uid"] == study_uid), None)
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
+        with urllib.request.urlopen(self.request("/metrics"), timeout=10) as resp:
             return resp.read().decode()
 
 

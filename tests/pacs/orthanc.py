@@ -75,6 +75,17 @@ class Modality:
     aet: str
     host: str
     port: int
+    tls: bool = False  # Orthanc calls it over DICOM TLS (``UseDicomTls``)
+    local_aet: str | None = None  # the calling AE title Orthanc uses towards it (``LocalAet``), else Orthanc's own
+
+    def entry(self) -> list[Any] | dict[str, Any]:
+        """The ``DicomModalities`` value (the short list form when no option is set)."""
+        if not self.tls and self.local_aet is None:
+            return [self.aet, self.host, self.port]
+        out: dict[str, Any] = {"AET": self.aet, "Host": self.host, "Port": self.port, "UseDicomTls": self.tls}
+        if self.local_aet:
+            out["LocalAet"] = self.local_aet
+        return out
 
 
 class Orthanc:
@@ -85,6 +96,8 @@ class Orthanc:
         aet: Orthanc's own AE title.
         modalities: name → :class:`Modality` written into ``DicomModalities`` (more with :meth:`add_modality`).
         lua: optional Lua script text (``LuaScripts``), e.g. a routing rule.
+        tls: ``(certificate, private key, trusted certificates)`` PEM files: the DICOM port speaks TLS only and
+            requires a trusted client certificate (``DicomTls*``); modalities with ``tls`` are called over TLS.
         executable: the Orthanc program (default: :func:`find_orthanc`).
     """
 
@@ -95,11 +108,13 @@ class Orthanc:
         modalities: dict[str, Modality] | None = None,
         lua: str | None = None,
         executable: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         self.root = Path(root)
         self.aet = aet
         self.modalities = dict(modalities or {})
         self.lua = lua
+        self.tls = tls
         self.executable = executable or find_orthanc()
         if self.executable is None:
             raise OrthancError("Orthanc is not installed (Debian: apt-get install -y orthanc)")
@@ -136,13 +151,22 @@ class Orthanc:
             "DicomAlwaysAllowEcho": False,
             "DicomCheckCalledAet": False,
             "DicomCheckModalityHost": True,
-            "DicomModalities": {name: [m.aet, m.host, m.port] for name, m in self.modalities.items()},
+            "DicomModalities": {name: m.entry() for name, m in self.modalities.items()},
             "DicomScuTimeout": 30,
             "StableAge": 2,
             "Plugins": [],
         }
         if self.lua:
             cfg["LuaScripts"] = [str(self.root / "rules.lua")]  # written by start()
+        if self.tls:
+            cert, key, trusted = self.tls
+            cfg.update(
+                DicomTlsEnabled=True,
+                DicomTlsCertificate=str(cert),
+                DicomTlsPrivateKey=str(key),
+                DicomTlsTrustedCertificates=str(trusted),
+                DicomTlsRemoteCertificateRequired=True,
+            )
         return cfg
 
     def start(self, timeout: float = 30.0) -> Orthanc:
@@ -228,11 +252,16 @@ class Orthanc:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         return self.request("POST", path, body, timeout=timeout)
 
-    def add_modality(self, name: str, aet: str, host: str, port: int) -> None:
-        """Declare a DICOM node (kept for restarts; sent to the running Orthanc with ``PUT /modalities/NAME``)."""
-        self.modalities[name] = Modality(aet, host, port)
+    def add_modality(
+        self, name: str, aet: str, host: str, port: int, tls: bool = False, local_aet: str | None = None
+    ) -> None:
+        """Declare a DICOM node (kept for restarts; sent to the running Orthanc with ``PUT /modalities/NAME``);
+        ``tls``: called over DICOM TLS; ``local_aet``: the calling AE title Orthanc uses towards it."""
+        m = Modality(aet, host, port, tls, local_aet)
+        self.modalities[name] = m
         if self.proc is not None and self.proc.poll() is None:
-            body = json.dumps({"AET": aet, "Host": host, "Port": port}).encode()
+            entry = m.entry()
+            body = json.dumps(entry if isinstance(entry, dict) else {"AET": aet, "Host": host, "Port": port}).encode()
             self.request("PUT", f"/modalities/{name}", body)
 
     def upload(self, path: Path) -> str:
