@@ -152,3 +152,38 @@ def test_shift_preset_changes_only_the_pixels_inside_the_body(tmp_path):
     assert tissue.sum() > 500 and np.all(np.abs(diff[tissue] - 10.0) <= 1.0) and np.all(diff[air] == 0)
     again = write_shift_preset(tmp_path / "plus", "hu_plus10", n_studies=1, base="tiny")  # complete: not written again
     assert again == plus
+
+
+def test_a_model_trained_with_the_reference_records_it_and_predicts_with_it(tmp_path):
+    from pathlib import Path
+
+    import torch
+    from cachefactory import write_cache_and_folds
+
+    from rsna19.config import load_config
+    from rsna19.engine.checkpoint import load_checkpoint
+    from rsna19.engine.config import TrainConfig, resolve_paths
+    from rsna19.inference.predict import predict
+    from rsna19.training.trainer import train
+
+    cache, folds = write_cache_and_folds(tmp_path / "data", n_patients=6, n_test_patients=1, size=32)
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "clf2d.yaml"
+    overrides = [
+        "train.epochs=1",
+        "data.hu_reference=brain",
+        "data.augment.intensity_p=1.0",
+        "data.augment.noise_sd=4.0",
+        "data.augment.sharpen=[-0.5,0.8]",
+        "data.augment.hu_offset=3.0",
+    ]
+    cfg = resolve_paths(load_config(TrainConfig, tiny, overrides), str(cache), str(folds), str(tmp_path / "runs"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = train(cfg, fold=0)
+        state = load_checkpoint(run / "best.pt")
+        assert state["hu_mapping"]["reference_hu"] == BRAIN_HU
+        oof = pd.read_parquet(predict(tmp_path / "runs" / "clf2d", 0, "oof", tta=["none"], progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(oof) > 0 and oof["p_any"].between(0, 1).all()
