@@ -61,6 +61,7 @@ class IntensityAugment:
 
     def __init__(self, cfg: object | None, train: bool) -> None:
         self.active = False
+        self._noise: dict[tuple[int, ...], np.ndarray] = {}
         if cfg is None or not train or not getattr(cfg, "enabled", False):
             return
         self.p = float(getattr(cfg, "intensity_p", 0.0))
@@ -105,8 +106,13 @@ class IntensityAugment:
             ``hu``.
         """
         if d.noise_sd > 0:
-            rng = np.random.default_rng([d.noise_seed, k])
-            hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(d.noise_sd)
+            # OpenCV's generator (thread-local, reseeded per slice): ~4x faster than numpy's normal draws.
+            noise = self._noise.get(hu.shape)
+            if noise is None:
+                noise = self._noise[hu.shape] = np.empty(hu.shape, dtype=np.float32)
+            cv2.setRNGSeed((d.noise_seed + 7919 * k) % 2**31)
+            cv2.randn(noise, 0.0, d.noise_sd)
+            hu += noise
         if d.sharpen != 0.0:
             blurred = cv2.GaussianBlur(hu, (0, 0), self.sigma, borderType=cv2.BORDER_REPLICATE)
             # hu + a·(hu − blurred) = (1 + a)·hu − a·blurred
