@@ -10,9 +10,11 @@ It runs on HU values (before windowing), so whatever the windows, pixels that co
 air (−1024 HU). A crop followed by a rotation pulls real pixels from beyond the crop into the corners instead of
 padding there, as the warp reads the whole slice.
 
-Pixel-level augmentations beyond the geometry (noise, brightness / contrast, blur …) are albumentations
-transforms listed in ``AugmentConfig.extra`` (:class:`PixelAugment`); they run on the windowed image, all slices
-and windows of a sample as the channels of one image.
+Acquisition augmentations in HU (reconstruction kernel, dose noise, HU gain and offset) are
+:mod:`rsna19.data.intensity`'s, set by the ``intensity_p`` … ``hu_offset`` fields; they run on each HU slice after
+the warp. Other pixel-level augmentations (brightness / contrast …) are albumentations transforms listed in
+``AugmentConfig.extra`` (:class:`PixelAugment`); they run on the windowed image, all slices and windows of a sample
+as the channels of one image.
 
 Each sample is augmented with a generator seeded from ``(seed, epoch, index)``: the result depends neither on the
 worker that loads it nor on the order, so training is reproducible and a resumed run sees the same augmentations
@@ -58,6 +60,14 @@ class AugmentConfig:
     # Pixel-level albumentations transforms applied after the windowing, e.g.
     # [{name: GaussNoise, std_range: [0.01, 0.03], p: 0.3}, {name: RandomBrightnessContrast, p: 0.3}].
     extra: list[dict[str, Any]] = field(default_factory=list)
+    # Acquisition (scanner) augmentations in HU after the geometry (rsna19/data/intensity.py): each of kernel,
+    # noise, gain and offset is drawn once per sample with probability ``intensity_p`` (0: all off).
+    intensity_p: float = 0.0
+    sharpen: list[float] = field(default_factory=lambda: [0.0, 0.0])  # unsharp amount: < 0 blurs, > 0 sharpens
+    kernel_sigma: float = 1.0  # σ of the unsharp mask's Gaussian, in output pixels
+    noise_sd: float = 0.0  # extra dose noise: SD uniform in [0, noise_sd] HU
+    hu_scale: float = 0.0  # HU gain uniform in [1 - hu_scale, 1 + hu_scale]
+    hu_offset: float = 0.0  # HU offset uniform in [-hu_offset, hu_offset]
 
 
 def _translate(tx: float, ty: float) -> np.ndarray:

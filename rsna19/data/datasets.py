@@ -3,7 +3,9 @@
 One sample is one slice ``z`` of one series, with its ``slices`` neighbours ``z - slices//2 … z + slices//2``
 read from ``CACHE/<series>/volume.npy`` through a memory map. Neighbours beyond the ends of the series are
 air (−1024 HU). The stack is resized, cropped and augmented in HU by one warp per slice
-(:mod:`rsna19.data.augment`), then mapped to window channels (:mod:`rsna19.data.transforms`): float32, or with
+(:mod:`rsna19.data.augment`), referenced to the series' brain tissue and given the acquisition augmentations in HU
+(:mod:`rsna19.data.reference`, :mod:`rsna19.data.intensity`; both optional), then mapped to window channels
+(:mod:`rsna19.data.transforms`): float32, or with
 ``image_dtype="uint8"`` bytes that the consumer decodes on its device (:func:`rsna19.data.transforms.decode_image`):
 
 * ``layout="channels"``: image ``(S·C, H, W)``, channel ``s·C + c`` = window ``c`` of neighbour ``s`` (2D when
@@ -27,6 +29,8 @@ from torch.utils.data import Dataset
 
 from rsna19.constants import AIR_HU, CLASSES
 from rsna19.data.augment import AugmentConfig, PixelAugment, StackAugment, sample_seed
+from rsna19.data.intensity import IntensityAugment, IntensityDraw, prepare_slice
+from rsna19.data.reference import SeriesReference
 from rsna19.data.transforms import CdfMapping, MultiWindow, decode_image, parse_image_dtype
 from rsna19.errors import UserError
 
@@ -134,12 +138,28 @@ def read_planes(vol: np.ndarray, z: int, offsets: np.ndarray) -> list[np.ndarray
     return planes
 
 
-def window_slices(slices: Iterable[np.ndarray], n: int, windows: MultiWindow, dtype: np.dtype) -> np.ndarray:
-    """Window each of ``n`` (h, w) HU slices as it comes (:meth:`StackAugment.slices`) into (n, C, h, w)."""
+def window_slices(
+    slices: Iterable[np.ndarray],
+    n: int,
+    windows: MultiWindow,
+    dtype: np.dtype,
+    offset: float = 0.0,
+    intensity: IntensityAugment | None = None,
+    draw: IntensityDraw | None = None,
+) -> np.ndarray:
+    """Window each of ``n`` (h, w) HU slices as it comes (:meth:`StackAugment.slices`) into (n, C, h, w).
+
+    Args:
+        slices: float32 HU slices (modified in place: the loader's reused buffers).
+        n, windows, dtype: how many slices, the HU mapping and the output dtype.
+        offset: HU subtracted first (the series' brain reference, :class:`SeriesReference`).
+        intensity, draw: the acquisition augmentation of the sample (training), applied after the offset.
+    """
     out = None
     for s, hu in enumerate(slices):
         if out is None:
             out = np.empty((n, windows.n_channels, *hu.shape), dtype=dtype)
+        prepare_slice(hu, offset, intensity, draw, s)
         windows.map_slice(hu, out[s])
     assert out is not None
     return out
@@ -234,6 +254,8 @@ class SliceDataset(Dataset):
         self.volumes = VolumeCache(cache_dir)
         self.aug = StackAugment(size, resize, augment, train)
         self.pixel_aug = PixelAugment(augment, train)
+        self.intensity = IntensityAugment(augment, train)
+        self.reference = SeriesReference(self.windows.reference_hu)
         self.image_dtype = parse_image_dtype(image_dtype)
         self._fill: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -252,7 +274,10 @@ class SliceDataset(Dataset):
         vol = self.volumes(self.series[index])
         planes = read_planes(vol, int(self.z[index]), self.offsets)
         seed = self.sample_seed(index)
-        image = window_slices(self.aug.slices(planes, seed), len(planes), self.windows, self.image_dtype)
+        offset = self.reference(self.series[index], vol)
+        slices = self.aug.slices(planes, seed)
+        draw = self.intensity.draw(seed)
+        image = window_slices(slices, len(planes), self.windows, self.image_dtype, offset, self.intensity, draw)
         image = self.pixel_aug(image, seed)
         if self.layout == "channels":
             image = image.reshape(-1, *image.shape[2:])

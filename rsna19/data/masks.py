@@ -25,6 +25,7 @@ from rsna19.constants import AIR_HU, SUBTYPES
 from rsna19.conversion import convert_mask
 from rsna19.conversion.geometry import TILT_THRESHOLD_DEG
 from rsna19.data.datasets import SliceDataset, read_meta, read_planes
+from rsna19.data.intensity import prepare_slice
 from rsna19.errors import UserError
 
 #: HU stand-ins of mask values 0/1 while a mask rides through the HU augmentation with the image (see
@@ -161,6 +162,9 @@ class SegSliceDataset(SliceDataset):
         seed = self.sample_seed(index)
         stack = self.aug(planes, seed)  # (S [+ 5], H, W)
         n = len(self.offsets)
+        offset, draw = self.reference(series, vol), self.intensity.draw(seed)
+        for k in range(n):  # the image slices only: the mask planes ride along unchanged
+            prepare_slice(stack[k], offset, self.intensity, draw, k)
         image = self.pixel_aug(self.windows(stack[:n], axis=1, dtype=self.image_dtype), seed)  # (S, C, H, W)
         if self.layout == "channels":
             image = image.reshape(-1, *image.shape[2:])

@@ -28,6 +28,8 @@ from torch.utils.data import Dataset
 from rsna19.constants import CLASSES
 from rsna19.data.augment import AugmentConfig, PixelAugment, StackAugment, sample_seed
 from rsna19.data.datasets import VolumeCache, add_device_affine, read_planes, window_slices
+from rsna19.data.intensity import IntensityAugment
+from rsna19.data.reference import SeriesReference
 from rsna19.data.transforms import MultiWindow, parse_image_dtype
 from rsna19.errors import UserError
 
@@ -134,6 +136,8 @@ class SlabDataset(Dataset):
         self.volumes = VolumeCache(cache_dir)
         self.aug = StackAugment(size, resize, augment, train)
         self.pixel_aug = PixelAugment(augment, train)
+        self.intensity = IntensityAugment(augment, train)
+        self.reference = SeriesReference(self.windows.reference_hu)
         self.image_dtype = parse_image_dtype(image_dtype)
         self._fill: dict[tuple[int, ...], torch.Tensor] = {}
         if all(c in self.frame.columns for c in CLASSES):
@@ -199,7 +203,9 @@ class SlabDataset(Dataset):
         vol = self.volumes(self.series[s])
         seed = sample_seed(self.seed, self.epoch, index) if self.train else 0
         slices = self.aug.slices(read_planes(vol, start, np.arange(self.slab)), seed)  # beyond the end: air
-        image = self.pixel_aug(window_slices(slices, self.slab, self.windows, self.image_dtype), seed)  # (S, C, H, W)
+        offset, draw = self.reference(self.series[s], vol), self.intensity.draw(seed)
+        image = window_slices(slices, self.slab, self.windows, self.image_dtype, offset, self.intensity, draw)
+        image = self.pixel_aug(image, seed)  # (S, C, H, W)
         target = np.full((self.slab, len(CLASSES)), np.nan, dtype=np.float32)
         target[rows >= 0] = self.targets[rows[rows >= 0]]
         pos = np.arange(self.slab)

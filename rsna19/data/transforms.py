@@ -199,6 +199,9 @@ class MultiWindow:
     Args:
         names: window names from :data:`rsna19.constants.WINDOWS` or ``"cdf"``.
         cdf: the CDF mapping used for a ``"cdf"`` entry; defaults to :meth:`CdfMapping.linear`.
+        reference_hu: with a number, the datasets shift each series' HU so that its brain parenchyma reads this
+            value before the windows (``data.hu_reference: brain``, :mod:`rsna19.data.reference`); None: absolute
+            HU. It is part of :meth:`state`, so prediction feeds a model what it was trained on.
 
     Example:
         >>> mw = MultiWindow(["brain", "subdural", "bone"])
@@ -206,10 +209,11 @@ class MultiWindow:
         (5, 3, 64, 64)
     """
 
-    def __init__(self, names: Sequence[str], cdf: CdfMapping | None = None) -> None:
+    def __init__(self, names: Sequence[str], cdf: CdfMapping | None = None, reference_hu: float | None = None) -> None:
         if not names:
             raise UserError("at least one window is needed")
         self.names = list(names)
+        self.reference_hu = None if reference_hu is None else float(reference_hu)
         self.cdf = cdf if cdf is not None else CdfMapping.linear()
         self.maps = [self.cdf if n == CDF else Window.named(n) for n in self.names]
 
@@ -251,17 +255,18 @@ class MultiWindow:
         return out
 
     def state(self) -> dict[str, Any]:
-        """Plain-dict state: window names and CDF knots."""
-        return {"names": self.names, "cdf": self.cdf.state()}
+        """Plain-dict state: window names, CDF knots and the brain reference (None: absolute HU)."""
+        return {"names": self.names, "cdf": self.cdf.state(), "reference_hu": self.reference_hu}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> MultiWindow:
-        """Rebuild from :meth:`state`."""
+        """Rebuild from :meth:`state` (a state written before ``reference_hu`` existed reads absolute HU)."""
         cdf = CdfMapping(**state["cdf"]) if state.get("cdf") else None
-        return cls(state["names"], cdf=cdf)
+        return cls(state["names"], cdf=cdf, reference_hu=state.get("reference_hu"))
 
     def __repr__(self) -> str:
-        return f"MultiWindow({self.names})"
+        ref = "" if self.reference_hu is None else f", reference_hu={self.reference_hu:g}"
+        return f"MultiWindow({self.names}{ref})"
 
 
 #: Image dtypes a dataset can emit (``data.image_dtype``).

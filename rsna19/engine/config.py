@@ -28,6 +28,9 @@ class DataConfig:
     # images from the loader: float32, or uint8 decoded on the device (4× less to write, collate and transfer)
     image_dtype: Literal["float32", "uint8"] = "float32"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # "brain": shift each series' HU so its brain parenchyma reads rsna19.data.reference.BRAIN_HU before the windows
+    # (invariant to a scanner's HU offset by construction); "none": absolute HU
+    hu_reference: Literal["none", "brain"] = "none"
     samples_per_epoch: int | None = None
     # training order (rsna19/data/sampler.py): "random" shuffles all slices; "blocked" shuffles blocks of
     # block_slices slices of one series, so one read of a volume serves several samples of a batch (a cache larger

@@ -42,6 +42,7 @@ from rsna19.data.datasets import SliceDataset, fit_cdf, read_cache_index
 from rsna19.data.embeddings import SequenceDataset, collate_sequences, embeddings_complete, read_embeddings
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.data.masks import SegSliceDataset
+from rsna19.data.reference import reference_target
 from rsna19.data.slab import SlabDataset
 from rsna19.data.transforms import CDF, MultiWindow
 from rsna19.engine.config import TrainConfig
@@ -214,7 +215,7 @@ class ImageTask(Task):
         cdf = None
         if CDF in cfg.data.windows:
             cdf = fit_cdf(cfg.data.cache, train_rows["series_uid"].tolist(), cfg.data.cdf_series, cfg.train.seed)
-        mapping = MultiWindow(cfg.data.windows, cdf=cdf)
+        mapping = MultiWindow(cfg.data.windows, cdf=cdf, reference_hu=reference_target(cfg.data.hu_reference))
         return FoldData(
             self.train_dataset(train_rows, mapping),
             self.eval_dataset(cfg.data.cache, val_rows, mapping),

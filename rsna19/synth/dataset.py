@@ -111,8 +111,11 @@ def _render_slice(
         hu, mask = render_slab(plan, k)
     else:
         hu, mask = render(plan.head, plan.bleeds, g.pixel_points(k))
+    body = hu > -900.0 if plan.acquisition is not None else None  # the patient and the headrest, noiseless
     hu = hu + rng.normal(0.0, plan.noise_sd, hu.shape)
     hu = gaussian_filter(hu, plan.blur_px)  # scanner blur; also correlates the noise like real CT
+    if plan.acquisition is not None and body is not None:
+        hu = plan.acquisition.apply(hu, body, plan, k)
     hu[~circle] = plan.outside_hu
     masks[k] = mask
     counts[k] = [np.count_nonzero(mask & SUBTYPE_BIT[name]) for name in SUBTYPES]

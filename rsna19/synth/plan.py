@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from rsna19.synth.geometry import SeriesGeometry
 from rsna19.synth.mimics import Mimics, random_mimics
 from rsna19.synth.phantom import Bleed, BlobBleed, HeadParams, SurfaceBleed, VentricleBleed
 from rsna19.synth.presets import Preset
+
+if TYPE_CHECKING:
+    from rsna19.synth.shift import Acquisition
 
 #: Pixel storage conventions seen in the RSNA data; every preset uses each at least once.
 STORAGE_VARIANTS: dict[str, StorageVariant] = {
@@ -68,6 +72,7 @@ class SeriesPlan:
         slab_samples: sub-planes averaged across the slab of each slice (1: no partial volume).
         mimics: non-blood hyperdensities and skull-base streaks (None: none).
         small_bleeds: indices into ``bleeds`` of the ones drawn small or thin.
+        acquisition: a scanner change applied to the rendered pixels (:mod:`rsna19.synth.shift`; None: none).
     """
 
     index: int
@@ -94,6 +99,7 @@ class SeriesPlan:
     slab_samples: int = 1
     mimics: Mimics | None = None
     small_bleeds: tuple[int, ...] = ()
+    acquisition: Acquisition | None = None
 
     @property
     def variant(self) -> StorageVariant:
@@ -125,9 +131,9 @@ def _cover(rng: np.random.Generator, n: int, options: list, p: tuple[float, ...]
     return [out[i] for i in rng.permutation(n)]
 
 
-def random_anatomy(rng: np.random.Generator) -> dict:
+def random_anatomy(rng: np.random.Generator, head_scale: tuple[float, float] = (0.92, 1.05)) -> dict:
     """The parts of a head that belong to the patient (kept across their studies)."""
-    scale = rng.uniform(0.92, 1.05)
+    scale = rng.uniform(*head_scale)
     dirs = rng.normal(size=(6, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     sulci = np.column_stack([dirs, rng.uniform(9.0, 16.0, 6), rng.uniform(0, 2 * math.pi, 6)])
@@ -158,8 +164,8 @@ def random_geometry(rng: np.random.Generator, preset: Preset, head_centre: np.nd
         tilt = float(rng.uniform(10.0, 30.0)) * (1.0 if rng.random() < 0.75 else -1.0)
     # The image centre sits ~8 mm behind the head centre so the headrest fits under the head. A plane through
     # (x, y_iso, z_k) meets the head's vertical axis at z_k + (y_iso − c_y)·tan θ: aim that at the slab.
-    x_iso = head_centre[0] + rng.uniform(-3.0, 3.0)
-    y_iso = head_centre[1] + 8.0 + rng.uniform(-3.0, 3.0)
+    x_iso = head_centre[0] + rng.uniform(*preset.iso_offset)
+    y_iso = head_centre[1] + 8.0 + rng.uniform(*preset.iso_offset)
     slab_mid = head_centre[2] + rng.uniform(*preset.slab_offset)
     z0 = slab_mid - (n - 1) / 2 * step - (y_iso - head_centre[1]) * math.tan(math.radians(tilt))
     return SeriesGeometry(
@@ -271,7 +277,7 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
         n_patients = n_studies - repeats
         patient_of_study = list(range(n_patients)) + [int(i) for i in rng.permutation(n_patients)[:repeats]]
         patient_of_study = [patient_of_study[i] for i in rng.permutation(n_studies)]
-        patients = [(ids.new(), random_anatomy(rng)) for _ in range(n_patients)]
+        patients = [(ids.new(), random_anatomy(rng, preset.head_scale)) for _ in range(n_patients)]
         variants = _cover(rng, n_studies, list(STORAGE_VARIANTS), _VARIANT_P)
         tilts = _cover(rng, n_studies, [True, False], (preset.tilt_fraction, 1 - preset.tilt_fraction))
         orders = _cover(rng, n_studies, list(INSTANCE_ORDERS), (0.5, 0.3, 0.2))

@@ -40,6 +40,9 @@ class Preset:
             that beam hardening draws between them on the lowest slices.
         small_bleed_fraction: share of bleeds drawn small or thin (a few mm), so that the slices at their
             edges only show a faint partial-volume trace.
+        head_scale: range of the patients' head size (a factor on the phantom's axes).
+        iso_offset: range (mm) of the offset of the image centre from the head, left-right and front-back (the
+            patient's position in the field of view); the front-back offset adds to the headrest's 8 mm.
     """
 
     name: str
@@ -58,6 +61,8 @@ class Preset:
     mimics: bool = False
     beam_hardening: bool = False
     small_bleed_fraction: float = 0.0
+    head_scale: tuple[float, float] = (0.92, 1.05)
+    iso_offset: tuple[float, float] = (-3.0, 3.0)
 
     @property
     def has_context(self) -> bool:

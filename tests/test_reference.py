@@ -1,0 +1,189 @@
+"""Brain-referenced HU and the acquisition augmentations (issue 23) on phantom heads from the synthetic generator."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rsna19.constants import CLASSES
+from rsna19.conversion.read import read_slice
+from rsna19.data.augment import AugmentConfig
+from rsna19.data.datasets import SliceDataset
+from rsna19.data.intensity import IntensityAugment
+from rsna19.data.reference import BRAIN_HU, SeriesReference, brain_reference_hu, reference_target
+from rsna19.data.slab import SlabDataset
+from rsna19.data.transforms import MultiWindow
+from rsna19.errors import UserError
+from rsna19.synth.phantom import render
+from rsna19.synth.plan import make_plan
+from rsna19.synth.presets import get_preset
+
+WINDOWS = ["brain", "stroke", "subdural"]
+
+
+def _phantom_volume(index: int) -> np.ndarray:
+    """(Z, 64, 64) float HU of one tiny-preset head with its bleeds, plus scanner-like noise."""
+    plan = make_plan(get_preset("tiny"), 0)[index]
+    g = plan.geometry
+    vol = np.stack([render(plan.head, plan.bleeds, g.pixel_points(k))[0] for k in range(g.n_slices)])
+    return vol + np.random.default_rng(index).normal(0.0, 6.0, vol.shape)
+
+
+@pytest.fixture(scope="module")
+def shifted_cache(tmp_path_factory):
+    """A cache of one phantom head written three times: as rendered, and with HU +10 / −10 inside the body."""
+    root = tmp_path_factory.mktemp("refcache")
+    vol = _phantom_volume(0)
+    body = vol > -500
+    rows = []
+    for name, off in (("ID_base", 0.0), ("ID_plus", 10.0), ("ID_minus", -10.0)):
+        v = np.where(body, vol + off, vol)
+        (root / name).mkdir()
+        np.save(root / name / "volume.npy", np.round(v).astype(np.int16))
+        (root / name / "meta.json").write_text(json.dumps({"sop_uids": [f"{name}_{z}" for z in range(len(v))]}))
+        for z in range(len(v)):
+            rows.append({"sop_uid": f"{name}_{z}", "series_uid": name, "study_uid": name, "patient_id": name,
+                         "split": "train", "z": z, "n_slices": len(v), **dict.fromkeys(CLASSES, 0.0)})  # fmt: skip
+    pd.DataFrame(rows).to_parquet(root / "cache_index.parquet", index=False)
+    return root, body
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_brain_reference_moves_with_an_hu_offset_of_the_head(index):
+    vol = _phantom_volume(index)
+    body = vol > -500
+    refs = [brain_reference_hu(np.round(np.where(body, vol + d, vol)).astype(np.int16)) for d in (-10, 0, 10)]
+    assert 20.0 < refs[1] < 40.0  # the phantom's parenchyma: white 26–30, grey 36–40 HU
+    np.testing.assert_allclose(np.diff(refs), [10.0, 10.0], atol=0.05)
+
+
+def test_no_reference_without_soft_tissue():
+    assert np.isnan(brain_reference_hu(np.full((3, 32, 32), -1024, np.int16)))
+    assert SeriesReference(BRAIN_HU)("air", np.full((3, 32, 32), -1024, np.int16)) == 0.0
+    assert SeriesReference(None)("any", np.zeros((3, 32, 32), np.int16)) == 0.0
+    assert reference_target("none") is None and reference_target("brain") == BRAIN_HU
+    with pytest.raises(UserError, match="hu_reference"):
+        reference_target("water")
+
+
+def _images(cache, mapping: MultiWindow, series: str, dataset: str = "slice") -> np.ndarray:
+    index = pd.read_parquet(cache / "cache_index.parquet")
+    rows = index[index["series_uid"] == series].reset_index(drop=True)
+    if dataset == "slab":
+        ds = SlabDataset(cache, rows, mapping, slab=4, train=False)
+    else:
+        ds = SliceDataset(cache, rows, mapping, slices=3, train=False)
+    return np.stack([ds[i]["image"].numpy() for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("dataset", ["slice", "slab"])
+def test_model_input_inside_the_head_does_not_move_with_an_hu_offset(shifted_cache, dataset):
+    cache, _ = shifted_cache
+    referenced = MultiWindow(WINDOWS, reference_hu=BRAIN_HU)
+    base = _images(cache, referenced, "ID_base", dataset)
+    for other in ("ID_plus", "ID_minus"):
+        diff = np.abs(_images(cache, referenced, other, dataset) - base)
+        assert diff.max() < 2e-3, f"{other}: referenced input moved by up to {diff.max():.4f}"
+    # Absolute HU (the old input): the same offset moves the brain window by 10/80 of its range.
+    absolute = MultiWindow(WINDOWS)
+    moved = np.abs(_images(cache, absolute, "ID_plus", dataset) - _images(cache, absolute, "ID_base", dataset))
+    assert np.median(moved[moved > 0]) > 0.1
+
+
+def test_reference_survives_the_checkpoint_state():
+    state = MultiWindow(WINDOWS, reference_hu=BRAIN_HU).state()
+    assert MultiWindow.from_state(state).reference_hu == BRAIN_HU
+    old = {k: v for k, v in state.items() if k != "reference_hu"}  # a checkpoint from before the reference
+    assert MultiWindow.from_state(old).reference_hu is None
+
+
+def test_intensity_augment_draws_per_sample_and_applies_each_factor():
+    cfg = AugmentConfig(intensity_p=1.0, sharpen=[-0.8, 0.8], noise_sd=5.0, hu_scale=0.05, hu_offset=4.0)
+    aug = IntensityAugment(cfg, train=True)
+    assert aug.draw(3) == aug.draw(3) and aug.draw(3) != aug.draw(4)
+    assert IntensityAugment(cfg, train=False).draw(3) is None
+    assert IntensityAugment(AugmentConfig(), train=True).draw(3) is None  # off by default
+    # Offset and gain only: a constant slice moves by exactly s·x + o.
+    only = IntensityAugment(AugmentConfig(intensity_p=1.0, hu_scale=0.05, hu_offset=4.0), train=True)
+    d = only.draw(11)
+    assert d is not None
+    out = only.apply(np.full((16, 16), 30.0, np.float32), d, 0)
+    np.testing.assert_allclose(out, 30.0 * d.scale + d.offset, rtol=1e-5)
+    # Kernel: blurring lowers the spread of a noisy slice, sharpening raises it.
+    noisy = np.random.default_rng(0).normal(30, 10, (64, 64)).astype(np.float32)
+    for amount, sign in ((-0.8, -1), (0.8, 1)):
+        k = IntensityAugment(AugmentConfig(intensity_p=1.0, sharpen=[amount, amount]), train=True)
+        d = k.draw(0)
+        assert d is not None
+        assert np.sign(k.apply(noisy.copy(), d, 0).std() - noisy.std()) == sign
+    with pytest.raises(UserError, match="sharpen"):
+        IntensityAugment(AugmentConfig(intensity_p=1.0, sharpen=[0.5, -0.5]), train=True)
+
+
+def test_training_items_are_augmented_reproducibly(shifted_cache):
+    cache, _ = shifted_cache
+    index = pd.read_parquet(cache / "cache_index.parquet")
+    cfg = AugmentConfig(intensity_p=1.0, noise_sd=6.0, hu_offset=5.0, affine=0.0, hflip=0, vflip=0, transpose=0)
+    mapping = MultiWindow(WINDOWS, reference_hu=BRAIN_HU)
+    ds = SliceDataset(cache, index, mapping, slices=1, augment=cfg, train=True, seed=1)
+    plain = SliceDataset(cache, index, mapping, slices=1, train=False)
+    i = 5
+    a, b = ds[i]["image"].numpy(), ds[i]["image"].numpy()
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - plain[i]["image"].numpy()).max() > 0.05
+
+
+def test_shift_preset_changes_only_the_pixels_inside_the_body(tmp_path):
+    from rsna19.synth.shift import write_shift_preset
+
+    base = write_shift_preset(tmp_path / "none", "none", n_studies=1, base="tiny")
+    plus = write_shift_preset(tmp_path / "plus", "hu_plus10", n_studies=1, base="tiny")
+    assert base["n_slices"] == plus["n_slices"] > 0
+    labels = pd.read_csv(tmp_path / "plus" / "labels.csv")
+    assert list(labels.columns) == ["study_uid", "series_uid", "sop_uid", "z", *CLASSES]
+    pd.testing.assert_frame_equal(labels, pd.read_csv(tmp_path / "none" / "labels.csv"))
+    name = sorted((tmp_path / "none" / "stage_2_test").iterdir())[0].name
+    hu = [read_slice(tmp_path / d / "stage_2_test" / name).hu.astype(np.float64) for d in ("none", "plus")]
+    diff = hu[1] - hu[0]
+    tissue, air = hu[0] > -100, hu[0] < -990  # well inside the body / well outside it
+    assert tissue.sum() > 500 and np.all(np.abs(diff[tissue] - 10.0) <= 1.0) and np.all(diff[air] == 0)
+    again = write_shift_preset(tmp_path / "plus", "hu_plus10", n_studies=1, base="tiny")  # complete: not written again
+    assert again == plus
+
+
+def test_a_model_trained_with_the_reference_records_it_and_predicts_with_it(tmp_path):
+    from pathlib import Path
+
+    import torch
+    from cachefactory import write_cache_and_folds
+
+    from rsna19.config import load_config
+    from rsna19.engine.checkpoint import load_checkpoint
+    from rsna19.engine.config import TrainConfig, resolve_paths
+    from rsna19.inference.predict import predict
+    from rsna19.training.trainer import train
+
+    cache, folds = write_cache_and_folds(tmp_path / "data", n_patients=6, n_test_patients=1, size=32)
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "clf2d.yaml"
+    overrides = [
+        "train.epochs=1",
+        "data.hu_reference=brain",
+        "data.augment.intensity_p=1.0",
+        "data.augment.noise_sd=4.0",
+        "data.augment.sharpen=[-0.5,0.8]",
+        "data.augment.hu_offset=3.0",
+    ]
+    cfg = resolve_paths(load_config(TrainConfig, tiny, overrides), str(cache), str(folds), str(tmp_path / "runs"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = train(cfg, fold=0)
+        state = load_checkpoint(run / "best.pt")
+        assert state["hu_mapping"]["reference_hu"] == BRAIN_HU
+        oof = pd.read_parquet(predict(tmp_path / "runs" / "clf2d", 0, "oof", tta=["none"], progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(oof) > 0 and oof["p_any"].between(0, 1).all()
