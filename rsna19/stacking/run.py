@@ -104,11 +104,11 @@ def prepare_level2(
                 raise UserError(f"test features of base fold {k} do not line up with the fold-averaged ones")
             test_folds.append(Level2Data.from_features(feats_k, inputs.models))
     ref = inputs.oof[inputs.models[0]].set_index("sop_uid")
-    y = ref.loc[oof_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64)
+    y = np.ascontiguousarray(ref.loc[oof_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64))
     folds = oof_feats["patient_id"].map(inputs.fold_of_patient).to_numpy(int)
     y_test = None
     if inputs.test_labels is not None:
-        y_test = inputs.test_labels.loc[test_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64)
+        y_test = np.ascontiguousarray(inputs.test_labels.loc[test_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64))
     return Level2Set(
         models=list(inputs.models),
         oof_features=oof_feats,
@@ -312,12 +312,54 @@ def run_stack(cfg: StackConfig, force: bool = False) -> StackResult:
     timings["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows), cfg.features.test_per_fold)
+    del inputs  # the level-2 matrices hold what the stackers need; at RSNA size the raw tables are gigabytes
+    l2.oof_features = l2.oof_features[list(KEY_COLUMNS)]  # the feature columns are in l2.oof.X already
+    l2.test_features = l2.test_features[list(KEY_COLUMNS)]
     timings["features_s"] = time.perf_counter() - t0
     log.info("features: %d OOF and %d test rows × %d features", len(l2.oof), len(l2.test), l2.oof.X.shape[1])
     stackers, blend = fit_stackers(cfg, l2)
     timings.update({f"{name}_cv_s": r.seconds for name, r in stackers.items()})
-    scores, oof, test = score_stack(l2, stackers, blend)
+    return write_stack(cfg, l2, stackers, blend, timings)
 
+
+def finish_stack(cfg: StackConfig, force: bool = False) -> StackResult:
+    """The final job of a split stack (``rsna19 stack --part finish``): combine the saved fold fits
+    (:mod:`rsna19.stacking.parts`), post-process, blend and write the stack folder as :func:`run_stack` does.
+
+    Raises:
+        UserError: the features or a fold fit are missing.
+    """
+    from rsna19.stacking.parts import level2_dir, load_fits, load_level2
+
+    out_dir = stack_dir(cfg)
+    if (out_dir / DONE_FILE).is_file() and not force:
+        log.info("stack output %s is complete; skipping (use --force to recompute)", out_dir)
+        return StackResult(out_dir, pd.read_csv(out_dir / DONE_FILE), skipped=True)
+    ensure_writable_dir(out_dir.parent)
+    remove_stale_temporaries(out_dir)
+    t0 = time.perf_counter()
+    # Read into memory, not mapped: numpy's sums depend on the buffer's alignment in their last bit, and the scores
+    # must be those of the single job.
+    l2 = load_level2(level2_dir(cfg), mmap=False)
+    stackers = load_fits(cfg, l2.folds)
+    timings = {"load_s": time.perf_counter() - t0}
+    timings.update({f"{name}_cv_s": r.seconds for name, r in stackers.items()})
+    stackers, blend = finish_stackers(cfg, l2, stackers)
+    return write_stack(cfg, l2, stackers, blend, timings)
+
+
+def write_stack(
+    cfg: StackConfig,
+    l2: Level2Set,
+    stackers: dict[str, CrossFitResult],
+    blend: BlendResult | None,
+    timings: dict[str, float],
+) -> StackResult:
+    """Score the outputs and write the stack folder atomically (``scores.csv`` last); warn about a final output
+    that is worse than the best base model out of fold."""
+    out_dir = stack_dir(cfg)
+    t0 = time.perf_counter()
+    scores, oof, test = score_stack(l2, stackers, blend)
     weights: dict[str, object] = {"classes": list(CLASSES), "base_models": l2.models}
     if "convex" in stackers:
         weights["convex_per_fold"] = {
@@ -334,6 +376,7 @@ def run_stack(cfg: StackConfig, force: bool = False) -> StackResult:
         predictions_frame(l2.oof_features, oof, l2.folds, l2.y).to_parquet(tmp / "oof.parquet", index=False)
         predictions_frame(l2.test_features, test, -1).to_parquet(tmp / "test.parquet", index=False)
         write_text(json.dumps(weights, indent=2), tmp / "weights.json")
+        timings["write_s"] = time.perf_counter() - t0
         write_text(json.dumps(timings, indent=2), tmp / "timings.json")
         save_config(resolved, tmp / "config.yaml")
         from rsna19.plots import plot_safely, plot_score_table  # scores.png: the table as bars; a failure only warns
