@@ -332,6 +332,12 @@ def warm_imports() -> None:
     import rsna19.submission  # noqa: F401
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (on a busy machine, the honest cost)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def peak_rss_gb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -346,9 +352,9 @@ def child(args: argparse.Namespace) -> None:
         result = {"make_s": time.perf_counter() - t0}
     else:
         warm_imports()  # the wall time is the step's, not Python's imports
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         result = step(args.stage[0], args.part, root, args.workers)
-        result.update({"seconds": time.perf_counter() - t0, "peak_rss_gb": peak_rss_gb()})
+        result.update({"seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "peak_rss_gb": peak_rss_gb()})
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -395,13 +401,13 @@ def exponent(rows: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
 def table(rows: list[dict[str, Any]]) -> str:
     exps = exponent(rows)
     lines = [
-        "| stage | part | size | rows | wall s | peak RSS GB | disk GB | exponent |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage | part | size | rows | wall s | CPU s | peak RSS GB | disk GB | exponent |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         e = exps.get((r["stage"], r["part"]))
         lines.append(
-            f"| {r['stage']} | {r['part']} | {r['size']:g} | {r['rows']} | {r['seconds']:.1f} | "
+            f"| {r['stage']} | {r['part']} | {r['size']:g} | {r['rows']} | {r['seconds']:.1f} | {r.get('cpu_s', math.nan):.1f} | "
             f"{r['peak_rss_gb']:.2f} | {r['disk_gb']:.2f} | {'' if e is None else f'{e:.2f}'} |"
         )
     return "\n".join(lines)
