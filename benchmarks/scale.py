@@ -407,7 +407,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         e = exps.get((r["stage"], r["part"]))
         lines.append(
-            f"| {r['stage']} | {r['part']} | {r['size']:g} | {r['rows']} | {r['seconds']:.1f} | {r.get('cpu_s', math.nan):.1f} | "
+            f"| {r['stage']} | {r['part']} | {r['size']:g} | {r['rows']} | {r['seconds']:.1f} | "
+            f"{r.get('cpu_s', math.nan):.1f} | "
             f"{r['peak_rss_gb']:.2f} | {r['disk_gb']:.2f} | {'' if e is None else f'{e:.2f}'} |"
         )
     return "\n".join(lines)
