@@ -305,7 +305,7 @@ def step(stage: str, part: str, root: Path, workers: int) -> dict[str, Any]:
         seen = 0
         for batch in loader:
             seen += int(batch["lengths"].sum())
-        return {"rows": seen, "embeddings_bytes": int(x.nbytes)}
+        return {"rows": seen, "embeddings_bytes": int(x.nbytes), **rss_split_gb()}
     if stage == "submit":
         from rsna19.submission import write_submission
 
@@ -330,6 +330,20 @@ def warm_imports() -> None:
     import rsna19.stacking.parts  # noqa: F401
     import rsna19.stacking.run  # noqa: F401
     import rsna19.submission  # noqa: F401
+
+
+def rss_split_gb() -> dict[str, float]:
+    """This process's resident memory now, as anonymous (its own copies) and file-backed (mapped files, which the
+    kernel can drop) GB, from ``/proc/self/status`` (empty where there is none)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                out[f"{key.lower()}_gb"] = int(value.split()[0]) / 1024**2
+    except OSError:
+        pass
+    return out
 
 
 def cpu_seconds() -> float:
