@@ -83,7 +83,8 @@ def test_print_jobs_lists_every_job_with_its_dependencies(tiny_dataset, tmp_path
         assert f"embed/{image}/fold_0" in after[f"predict/{m}/fold_0"]
     keys = [h.split()[2] for h in heads]
     assert all(keys.index(d) < keys.index(k) for k, deps in after.items() for d in deps.split(", ") if d != "-")
-    assert any(x.startswith("rsna19 stack ") and f"models=[{','.join(MODELS)}]" in x for x in cmds)
+    assert any(" rsna19 stack " in x and f"models=[{','.join(MODELS)}]" in x and "--part finish" in x for x in cmds)
+    assert "stack/features" in after["stack"] and "stack/lgbm/fold_1" in after["stack"]
     assert any(x.startswith("rsna19 submit ") for x in cmds)
     assert not work.exists()  # printing the jobs runs nothing
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -67,10 +68,18 @@ def test_prediction_files(result, work):
     for df in (oof, test):
         p = df[list(PROB_COLUMNS)].to_numpy()
         assert np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
-    stacked = oof[oof["model"] != "mean"]
-    p = stacked[list(PROB_COLUMNS)].to_numpy()
-    assert (p[:, 5] >= p[:, :5].max(axis=1) - 1e-12).all()  # post-processing: any ≥ max subtype
-    assert p.min() >= 1e-6 and p.max() <= 1 - 1e-6
+    # Post-processing: each output's kept steps (weights.json, scores.csv) hold on its rows.
+    kept = json.loads((result.out_dir / "weights.json").read_text())["postprocess"]
+    assert sorted(kept) == ["blend", "convex", "lgbm", "mlp"]
+    scores = pd.read_csv(result.out_dir / "scores.csv").set_index("name")
+    for method, steps in kept.items():
+        p = oof[oof["model"] == method][list(PROB_COLUMNS)].to_numpy()
+        label = "+".join(s for s in ("any_ge_max", "clip") if steps[s]) or "none"
+        assert scores.loc[method, "postprocess"] == label
+        if steps["any_ge_max"]:
+            assert (p[:, 5] >= p[:, :5].max(axis=1) - 1e-12).all()
+        if steps["clip"]:
+            assert p.min() >= steps["clip"] and p.max() <= 1 - steps["clip"]
     # OOF labels and folds are those of the base models.
     truth = work.train.set_index("sop_uid")
     blend = oof[oof["model"] == "blend"].set_index("sop_uid")

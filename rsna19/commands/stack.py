@@ -29,10 +29,24 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the stage and print the score table."""
-    from rsna19.stacking.run import print_scores, run_stack  # heavy imports (torch, lightgbm) only when used
+    """Run the stage (or one part of a split stack) and print the score table."""
+    from rsna19.stacking.run import finish_stack, print_scores, run_stack  # heavy imports only when used
 
-    result = run_stack(config_from_args(args), force=args.force)
+    cfg = config_from_args(args)
+    if args.part == "features":
+        from rsna19.stacking.parts import run_features
+
+        print(f"stack: level-2 features in {run_features(cfg)}")
+        return 0
+    if args.part == "fit":
+        from rsna19.errors import UserError
+        from rsna19.stacking.parts import run_fit
+
+        if args.stacker is None or args.fold is None:
+            raise UserError("--part fit needs --stacker NAME and --fold K")
+        print(f"stack: level-2 fit in {run_fit(cfg, args.stacker, args.fold)}")
+        return 0
+    result = finish_stack(cfg, force=args.force) if args.part == "finish" else run_stack(cfg, force=args.force)
     if result.skipped:
         print(f"stack: {result.out_dir} is complete (use --force to recompute)")
     print_scores(result)
@@ -53,4 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_arguments(parser)
     parser.add_argument("--force", action="store_true", help="recompute a finished stack output")
+    parser.add_argument(
+        "--part",
+        choices=("features", "fit", "finish"),
+        help="one job of a split stack: the level-2 features, one stacker on one level-2 fold (--stacker, --fold), "
+        "or the final job that combines the fits, blends and writes OUT/<name>/ (default: everything at once)",
+    )
+    parser.add_argument("--stacker", help="with --part fit: the stacker (convex, lgbm, mlp, ...)")
+    parser.add_argument("--fold", type=int, help="with --part fit: the held-out level-2 fold")
     parser.set_defaults(func=run)

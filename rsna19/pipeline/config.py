@@ -47,7 +47,11 @@ class PipelineConfig:
         convert: the convert stage's options.
         train_overrides: dotted overrides applied to every base model (``train.epochs=2``).
         model_overrides: model config name → extra overrides for that model only.
-        stack_overrides: dotted overrides of the stack config (``lgbm.num_threads=2``).
+        stack_overrides: dotted overrides of the stack config (``lgbm.num_boost_round=500``).
+        stack_jobs: ``split`` (default): the second level as jobs: the level-2 features, one job per enabled
+            stacker × fold (in parallel workers with ``threads_per_job`` threads when ``jobs > 1``, separate batch
+            jobs on SLURM) and a final job that blends and scores; ``single``: one ``rsna19 stack`` job. Both give
+            identical outputs.
         device: ``auto``, ``cpu`` or ``cuda`` for training and prediction.
         tta: test-time views of the OOF and test predictions.
         predict_batch_size: batch size of the predictions (None: the run's validation batch size).
@@ -74,6 +78,7 @@ class PipelineConfig:
     train_overrides: list[str] = field(default_factory=list)
     model_overrides: dict[str, list[str]] = field(default_factory=dict)
     stack_overrides: list[str] = field(default_factory=list)
+    stack_jobs: str = "split"
     device: str = "auto"
     tta: list[str] = field(default_factory=lambda: ["none", "hflip", "vflip", "transpose"])
     predict_batch_size: int | None = None
@@ -145,6 +150,8 @@ def load_pipeline(name_or_path: str | os.PathLike[str], overrides: list[str] | t
         raise UserError(f"{path}: model_overrides names unknown model(s) {unknown}; models: {names}")
     if cfg.jobs < 1 or cfg.threads_per_job < 1 or cfg.gpus_per_job < 1:
         raise UserError(f"{path}: jobs, threads_per_job and gpus_per_job must be ≥ 1")
+    if cfg.stack_jobs not in ("split", "single"):
+        raise UserError(f"{path}: stack_jobs must be split or single, got {cfg.stack_jobs!r}")
     if cfg.n_folds < 2:
         raise UserError(f"{path}: n_folds must be ≥ 2 (out-of-fold predictions), got {cfg.n_folds}")
     return dataclasses.replace(cfg, models=models, stack=stack)

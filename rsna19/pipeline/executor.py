@@ -2,8 +2,10 @@
 
 A job starts when every job it depends on has finished; it is asked whether it is :meth:`~Job.done` only then (a
 prediction is stale once its model retrained), and skipped when it is. Data stages, the stack and the submission
-run in this process; model jobs (train, embed, predict) run in ``n_jobs`` spawned worker processes (never forked:
-a forked torch with threads may deadlock) with ``threads`` torch threads each.
+run in this process; model jobs (train, embed, predict) and the level-2 fit jobs of a split stack run in ``n_jobs``
+spawned worker processes (never forked: a forked torch with threads may deadlock) with ``threads`` torch threads
+each. Every job runs with ``RSNA19_THREADS`` set to its ``resources.cpus`` (:mod:`rsna19.utils.threads`), so a
+``num_threads: auto`` inside it uses what it was given.
 
 GPUs: worker slot i sees only GPUs ``i·g … i·g+g−1`` (``CUDA_VISIBLE_DEVICES`` set before torch is imported in the
 worker), so ``jobs: N`` on N GPUs gives each job its own GPU and ``cuda`` inside a job means its own.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rsna19.errors import UserError
+from rsna19.utils.threads import thread_budget
 
 
 class GraphJob(Protocol):
@@ -74,8 +77,11 @@ def _worker_init(slots: Any, threads: int) -> None:
 
 
 def _run_timed(job: GraphJob) -> tuple[float, str]:
+    """Run ``job`` with ``RSNA19_THREADS`` set to its CPUs, so ``num_threads: auto`` inside it uses its share."""
+    resources = getattr(job, "resources", None)
     t0 = time.perf_counter()
-    message = job.run()
+    with thread_budget(getattr(resources, "cpus", None)):
+        message = job.run()
     return time.perf_counter() - t0, message or ""
 
 

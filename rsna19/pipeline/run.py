@@ -182,7 +182,7 @@ class StageTracker:
             what = {"train": "trained", "embed": "embedded", "predict": "predicted"}[stage]
             message = f"{len(jobs)} model × fold jobs, {len(ran)} {what}, {len(jobs) - len(ran)} already done"
         else:
-            message = ran[0].message if ran else jobs[0].summary()
+            message = ran[-1].message if ran else jobs[-1].summary()  # a split stack: its final job's
         state = "skipped" if not ran else f"{seconds:7.1f} s"
         self.say(f"[{STAGES.index(stage) + 1}/{len(STAGES)}] {stage:<8} {state:>10}  {message}")
 

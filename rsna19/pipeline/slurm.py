@@ -111,7 +111,8 @@ class SlurmResources:
 
     Attributes:
         gpus: GPUs (``--gres=gpu:N``; none asked for when 0).
-        cpus: ``--cpus-per-task`` (also the job's ``OMP_NUM_THREADS``).
+        cpus: ``--cpus-per-task`` (also the job's ``OMP_NUM_THREADS`` and ``RSNA19_THREADS``: the threads of the
+            stackers' ``num_threads: auto``).
         mem_gb: ``--mem`` in GB (rounded up to whole MB).
         time_min: ``--time`` in minutes.
         partition: ``--partition`` of this kind (else the job's, else the section's).
@@ -340,6 +341,8 @@ def batch_script(
     ]
     if "OMP_NUM_THREADS" not in options.env:
         lines.append('export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"')
+    if "RSNA19_THREADS" not in options.env:  # `num_threads: auto` uses the allocation (rsna19.utils.threads)
+        lines.append('export RSNA19_THREADS="${SLURM_CPUS_PER_TASK:-1}"')
     for name, value in options.env.items():
         if not _ENV_NAME.fullmatch(name):
             raise UserError(f"slurm env: {name!r} is not a valid environment variable name")

@@ -14,6 +14,9 @@ job key            waits for                                  done when
 ``embed/M/fold_k`` ``train/M/fold_k``                         every split it writes is newer than ``best.pt``
 ``predict/M/...``  ``train/M/fold_k`` (+ ``embed/…`` it reads)  ``oof`` and ``test`` parquets newer than ``best.pt``
 ``stack``          every ``predict/…``                        the stack's ``scores.csv`` newer than every parquet
+``stack/features`` every ``predict/…`` (``stack_jobs: split``) ``level2/meta.json`` newer than every parquet
+``stack/S/fold_k`` ``stack/features``                         its fit newer than the level-2 features
+``stack`` (split)  ``stack/features`` and every ``stack/S/…``   ``scores.csv`` newer than the fits and parquets
 ``submit``         ``stack``                                  ``submission.csv`` newer than the stack's scores
 =================  =========================================  ==============================================
 
@@ -392,14 +395,27 @@ class PredictJob(ModelJob):
 
 
 # ------------------------------------------------------------------------------------------------ second level
-class StackJob(Job):
-    """``rsna19 stack``: level-2 features, stackers, blend and the score table."""
+def stack_threads(cfg: PipelineConfig, pooled: bool) -> int:
+    """Threads of a stack job, what its ``num_threads: auto`` resolves to: the pipeline's ``threads_per_job`` for a
+    job that runs in a worker process next to others (``jobs > 1``), else every core of the machine."""
+    from rsna19.utils.threads import machine_cpus
+
+    return max(1, cfg.threads_per_job) if pooled and cfg.jobs > 1 else machine_cpus()
+
+
+class _StackPart(Job):
+    """A job of the second level: it knows the stack config and the base-model predictions it reads."""
 
     stage = "stack"
 
-    def __init__(self, ctx: Context, deps: tuple[str, ...]):
-        super().__init__(ctx, "stack", deps, Resources(cpus=4, mem_gb=16))
+    def __init__(self, ctx: Context, key: str, deps: tuple[str, ...], resources: Resources):
+        super().__init__(ctx, key, deps, resources)
         self.overrides = stack_overrides(ctx.cfg, ctx.paths, ctx.layout)
+
+    @property
+    def threads(self) -> int:
+        """Threads the job's stackers use (``num_threads: auto``): its CPUs (``RSNA19_THREADS`` when it runs)."""
+        return self.resources.cpus
 
     def config(self) -> Any:
         from rsna19.stacking.config import StackConfig
@@ -412,17 +428,83 @@ class StackJob(Job):
             p.runs / n / f"fold_{k}" / f"{s}.parquet" for n in c.model_names for k in range(c.n_folds) for s in SPLITS
         ]
 
+    def _argv(self, *extra: object) -> list[str]:
+        return _argv("rsna19", "stack", self.ctx.cfg.stack, *self.overrides, *extra)
+
+
+class StackFeaturesJob(_StackPart):
+    """``rsna19 stack --part features``: the level-2 features of a split stack, built once for every fit job."""
+
+    def __init__(self, ctx: Context, deps: tuple[str, ...]):
+        super().__init__(ctx, "stack/features", deps, Resources(cpus=1, mem_gb=16))
+
+    def done(self) -> bool:
+        from rsna19.stacking.parts import level2_done_file
+
+        return newer(level2_done_file(self.config()), *self._predictions())
+
+    def run(self) -> str:
+        from rsna19.stacking.parts import run_features
+
+        return f"level-2 features in {run_features(self.config())}"
+
+    def commands(self) -> list[list[str]]:
+        return [self._argv("--part", "features")]
+
+
+class StackFitJob(_StackPart):
+    """``rsna19 stack --part fit --stacker S --fold K``: one stacker on one level-2 fold; it runs in a worker next
+    to the other fits (``jobs``), with the threads of its resources."""
+
+    pooled = True
+
+    def __init__(self, ctx: Context, stacker: str, fold: int, deps: tuple[str, ...]):
+        cpus = stack_threads(ctx.cfg, pooled=True)
+        super().__init__(ctx, f"stack/{stacker}/fold_{fold}", deps, Resources(cpus=cpus, mem_gb=16))
+        self.model = stacker  # the stage line names it like a model job's
+        self.fold = fold
+
+    def done(self) -> bool:
+        from rsna19.stacking.parts import fits_current
+
+        return fits_current(self.config(), self.model, self.fold)
+
+    def run(self) -> str:
+        from rsna19.stacking.parts import run_fit
+
+        run_fit(self.config(), self.model, self.fold)
+        return f"{self.threads} thread(s)"
+
+    def commands(self) -> list[list[str]]:
+        return [self._argv("--part", "fit", "--stacker", self.model, "--fold", self.fold)]
+
+
+class StackJob(_StackPart):
+    """``rsna19 stack``: level-2 features, stackers, blend and the score table, in one job; or, for a split stack
+    (``stack_jobs: split``), the final job that combines the fit jobs' results, blends and scores."""
+
+    def __init__(self, ctx: Context, deps: tuple[str, ...], split: bool = False):
+        super().__init__(ctx, "stack", deps, Resources(cpus=stack_threads(ctx.cfg, pooled=False), mem_gb=16))
+        self.split = split
+
     def done(self) -> bool:
         from rsna19.stacking.run import DONE_FILE, stack_dir
 
-        return newer(stack_dir(self.config()) / DONE_FILE, *self._predictions())
+        cfg = self.config()
+        if self.split:
+            from rsna19.stacking.parts import fit_jobs, fit_path, level2_done_file
+
+            inputs = [level2_done_file(cfg), *(fit_path(cfg, s, k) for s, k in fit_jobs(cfg, self.ctx.cfg.n_folds))]
+            return newer(stack_dir(cfg) / DONE_FILE, *inputs, *self._predictions())
+        return newer(stack_dir(cfg) / DONE_FILE, *self._predictions())
 
     def run(self) -> str:
-        from rsna19.stacking.run import run_stack
+        from rsna19.stacking.run import finish_stack, run_stack
 
-        result = run_stack(self.config(), force=True)
+        result = (finish_stack if self.split else run_stack)(self.config(), force=True)
         best = result.scores.loc[result.scores["wll_oof"].idxmin()]
-        return f"{result.out_dir}: best OOF {best['name']} {best['wll_oof']:.4f}"
+        warn = "".join(f"; WARNING {w}" for w in _warnings(result.scores))
+        return f"{result.out_dir}: best OOF {best['name']} {best['wll_oof']:.4f}{warn}"
 
     def summary(self) -> str:
         from rsna19.stacking.run import DONE_FILE, stack_dir
@@ -432,7 +514,26 @@ class StackJob(Job):
         return f"best OOF {best['name']} {best['wll_oof']:.4f}"
 
     def commands(self) -> list[list[str]]:
-        return [_argv("rsna19", "stack", self.ctx.cfg.stack, *self.overrides)]
+        return [self._argv(*(("--part", "finish") if self.split else ()), "--force")]
+
+
+def _warnings(scores: pd.DataFrame) -> list[str]:
+    from rsna19.stacking.run import stack_warnings
+
+    return stack_warnings(scores)
+
+
+def stack_jobs(ctx: Context, predict_keys: tuple[str, ...]) -> list[Job]:
+    """The second level's jobs: one ``stack`` job, or with ``stack_jobs: split`` the features job, a fit job per
+    enabled stacker × fold (the cluster's unit: LightGBM's level-2 CV is hours at RSNA size) and the final job."""
+    if ctx.cfg.stack_jobs == "single":
+        return [StackJob(ctx, predict_keys)]
+    from rsna19.stacking.parts import fit_jobs
+
+    features = StackFeaturesJob(ctx, predict_keys)
+    fits = [StackFitJob(ctx, s, k, (features.key,)) for s, k in fit_jobs(features.config(), ctx.cfg.n_folds)]
+    final = StackJob(ctx, (features.key, *(f.key for f in fits)), split=True)
+    return [features, *fits, final]
 
 
 class SubmitJob(Job):
@@ -569,6 +670,8 @@ def plan(
         for k in range(cfg.n_folds):
             deps = (f"train/{name}/fold_{k}",) + ((f"embed/{upstream}/fold_{k}",) if upstream else ())
             jobs.append(PredictJob(ctx, name, k, deps, res))
-    stack = StackJob(ctx, tuple(j.key for j in jobs if isinstance(j, PredictJob)))
-    jobs += [stack, SubmitJob(ctx, stack)]
+    second = stack_jobs(ctx, tuple(j.key for j in jobs if isinstance(j, PredictJob)))
+    stack = second[-1]
+    assert isinstance(stack, StackJob)
+    jobs += [*second, SubmitJob(ctx, stack)]
     return jobs

@@ -6,7 +6,10 @@
     method          mean | blend | a stacker name
     models          base model names (order of the model axis of the level-2 features)
     features        {"offsets": k, "windows": [...]}; feature_names: the level-2 feature names
-    postprocess     {"any_ge_max": ..., "clip": ...}
+    postprocess     {"any_ge_max": ..., "clip": ...}: the config's post-processing (bundles before
+                    ``postprocess_steps`` applied it to every output)
+    postprocess_steps  output name (each stacker member, ``blend``) → {"any_ge_max": bool, "clip": margin or 0}:
+                    the steps that output keeps, chosen on the level-2 OOF rows (``weights.json`` of the stack)
     members         the stackers used (the blend's members, or the one stacker); ``base:<model>`` is a base model's
                     own probabilities (no saved state)
     stackers        member name → the info its ``save`` returned (what its ``load`` gets back)
@@ -75,22 +78,23 @@ class LoadedStacker:
         sets = [data] if isinstance(data, Level2Data) else list(data)
         if any(list(d.feature_names) != self.feature_names for d in sets):
             raise UserError("the level-2 features differ from the ones the bundle's stacker was trained on")
-        pp = self.info["postprocess"]
         method = self.info["method"]
         base = np.mean([d.base.astype(np.float64) for d in sets], axis=0)  # (N, M, 6)
         if method == "mean":
             return base.mean(axis=1)
-        preds = {
-            n: postprocess(np.mean([m.predict(d) for d in sets], axis=0), pp["any_ge_max"], pp["clip"])
-            for n, m in self.members.items()
-        }
+
+        def post(name: str, p: np.ndarray) -> np.ndarray:
+            steps = self.info.get("postprocess_steps", {}).get(name, self.info["postprocess"])
+            return postprocess(p, bool(steps["any_ge_max"]), float(steps["clip"]))
+
+        preds = {n: post(n, np.mean([m.predict(d) for d in sets], axis=0)) for n, m in self.members.items()}
         if method != "blend":
             return preds[method]
         for name in self.info["members"]:  # base-model members: the model's own probabilities at the slice
             if name.startswith(BASE_PREFIX):
                 preds[name] = base[:, self.models.index(name.removeprefix(BASE_PREFIX))]
         P = np.stack([preds[m] for m in self.info["members"]], axis=1)
-        return postprocess(combine(P, np.asarray(self.info["blend_weights"])), pp["any_ge_max"], pp["clip"])
+        return post("blend", combine(P, np.asarray(self.info["blend_weights"])))
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -166,7 +170,7 @@ def export_stacker(
         UserError: ``which`` or a blend member is not an enabled stacker.
     """
     from rsna19.stacking.inputs import load_base_inputs
-    from rsna19.stacking.run import blend_members, fit_stackers, make_stackers, prepare_level2
+    from rsna19.stacking.run import blend_members, fit_stackers, make_stackers, postprocess_decisions, prepare_level2
 
     inputs = load_base_inputs(scfg.runs, models, scfg.folds_csv, list(scfg.folds))
     l2 = prepare_level2(inputs, scfg.features.offsets, tuple(scfg.features.windows), scfg.features.test_per_fold)
@@ -183,23 +187,28 @@ def export_stacker(
     }
     if which == "mean":
         return info, l2, None
+    weights_path = Path(scfg.out) / scfg.name / "weights.json"
+    saved = json.loads(weights_path.read_text()) if weights_path.is_file() else {}
+    same_stack = saved.get("base_models") == models and "postprocess" in saved
     if which == "blend":
         members = blend_members(scfg, list(factories), models)
-        weights_path = Path(scfg.out) / scfg.name / "weights.json"
-        saved = json.loads(weights_path.read_text()) if weights_path.is_file() else {}
-        if saved.get("base_models") == models and "blend" in saved and saved["blend"]["members"] == members:
-            blend_w = np.asarray(saved["blend"]["weights"], dtype=np.float64)
-        else:  # another model subset than the stack's: the blend weights need their own level-2 CV
-            stacker_members = [m for m in members if not m.startswith(BASE_PREFIX)]
-            _, blend = fit_stackers(
-                dataclasses.replace(scfg, blend=dataclasses.replace(scfg.blend, members=stacker_members)), l2
-            )
-            blend_w = np.asarray(blend.weights, dtype=np.float64)
-        info["blend_weights"] = blend_w.tolist()
+        same_stack = same_stack and "blend" in saved and saved["blend"]["members"] == members
     elif which in factories:
         members = [which]
     else:
         raise UserError(f"stack method {which!r} is not available; enabled: mean, blend, {', '.join(factories)}")
+    if same_stack:
+        steps = saved["postprocess"]
+        blend_w = np.asarray(saved["blend"]["weights"], dtype=np.float64) if which == "blend" else None
+    else:  # another model subset than the stack's: weights and post-processing need their own level-2 CV
+        stacker_members = [m for m in members if not m.startswith(BASE_PREFIX)]
+        cv_cfg = dataclasses.replace(scfg, blend=dataclasses.replace(scfg.blend, members=stacker_members))
+        results, blend = fit_stackers(cv_cfg, l2)
+        steps = postprocess_decisions(results, blend)
+        blend_w = np.asarray(blend.weights, dtype=np.float64) if which == "blend" and blend is not None else None
+    if blend_w is not None:
+        info["blend_weights"] = blend_w.tolist()
+    info["postprocess_steps"] = {m: steps[m] for m in [*members, "blend"] if m in steps}
     info["members"] = members
     fitted = {}
     for name in members:

@@ -40,7 +40,10 @@ class LgbmConfig:
     bagging_freq: int = 1
     lambda_l2: float = 1.0
     max_bin: int = 255
-    num_threads: int = 2
+    #: ``auto``: the CPUs the job was given (:func:`rsna19.utils.threads.resolve_threads`: the executor's share,
+    #: SLURM's allocation or the machine's cores); a number only for a measurement. LightGBM's results are
+    #: repeatable for a fixed thread count.
+    num_threads: int | str = "auto"
     #: Fraction of the level-2 training patients held out for early stopping (``inner_folds: 1``).
     inner_val_fraction: float = 0.15
     #: Patient-grouped inner folds that choose the number of rounds (the mean of their early-stopped best
@@ -67,7 +70,8 @@ class MlpConfig:
     #: Epochs without improvement of the inner-validation loss before stopping.
     patience: int = 4
     inner_val_fraction: float = 0.15
-    num_threads: int = 2
+    #: ``auto``: the CPUs the job was given, as for LightGBM.
+    num_threads: int | str = "auto"
     #: ``convex``: the network's output is added to the logit of the convex blend of the base models (last layer
     #: zero-initialised, so an untrained network predicts that blend); ``prior``: a plain MLP.
     start: str = "convex"

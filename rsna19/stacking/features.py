@@ -170,9 +170,13 @@ class Level2Data:
     def from_features(cls, features: pd.DataFrame, models: list[str]) -> Level2Data:
         """Build from a :func:`build_features` frame; ``models`` gives the order of ``base``'s second axis."""
         names = feature_columns(features)
-        X = features[names].to_numpy(np.float32)
+        # Row-major (C order): rows are what the stackers take, and a saved copy (rsna19.stacking.parts) has the
+        # same layout, so the same numbers come out of numpy's sums.
+        X = np.ascontiguousarray(features[names].to_numpy(np.float32))
         prob_mask = np.array([SEP in n for n in names])
-        base = np.stack(
-            [features[[f"{m}{SEP}{c}{SEP}off+0" for c in CLASSES]].to_numpy(np.float32) for m in models], axis=1
+        base = np.ascontiguousarray(
+            np.stack(
+                [features[[f"{m}{SEP}{c}{SEP}off+0" for c in CLASSES]].to_numpy(np.float32) for m in models], axis=1
+            )
         )
         return cls(X, names, prob_mask, base, features["patient_id"].to_numpy())

@@ -23,6 +23,7 @@ from rsna19.stacking.config import LgbmConfig
 from rsna19.stacking.features import Level2Data
 from rsna19.stacking.registry import register_stacker
 from rsna19.stacking.start import check_start, fit_start, start_logit
+from rsna19.utils.threads import resolve_threads
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -87,7 +88,7 @@ class LgbmStacker:
             "bagging_freq": c.bagging_freq,
             "lambda_l2": c.lambda_l2,
             "max_bin": c.max_bin,
-            "num_threads": c.num_threads,
+            "num_threads": resolve_threads(c.num_threads, "lgbm.num_threads"),
             "deterministic": True,
             "force_row_wise": True,
             "seed": self.seed,

@@ -10,6 +10,7 @@ and std, which features are probabilities). torch is imported when a stacker is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from rsna19.stacking.config import MlpConfig
 from rsna19.stacking.features import Level2Data
 from rsna19.stacking.registry import register_stacker
 from rsna19.stacking.start import check_start, fit_start, start_logit
+from rsna19.utils.threads import resolve_threads
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +93,7 @@ class MlpStacker:
 
         c = self.cfg
         threads = torch.get_num_threads()
-        torch.set_num_threads(c.num_threads)
+        torch.set_num_threads(resolve_threads(c.num_threads, "mlp.num_threads"))
         try:
             self._fit(data, y)
         finally:
@@ -165,7 +167,11 @@ class MlpStacker:
         if self.net is None:
             raise RuntimeError("MlpStacker.predict before fit")
         out = []
-        with torch.no_grad():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(resolve_threads(self.cfg.num_threads, "mlp.num_threads"))
+        with contextlib.ExitStack() as stack:
+            stack.callback(torch.set_num_threads, threads)
+            stack.enter_context(torch.no_grad())
             for i in range(0, len(data.X), batch_size):
                 part = data.take(np.arange(i, min(i + batch_size, len(data))))
                 out.append(torch.sigmoid(self.net(self._transform(part.X)) + self._start(part)).numpy())

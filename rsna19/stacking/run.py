@@ -5,9 +5,10 @@ Output (written as one directory, atomically; a finished one is skipped unless `
     <out>/<name>/oof.parquet     key columns, fold, model (mean / convex / lgbm / mlp / blend), p_<class> ×6, labels
     <out>/<name>/test.parquet    key columns, fold (−1), model, p_<class> ×6
     <out>/<name>/scores.csv      name, kind, wll_oof, wll_test, loss_<class> ×6, auc_any (OOF slice),
-                                 auc_any_test, study_auc_oof, study_auc_test
+                                 auc_any_test, study_auc_oof, study_auc_test, wll_oof_raw, postprocess,
+                                 d_any_ge_max, d_clip, vs_best_base, warning (rsna19.stacking.report)
     <out>/<name>/scores.png      the score table as a bar chart (every base model, stacker and the blend)
-    <out>/<name>/weights.json    convex (per level-2 fold) and blend weights
+    <out>/<name>/weights.json    convex (per level-2 fold) and blend weights, the post-processing each output keeps
     <out>/<name>/timings.json    seconds per step
     <out>/<name>/config.yaml     the resolved config, with the base models actually used
 
@@ -34,14 +35,14 @@ from rsna19.config import save_config
 from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.errors import UserError
 from rsna19.stacking.base import Stacker
-from rsna19.stacking.blend import BASE_PREFIX, BlendResult, fit_blend
+from rsna19.stacking.blend import BASE_PREFIX, BlendResult, fall_back_to_base, fit_blend
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.cv import CrossFitResult, cross_fit
 from rsna19.stacking.features import Level2Data, build_features
 from rsna19.stacking.inputs import KEY_COLUMNS, BaseInputs, load_base_inputs
-from rsna19.stacking.postprocess import postprocess
+from rsna19.stacking.postprocess import fit_postprocess
 from rsna19.stacking.registry import make_stackers as _registry_make_stackers
-from rsna19.stacking.report import format_score_table, score_frame, score_row
+from rsna19.stacking.report import flag_against_base, format_score_table, score_frame, score_row
 from rsna19.utils.atomic import (
     atomic_path,
     ensure_writable_dir,
@@ -103,11 +104,11 @@ def prepare_level2(
                 raise UserError(f"test features of base fold {k} do not line up with the fold-averaged ones")
             test_folds.append(Level2Data.from_features(feats_k, inputs.models))
     ref = inputs.oof[inputs.models[0]].set_index("sop_uid")
-    y = ref.loc[oof_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64)
+    y = np.ascontiguousarray(ref.loc[oof_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64))
     folds = oof_feats["patient_id"].map(inputs.fold_of_patient).to_numpy(int)
     y_test = None
     if inputs.test_labels is not None:
-        y_test = inputs.test_labels.loc[test_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64)
+        y_test = np.ascontiguousarray(inputs.test_labels.loc[test_feats["sop_uid"], list(CLASSES)].to_numpy(np.float64))
     return Level2Set(
         models=list(inputs.models),
         oof_features=oof_feats,
@@ -162,18 +163,42 @@ def blend_members(cfg: StackConfig, stackers: list[str], models: list[str]) -> l
 
 
 def fit_stackers(cfg: StackConfig, l2: Level2Set) -> tuple[dict[str, CrossFitResult], BlendResult | None]:
-    """Level-2 CV of every enabled stacker, then the blend of their (post-processed) OOF predictions and, with
-    ``blend.include_base``, of the base models' own: its cross-fitted weights pick the stackers only where they
-    beat the single models on held-out folds."""
-    pp = cfg.postprocess
+    """Level-2 CV of every enabled stacker, then :func:`finish_stackers` (post-processing, blend, fallback)."""
     results: dict[str, CrossFitResult] = {}
     for name, factory in make_stackers(cfg).items():
         log.info("level-2 CV: %s on %d rows × %d features, %d folds", name, *l2.oof.X.shape, len(set(l2.folds)))
-        res = cross_fit(factory, l2.oof, l2.y, l2.folds, l2.test_sets, keep_models=name == "convex")
-        res.oof = postprocess(res.oof, pp.any_ge_max, pp.clip)
-        res.test = postprocess(res.test, pp.any_ge_max, pp.clip)
-        log.info("level-2 CV: %s done in %.1f s", name, res.seconds)
-        results[name] = res
+        results[name] = cross_fit(factory, l2.oof, l2.y, l2.folds, l2.test_sets, keep_models=name == "convex")
+        log.info("level-2 CV: %s done in %.1f s", name, results[name].seconds)
+    return finish_stackers(cfg, l2, results)
+
+
+def finish_stackers(
+    cfg: StackConfig, l2: Level2Set, results: dict[str, CrossFitResult]
+) -> tuple[dict[str, CrossFitResult], BlendResult | None]:
+    """Post-process each stacker's output, blend them (and, with ``blend.include_base``, the base models' own
+    probabilities), post-process the blend and apply the fallback to that final output.
+
+    Every post-processing step is chosen per output on its level-2 OOF rows and kept only when it lowers their
+    loss (:func:`rsna19.stacking.postprocess.fit_postprocess`). The blend's cross-fitted weights pick the stackers
+    only where they beat the single models on held-out folds; with ``blend.fallback`` the blend whose final OOF
+    output does not beat its best ``base:<model>`` member *is* that member (with its own kept steps).
+
+    Args:
+        cfg: the stack config.
+        l2: the level-2 problem.
+        results: stacker name → its raw cross-fit result (changed in place: post-processed, ``postprocess`` set).
+
+    Returns:
+        The post-processed stackers and the blend (None when disabled or without members).
+
+    Raises:
+        UserError: ``blend.members`` names a stacker that is not enabled.
+    """
+    pp = cfg.postprocess
+    for name, res in results.items():
+        res.postprocess = fit_postprocess(res.oof, l2.y, pp.any_ge_max, pp.clip)
+        res.oof, res.test = res.postprocess.apply(res.oof), res.postprocess.apply(res.test)
+        log.info("post-processing of %s: %s", name, res.postprocess.label)
     blend = None
     unknown = sorted(set(cfg.blend.members) - set(results))
     if unknown:
@@ -182,29 +207,34 @@ def fit_stackers(cfg: StackConfig, l2: Level2Set) -> tuple[dict[str, CrossFitRes
     if cfg.blend.enabled and members:
         base_oof = {f"{BASE_PREFIX}{m}": l2.oof.base[:, i].astype(np.float64) for i, m in enumerate(l2.models)}
         base_test = {f"{BASE_PREFIX}{m}": l2.test.base[:, i].astype(np.float64) for i, m in enumerate(l2.models)}
-        blend = fit_blend(
-            {m: results[m].oof if m in results else base_oof[m] for m in members},
-            {m: results[m].test if m in results else base_test[m] for m in members},
-            l2.y,
-            l2.folds,
-            cfg.blend.per_class,
-            cfg.blend.fallback,
-        )
+        oof = {m: results[m].oof if m in results else base_oof[m] for m in members}
+        test = {m: results[m].test if m in results else base_test[m] for m in members}
+        blend = fit_blend(oof, test, l2.y, l2.folds, cfg.blend.per_class)
+        fit = fit_postprocess(blend.oof, l2.y, pp.any_ge_max, pp.clip)
+        final = fit.apply(blend.oof)
+        if cfg.blend.fallback:
+            blend = fall_back_to_base(blend, oof, test, l2.y, final)
         if blend.fallback:
-            log.info("blend: the cross-fitted blend did not beat %s on OOF; the blend is that model", blend.fallback)
-        blend.oof = postprocess(blend.oof, pp.any_ge_max, pp.clip)
-        blend.test = postprocess(blend.test, pp.any_ge_max, pp.clip)
+            log.info("blend: its final output did not beat %s on OOF; the blend is that model", blend.fallback)
+            fit = fit_postprocess(blend.oof, l2.y, pp.any_ge_max, pp.clip)
+            final = fit.apply(blend.oof)
+        blend.oof, blend.test, blend.postprocess = final, fit.apply(blend.test), fit
+        log.info("post-processing of the blend: %s", fit.label)
     return results, blend
 
 
 def score_stack(
     l2: Level2Set, stackers: dict[str, CrossFitResult], blend: BlendResult | None
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Score table plus the final OOF and test probabilities of the plain mean, each stacker and the blend."""
+    """Score table plus the final OOF and test probabilities of the plain mean, each stacker and the blend.
+
+    The table says what post-processing did to each stacker and the blend, and flags the final output (the blend;
+    every stacker when there is none) when it is worse than the best base model out of fold
+    (:func:`rsna19.stacking.report.flag_against_base`)."""
     so, st = l2.oof_features["study_uid"].to_numpy(), l2.test_features["study_uid"].to_numpy()
 
-    def row(name: str, kind: str, p_oof: np.ndarray, p_test: np.ndarray) -> dict[str, object]:
-        return score_row(name, kind, l2.y, p_oof, l2.y_test, p_test, so, st)
+    def row(name: str, kind: str, p_oof: np.ndarray, p_test: np.ndarray, post: object = None) -> dict[str, object]:
+        return score_row(name, kind, l2.y, p_oof, l2.y_test, p_test, so, st, post)  # type: ignore[arg-type]
 
     rows = [row(m, "base", l2.oof.base[:, i], l2.test.base[:, i]) for i, m in enumerate(l2.models)]
     oof = {"mean": l2.oof.base.mean(axis=1, dtype=np.float64)}
@@ -212,11 +242,30 @@ def score_stack(
     rows.append(row("mean", "mean", oof["mean"], test["mean"]))
     for name, res in stackers.items():
         oof[name], test[name] = res.oof, res.test
-        rows.append(row(name, "stacker", res.oof, res.test))
+        rows.append(row(name, "stacker", res.oof, res.test, res.postprocess))
     if blend is not None:
         oof["blend"], test["blend"] = blend.oof, blend.test
-        rows.append(row("blend", "blend", blend.oof, blend.test))
-    return score_frame(rows), oof, test
+        rows.append(row("blend", "blend", blend.oof, blend.test, blend.postprocess))
+    final = ["blend"] if blend is not None else list(stackers)
+    scores, _ = flag_against_base(score_frame(rows), final)
+    return scores, oof, test
+
+
+def postprocess_decisions(stackers: dict[str, CrossFitResult], blend: BlendResult | None) -> dict[str, object]:
+    """Output name → the post-processing it keeps (``{"any_ge_max": bool, "clip": margin or 0}``), for
+    ``weights.json`` and bundles."""
+    out: dict[str, object] = {n: r.postprocess.to_json() for n, r in stackers.items() if r.postprocess is not None}
+    if blend is not None and blend.postprocess is not None:
+        out["blend"] = blend.postprocess.to_json()
+    return out
+
+
+def stack_warnings(scores: pd.DataFrame) -> list[str]:
+    """One line per row of ``scores`` with a ``warning`` (a final output worse than the best base model OOF)."""
+    if "warning" not in scores.columns:
+        return []
+    flagged = scores[scores["warning"].fillna("").astype(str) != ""]
+    return [f"{r['name']}: {r['warning']}" for _, r in flagged.iterrows()]
 
 
 def predictions_frame(
@@ -263,12 +312,54 @@ def run_stack(cfg: StackConfig, force: bool = False) -> StackResult:
     timings["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows), cfg.features.test_per_fold)
+    del inputs  # the level-2 matrices hold what the stackers need; at RSNA size the raw tables are gigabytes
+    l2.oof_features = l2.oof_features[list(KEY_COLUMNS)]  # the feature columns are in l2.oof.X already
+    l2.test_features = l2.test_features[list(KEY_COLUMNS)]
     timings["features_s"] = time.perf_counter() - t0
     log.info("features: %d OOF and %d test rows × %d features", len(l2.oof), len(l2.test), l2.oof.X.shape[1])
     stackers, blend = fit_stackers(cfg, l2)
     timings.update({f"{name}_cv_s": r.seconds for name, r in stackers.items()})
-    scores, oof, test = score_stack(l2, stackers, blend)
+    return write_stack(cfg, l2, stackers, blend, timings)
 
+
+def finish_stack(cfg: StackConfig, force: bool = False) -> StackResult:
+    """The final job of a split stack (``rsna19 stack --part finish``): combine the saved fold fits
+    (:mod:`rsna19.stacking.parts`), post-process, blend and write the stack folder as :func:`run_stack` does.
+
+    Raises:
+        UserError: the features or a fold fit are missing.
+    """
+    from rsna19.stacking.parts import level2_dir, load_fits, load_level2
+
+    out_dir = stack_dir(cfg)
+    if (out_dir / DONE_FILE).is_file() and not force:
+        log.info("stack output %s is complete; skipping (use --force to recompute)", out_dir)
+        return StackResult(out_dir, pd.read_csv(out_dir / DONE_FILE), skipped=True)
+    ensure_writable_dir(out_dir.parent)
+    remove_stale_temporaries(out_dir)
+    t0 = time.perf_counter()
+    # Read into memory, not mapped: numpy's sums depend on the buffer's alignment in their last bit, and the scores
+    # must be those of the single job.
+    l2 = load_level2(level2_dir(cfg), mmap=False)
+    stackers = load_fits(cfg, l2.folds)
+    timings = {"load_s": time.perf_counter() - t0}
+    timings.update({f"{name}_cv_s": r.seconds for name, r in stackers.items()})
+    stackers, blend = finish_stackers(cfg, l2, stackers)
+    return write_stack(cfg, l2, stackers, blend, timings)
+
+
+def write_stack(
+    cfg: StackConfig,
+    l2: Level2Set,
+    stackers: dict[str, CrossFitResult],
+    blend: BlendResult | None,
+    timings: dict[str, float],
+) -> StackResult:
+    """Score the outputs and write the stack folder atomically (``scores.csv`` last); warn about a final output
+    that is worse than the best base model out of fold."""
+    out_dir = stack_dir(cfg)
+    t0 = time.perf_counter()
+    scores, oof, test = score_stack(l2, stackers, blend)
     weights: dict[str, object] = {"classes": list(CLASSES), "base_models": l2.models}
     if "convex" in stackers:
         weights["convex_per_fold"] = {
@@ -276,12 +367,16 @@ def run_stack(cfg: StackConfig, force: bool = False) -> StackResult:
         }
     if blend is not None:
         weights["blend"] = {"members": blend.members, "weights": blend.weights.tolist(), "fallback": blend.fallback}
+    weights["postprocess"] = postprocess_decisions(stackers, blend)
+    for line in stack_warnings(scores):
+        log.warning("stack %s: %s", cfg.name, line)
     resolved = dataclasses.replace(cfg, models=l2.models, folds=sorted(int(k) for k in set(l2.folds)))
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         predictions_frame(l2.oof_features, oof, l2.folds, l2.y).to_parquet(tmp / "oof.parquet", index=False)
         predictions_frame(l2.test_features, test, -1).to_parquet(tmp / "test.parquet", index=False)
         write_text(json.dumps(weights, indent=2), tmp / "weights.json")
+        timings["write_s"] = time.perf_counter() - t0
         write_text(json.dumps(timings, indent=2), tmp / "timings.json")
         save_config(resolved, tmp / "config.yaml")
         from rsna19.plots import plot_safely, plot_score_table  # scores.png: the table as bars; a failure only warns
@@ -311,7 +406,7 @@ def write_features(cfg: StackConfig, out_dir: str | os.PathLike[str] | None = No
 
 
 def print_scores(result: StackResult) -> None:
-    """Print the score table and the LightGBM level-2 CV time."""
+    """Print the score table (with its warnings) and the LightGBM level-2 CV time."""
     print(format_score_table(result.scores))
     if "lgbm_cv_s" in result.timings:
         print(f"LightGBM level-2 CV: {result.timings['lgbm_cv_s']:.1f} s")
