@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from rsna19.calibration import consistent_flags
 from rsna19.constants import CLASSES, PROB_COLUMNS, SHORT_NAMES, WINDOWS
 from rsna19.plots import CLASS_COLOURS
 from rsna19.utils.atomic import atomic_path
@@ -77,18 +78,23 @@ def _figure_inches(cols: int, calibrated: bool = False) -> tuple[float, float]:
 
 def result_line(study_result: dict[str, Any]) -> str:
     """One line of the calibrated study result: the flag of ``any``, its probability and operating point, and the
-    subtypes flagged at theirs."""
+    subtypes flagged at theirs (only within a positive ``any``; with ``any`` negative the line says that subtypes
+    are not reported, never a subtype as flagged)."""
     a = study_result["classes"]["any"]
     flagged = [
         f"{SHORT_NAMES[c]} {study_result['classes'][c]['probability']:.2f}"
         for c in CLASSES[:-1]
         if study_result["classes"][c]["positive"]
     ]
-    return (
+    line = (
         f"calibrated p(any) {a['probability']:.2f} {'≥' if a['positive'] else '<'} {a['threshold']:.2f} "
         f"(operating point for sensitivity {a['target_sensitivity']:.2f}) → {study_result['flag'].upper()}"
-        + (f" · flagged: {', '.join(flagged)}" if flagged else "")
     )
+    if flagged:
+        return line + f" · flagged: {', '.join(flagged)}"
+    if not a["positive"] and study_result.get("subtypes_withheld"):
+        return line + " · no subtype reported (subtypes only within a positive 'any')"
+    return line
 
 
 def _slice_title(rank: int, z: int, probs: np.ndarray, sop_uid: str, threshold: float) -> str:
@@ -165,8 +171,10 @@ def render_study_report(
         """Axes placed in inches from the top-left corner."""
         return fig.add_axes((left / fig_w, 1 - (top + height) / fig_h, width / fig_w, height / fig_h))
 
-    flags = [SHORT_NAMES[c] for c, p in zip(CLASSES[:-1], probs.max(axis=0)) if p >= threshold]
     verdict = "POSITIVE" if probs[:, -1].max() >= threshold else "negative"
+    flags = [
+        SHORT_NAMES[c] for c, p in zip(CLASSES[:-1], probs.max(axis=0)) if p >= threshold and verdict == "POSITIVE"
+    ]
     title = f"study {study_uid} · {n} slices · max p(any) {probs[:, -1].max():.2f}"
     if study_result is None:  # with a study result, the verdict is the calibrated one of the line below
         title += f" → {verdict}" + (f" ({', '.join(flags)})" if flags else "")
@@ -262,7 +270,8 @@ def summarise_study(df_slices: pd.DataFrame, top_k: int = 5, threshold: float = 
             ``slice_idx``), ``position`` and ``series_uid``. Without ``z``, slices are numbered by ``position``
             (or row order).
         top_k: slices listed in ``top_slices``.
-        threshold: decision threshold of the ``positive`` flags.
+        threshold: decision threshold of the ``positive`` flags (a subtype is flagged only with ``any``:
+            :func:`rsna19.calibration.consistent_flags`).
 
     Returns:
         ``{"n_slices", "threshold", "max_probability": {class: p}, "positive": {class: bool},
@@ -302,11 +311,12 @@ def summarise_study(df_slices: pd.DataFrame, top_k: int = 5, threshold: float = 
         if "series_uid" in df.columns:
             entry["series_uid"] = str(df.at[i, "series_uid"])
         top.append(entry)
+    flags, _withheld = consistent_flags({c: bool(p >= threshold) for c, p in zip(CLASSES, maxima)})
     return {
         "n_slices": len(df),
         "threshold": threshold,
         "max_probability": {c: round(float(p), 6) for c, p in zip(CLASSES, maxima)},
-        "positive": {c: bool(p >= threshold) for c, p in zip(CLASSES, maxima)},
-        "positive_classes": [c for c, p in zip(CLASSES, maxima) if p >= threshold],
+        "positive": flags,
+        "positive_classes": [c for c in CLASSES if flags[c]],
         "top_slices": top,
     }

@@ -185,7 +185,7 @@ def test_sr_round_trip(served):
             assert g["Probability"] == pytest.approx(e["probability"], abs=1e-9)
             assert g["CAD Operating Point"] == pytest.approx(e["threshold"], rel=1e-9)
             assert g["Case Sensitivity"] == pytest.approx(e["target_sensitivity"])
-            assert g["Study score"] == pytest.approx(e["score"], abs=1e-9)
+            assert g["Score"] == pytest.approx(e["score"], abs=1e-9)
             assert g[FINDING[c]] == ("Present" if e["positive"] else "Absent")
             assert 0 < len(g["images"]) <= 3 and set(g["images"]) <= study_sops
             algo = " ".join(g["text"])
