@@ -214,8 +214,9 @@ def training_geometry(cache: Path, index: Path | None = None) -> dict[str, Any] 
 
     Returns:
         ``{"slice_spacing_mm", "slice_spacing_range_mm", "slice_thickness_mm", "pixel_spacing_mm",
-        "pixel_spacing_range_mm", "n_series", "source"}`` (medians; ranges are the 5th and 95th percentiles over
-        the train series), or None when the cache has no train series to measure.
+        "pixel_spacing_range_mm", "z_extent_mm", "z_extent_range_mm", "n_series", "source"}`` (medians; ranges are
+        the 5th and 95th percentiles over the train series; the z extent is first to last position plus one
+        spacing), or None when the cache has no train series to measure.
     """
     import pandas as pd
 
@@ -226,12 +227,14 @@ def training_geometry(cache: Path, index: Path | None = None) -> dict[str, Any] 
         return None
     rows = pd.read_parquet(cache_index, columns=["series_uid", "split"])
     uids = sorted(rows.loc[rows["split"] == "train", "series_uid"].astype(str).unique())
-    dz, thick, px = [], [], []
+    dz, thick, px, extent = [], [], [], []
     for uid in uids:
         meta = read_meta(cache / uid)
         if meta is None:
             continue
         dz.append(float(meta["spacing"][0]))
+        positions = meta.get("positions") or [0.0]
+        extent.append(float(max(positions) - min(positions)) + dz[-1])  # the not-assessable gate's coverage
         px.append(float(meta.get("pixel_spacing_in", meta["spacing"][1:])[0]))
     if not dz:
         return None
@@ -249,6 +252,8 @@ def training_geometry(cache: Path, index: Path | None = None) -> dict[str, Any] 
         "slice_thickness_mm": r(np.median(thick)) if thick else r(np.median(dz)),
         "pixel_spacing_mm": r(np.median(px)),
         "pixel_spacing_range_mm": [r(np.percentile(px, 5)), r(np.percentile(px, 95))],
+        "z_extent_mm": r(np.median(extent)),
+        "z_extent_range_mm": [r(np.percentile(extent, 5)), r(np.percentile(extent, 95))],
         "n_series": len(dz),
         "source": "train series of the conversion cache",
     }

@@ -320,3 +320,57 @@ def summarise_study(df_slices: pd.DataFrame, top_k: int = 5, threshold: float = 
         "positive_classes": [c for c in CLASSES if flags[c]],
         "top_slices": top,
     }
+
+
+def render_not_assessable_report(
+    volume_hu: np.ndarray,
+    sop_uids: Sequence[str],
+    positions: Sequence[float],
+    out_png: str | os.PathLike[str],
+    study_uid: str,
+    reasons: Sequence[str],
+    columns: int = MIN_COLUMNS,
+) -> None:
+    """The report of a study the models cannot judge (:mod:`rsna19.inference.assess`): NOT ASSESSABLE, the reasons,
+    and up to ``columns`` slices spread over the series in the brain window. Written atomically; deterministic.
+
+    Args:
+        volume_hu: (Z, H, W) HU of the refused series.
+        sop_uids: (Z,) SOPInstanceUID (or slice UID) of each slice.
+        positions: (Z,) slice positions (mm).
+        out_png: output file.
+        study_uid: shown in the title.
+        reasons: one line each.
+    """
+    volume_hu = np.asarray(volume_hu)
+    n = int(volume_hu.shape[0])
+    shown = np.unique(np.linspace(0, max(n - 1, 0), num=min(columns, max(n, 1))).round().astype(int)) if n else []
+    lines = len(reasons)
+    header = _HEADER + 0.22 * (lines + 1)
+    fig_w = _LEFT + columns * PANEL_INCHES + _RIGHT
+    fig_h = header + _SLICE_TITLE + PANEL_INCHES + 0.2
+    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
+    fig.text(
+        0.5,
+        1 - 0.06 / fig_h,
+        f"study {study_uid} · {n} slices → NOT ASSESSABLE (no result: neither positive nor negative)",
+        ha="center",
+        va="top",
+        fontsize=11,
+        fontweight="bold",
+        color="tab:orange",
+    )
+    for i, reason in enumerate(reasons):
+        fig.text(0.5, 1 - (0.06 + _HEADER + 0.22 * i) / fig_h, reason, ha="center", va="top", fontsize=9)
+    size = PANEL_INCHES - _GAP
+    for col, z in enumerate(int(v) for v in shown):
+        left, top = _LEFT + col * PANEL_INCHES, header + _SLICE_TITLE
+        ax = fig.add_axes((left / fig_w, 1 - (top + size) / fig_h, size / fig_w, size / fig_h))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.imshow(_windowed(volume_hu[z], "brain"), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        uid = str(sop_uids[z])
+        uid = uid if len(uid) <= 18 else uid[:17] + "…"
+        ax.set_title(f"z {z} · {float(positions[z]):.1f} mm\n{uid}", fontsize=7.5, pad=3)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})

@@ -232,6 +232,7 @@ def predict_series(
     cache: Path,
     training_spacing_mm: float | None = None,
     pixel_spacing_mm: float | None = None,
+    gate: Callable[[np.ndarray, dict[str, Any], list[dict[str, Any]]], None] | None = None,
 ) -> SeriesPrediction:
     """Convert one series like the training cache, predict it with every model and the stacker.
 
@@ -245,6 +246,9 @@ def predict_series(
             of it first (:mod:`rsna19.inference.reformat`). None: never reformat.
         pixel_spacing_mm: the series' in-plane pixel spacing (from its headers), for :func:`in_plane_spacing`;
             None converts with the bundle's options as they are.
+        gate: called with the converted (Z, H, W) HU volume, its meta and the slice references before any model
+            runs; it raises (:class:`rsna19.inference.assess.NotAssessable`) to stop a series the models cannot
+            judge.
     """
     from rsna19.conversion.series import convert_series, write_series
     from rsna19.inference.reformat import needs_reformat, reformat_slabs
@@ -257,6 +261,8 @@ def predict_series(
         spacing, why = in_plane_spacing(bundle, pixel_spacing_mm)
     refs = [dict(r) if isinstance(r, Mapping) else {"path": os.fspath(r)} for r in slices]
     volume, meta = convert_series(refs, crop=c["crop"], spacing=spacing, correct_tilt=c["correct_tilt"])
+    if gate is not None:
+        gate(volume, meta, refs)
     t1 = time.perf_counter()
     sp = SeriesPrediction(str(meta["series_uid"]), volume, meta)
     sp.info["in_plane"] = {"spacing_mm": spacing, "crop_px": c["crop"], "why": why}
@@ -368,6 +374,8 @@ def predict_studies(
             ``studies.json`` instead).
     """
     from rsna19.bundle import Bundle, load_bundle
+    from rsna19.inference.assess import NotAssessable, gate_limits
+    from rsna19.inference.assess_out import StudyGate, write_not_assessable
     from rsna19.inference.inputs import collect_studies
     from rsna19.report import render_study_report, summarise_study
 
@@ -376,6 +384,7 @@ def predict_studies(
         bundle = load_bundle(bundle, device=device, folds=folds, tta=tta)
     load_s = time.perf_counter() - t_start
     geometry = training_slices(bundle)
+    limits = gate_limits(bundle)
     if geometry["assumed"]:
         say(f"predict-study: {geometry['note']}")
     policy = SelectionPolicy(
@@ -401,17 +410,29 @@ def predict_studies(
                     raise UserError(study.problem)
                 done: list[SeriesPrediction] = []
                 failed = []
+                gate = StudyGate(limits)  # the not-assessable gate (rsna19/inference/assess.py)
                 for s in study.used:
                     try:
                         ps = s.facts.pixel_spacing_mm if s.facts is not None else None
-                        sp = predict_series(bundle, s.slice_refs(), scratch / "cache", policy.training_spacing_mm, ps)
+                        sp = predict_series(
+                            bundle, s.slice_refs(), scratch / "cache", policy.training_spacing_mm, ps, gate=gate
+                        )
                         done.append(sp)
                         for d in entry["series_used"]:
                             if d["series_uid"] == s.series_uid:
                                 d.update(sp.info, seconds=sp.seconds)
+                    except NotAssessable:
+                        pass  # recorded by the gate; the study is not assessable when no series is
                     except Exception as exc:  # noqa: BLE001 - one bad series must not lose the study's others
                         failed.append({**s.to_dict(), "reason": f"conversion/prediction failed: {_message(exc)}"})
                 entry["series_failed"] = failed
+                entry["assessment"] = gate.assessment()
+                if not done and gate.refused is not None:
+                    png = out / report_name(study_uid)
+                    write_not_assessable(entry, gate, png, dicom_out, study, bundle_identity(bundle), say)
+                    entry["seconds"] = round(time.perf_counter() - t0, 3)
+                    studies_out.append(entry)
+                    continue
                 if not done:
                     raise UserError(
                         f"study {study_uid}: no series could be predicted ("
@@ -500,6 +521,7 @@ def predict_studies(
         "n_studies": len(studies_out),
         "n_ok": sum(s["status"] == "ok" for s in studies_out),
         "n_errors": sum(s["status"] == "error" for s in studies_out),
+        "n_not_assessable": sum(s["status"] == "not_assessable" for s in studies_out),
         "bundle_load_s": round(load_s, 3),
         "total_s": round(time.perf_counter() - t_start, 3),
         "files_skipped": files_skipped,
