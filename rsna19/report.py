@@ -119,6 +119,7 @@ def render_study_report(
     cam: np.ndarray | None = None,
     threshold: float = 0.5,
     study_result: dict[str, Any] | None = None,
+    seg_mask: np.ndarray | None = None,
 ) -> list[int]:
     """Draw the report of one study (one series) and write it atomically as PNG.
 
@@ -140,6 +141,8 @@ def render_study_report(
         threshold: decision threshold drawn on the plot and used to pick the classes in the titles.
         study_result: the calibrated study result (:func:`rsna19.calibration.apply_study_model`), drawn as a
             second title line: the flag at the operating point, the calibrated probabilities, flagged subtypes.
+        seg_mask: optional (H, W) bool bleed map of the top slice, the one the DICOM SEG holds
+            (:mod:`rsna19.inference.seg_out`), drawn over it in red (instead of ``cam`` when both are given).
 
     Returns:
         The z indices shown, most suspicious first.
@@ -160,6 +163,8 @@ def render_study_report(
         raise ValueError("probs must be finite and in [0, 1]")
     if cam is not None and (np.asarray(cam).ndim != 2):
         raise ValueError(f"cam must be a 2-D map, got shape {np.shape(cam)}")
+    if seg_mask is not None and np.shape(seg_mask) != volume_hu.shape[1:]:
+        raise ValueError(f"seg_mask must be {volume_hu.shape[1:]}, got {np.shape(seg_mask)}")
 
     shown = top_slices(probs[:, -1], top_k)
     cols = max(len(shown), MIN_COLUMNS)
@@ -214,7 +219,17 @@ def render_study_report(
                 ax.set_ylabel(f"{window} {centre:g}/{w:g}", fontsize=8)
             if row == 0:
                 ax.set_title(_slice_title(col + 1, z, probs[z], str(sop_uids[z]), threshold), fontsize=7.5, pad=3)
-            if row == 0 and col == 0 and cam is not None:
+            if row == 0 and col == 0 and seg_mask is not None:
+                ax.imshow(
+                    np.ma.masked_equal(np.asarray(seg_mask, dtype=np.float32), 0.0),
+                    cmap="autumn",
+                    vmin=0,
+                    vmax=1,
+                    alpha=0.5,
+                    interpolation="nearest",
+                )
+                ax.text(0.02, 0.02, "bleed map (SEG)", transform=ax.transAxes, fontsize=7, color="yellow", va="bottom")
+            elif row == 0 and col == 0 and cam is not None:
                 heat = np.ma.masked_less(np.clip(np.asarray(cam, dtype=np.float32), 0, 1), 0.2)
                 ax.imshow(
                     heat,

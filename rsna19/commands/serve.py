@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-backoff-s", type=float, help="first wait between attempts, doubled each time (2)")
     p.add_argument("--shutdown-grace-s", type=float, help="on SIGTERM, how long running studies may finish (60)")
     p.add_argument("--no-cam", dest="cam", action="store_const", const=False, help="no Grad-CAM on the report")
+    p.add_argument("--no-seg", dest="seg", action="store_const", const=False, help="no DICOM SEG bleed map")
     p.set_defaults(func=run)
 
 
@@ -70,6 +71,7 @@ KEYS = (
     "retry_backoff_s",
     "shutdown_grace_s",
     "cam",
+    "seg",
 )
 
 

@@ -346,6 +346,7 @@ def predict_studies(
     include_contrast: bool = False,
     say: Callable[[str], None] = print,
     dicom_out: str | os.PathLike[str] | None = None,
+    seg: bool = True,
 ) -> dict[str, Any]:
     """Predict every study in a folder or zip and write ``slices.csv``, ``studies.json`` and the reports.
 
@@ -365,6 +366,8 @@ def predict_studies(
         say: where the one-line-per-study messages go.
         dicom_out: folder for each study's DICOM SR and Secondary Capture (:mod:`rsna19.inference.dicom_out`);
             None writes none.
+        seg: with ``dicom_out``, also write the bleed map of each positive study as a DICOM SEG
+            (:mod:`rsna19.inference.seg_out`) and draw it on the report picture instead of the Grad-CAM heat map.
 
     Returns:
         The ``studies.json`` dict.
@@ -377,6 +380,7 @@ def predict_studies(
     from rsna19.inference.assess import NotAssessable, gate_limits
     from rsna19.inference.assess_out import StudyGate, write_not_assessable
     from rsna19.inference.inputs import collect_studies
+    from rsna19.inference.seg_out import study_bleed_map, study_seg
     from rsna19.report import render_study_report, summarise_study
 
     t_start = time.perf_counter()
@@ -458,7 +462,13 @@ def predict_studies(
                 # The report shows the series with the most suspicious slice.
                 best = max(done, key=lambda sp: float(sp.stacked[:, -1].max()))
                 heat, cam_note = None, None
-                if cam:
+                bleed, bleed_note = None, None
+                if seg and dicom_out is not None:  # the bleed map of the SEG, also drawn on the report picture
+                    rows_best = _rows(best.meta)
+                    bleed, bleed_note = study_bleed_map(
+                        bundle, scratch / "cache", best, rows_best, entry["study_result"]
+                    )
+                if cam and bleed is None:
                     try:
                         z_top = int(np.argmax(best.stacked[:, -1]))
                         heat = top_slice_cam(bundle, scratch / "cache", _rows(best.meta), z_top, best.volume.shape[1:])
@@ -476,6 +486,7 @@ def predict_studies(
                     cam=heat,
                     threshold=threshold,
                     study_result=entry["study_result"],
+                    seg_mask=bleed.overlay(int(np.argmax(best.stacked[:, -1]))) if bleed is not None else None,
                 )
                 entry["report"] = png.name
                 entry["report_series"] = best.series_uid
@@ -483,6 +494,10 @@ def predict_studies(
                     entry["report_note"] = cam_note
                 if dicom_out is not None:
                     entry["dicom"] = study_dicom(dicom_out, study, df, entry["study_result"], bundle, png)
+                    if seg and "error" not in entry["dicom"]:
+                        entry["dicom"].update(
+                            study_seg(dicom_out, study, best, bleed, bleed_note, bundle_identity(bundle))
+                        )
                 p = entry["prediction"]["max_probability"]
                 say(
                     f"study {study_uid}: {sum(len(sp.out_meta['sop_uids']) for sp in done)} slices in {len(done)} "

@@ -68,6 +68,8 @@ class ServeConfig:
         shutdown_grace_s: on SIGTERM, how long running studies may take to finish before they are re-queued.
         torch_threads: intra-op threads of each worker (0: the CPU count divided by ``workers``).
         cam: draw the Grad-CAM overlay on the report picture (costs a backward pass).
+        seg: write each positive study's bleed map as a DICOM SEG and send it with the SR and SC
+            (:mod:`rsna19.inference.seg_out`); ``--no-seg`` leaves it out.
     """
 
     bundle: str = ""
@@ -92,6 +94,7 @@ class ServeConfig:
     shutdown_grace_s: float = 60.0
     torch_threads: int = 0
     cam: bool = True
+    seg: bool = True
 
     @property
     def destination_nodes(self) -> list[Destination]:

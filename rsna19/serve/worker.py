@@ -87,7 +87,7 @@ def study_summary(entry: dict[str, Any], out: Path) -> dict[str, Any]:
     }
 
 
-def predict_one(bundle: Any, spool: Spool, row: dict[str, Any], *, cam: bool) -> dict[str, Any]:
+def predict_one(bundle: Any, spool: Spool, row: dict[str, Any], *, cam: bool, seg: bool = True) -> dict[str, Any]:
     """Predict one spooled study; returns :func:`study_summary`.
 
     Raises:
@@ -106,6 +106,7 @@ def predict_one(bundle: Any, spool: Spool, row: dict[str, Any], *, cam: bool) ->
         tmp,
         workers=1,
         cam=cam,
+        seg=seg,
         say=lambda line: log.info("predict", extra={"study_uid": uid, "line": line}),
         dicom_out=tmp / "dicom",
     )
@@ -190,7 +191,7 @@ class Worker(threading.Thread):
         log.info("study_started", extra={"study_uid": uid, "worker": self.index, "n_instances": row["n_instances"]})
         result, error = None, None
         try:
-            result = predict_one(self.bundle, self.spool, row, cam=self.cfg.cam)
+            result = predict_one(self.bundle, self.spool, row, cam=self.cfg.cam, seg=self.cfg.seg)
             if self.cfg.destinations and not result.get("sr"):
                 error = f"no DICOM SR to send: {result.get('dicom_error') or 'not written'}"
         except Exception as exc:  # noqa: BLE001 - one failed study is recorded; the worker goes on
