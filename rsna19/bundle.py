@@ -318,8 +318,11 @@ def export_bundle(
             entries.append(_export_model(work, name, folds, tmp / "models" / name))
         info, l2, stacker_test = export_stacker(scfg, which, models, tmp / "stacker")
         _write_json(info, tmp / "stacker" / "stacker.json")
-        study_model = _fit_study_model(scfg, which, models, l2, info, sensitivity, study_score)
+        study_model, oof = _fit_study_model(scfg, which, models, l2, info, sensitivity, study_score)
         _write_json(study_model, tmp / STUDY_MODEL_FILE)
+        from rsna19.monitor.reference import training_reference
+
+        drift = training_reference(work / "cache", work / "index.parquet", study_model, oof)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         c = pipeline.convert
         names = sorted({w for e in entries for w in e["windows"]})
@@ -337,6 +340,7 @@ def export_bundle(
             },
             "tta": list(pipeline.tta),
             "training_geometry": training_geometry(work / "cache", work / "index.parquet"),
+            "drift_reference": drift,
             "pipeline": to_dict(pipeline)["name"],
             "models": entries,
             "stacker": {"method": which, "members": info["members"], "file": "stacker/stacker.json"},
@@ -363,8 +367,8 @@ def _fit_study_model(
     info: dict[str, Any],
     sensitivity: dict[str, float] | None,
     study_score: str,
-) -> dict[str, Any]:
-    """The study model of the bundled method, fitted on its level-2 OOF slice predictions."""
+) -> tuple[dict[str, Any], Any]:
+    """The study model of the bundled method, fitted on its level-2 OOF slice predictions, and those predictions."""
     import dataclasses
 
     import pandas as pd
@@ -391,7 +395,7 @@ def _fit_study_model(
         origin = "level-2 CV of the bundled models"
     source = {"stack": scfg.name, "method": which, "models": list(models), "oof": origin}
     try:
-        return fit_study_model(oof, sensitivity, study_score, source=source)
+        return fit_study_model(oof, sensitivity, study_score, source=source), oof
     except ValueError as exc:
         raise UserError(f"study model: {exc}") from None
 
@@ -440,6 +444,11 @@ class Bundle:
     def folds(self) -> list[int]:
         """The folds whose networks are loaded (all bundled ones, or those asked for at load time)."""
         return sorted({k for p in self.models for k in p.folds})
+
+    @property
+    def drift_reference(self) -> dict[str, Any] | None:
+        """Input facts of the training series and OOF outputs (:mod:`rsna19.monitor.drift`); None for older bundles."""
+        return self.manifest.get("drift_reference")
 
     @property
     def training_geometry(self) -> dict[str, Any] | None:

@@ -79,6 +79,11 @@ def write_not_assessable(
     entry["study_result"] = None
     render_not_assessable_report(volume, meta["sop_uids"], meta["positions"], png, str(entry["study_uid"]), reasons)
     entry["report"] = png.name
+    refs = meta.get("refs") or []
+    if refs:  # the drift watch sees refused studies too (a site sending blank images is a fact worth watching)
+        from rsna19.monitor.facts import series_facts
+
+        entry["input_facts"] = series_facts(str(refs[0]["path"]), volume)
     entry["report_series"] = str(meta["series_uid"])
     if dicom_out is not None:
         from rsna19.inference.dicom_out import write_study_dicom

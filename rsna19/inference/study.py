@@ -381,6 +381,7 @@ def predict_studies(
     from rsna19.inference.assess_out import StudyGate, write_not_assessable
     from rsna19.inference.inputs import collect_studies
     from rsna19.inference.seg_out import study_bleed_map, study_seg
+    from rsna19.monitor.facts import study_input_facts
     from rsna19.report import render_study_report, summarise_study
 
     t_start = time.perf_counter()
@@ -461,6 +462,7 @@ def predict_studies(
                 }
                 # The report shows the series with the most suspicious slice.
                 best = max(done, key=lambda sp: float(sp.stacked[:, -1].max()))
+                entry["input_facts"] = study_input_facts(study, best)  # for the drift watch (rsna19/monitor)
                 heat, cam_note = None, None
                 bleed, bleed_note = None, None
                 if seg and dicom_out is not None:  # the bleed map of the SEG, also drawn on the report picture
