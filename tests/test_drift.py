@@ -15,6 +15,7 @@ from rsna19.monitor.drift import (
     drift_state,
     fact_reference,
     metrics_lines,
+    node_drift_state,
     psi,
     study_record,
     worklist_banner,
@@ -58,6 +59,8 @@ def test_state_needs_enough_studies_and_feeds_metrics_and_worklist():
     assert worklist_banner(loud).startswith("⚠ input drift") and worklist_banner(quiet) is None
     assert drift_state(None, same)["message"].startswith("no drift reference")
     # The node's stored result (serve/worker.py study_summary) → a record.
+    one = [{"drift_facts": {"manufacturer": "GE"}, "p_any": 0.1, "flag": False}]
+    assert node_drift_state(ref, one)["n_studies"] == 1
     assert study_record({"drift_facts": {"kernel": "B"}, "p_any": 0.5, "flag": True}) == {
         "kernel": "B",
         "p_any": 0.5,

@@ -98,13 +98,13 @@ def _groups(sr):
     return groups
 
 
-FINDING = {
+FINDING = {  # SNOMED CT, every one (issue 26: no private coding scheme)
     "any": "Intracranial hemorrhage (disorder)",
-    "epidural": "Epidural hemorrhage",
-    "intraparenchymal": "Intraparenchymal hemorrhage",
+    "epidural": "Extradural hemorrhage",
+    "intraparenchymal": "Cerebral hemorrhage",
     "intraventricular": "Intraventricular hemorrhage",
-    "subarachnoid": "Subarachnoid hemorrhage",
-    "subdural": "Subdural hemorrhage",
+    "subarachnoid": "Subarachnoid intracranial hemorrhage",
+    "subdural": "Subdural intracranial hemorrhage",
 }
 
 
@@ -147,7 +147,9 @@ def test_studies_json_has_the_calibrated_result(served):
         assert s["prediction"]["max_probability"]["any"] == pytest.approx(r["classes"]["any"]["score"])
         for c in CLASSES:
             e = r["classes"][c]
-            assert e["positive"] == (e["probability"] >= e["threshold"])
+            assert e["above_operating_point"] == (e["probability"] >= e["threshold"])
+            # Reported: a subtype only within a positive any.
+            assert e["positive"] == (e["above_operating_point"] and r["classes"]["any"]["above_operating_point"])
             assert e["threshold"] == summary["study_model"]["classes"][c]["threshold"]
         assert r["flag"] == ("positive" if r["classes"]["any"]["positive"] else "negative")
 

@@ -236,3 +236,25 @@ def study_record(result: Mapping[str, Any]) -> dict[str, Any]:
     """One study's entry for :func:`drift_state` from the node's stored result (:func:`rsna19.serve.worker.
     study_summary`: ``drift_facts``, ``p_any``, ``flag``)."""
     return {**(result.get("drift_facts") or {}), "p_any": result.get("p_any"), "flag": result.get("flag")}
+
+
+#: Studies of the node's window (the most recent answered ones).
+WINDOW: int = 200
+
+
+def node_drift_state(
+    reference: Mapping[str, Any] | None, results: Sequence[Mapping[str, Any]], window: int = WINDOW
+) -> dict[str, Any]:
+    """The node's hook: the drift state of its last ``window`` answered studies.
+
+    Args:
+        reference: ``bundle.drift_reference``.
+        results: the stored results of answered studies (``serve.db``'s ``result`` JSON:
+            :func:`rsna19.serve.worker.study_summary`), oldest first.
+        window: how many of the most recent ones count.
+
+    Returns:
+        :func:`drift_state` of them; ``/metrics`` shows :func:`metrics_lines` of it, the worklist
+        :func:`worklist_banner`.
+    """
+    return drift_state(reference, [study_record(r) for r in list(results)[-window:] if r])
