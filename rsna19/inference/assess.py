@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from rsna19.constants import AIR_HU
+
 #: A slice whose HU range (max − min) is below this is uniform (a blank or flat image).
 UNIFORM_RANGE_HU: float = 1.0
 #: Bone: the skull.
@@ -101,10 +103,17 @@ def head_slices(volume_hu: np.ndarray) -> np.ndarray:
 
 
 def uniform_slices(volume_hu: np.ndarray) -> np.ndarray:
-    """(Z,) bool: slices whose HU range is below :data:`UNIFORM_RANGE_HU` (blank or flat)."""
-    v = np.asarray(volume_hu)
+    """(Z,) bool: slices whose HU range is below :data:`UNIFORM_RANGE_HU` (blank or flat).
+
+    The conversion pads the crop window outside the image with :data:`rsna19.constants.AIR_HU`; those pixels are
+    left out, so a flat image is uniform whether or not the window reaches past its edge.
+    """
+    v = np.asarray(volume_hu, dtype=np.float64)
     flat = v.reshape(v.shape[0], -1)
-    return (flat.max(axis=1).astype(np.float64) - flat.min(axis=1)) < UNIFORM_RANGE_HU
+    real = flat != AIR_HU
+    hi = np.where(real, flat, -np.inf).max(axis=1)
+    lo = np.where(real, flat, np.inf).min(axis=1)
+    return ~real.any(axis=1) | ((hi - lo) < UNIFORM_RANGE_HU)
 
 
 def rescale_slopes(paths: Sequence[str | os.PathLike[str]]) -> dict[str, list[float]]:
