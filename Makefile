@@ -42,7 +42,7 @@ test-slurm: $(STAMP)
 # `rsna19 serve` against a real PACS (Orthanc) and browser (headless Chromium), both on loopback ports started by
 # the tests (installs the Debian packages orthanc and chromium with apt-get when missing, so root; a few minutes).
 test-pacs: $(STAMP)
-	RSNA19_REQUIRE_PACS=1 tests/pacs/ensure_tools.sh $(BIN)/python -m pytest -q -m pacs tests/test_pacs.py
+	RSNA19_REQUIRE_PACS=1 tests/pacs/ensure_tools.sh $(BIN)/python -m pytest -q -m pacs tests/test_pacs.py tests/test_pacs_dicom.py
 
 # Every kind of DICOM object rsna19 writes (SR, SC, SEG; single-frame and Enhanced CT sources) through Debian's
 # dciodvfy (dicom3tools) and DCMTK's dsrdump: 0 errors, no unrecognized term; then the predict-study tests that run
