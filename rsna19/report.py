@@ -222,7 +222,7 @@ def render_study_report(
             if row == 0 and col == 0 and seg_mask is not None:
                 ax.imshow(
                     np.ma.masked_equal(np.asarray(seg_mask, dtype=np.float32), 0.0),
-                    cmap="autumn",
+                    cmap="Reds",
                     vmin=0,
                     vmax=1,
                     alpha=0.5,
