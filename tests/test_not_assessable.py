@@ -216,3 +216,17 @@ def test_gate_on_arrays():
     assert [r["code"] for r in short["reasons"]] == ["too_few_slices"]
     squeezed = assess_series(vol[:5], {"positions": [0, 1, 2, 3, 4], "spacing": [1.0, 4.0, 4.0]}, limits)
     assert [r["code"] for r in squeezed["reasons"]] == ["coverage"]
+
+
+def test_node_record_says_not_assessable_never_negative(gated):
+    """The node stores predict-study's entry as its worklist record (serve/worker.py study_summary)."""
+    from rsna19.serve.worker import study_summary
+
+    out = gated["out"] / "results" / "x"
+    record = study_summary(gated["case"]["slope_zero"], out)
+    assert record["assessable"] is False and "RescaleSlope is 0" in record["not_assessable"]
+    assert record["p_any"] is None and record["flag"] is None and record["positive_classes"] == []
+    assert record["sr"] and record["report"]
+    normal = study_summary(gated["case"]["normal"], out)
+    assert normal["assessable"] is True and normal["p_any"] is not None
+    assert normal["drift_facts"]["hu_brain_median"] is not None  # the drift watch's facts travel with the record
