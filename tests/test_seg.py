@@ -179,3 +179,20 @@ def test_studies_json_records_the_seg(positive):
     run = positive["runs"]["single"]
     saved = json.loads((run["out"] / "studies.json").read_text())
     assert saved["studies"][0]["dicom"]["seg_sop_instance_uid"]
+
+
+def test_gradcam_map_when_the_bundle_has_no_seg_model(positive, tmp_path):
+    """Without a seg_aux model the map is Grad-CAM of any, one segment, only on the mapped slices."""
+    from rsna19.constants import CLASSES
+    from rsna19.inference.seg_out import bleed_map
+    from rsna19.inference.study import _rows, predict_series
+
+    bundle = positive["bundle"]
+    sp = predict_series(bundle, [{"path": str(p)} for p in positive["paths"]], tmp_path / "cache")
+    result = {"classes": {c: {"positive": c == "any"} for c in CLASSES}}
+    rows = _rows(sp.meta)
+    bm = bleed_map(bundle, tmp_path / "cache", rows, sp.volume.shape, sp.stacked, result, prefer="gradcam")
+    assert bm is not None and bm.source.startswith("gradcam:") and bm.segments == ["any"]
+    assert bm.masks.shape == (*sp.volume.shape, 1)
+    outside = np.setdiff1d(np.arange(sp.volume.shape[0]), bm.slices)
+    assert not bm.masks[outside].any() and bm.slices[0] == int(np.argmax(sp.stacked[:, -1]))
