@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,8 +173,9 @@ def _export_model(work: Path, name: str, folds: list[int], mdir: Path) -> dict[s
             "epoch": int(state["epoch"]),
             "best_wll": float(state["best_wll"]),
         }
-        embeddings = state["config"]["data"].get("embeddings")
-        if state["config"]["data"]["layout"] == "sequence" and embeddings:
+        spec = get_model_spec(state["model_name"])
+        embeddings = state["config"]["data"].get("embeddings") if spec.reads_embeddings else None
+        if embeddings:
             # The views the training embeddings were averaged over: new series must be embedded the same way.
             info = json.loads((work / "runs" / embeddings / f"fold_{k}" / "embeddings_oof.json").read_text())
             meta["embeddings"] = {"model": embeddings, "tta": list(info["tta"])}
@@ -185,11 +187,12 @@ def _export_model(work: Path, name: str, folds: list[int], mdir: Path) -> dict[s
     (mdir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
     _write_json(cfg_dict, mdir / "config.json")
     d = cfg_dict["data"]
-    spec = get_model_spec(cfg_dict["model"]["name"])
     return {
         "name": name,
         "family": spec.family,
         "task": spec.task,
+        # A plugin's .py file by its name only: the training machine's folders mean nothing to a bundle user.
+        "plugin": Path(spec.plugin).name if spec.plugin and spec.plugin.endswith(".py") else spec.plugin,
         "model_name": cfg_dict["model"]["name"],
         "backbone": cfg_dict["model"]["backbone"],
         "folds": folds,
@@ -198,7 +201,7 @@ def _export_model(work: Path, name: str, folds: list[int], mdir: Path) -> dict[s
         "layout": d["layout"],
         "resize": d["resize"],
         "crop": d["crop"],
-        "embeddings": d.get("embeddings") if d["layout"] == "sequence" else None,
+        "embeddings": d.get("embeddings") if spec.reads_embeddings else None,
     }
 
 
@@ -522,8 +525,6 @@ def load_bundle(
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from rsna19.config import from_dict
-    from rsna19.engine.config import TrainConfig
     from rsna19.engine.predictor import Predictor
     from rsna19.engine.runtime import parse_tta, resolve_device
     from rsna19.stacking.bundled import load_stacker
@@ -568,7 +569,7 @@ def load_bundle(
     embed_views: dict[str, list[str]] = {}
     for entry in manifest["models"]:
         name = entry["name"]
-        cfg = from_dict(TrainConfig, yaml.safe_load(read(f"models/{name}/config.yaml")))
+        cfg = _bundled_config(root, entry, read)
         weights, meta = [], {}
         for k in entry["folds"] if folds is None else [k for k in entry["folds"] if int(k) in folds]:
             meta = read_json(f"models/{name}/fold_{k}.json")
@@ -593,6 +594,33 @@ def load_bundle(
     stacker = load_stacker(info, lambda rel: read(f"stacker/{rel}"))
     study_model = _study_model(root, manifest, read_json)
     return Bundle(root, manifest, list(models.values()), stacker, dev, study_model, hashlib.sha256(raw).hexdigest())
+
+
+def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], bytes]) -> Any:
+    """The training config of a bundled model, once its family is known to be registered here.
+
+    A bundle never imports code: a family from a plugin loads only when the user names that plugin.
+
+    Raises:
+        UserError: the model's registry name is unknown (also after the ``$RSNA19_PLUGINS`` plugins): the message
+            names the plugin it came from.
+    """
+    from rsna19.config import from_dict
+    from rsna19.engine.config import TrainConfig
+    from rsna19.nets import get_model_spec
+    from rsna19.nets.registry import PLUGINS_ENV
+
+    try:
+        get_model_spec(entry["model_name"])
+    except UserError as exc:
+        plugin = entry.get("plugin")
+        if not plugin:
+            raise UserError(f"{root}/models/{entry['name']}: {exc}") from None
+        raise UserError(
+            f"{root}: model {entry['name']!r} is a {entry['model_name']!r} model of plugin {plugin!r}, which is not "
+            f"loaded: name the plugin in ${PLUGINS_ENV} (a bundle never imports code itself)"
+        ) from None
+    return from_dict(TrainConfig, yaml.safe_load(read(f"models/{entry['name']}/config.yaml")))
 
 
 def _study_model(root: Path, manifest: dict[str, Any], read_json: Any) -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import LogisticRegression
 
 from rsna19.constants import CLASSES, PROB_COLUMNS
 
@@ -91,13 +92,15 @@ def study_labels(slices: pd.DataFrame) -> pd.DataFrame:
     return slices[["study_uid", *CLASSES]].groupby("study_uid", sort=True).max().astype(np.float64)
 
 
-def fit_platt(score: np.ndarray, y: np.ndarray, max_iter: int = 100) -> tuple[float, float, bool]:
-    """Platt scaling of ``logit(score)`` with Platt's smoothed targets (Newton's method with step halving).
+def fit_platt(score: np.ndarray, y: np.ndarray) -> tuple[float, float, bool]:
+    """Platt scaling of ``logit(score)`` with Platt's smoothed targets, fitted by scikit-learn.
+
+    A soft target ``t`` is a row of label 1 with weight ``t`` plus a row of label 0 with weight ``1 − t``, so the
+    fit is an unpenalised ``LogisticRegression`` (Newton's method) on the doubled rows.
 
     Args:
         score: (N,) scores in [0, 1].
         y: (N,) 0/1 labels.
-        max_iter: Newton steps.
 
     Returns:
         ``(a, b, fitted)``: ``p = sigmoid(a · logit(score) + b)``; ``(1, 0, False)`` when a class has no positive
@@ -109,34 +112,11 @@ def fit_platt(score: np.ndarray, y: np.ndarray, max_iter: int = 100) -> tuple[fl
     if n_pos == 0 or n_neg == 0:
         return 1.0, 0.0, False
     t = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-    X = np.stack([x, np.ones_like(x)], axis=1)
-
-    def nll(w: np.ndarray) -> float:
-        z = X @ w
-        # −Σ t·log σ(z) + (1 − t)·log(1 − σ(z)), written with logaddexp to stay finite for large |z|.
-        return float(np.sum(t * np.logaddexp(0, -z) + (1 - t) * np.logaddexp(0, z)))
-
-    w = np.array([1.0, 0.0])
-    f = nll(w)
-    for _ in range(max_iter):
-        p = _sigmoid(X @ w)
-        grad = X.T @ (p - t)
-        hess = (X * (p * (1 - p))[:, None]).T @ X + 1e-12 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        lr = 1.0
-        while lr > 1e-10:
-            w_new = w - lr * step
-            f_new = nll(w_new)
-            if f_new <= f:
-                break
-            lr /= 2
-        else:
-            break
-        converged = abs(f - f_new) < 1e-12 * max(1.0, abs(f))
-        w, f = w_new, f_new
-        if converged:
-            break
-    a, b = float(w[0]), float(w[1])
+    rows = np.concatenate([x, x])[:, None]
+    labels = np.concatenate([np.ones_like(t), np.zeros_like(t)])
+    model = LogisticRegression(C=np.inf, solver="newton-cholesky", tol=1e-12, max_iter=100)
+    model.fit(rows, labels, sample_weight=np.concatenate([t, 1 - t]))
+    a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
     if not (a > 0 and math.isfinite(a) and math.isfinite(b)):
         return 1.0, 0.0, False
     return a, b, True

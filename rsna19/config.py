@@ -1,7 +1,10 @@
-"""Typed configs: dataclasses give the schema, YAML gives the values, ``a.b=value`` overrides win.
+"""Typed configs: dataclasses give the schema, YAML gives the values, ``a.b=value`` overrides and flags win.
 
-Unknown keys are errors (a typo must not silently train the wrong model) and the resolved config is
-saved with every run.
+The one loader of every config (pipeline, training, stack, serve). Unknown keys are errors (a typo must not
+silently train the wrong model) and the resolved config is saved with every run. A key may be written with dashes
+(``ae-title``) for a field with underscores; a schema may name aliases in a ``config_aliases`` class variable
+(alias → field: an alias of a list field adds its values to the list); a single value stands for a one-item list.
+Adding a setting is adding a typed field to the dataclass.
 
 Example:
     >>> cfg = load_config(TrainConfig, "configs/demo_2d.yaml", ["optim.lr=3e-4"])
@@ -14,6 +17,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +40,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     Raises:
         ConfigError: for an unknown key, a missing required key or a value of the wrong type.
     """
-    data = dict(data or {})
+    data = canonical_keys(cls, data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -52,6 +56,35 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{cls.__name__}{' at ' + where.rstrip('.') if where else ''}: {exc}") from exc
+
+
+def canonical_keys(cls: type, data: dict[str, Any] | None) -> dict[str, Any]:
+    """The keys of one level of ``data`` as the field names of dataclass ``cls``: dashes become underscores where
+    that names a field, and the aliases in ``cls.config_aliases`` are folded into their fields.
+
+    Raises:
+        ConfigError: an alias and its scalar field both given.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in (data or {}).items():
+        snake = str(key).replace("-", "_")
+        out[snake if snake in names else key] = value
+    for alias, target in getattr(cls, "config_aliases", {}).items():
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        if typing.get_origin(typing.get_type_hints(cls)[target]) is list:
+            out[target] = [*_as_list(out.get(target, [])), *_as_list(value)]
+        elif target in out:
+            raise ConfigError(f"{alias} and {target} are the same setting: give one")
+        else:
+            out[target] = value
+    return out
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -75,6 +108,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, where + ".")
+    if origin is list and isinstance(value, str | int | float):
+        value = [value]  # a single value: a one-item list
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -97,8 +132,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float):
         if isinstance(value, bool):
@@ -164,18 +199,34 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[T], path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Load dataclass ``cls`` from a YAML file plus dotted overrides.
+def load_config(
+    cls: type[T],
+    path: str | os.PathLike[str] | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> T:
+    """Load dataclass ``cls``: its defaults, then the YAML file ``path``, then dotted overrides, then flags.
 
     A top-level ``name`` key, when the schema has one and the file omits it, defaults to the file stem.
+
+    Args:
+        cls: the config dataclass.
+        path: a YAML mapping (None: defaults only).
+        overrides: ``a.b=value`` strings, values parsed as YAML scalars.
+        flags: top-level values already typed (command-line flags); a None value is not given.
+
+    Raises:
+        ConfigError: naming the file and the key for a missing or unreadable file, an unknown key or a value of the
+            wrong type.
     """
     data = read_yaml(path) if path is not None else {}
     names = {f.name for f in dataclasses.fields(cls)}
     if path is not None and "name" in names and "name" not in data:
         data["name"] = Path(path).stem
-    data = apply_overrides(data, list(overrides))
-    where = f"{path}: " if path is not None else ""
+    where = f"{path}: " if path is not None else f"{cls.__name__}: "
     try:
+        data = apply_overrides(canonical_keys(cls, data), list(overrides))
+        data |= {k: v for k, v in (flags or {}).items() if v is not None}
         return from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None

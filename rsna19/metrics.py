@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
+from scipy.stats import binomtest
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from rsna19.constants import CLASS_WEIGHTS, CLASSES
 
@@ -114,24 +116,24 @@ def sensitivity_specificity(y_true: np.ndarray, y_prob: np.ndarray, threshold: f
 
 
 def brier_score(y_true: np.ndarray, y_prob: np.ndarray) -> float:
-    """Mean squared difference between probability and label."""
+    """Mean squared difference between probability and label (scikit-learn's ``brier_score_loss``)."""
     y, p = _binary(y_true, y_prob)
-    return float(np.mean((p - y) ** 2))
+    return float(brier_score_loss(y, p, pos_label=1.0))
 
 
 def reliability_bins(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
-    """Equal-width probability bins (sklearn's ``calibration_curve`` binning, ``strategy="uniform"``).
+    """Equal-width probability bins: scikit-learn's ``calibration_curve`` (``strategy="uniform"``) plus the counts.
 
     Returns:
         One row per bin (also empty ones): ``lo, hi, n, mean_prob, frac_pos`` (NaN means for an empty bin).
     """
     y, p = _binary(y_true, y_prob)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    ids = np.searchsorted(edges[1:-1], p)
-    n = np.bincount(ids, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_prob = np.bincount(ids, weights=p, minlength=n_bins) / n
-        frac_pos = np.bincount(ids, weights=y, minlength=n_bins) / n
+    n = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)  # calibration_curve's own bin ids
+    mean_prob, frac_pos = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
+    if len(y):
+        frac, mean = calibration_curve(y, p, n_bins=n_bins, strategy="uniform", pos_label=1.0)
+        frac_pos[n > 0], mean_prob[n > 0] = frac, mean
     return pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "n": n, "mean_prob": mean_prob, "frac_pos": frac_pos})
 
 
@@ -161,23 +163,16 @@ def decision_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float, n
 
 
 # ----------------------------------------------------------------------------- intervals, bootstrap, agreement
-#: The 97.5 % point of the standard normal: a two-sided 95 % interval.
-Z95 = 1.959963984540054
+def wilson_interval(k: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (SciPy's ``binomtest(k, n).proportion_ci``, 95 % by default).
 
-
-def wilson_interval(k: float, n: float, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k / n`` (95 % by default); ``(nan, nan)`` when ``n`` is 0.
-
-    Chosen over the Wald interval because it stays inside [0, 1] and keeps its coverage at the small counts and the
-    proportions near 1 that sensitivities on a few dozen positive studies are.
+    ``(nan, nan)`` when ``n`` is 0. Chosen over the Wald interval because it stays inside [0, 1] and keeps its
+    coverage at the small counts and the proportions near 1 that sensitivities on a few dozen positive studies are.
     """
     if n <= 0:
         return float("nan"), float("nan")
-    phat = k / n
-    denom = 1 + z * z / n
-    centre = (phat + z * z / (2 * n)) / denom
-    half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:

@@ -64,13 +64,6 @@ def top_slices(p_any: np.ndarray, k: int, z: np.ndarray | None = None) -> np.nda
     return np.lexsort((z, -p_any))[: max(0, min(k, p_any.shape[0]))]
 
 
-def report_size(top_k: int, n_slices: int, calibrated: bool = False) -> tuple[int, int]:
-    """(width, height) in pixels of the PNG :func:`render_study_report` writes for these sizes (``calibrated``: with
-    a ``study_result``)."""
-    width, height = _figure_inches(max(min(top_k, n_slices), MIN_COLUMNS), calibrated)
-    return round(width * DPI), round(height * DPI)
-
-
 def _figure_inches(cols: int, calibrated: bool = False) -> tuple[float, float]:
     header = _HEADER + (_RESULT_LINE if calibrated else 0.0)
     return _LEFT + cols * PANEL_INCHES + _RIGHT, header + _SLICE_TITLE + 2 * PANEL_INCHES + _PLOT_GAP + _PLOT + _FOOTER

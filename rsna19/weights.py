@@ -112,11 +112,12 @@ def model_need(model_cfg: Any, model: str) -> WeightNeed | None:
         return WeightNeed(None, (model,), file=str(Path(model_cfg.weights).expanduser()))
     if not model_cfg.pretrained:
         return None
-    family = get_model_spec(model_cfg.name).family
+    spec = get_model_spec(model_cfg.name)
     backbone = str(model_cfg.backbone)
-    if family == "seq":
-        return WeightNeed(backbone, (model,), problem="the seq model has no pretrained weights: set pretrained: false")
-    if family == "seg_aux" and not backbone.startswith("tu-"):
+    if spec.pretrained is None:
+        problem = f"model family {spec.family!r} has no pretrained weights: set pretrained: false"
+        return WeightNeed(backbone, (model,), problem=problem)
+    if spec.pretrained == "smp" and not backbone.startswith("tu-"):
         return WeightNeed(
             backbone,
             (model,),

@@ -20,11 +20,12 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import pydicom
+from enhanced import write_enhanced_ct_dicom
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, JPEGLosslessSV1
 from scipy.ndimage import gaussian_filter
 
-from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom, write_enhanced_ct_dicom
+from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
 from rsna19.synth.cq500 import series_geometry
 from rsna19.synth.phantom import render
 from rsna19.synth.plan import SeriesPlan, make_plan

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tinyfamilies import EMBEDDINGS, FAMILIES, MODELS
 
 from rsna19.bundle import export_bundle, load_bundle
 from rsna19.cli import main
@@ -27,9 +28,10 @@ def test_bundle_layout_has_no_pickle(bundled):
     root = bundled.path
     manifest = json.loads((root / "bundle.json").read_text())
     assert manifest["classes"][-1] == "any" and manifest["convert"]["crop"] == 48
-    assert [m["name"] for m in manifest["models"]] == ["clf2d", "clf2dc_5c", "combine_last", "clf3d", "seg_aux", "seq"]
-    assert [m["family"] for m in manifest["models"]] == ["clf2d", "clf2dc", "combine_last", "clf3d", "seg_aux", "seq"]
-    assert manifest["models"][-1]["embeddings"] == "clf2d"
+    assert [m["name"] for m in manifest["models"]] == MODELS
+    assert {m["name"]: m["family"] for m in manifest["models"]} == FAMILIES
+    assert {m["name"]: m["embeddings"] for m in manifest["models"] if m["embeddings"]} == EMBEDDINGS
+    assert all(m["plugin"] is None for m in manifest["models"])  # every tiny family is one of the package's
     assert manifest["stacker"]["method"] == "blend"
     assert set(manifest["versions"]) >= {"rsna19", "torch", "lightgbm"}
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -113,9 +115,10 @@ def test_bundle_cli_and_errors(tiny_run, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     with pytest.raises(UserError, match="unknown model"):
         export_bundle(tiny_run, tmp_path / "b2", models=["nope"])
-    # A sequence model without its image model could not embed a new series: refused now, with the reason.
-    with pytest.raises(UserError, match="reads the embeddings of 'clf2d', which is not in the bundle"):
-        export_bundle(tiny_run, tmp_path / "b3", models=["clf2dc_5c", "seq"])
+    # A model reading embeddings without its image model could not embed a new series: refused now, with the reason.
+    reader, image = next(iter(EMBEDDINGS.items()))
+    with pytest.raises(UserError, match=f"reads the embeddings of '{image}', which is not in the bundle"):
+        export_bundle(tiny_run, tmp_path / "b3", models=["clf2dc_5c", reader])
     assert not (tmp_path / "b3").exists()
     with pytest.raises(UserError, match="not an rsna19 bundle"):
         load_bundle(tmp_path)

@@ -66,6 +66,55 @@ def test_platt_matches_sklearn_on_the_smoothed_targets():
     np.testing.assert_allclose(apply_platt(score, a, b), ref.predict_proba(x)[:, 1], atol=1e-5)
 
 
+def _platt_newton(score: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """An independent Platt fit: Newton's method with step halving on the smoothed-target log loss of
+    ``logit(score)`` (what rsna19 computed by hand before it used scikit-learn)."""
+    p = np.clip(score, 1e-6, 1 - 1e-6)
+    x = np.log(p) - np.log1p(-p)
+    n_pos, n_neg = y.sum(), len(y) - y.sum()
+    t = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    X = np.stack([x, np.ones_like(x)], axis=1)
+
+    def nll(w: np.ndarray) -> float:
+        z = X @ w
+        return float(np.sum(t * np.logaddexp(0, -z) + (1 - t) * np.logaddexp(0, z)))
+
+    w, f = np.array([1.0, 0.0]), nll(np.array([1.0, 0.0]))
+    for _ in range(100):
+        q = 1 / (1 + np.exp(-(X @ w)))
+        step = np.linalg.solve((X * (q * (1 - q))[:, None]).T @ X + 1e-12 * np.eye(2), X.T @ (q - t))
+        lr = 1.0
+        while lr > 1e-10 and nll(w - lr * step) > f:
+            lr /= 2
+        w_new = w - lr * step
+        f_new = nll(w_new)
+        done = abs(f - f_new) < 1e-12 * max(1.0, abs(f))
+        w, f = w_new, f_new
+        if done:
+            break
+    return float(w[0]), float(w[1])
+
+
+def test_platt_matches_newtons_method_within_1e_6():
+    """On many problems (small, unbalanced, separable, scores of exactly 0 or 1) the library fit gives the same
+    slope, intercept and calibrated probabilities as an independent Newton fit, to 1e-6."""
+    rng = np.random.default_rng(7)
+    for i in range(60):
+        n = int(rng.integers(3, 300))
+        y = (rng.random(n) < rng.uniform(0.02, 0.6)).astype(float)
+        y[:2] = [0.0, 1.0]
+        z = rng.normal(size=n) * rng.uniform(0.05, 3) + rng.uniform(-3, 8) * y - rng.uniform(-2, 3)
+        score = 1 / (1 + np.exp(-z))
+        if i % 5 == 0:
+            score = np.where(rng.random(n) < 0.4, rng.choice([0.0, 1.0]), score)
+        a, b, fitted = fit_platt(score, y)
+        a_ref, b_ref = _platt_newton(score, y)
+        assert fitted == (a_ref > 0)
+        if fitted:
+            assert abs(a - a_ref) < 1e-6 and abs(b - b_ref) < 1e-6, (i, a, a_ref, b, b_ref)
+            np.testing.assert_allclose(apply_platt(score, a, b), apply_platt(score, a_ref, b_ref), atol=1e-6)
+
+
 def test_platt_stays_finite_on_separable_studies_and_falls_back_without_positives():
     score = np.array([0.01, 0.02, 0.05, 0.9, 0.95, 0.99])
     a, b, fitted = fit_platt(score, np.array([0, 0, 0, 1, 1, 1]))

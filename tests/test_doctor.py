@@ -141,7 +141,7 @@ def test_weights_missing_then_present(machine, tmp_path: Path, capsys) -> None:
     bad = _pipeline(tmp_path, "cpu", {"s": seq, "w": explicit})
     check = doctor.check_weights(load_pipeline(bad))
     assert check.status == "fail"
-    assert "seq model has no pretrained weights" in check.message and "nope.safetensors" in check.message
+    assert "family 'seq' has no pretrained weights" in check.message and "nope.safetensors" in check.message
 
 
 def _fake_data(root: Path, n: int, size: int) -> Path:

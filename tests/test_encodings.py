@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from enhanced import write_enhanced_ct_dicom
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -43,7 +44,7 @@ from rsna19.conversion.series import convert_series
 from rsna19.doctor import check_dicom
 from rsna19.inference.inputs import collect_studies
 from rsna19.io.dicom_header import read_header, read_slice_headers
-from rsna19.io.dicom_write import SliceGeometry, StorageVariant, write_ct_dicom, write_enhanced_ct_dicom
+from rsna19.io.dicom_write import SliceGeometry, StorageVariant, write_ct_dicom
 from rsna19.io.hu import decode_stored, decoder_problem
 from rsna19.io.index import build_index
 

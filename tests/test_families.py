@@ -14,12 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from cachefactory import write_cache
+from tinyfamilies import FAMILIES
 
-import rsna19.nets.clf3d  # noqa: F401  (registration; phase 2 imports these in rsna19.nets)
-import rsna19.nets.seg_aux  # noqa: F401
-import rsna19.nets.seq  # noqa: F401
+from rsna19.config import load_config
 from rsna19.constants import CLASSES, SUBTYPES, WINDOWS
 from rsna19.conversion import convert_series, write_series
 from rsna19.data.augment import AugmentConfig
@@ -27,11 +25,12 @@ from rsna19.data.datasets import read_cache_index
 from rsna19.data.embeddings import SequenceDataset, collate_sequences, read_embeddings
 from rsna19.data.masks import SegSliceDataset, series_mask, unpack_bits
 from rsna19.data.slab import SlabDataset, aggregate, window_starts
+from rsna19.engine.config import TrainConfig, model_kwargs
 from rsna19.engine.losses import mask_loss, masked_seq_loss, seg_aux_loss, weighted_bce
 from rsna19.engine.runtime import Runtime
 from rsna19.errors import UserError
 from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
-from rsna19.nets import build_model, get_model_spec
+from rsna19.nets import build_model, get_model_spec, list_models
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -433,33 +432,26 @@ def test_bad_mask_file_names_the_file(tmp_path, cache):
 # ----------------------------------------------------------------------------------------------- configs
 
 
-FAMILY_CONFIGS = sorted(
-    p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "stack" and p.stem.split("_")[0] in ("clf3d", "seg", "seq")
-)
+#: Every base-model config of the repository (not the stack and pipeline configs).
+MODEL_CONFIGS = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name not in ("stack", "pipelines"))
 
 
-@pytest.mark.parametrize("path", FAMILY_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_family_configs_build_their_models(path):
-    """Each family has tiny, demo and real-data configs whose model section builds (phase 2 loads them fully)."""
-    cfg = yaml.safe_load(path.read_text())
-    m, d = cfg["model"], cfg.get("data", {})
-    kwargs = {
-        "backbone": m.get("backbone", "resnet18"),
-        "n_windows": len(d.get("windows", [0, 0, 0])),
-        "n_slices": d.get("slices", 1),
-        "drop_rate": m.get("drop_rate", 0.0),
-        **m.get("args", {}),
-    }
-    if m["name"] == "seq":
-        kwargs["in_features"] = 16  # from the embedding files
-    spec = get_model_spec(m["name"])
-    assert spec.input_layout == d.get("layout", "channels")
-    assert build_model(m["name"], **kwargs) is not None
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_model_configs_build_their_models(path):
+    """Each model config's model section builds with the arguments the trainer passes (``model_kwargs``)."""
+    cfg = load_config(TrainConfig, path)
+    spec = get_model_spec(cfg.model.name)
+    assert spec.input_layout == cfg.data.layout
+    kwargs = {**model_kwargs(cfg), "pretrained": False, "weights": None}  # weights: tests/test_weights.py
+    if spec.reads_embeddings:
+        kwargs["in_features"] = 16  # the trainer reads it from the embedding files
+    assert build_model(cfg.model.name, **kwargs) is not None
 
 
-def test_every_family_has_tiny_demo_and_real_configs():
-    groups = {(p.parent.name, p.stem.split("_")[0]) for p in FAMILY_CONFIGS}
-    assert groups == {(g, f) for g in ("tiny", "demo", "rsna2019") for f in ("clf3d", "seg", "seq")}
+def test_every_family_of_the_package_runs_in_the_tiny_pipeline():
+    """Every family of the package (plugins aside) has a model in configs/pipelines/tiny.yaml, so the pipeline,
+    bundle and predict-study tests run it."""
+    assert set(FAMILIES.values()) == {s.family for s in list_models() if s.plugin is None}
 
 
 # ---------------------------------------------------------------------------------------- embeddings + seq e2e

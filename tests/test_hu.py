@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import warnings
 
+import imagecodecs
 import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
+from pydicom.uid import MPEG4HP41, JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from rsna19.io.dicom_write import SliceGeometry, StorageVariant, write_ct_dicom
 from rsna19.io.hu import (
@@ -49,13 +52,15 @@ def _hu_image(variant: StorageVariant) -> np.ndarray:
 
 
 def _expected(hu: np.ndarray, variant: StorageVariant) -> np.ndarray:
-    """What a correct reader returns: the encodable HU, rounded to the slope, below air clamped to −1024."""
+    """What a correct reader returns, exactly: the encodable HU, rounded to the slope (half to even, as the writer
+    rounds), below air clamped to −1024."""
     if variant.wrap12:
         hu = np.clip(hu, -1000, 3095)  # the only range the quirk can represent
     else:
         b = variant.bits_stored
         lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if variant.signed else (0, 2**b - 1)
-        hu = np.clip(hu, lo * variant.slope + variant.intercept, hi * variant.slope + variant.intercept)
+        stored = np.clip(np.rint((hu - variant.intercept) / variant.slope), lo, hi)
+        hu = stored * variant.slope + variant.intercept
     return np.maximum(hu, -1024)
 
 
@@ -100,7 +105,8 @@ def test_hu_round_trip_every_variant(tmp_path, name):
     _write(path, hu, variant)
     got = _read_hu(path)
     assert got.dtype == np.int16 and got.shape == hu.shape
-    np.testing.assert_allclose(got, _expected(hu, variant), atol=1.0)
+    # int16 output: a slope of 0.5 may give half-HU values, which the reader rounds (half to even).
+    np.testing.assert_array_equal(got, np.rint(_expected(hu, variant)))
     assert got.min() >= -1024
 
 
@@ -111,39 +117,96 @@ def test_multi_valued_tags_are_read(tmp_path):
     with _quiet():
         ds = pydicom.dcmread(path)
     assert first_value(ds.WindowCenter) == 36.0
-    np.testing.assert_allclose(dataset_to_hu(ds), _expected(hu, StorageVariant()), atol=1.0)
+    np.testing.assert_array_equal(dataset_to_hu(ds), _expected(hu, StorageVariant()))
 
 
-@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "j2k"])
-@pytest.mark.parametrize("name", ["signed16_m1024", "unsigned16_m1024", "wrap12"])
-def test_compressed_round_trip(tmp_path, syntax, name):
-    variant = VARIANTS[name]
-    hu = _hu_image(variant)
-    path = tmp_path / "c.dcm"
-    _write(path, hu, variant)
+def _compress(path, syntax: str) -> None:
+    """Re-encode a single-frame file in place with a lossless ``syntax``: pydicom's own encoders (RLE, JPEG 2000
+    through pylibjpeg, JPEG-LS through pyjpegls) or, for the JPEG (T.81) lossless syntaxes pydicom cannot encode,
+    imagecodecs' libjpeg-turbo (predictor 1 for SV1, 7 for process 14)."""
     with _quiet():
         ds = pydicom.dcmread(path)
-        ds.compress(syntax, encoding_plugin="pylibjpeg" if syntax == JPEG2000Lossless else "pydicom")
+        if syntax in (JPEGLosslessSV1, JPEGLossless):
+            bits = int(ds.BitsStored)
+            # The codec takes the unsigned BitsStored-bit pattern (two's complement for signed data).
+            cells = ds.pixel_array.view(np.uint16) & ((1 << bits) - 1)
+            predictor = 1 if syntax == JPEGLosslessSV1 else 7
+            frame = imagecodecs.jpeg8_encode(cells, bitspersample=bits, lossless=True, predictor=predictor)
+            ds.PixelData = encapsulate([frame])
+            ds["PixelData"].VR = "OB"
+            ds.file_meta.TransferSyntaxUID = syntax
+        else:
+            plugin = {RLELossless: "pydicom", JPEGLSLossless: "pyjpegls"}.get(syntax, "pylibjpeg")
+            ds.compress(syntax, encoding_plugin=plugin)
         ds.save_as(path, enforce_file_format=True)
         assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
-    np.testing.assert_allclose(_read_hu(path), _expected(hu, variant), atol=1.0)
+
+
+LOSSLESS = [RLELossless, JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1, JPEGLossless]
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS, ids=["rle", "j2k", "jpeg-ls", "jpeg-lossless-sv1", "jpeg-lossless-p14"])
+@pytest.mark.parametrize("name", ["signed16_m1024", "unsigned16_m1024", "signed12_m1024", "wrap12"])
+def test_lossless_round_trip_is_exact(tmp_path, syntax, name):
+    """Every lossless syntax rsna19 reads gives exactly the HU of the uncompressed file (no tolerance)."""
+    assert decoder_problem(syntax) is None, decoder_problem(syntax)  # requirements.txt installs every decoder
+    variant = VARIANTS[name]
+    hu = _hu_image(variant)
+    plain, packed = tmp_path / "plain.dcm", tmp_path / "packed.dcm"
+    _write(plain, hu, variant)
+    _write(packed, hu, variant)
+    _compress(packed, syntax)
+    assert packed.read_bytes() != plain.read_bytes()
+    got = _read_hu(packed)
+    np.testing.assert_array_equal(got, _read_hu(plain))
+    np.testing.assert_array_equal(got, _expected(hu, variant))
+
+
+def _jpeg_lossless_file(tmp_path) -> str:
+    path = tmp_path / "jpeg_lossless.dcm"
+    _write(path, _hu_image(StorageVariant()), StorageVariant())
+    _compress(path, JPEGLosslessSV1)
+    return str(path)
 
 
 def test_missing_decoder_is_a_clear_reason(tmp_path):
-    """JPEG Lossless needs pylibjpeg-libjpeg or gdcm, which are not installed: the reason says so."""
-    if decoder_problem(JPEGLosslessSV1) is None:
-        pytest.skip("a JPEG Lossless decoder is installed here")
-    path = tmp_path / "jpegls.dcm"
+    """Without a JPEG Lossless decoder (imagecodecs, gdcm and pylibjpeg-libjpeg made unimportable in a fresh
+    interpreter), reading a JPEG Lossless file fails with the syntax and what to install."""
+    code = (
+        "import sys\n"
+        "for name in ('imagecodecs', 'gdcm', 'libjpeg'):\n"
+        "    sys.modules[name] = None  # import fails: as if not installed\n"
+        "import pydicom\n"
+        "from rsna19.io.hu import dataset_to_hu, decoder_problem\n"
+        "from pydicom.uid import JPEGLosslessSV1\n"
+        "print(decoder_problem(JPEGLosslessSV1))\n"
+        "try:\n"
+        "    dataset_to_hu(pydicom.dcmread(sys.argv[1]))\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, _jpeg_lossless_file(tmp_path)], capture_output=True, text=True, check=True
+    )
+    reason, error = out.stdout.strip().splitlines()[-2:]
+    expected = "no decoder installed for transfer syntax JPEG Lossless, Non-Hierarchical, First-Order Prediction"
+    assert reason.startswith(expected) and "pip install imagecodecs" in reason
+    assert expected in error and "pip install imagecodecs" in error
+
+
+def test_syntax_without_any_pixel_decoder_is_a_clear_reason(tmp_path):
+    """A video transfer syntax (MPEG-4) has no pixel decoder in pydicom at all: the reason says that."""
+    path = tmp_path / "video.dcm"
     _write(path, _hu_image(StorageVariant()), StorageVariant())
     with _quiet():
         ds = pydicom.dcmread(path)
-        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
-        ds.PixelData = encapsulate([b"\xff\xd8not really jpeg\xff\xd9"])
+        ds.file_meta.TransferSyntaxUID = MPEG4HP41
+        ds.PixelData = encapsulate([b"\x00\x00\x01\xb3 not really video"])
         ds["PixelData"].VR = "OB"
         ds.save_as(path, enforce_file_format=True)
-        ds = pydicom.dcmread(path)
-    with pytest.raises(ValueError, match="no decoder installed for transfer syntax JPEG Lossless"):
-        dataset_to_hu(ds)
+    assert decoder_problem(MPEG4HP41).startswith("no pixel decoder exists in pydicom for transfer syntax MPEG-4")
+    with pytest.raises(ValueError, match="no pixel decoder exists in pydicom for transfer syntax MPEG-4"):
+        _read_hu(path)
 
 
 def test_wrap12_rules():

@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "rsna19.bundle": 9,  # reads a finished pipeline's work folder
     "rsna19.evaluate": 9,  # reads bundles (study model) and stack / predict-study outputs
     "rsna19.inference.study": 9,  # predict-study: a bundle (models + stacker) on new studies
+    "rsna19.inference.study_predictor": 9,  # the in-memory study predictor behind predict-study, serve, validate
     "rsna19.serve": 9,  # the DICOM node: predict-study's machinery behind a Storage SCP
     "rsna19.validation": 9,  # validate: predict-study on labelled studies, metrics, recalibrated bundles
     "rsna19.commands": 10,

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from cachefactory import write_cache_and_folds
+from tinyfamilies import EMBEDDINGS, MODELS
 
 from rsna19.config import load_config
 from rsna19.data.folds import read_folds, split_by_fold, write_folds
@@ -119,7 +120,7 @@ def test_trainer_refuses_folds_that_put_held_out_patients_in_training(data, tmp_
     assert set(folds["patient_id"]) == set(index.loc[index["split"] == "train", "patient_id"])
 
 
-@pytest.mark.parametrize("family", ["clf2d", "clf2dc_5c", "combine_last", "clf3d", "seg_aux"])
+@pytest.mark.parametrize("family", [m for m in MODELS if m not in EMBEDDINGS])
 def test_same_seed_same_oof_on_cpu(data, tmp_path, family):
     preds = []
     for k in range(2):
@@ -132,17 +133,18 @@ def test_same_seed_same_oof_on_cpu(data, tmp_path, family):
     assert set(preds[0]["patient_id"]) == set(folds.loc[folds["fold"] == 0, "patient_id"])
 
 
-def test_seq_same_seed_same_oof_on_cpu(data, tmp_path):
-    """The sequence family too: two trainings over the same embeddings give identical OOF predictions."""
+@pytest.mark.parametrize("family", sorted(EMBEDDINGS))
+def test_embedding_reader_same_seed_same_oof_on_cpu(data, tmp_path, family):
+    """The families that read embeddings too: two trainings over the same embeddings give identical OOF predictions."""
     import shutil
 
     runs = tmp_path / "runs"
-    train(_cfg(data, runs, "clf2d"), fold=0)
+    train(_cfg(data, runs, EMBEDDINGS[family]), fold=0)
     preds = []
     for k in range(2):
-        train(_cfg(data, runs, "seq", "data.embedding_source=fold"), fold=0)
-        preds.append(pd.read_parquet(predict(runs / "seq", 0, "oof", progress=False)))
-        shutil.move(runs / "seq", tmp_path / f"seq{k}")  # the second training starts from nothing
+        train(_cfg(data, runs, family, "data.embedding_source=fold"), fold=0)
+        preds.append(pd.read_parquet(predict(runs / family, 0, "oof", progress=False)))
+        shutil.move(runs / family, tmp_path / f"{family}{k}")  # the second training starts from nothing
     pd.testing.assert_frame_equal(preds[0], preds[1], check_exact=True)
     folds = read_folds(data[1])
     assert set(preds[0]["patient_id"]) == set(folds.loc[folds["fold"] == 0, "patient_id"])

@@ -99,3 +99,20 @@ def test_decision_metrics_edge_cases():
         decision_metrics(np.array([0, 2]), np.array([0.1, 0.2]), 0.5)
     with pytest.raises(ValueError):
         decision_metrics(np.array([0, 1]), np.array([0.1, 1.2]), 0.5)
+
+
+def test_wilson_interval_is_the_textbook_formula():
+    """``wilson_interval`` (SciPy's) equals the closed form ``(p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)``
+    with z the 97.5 % normal point, to 1e-12, for every k of small and larger n; NaN for n = 0."""
+    from rsna19.metrics import wilson_interval
+
+    z = 1.959963984540054
+    for n in (1, 2, 3, 4, 5, 8, 13, 21, 34, 55):
+        for k in range(n + 1):
+            p = k / n
+            centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+            half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+            lo, hi = wilson_interval(k, n)
+            assert lo == pytest.approx(max(0.0, centre - half), abs=1e-12)
+            assert hi == pytest.approx(min(1.0, centre + half), abs=1e-12)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))

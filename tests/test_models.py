@@ -1,10 +1,15 @@
-"""Every registered model: forward/backward on tiny inputs; registry, combine-last init, offline weights.
+"""Every registered model: forward/backward on tiny inputs and its traits; registry, combine-last init, offline weights.
 
-Inputs come from a per-layout builder (:func:`_case`), so a newly registered family is covered as soon as its
-layout is known here: channels/stack (one slice), slab (a window of slices), sequence (padded embeddings).
+Every family the registry holds is tested (timm's way: one parametrised test over every registered name), plugins
+of ``$RSNA19_PLUGINS`` included. Builder arguments come from the family's config in ``configs/tiny`` when it has
+one (else the builder's defaults with the test backbone); inputs come from a per-layout builder (:func:`_case`):
+channels/stack (one slice), slab (a window of slices), sequence (padded embeddings).
 """
 
 from __future__ import annotations
+
+import inspect
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,14 +18,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rsna19.cli import main
+from rsna19.config import load_config
+from rsna19.constants import SUBTYPES
+from rsna19.engine.config import TrainConfig, model_kwargs
 from rsna19.errors import UserError
 from rsna19.nets import build_model, get_model_spec, list_models
+from rsna19.nets.registry import PRETRAINED_SOURCES
 
-#: Slices per sample of each model family built here; other registered families default to 3.
-SLICES = {"clf2d": 1, "clf2dc": 3, "clf2dc_3x3": 9, "combine_last": 3, "seg_aux": 1, "clf3d": 4}
-#: Builder arguments beyond the common ones (smp needs its ``tu-`` prefix for timm encoders).
-EXTRA = {"seg_aux": {"backbone": "tu-test_resnet", "decoder_channels": [8, 8, 8, 8, 8]}, "seq": {"hidden": 8}}
 ALL = sorted(s.name for s in list_models())
+#: Registered name → its test-size config (configs/tiny), for the families that have one.
+TINY = {
+    c.model.name: c
+    for c in (load_config(TrainConfig, p) for p in sorted((Path(__file__).parents[1] / "configs" / "tiny").glob("*")))
+}
 
 
 @pytest.fixture(autouse=True)
@@ -31,42 +41,55 @@ def _threads():
     torch.set_num_threads(old)
 
 
-def _case(name: str, n_windows: int = 2, size: int = 32) -> tuple[dict, tuple[torch.Tensor, ...], tuple[int, ...]]:
+def _kwargs(name: str) -> dict:
+    """Builder arguments of a registered model: its tiny config's, else the builder's defaults and the test backbone."""
+    if name in TINY:
+        return {**model_kwargs(TINY[name]), "pretrained": False, "weights": None, "drop_rate": 0.1}
+    defaults = {k: p.default for k, p in inspect.signature(get_model_spec(name).builder).parameters.items()}
+    return {"backbone": "test_resnet", "n_windows": 2, "n_slices": defaults.get("n_slices", 3), "drop_rate": 0.1}
+
+
+def _case(name: str, size: int = 32) -> tuple[dict, tuple[torch.Tensor, ...], tuple[int, ...]]:
     """Builder arguments, a batch of 2 inputs and the classification output shape of a registered model."""
-    s = SLICES.get(name, 3)
+    kwargs = _kwargs(name)
+    s, c = kwargs["n_slices"], kwargs["n_windows"]
     layout = get_model_spec(name).input_layout
-    kwargs = {"backbone": "test_resnet", "n_windows": n_windows, "n_slices": s, "drop_rate": 0.1, **EXTRA.get(name, {})}
     if layout == "channels":
-        return kwargs, (torch.randn(2, s * n_windows, size, size),), (2, 6)
+        return kwargs, (torch.randn(2, s * c, size, size),), (2, 6)
     if layout == "stack":
-        return kwargs, (torch.randn(2, s, n_windows, size, size),), (2, 6)
+        return kwargs, (torch.randn(2, s, c, size, size),), (2, 6)
     if layout == "slab":
-        return kwargs, (torch.randn(2, s, n_windows, size, size),), (2, s, 6)
+        return kwargs, (torch.randn(2, s, c, size, size),), (2, s, 6)
     if layout == "sequence":
         d, t = 8, 5  # embeddings of size 8; series of 5 and 3 slices (the second padded)
-        kwargs = {**kwargs, "in_features": d, "backbone": None}
-        return kwargs, (torch.randn(2, t, d), torch.tensor([t, 3])), (2, t, 6)
+        kwargs = {**kwargs, "in_features": d}
+        base = (torch.randn(2, t, 6),) if kwargs.get("logit_skip") else ()  # the image model's logits
+        return kwargs, (torch.randn(2, t, d), torch.tensor([t, 3]), *base), (2, t, 6)
     raise AssertionError(f"{name}: no test input for layout {layout!r}; add it to _case")
 
 
 def test_base_families_are_registered():
-    assert set(SLICES) <= set(ALL)
-    assert {"clf3d", "seg_aux", "seq"} <= set(ALL)
+    assert {"clf2d", "clf2dc", "clf2dc_3x3", "combine_last", "clf3d", "seg_aux", "seq"} <= set(ALL)
+    assert set(TINY) <= set(ALL)
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_forward_backward(name):
+def test_forward_backward_and_traits(name):
+    """Forward and backward; the outputs are what the family's traits promise (masks: mask logits too)."""
     torch.manual_seed(0)
+    spec = get_model_spec(name)
+    assert spec.pretrained in PRETRAINED_SOURCES
     kwargs, inputs, shape = _case(name)
     model = build_model(name, **kwargs)
     out = model(*inputs)
-    # Segmentation-aided models also give mask logits (B, 5, H, W); every output must reach the loss.
+    # A family that learns from masks also gives mask logits (B, 5, H, W); every output must reach the loss.
+    assert isinstance(out, tuple) == spec.masks
     extra = out[1:] if isinstance(out, tuple) else ()
     logits = out[0] if isinstance(out, tuple) else out
     assert logits.shape == shape
     assert torch.isfinite(logits).all()
     for e in extra:
-        assert e.shape == (2, 5, *inputs[0].shape[-2:]) and torch.isfinite(e).all()
+        assert e.shape == (2, len(SUBTYPES), *inputs[0].shape[-2:]) and torch.isfinite(e).all()
     (logits.sum() + sum(e.mean() for e in extra)).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without gradient: {missing[:5]}"
@@ -76,6 +99,13 @@ def test_forward_backward(name):
     if hasattr(model, "features"):  # embeddings for the sequence model: one vector per slice
         f = model.features(*inputs)
         assert f.shape == (*shape[:-1], model.num_features)
+    # Pretrained weights: a family without them refuses the request; the others look for their files (offline).
+    try:
+        build_model(name, **{**kwargs, "pretrained": True})
+        refused = False
+    except UserError as exc:
+        refused = "no pretrained weights" in str(exc)
+    assert refused == (spec.pretrained is None)
 
 
 def test_combine_last_starts_as_the_centre_slice_model():
@@ -163,3 +193,49 @@ def test_weights_file_is_loaded_and_adapted(tmp_path, monkeypatch):
     import os
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """The registry as the package leaves it; what a test's plugins register is gone after it."""
+    from rsna19.nets import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", {k: s for k, s in registry._REGISTRY.items() if s.plugin is None})
+    monkeypatch.setattr(registry, "_PLUGINS", {})
+    return registry
+
+
+def test_plugins_register_their_families_and_fail_by_name(clean_registry, tmp_path, monkeypatch, capsys):
+    """``$RSNA19_PLUGINS``: a module name or a .py file registers families with their traits; a broken one is an
+    error naming it, on every look-up."""
+    registry = clean_registry
+    body = (
+        "from torch import nn\nfrom rsna19.nets.registry import register_model\n\n"
+        "@register_model({name!r}, masks=True, pretrained=None)\n"
+        "def build(**kwargs) -> nn.Module:\n    return nn.Linear(2, 6)\n"
+    )
+    (tmp_path / "toy_file.py").write_text(body.format(name="toy_b"))
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgless"))
+    (tmp_path / "pkgless").mkdir()
+    (tmp_path / "pkgless" / "toy_mod.py").write_text(body.format(name="toy_a"))
+    monkeypatch.setenv(registry.PLUGINS_ENV, f"toy_mod, {tmp_path / 'toy_file.py'}")
+    a, b = get_model_spec("toy_a"), get_model_spec("toy_b")
+    assert (a.plugin, b.plugin) == ("toy_mod", str(tmp_path / "toy_file.py"))
+    assert a.masks and a.pretrained is None and not a.reads_embeddings
+    assert isinstance(build_model("toy_b"), nn.Linear)
+    with pytest.raises(UserError, match="'toy_b' has no pretrained weights"):  # the trait, whatever the builder takes
+        build_model("toy_b", pretrained=True)
+    assert main(["models"]) == 0
+    assert f"[plugin {tmp_path / 'toy_file.py'}]" in capsys.readouterr().out
+
+    monkeypatch.setenv(registry.PLUGINS_ENV, f"{tmp_path / 'missing.py'}")
+    for _ in range(2):  # not only the first look-up
+        with pytest.raises(UserError, match=r"plugin '.*missing\.py' \(\$RSNA19_PLUGINS\) failed to import: .*no such"):
+            get_model_spec("clf2d")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('half written')\n")
+    monkeypatch.setenv(registry.PLUGINS_ENV, str(tmp_path / "broken.py"))
+    with pytest.raises(UserError, match="broken.py.*RuntimeError: half written"):
+        list_models()
+    monkeypatch.delenv(registry.PLUGINS_ENV)
+    with pytest.raises(UserError, match=r"unknown model 'toy_c'.*\$RSNA19_PLUGINS"):
+        get_model_spec("toy_c")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from tinyfamilies import EMBEDDINGS, MODELS, PIPELINE, tiny_models
 
 from rsna19.cli import main
 from rsna19.constants import CLASSES, PROB_COLUMNS
@@ -16,9 +17,6 @@ from rsna19.pipeline.config import load_pipeline
 from rsna19.pipeline.layout import check_no_leakage, find_layout
 from rsna19.pipeline.stages import STAGES
 from rsna19.submission import validate_submission
-
-PIPELINE = Path(__file__).resolve().parents[1] / "configs" / "pipelines" / "tiny.yaml"
-MODELS = ["clf2d", "clf2dc_5c", "combine_last", "clf3d", "seg_aux", "seq"]
 
 
 def test_run_writes_submission_scores_and_every_fold(tiny_run, tiny_dataset):
@@ -77,13 +75,15 @@ def test_print_jobs_lists_every_job_with_its_dependencies(tiny_dataset, tmp_path
             assert any(f"{m}.yaml --fold {k} " in c for c in cmds if c.startswith("rsna19 train "))
             assert f"train/{m}/fold_{k}" in after[f"predict/{m}/fold_{k}"]
     assert all("train.epochs=1" in c and "train.device=cpu" in c for c in cmds if c.startswith("rsna19 train "))
-    # The sequence model waits for the embeddings of every fold of its image model; those wait for its training.
-    assert after["train/seq/fold_0"] == "folds, embed/clf2d/fold_0, embed/clf2d/fold_1"
-    assert after["embed/clf2d/fold_1"] == "train/clf2d/fold_1"
-    assert "embed/clf2d/fold_0" in after["predict/seq/fold_0"]
+    # A model reading embeddings waits for those of every fold of its image model; they wait for its training.
+    assert EMBEDDINGS, "the tiny pipeline has a model that reads embeddings"
+    for m, image in EMBEDDINGS.items():
+        assert after[f"train/{m}/fold_0"] == f"folds, embed/{image}/fold_0, embed/{image}/fold_1"
+        assert after[f"embed/{image}/fold_1"] == f"train/{image}/fold_1"
+        assert f"embed/{image}/fold_0" in after[f"predict/{m}/fold_0"]
     keys = [h.split()[2] for h in heads]
     assert all(keys.index(d) < keys.index(k) for k, deps in after.items() for d in deps.split(", ") if d != "-")
-    assert any(x.startswith("rsna19 stack ") and "models=[clf2d,clf2dc_5c" in x for x in cmds)
+    assert any(x.startswith("rsna19 stack ") and f"models=[{','.join(MODELS)}]" in x for x in cmds)
     assert any(x.startswith("rsna19 submit ") for x in cmds)
     assert not work.exists()  # printing the jobs runs nothing
 
@@ -231,11 +231,11 @@ def test_rerun_with_a_changed_model_config_refuses_the_stale_run(tiny_run, tiny_
     cfg["train_overrides"] = [*cfg["train_overrides"], "train.seed=7"]
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
-    before = (work / "runs" / "clf2d" / "fold_0" / "best.pt").stat().st_mtime_ns
+    before = (work / "runs" / MODELS[0] / "fold_0" / "best.pt").stat().st_mtime_ns
     assert main(["run", "--data", str(tiny_dataset), "--out", str(work), "--pipeline", str(changed)]) != 0
     captured = capsys.readouterr()
     assert "train.seed" in captured.out + captured.err and "different config" in captured.out + captured.err
-    assert (work / "runs" / "clf2d" / "fold_0" / "best.pt").stat().st_mtime_ns == before
+    assert (work / "runs" / MODELS[0] / "fold_0" / "best.pt").stat().st_mtime_ns == before
 
 
 def test_versus_best_base_says_when_the_blend_fell_back():
@@ -256,3 +256,20 @@ def test_versus_best_base_says_when_the_blend_fell_back():
     assert "the blend is seq" in lines[2]
     scores.loc[3, "wll_oof"] = 0.17
     assert len(versus_best_base(scores)) == 2
+
+
+def test_embedding_readers_need_an_embedding_run_of_the_pipeline():
+    """The job graph's embed jobs follow the `reads_embeddings` trait and the image run's task (`can_embed`)."""
+    import copy
+
+    from rsna19.pipeline.stages import embedding_splits
+
+    cfgs = {m.name: m.config for m in tiny_models()}
+    assert embedding_splits(cfgs) == {image: ("oof", "test") for image in EMBEDDINGS.values()}
+    reader = next(iter(EMBEDDINGS))
+    no_embeddings = next(m.name for m in tiny_models() if m.spec.input_layout == "slab")
+    for upstream, message in ((no_embeddings, f"a {cfgs[no_embeddings].model.name} model"), ("nope", "not in the")):
+        bad = {**cfgs, reader: copy.deepcopy(cfgs[reader])}
+        bad[reader].data.embeddings = upstream
+        with pytest.raises(UserError, match=message):
+            embedding_splits(bad)

@@ -10,11 +10,14 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from tinyfamilies import FAMILIES
 
 from rsna19.bundle import export_bundle
 from rsna19.cli import main
 from rsna19.constants import PROB_COLUMNS
-from rsna19.inference.study import SLICE_COLUMNS, report_name
+from rsna19.inference.inputs import collect_studies
+from rsna19.inference.study import SLICE_COLUMNS, report_name, write_report
+from rsna19.inference.study_predictor import StudyPredictor
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,7 @@ def test_outputs_per_study(case, folder_run):
         assert len(s["series_used"]) == 1
         assert set(s["prediction"]["max_probability"]) == {c.removeprefix("p_") for c in PROB_COLUMNS}
         assert s["prediction"]["top_slices"][0]["sop_uid"] in set(slices["sop_uid"])
-        assert set(s["per_model_max"]) == {"clf2d", "clf2dc_5c", "combine_last", "clf3d", "seg_aux", "seq"}
+        assert set(s["per_model_max"]) == set(FAMILIES)
         png = folder_run / s["report"]
         assert png.name == report_name(uid) and png.read_bytes().startswith(b"\x89PNG")
     bad = by_uid[case["bad"]]
@@ -101,10 +104,6 @@ def test_same_probabilities_as_the_training_pipeline(case, folder_run):
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-4, atol=1e-5)
 
 
-FAMILIES = {"clf2d": "clf2d", "clf2dc_5c": "clf2dc", "combine_last": "combine_last", "clf3d": "clf3d"}
-FAMILIES |= {"seg_aux": "seg_aux", "seq": "seq"}
-
-
 @pytest.mark.parametrize("model", sorted(FAMILIES))
 def test_every_family_serves_what_rsna19_predict_gives(case, folder_run, tiny_run, model):
     """Per family: predict-study on the test DICOMs (own conversion, bundle, in-memory embeddings for seq) equals the
@@ -119,6 +118,58 @@ def test_every_family_serves_what_rsna19_predict_gives(case, folder_run, tiny_ru
     assert set(want.index) <= set(got.index)
     diff = np.abs(got.loc[want.index, list(PROB_COLUMNS)].to_numpy() - want.to_numpy()).max()
     assert diff <= 1e-4, f"{model}: max abs difference {diff:.2e}"
+
+
+@pytest.fixture(scope="module")
+def predictor(case):
+    return StudyPredictor.load(case["bundle"])
+
+
+def _written(folder_run, name, uid):
+    df = pd.read_csv(folder_run / name, dtype={"study_uid": str, "series_uid": str, "sop_uid": str})
+    return df[df["study_uid"] == uid].reset_index(drop=True)
+
+
+def test_in_memory_result_equals_what_the_command_writes(case, folder_run, predictor, tmp_path):
+    """StudyPredictor.predict on one study's files: its slices, per-model rows, studies.json entry and report picture
+    are what `rsna19 predict-study` wrote for that study (same bundle, same options)."""
+    uid = case["test_studies"][0]
+    index = case["index"]
+    files = list(index.loc[index["study_uid"] == uid, "path"])
+    result = predictor.predict(files)
+    assert result.ok and result.study_uid == uid
+    pd.testing.assert_frame_equal(result.slices(), _written(folder_run, "slices.csv", uid), check_dtype=False)
+    pd.testing.assert_frame_equal(result.models(), _written(folder_run, "models.csv", uid), check_dtype=False)
+
+    written = next(s for s in json.loads((folder_run / "studies.json").read_text())["studies"] if s["study_uid"] == uid)
+    entry = json.loads(json.dumps(result.entry()))
+    for key in ("prediction", "study_result", "per_model_max", "result_series", "series_ranking", "report_series"):
+        assert entry[key] == written[key], key
+    strip = ("seconds", "convert_s", "reformat_s", "models_s", "stack_s")
+    used = [{k: v for k, v in d.items() if k not in strip} for d in entry["series_used"]]
+    assert used == [{k: v for k, v in d.items() if k not in strip} for d in written["series_used"]]
+    assert result.top_slices[0]["sop_uid"] == result.slices().sort_values("p_any")["sop_uid"].iloc[-1]
+    assert result.cam is not None and result.cam.ndim == 2
+    png = tmp_path / "report.png"
+    write_report(result, png)
+    assert png.read_bytes() == (folder_run / written["report"]).read_bytes()
+
+
+def test_predictor_takes_datasets_and_read_studies(case, predictor, tmp_path):
+    """The same study given as pydicom datasets, and as a StudyInput already read, gives the same slices."""
+    uid = case["test_studies"][1]
+    index = case["index"]
+    paths = list(index.loc[index["study_uid"] == uid, "path"])
+    from_files = predictor.predict(paths).slices()
+    assert len(from_files) == len(paths)
+    from_datasets = predictor.predict([pydicom.dcmread(p) for p in paths]).slices()
+    pd.testing.assert_frame_equal(from_datasets, from_files)
+    (tmp_path / "study").mkdir()
+    for p in paths:
+        shutil.copy(p, tmp_path / "study")
+    studies = collect_studies(tmp_path / "study", tmp_path / "work").studies
+    assert list(studies) == [uid]
+    pd.testing.assert_frame_equal(predictor.predict(studies[uid]).slices(), from_files)
 
 
 def test_zip_input_gives_the_same_result(case, folder_run, tmp_path):

@@ -10,7 +10,17 @@ import pandas as pd
 import pytest
 
 from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.report import render_study_report, report_size, summarise_study, top_slices
+from rsna19.report import render_study_report, summarise_study, top_slices
+
+
+def _expected_shape(top_k: int, n_slices: int, calibrated: bool = False) -> tuple[int, int]:
+    """(height, width) in pixels of the report, written out from its layout rather than computed by rsna19.
+
+    At 100 dpi: one 200 px panel per slice shown, never fewer than 5 panels, plus 45 px of margins; 765 px high
+    (title 30, slice titles 50, the window rows 400, gap 35, plot 200, x label 50) and 25 more for the line of
+    the calibrated study result.
+    """
+    return 765 + (25 if calibrated else 0), 45 + 200 * max(min(top_k, n_slices), 5)
 
 
 def _study(z: int = 12, size: int = 48, seed: int = 0):
@@ -36,7 +46,7 @@ def test_png_written_with_expected_size_and_content(tmp_path):
     shown = render_study_report(vol, probs, sops, pos, out, "ID_st", top_k=4)
     assert shown == [6, 5, 7, 3]  # by p_any (3: the SAH peak), ties by z
     img = mpimg.imread(out)
-    assert img.shape[:2] == report_size(4, len(vol))[::-1]
+    assert img.shape[:2] == _expected_shape(4, len(vol)) == (765, 1045)
     assert img[..., :3].std() > 0.1  # not a blank canvas
     assert not list(out.parent.glob(".*tmp*"))  # atomic write left no temporary behind
 
@@ -60,8 +70,12 @@ def test_single_slice_and_size_floor(tmp_path):
     out = tmp_path / "one.png"
     assert render_study_report(vol, probs, sops, pos, out, "ID_one", top_k=6) == [0]
     # Never narrower than MIN_COLUMNS panels: the plot stays readable.
-    assert mpimg.imread(out).shape[:2] == report_size(6, 1)[::-1] == report_size(2, 1)[::-1]
-    assert report_size(8, 20)[0] > report_size(6, 20)[0]
+    assert mpimg.imread(out).shape[:2] == _expected_shape(6, 1)
+    # Past the floor, one more slice is one more panel.
+    wide = tmp_path / "wide.png"
+    vol, probs, sops, pos = _study(z=12)
+    render_study_report(vol, probs, sops, pos, wide, "ID_wide", top_k=7)
+    assert mpimg.imread(wide).shape[:2] == _expected_shape(7, 12) == (765, 1445)
 
 
 def test_bad_inputs_raise(tmp_path):
@@ -147,7 +161,7 @@ def test_calibrated_result_line(tmp_path):
     render_study_report(vol, probs, sops, pos, plain, "ID_st", top_k=4)
     render_study_report(vol, probs, sops, pos, calibrated, "ID_st", top_k=4, study_result=result)
     a, b = mpimg.imread(plain), mpimg.imread(calibrated)
-    assert b.shape[:2] == report_size(4, len(vol), calibrated=True)[::-1]
+    assert b.shape[:2] == _expected_shape(4, len(vol), calibrated=True)
     extra = b.shape[0] - a.shape[0]
     assert extra > 0 and a.shape[1] == b.shape[1]
     np.testing.assert_array_equal(a[-300:], b[-300:])  # the curves below are drawn the same

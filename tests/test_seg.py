@@ -185,7 +185,7 @@ def test_gradcam_map_when_the_bundle_has_no_seg_model(positive, tmp_path):
     """Without a seg_aux model the map is Grad-CAM of any, one segment, only on the mapped slices."""
     from rsna19.constants import CLASSES
     from rsna19.inference.seg_out import bleed_map
-    from rsna19.inference.study import _rows, predict_series
+    from rsna19.inference.study_predictor import _rows, predict_series
 
     bundle = positive["bundle"]
     sp = predict_series(bundle, [{"path": str(p)} for p in positive["paths"]], tmp_path / "cache")

@@ -162,12 +162,18 @@ def _cfg(bundle: Path, spool: Path, **kw) -> ServeConfig:
     return ServeConfig(**{**base, **kw})
 
 
+def _wait_ready(app: ServeApp, timeout: float) -> bool:
+    """Wait until every worker of ``app`` has loaded its bundle (or failed to)."""
+    end = time.time() + timeout
+    return all(w.ready.wait(max(0.0, end - time.time())) for w in app.workers)
+
+
 @pytest.fixture(scope="module")
 def node(bundle, loaded, dest, tmp_path_factory):
     """An in-process node (the module's bundle preloaded) sending to :func:`dest`."""
     app = ServeApp(_cfg(bundle, tmp_path_factory.mktemp("spool"), destinations=[dest.node]), bundle=loaded)
     app.start()
-    assert app.wait_ready(60)
+    assert _wait_ready(app, 60)
     yield app
     app.shutdown(grace_s=10)
 

@@ -1,18 +1,23 @@
 """The SLURM executor (``rsna19.pipeline.slurm``).
 
-The first tests check the pure parts (sbatch options, batch scripts, config section) and run in ``make test``.
-The ``slurm``-marked ones submit to a real cluster: ``make test-slurm`` starts a single-node one on this machine
-(``tests/slurm/with_slurm.sh``) and runs them; without a reachable cluster they are skipped (failed when
-``RSNA19_REQUIRE_SLURM=1``, which ``make test-slurm`` sets).
+The first tests check the pure parts (sbatch options, batch scripts, config section). The executor's run (the
+submission, polling, failure cascade, adoption of queued jobs, unschedulable jobs) is tested twice: in ``make test``
+against the fake SLURM of ``tests/slurm/fake/`` (``sbatch`` / ``squeue`` / ``sacct`` / ``scancel`` on ``PATH``,
+which really run the batch scripts as background processes), and under the ``slurm`` mark against a real cluster:
+``make test-slurm`` starts a single-node one on this machine (``tests/slurm/with_slurm.sh``) and runs them; without
+a reachable cluster they are skipped (failed when ``RSNA19_REQUIRE_SLURM=1``, which ``make test-slurm`` sets).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from rsna19.pipeline.slurm import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+FAKE_SLURM = Path(__file__).resolve().parent / "slurm" / "fake"
 
 
 @dataclass(frozen=True)
@@ -179,8 +185,7 @@ def test_slurm_section_changes_resources_per_kind(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- on a real cluster
 
 
-@pytest.fixture(scope="module")
-def cluster() -> None:
+def _require_real_cluster() -> None:
     """Skip (or fail, with RSNA19_REQUIRE_SLURM=1) when no SLURM controller answers."""
     problem = None
     if shutil.which("sinfo") is None:
@@ -195,6 +200,53 @@ def cluster() -> None:
         pytest.skip(f"no SLURM cluster ({problem}); `make test-slurm` starts one")
 
 
+def _stop_fake_jobs(state: Path) -> None:
+    """Kill the runners (and scripts) of fake jobs a test left active: nothing outlives the module."""
+    for path in (state / "jobs").glob("*.json"):
+        job = json.loads(path.read_text())
+        if job["state"] in ("PENDING", "RUNNING") and job.get("runner"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(job["runner"], signal.SIGKILL)
+
+
+@pytest.fixture(scope="module", params=["fake", pytest.param("real", marks=pytest.mark.slurm)])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The fake SLURM of tests/slurm/fake on ``PATH`` (in ``make test``), or a real cluster (``make test-slurm``)."""
+    if request.param == "real":
+        _require_real_cluster()
+        yield "real"
+        return
+    with _fake_slurm(tmp_path_factory.mktemp("fake_slurm")):
+        yield "fake"
+
+
+@contextlib.contextmanager
+def _fake_slurm(state: Path) -> Iterator[None]:
+    """tests/slurm/fake first on ``PATH``, its state in ``state``, a 2-CPU node; its jobs stopped at the end."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}")
+        mp.setenv("FAKE_SLURM_DIR", str(state))
+        mp.setenv("FAKE_SLURM_PYTHON", sys.executable)
+        mp.setenv("FAKE_SLURM_CPUS", "2")
+        try:
+            yield
+        finally:
+            _stop_fake_jobs(state)
+
+
+@pytest.fixture
+def fake_cluster(tmp_path: Path) -> Iterator[None]:
+    """The fake SLURM only (for what a real cluster cannot be told to do, such as forgetting jobs at once)."""
+    with _fake_slurm(tmp_path / "fake_slurm"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def real_cluster() -> None:
+    """A real cluster only (the tiny pipeline takes minutes of real jobs)."""
+    _require_real_cluster()
+
+
 def quick(**kw: object) -> SlurmOptions:
     return SlurmOptions(poll_s=0.5, **kw)  # type: ignore[arg-type]
 
@@ -203,8 +255,7 @@ def jobs_json(work: Path) -> dict:
     return json.loads((work / "slurm" / "jobs.json").read_text())["jobs"]
 
 
-@pytest.mark.slurm
-def test_dag_runs_in_dependency_order_and_resumes(cluster: None, tmp_path: Path) -> None:
+def test_dag_runs_in_dependency_order_and_resumes(cluster: str, tmp_path: Path) -> None:
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)
     lines: list[str] = []
@@ -245,8 +296,7 @@ def test_dag_runs_in_dependency_order_and_resumes(cluster: None, tmp_path: Path)
     assert t2["train/c/fold_0"][0] < t2["stack"][0] and t2["stack"][1] != t["stack"][1]
 
 
-@pytest.mark.slurm
-def test_failure_is_reported_and_dependents_cancelled(cluster: None, tmp_path: Path) -> None:
+def test_failure_is_reported_and_dependents_cancelled(cluster: str, tmp_path: Path) -> None:
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)
     flag = tmp_path / "fixed"
@@ -272,8 +322,7 @@ def test_failure_is_reported_and_dependents_cancelled(cluster: None, tmp_path: P
     assert all(j.done() for j in jobs)
 
 
-@pytest.mark.slurm
-def test_no_wait_then_resume_adopts_queued_jobs(cluster: None, tmp_path: Path) -> None:
+def test_no_wait_then_resume_adopts_queued_jobs(cluster: str, tmp_path: Path) -> None:
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)
     jobs = dag(work)
@@ -290,7 +339,7 @@ def test_no_wait_then_resume_adopts_queued_jobs(cluster: None, tmp_path: Path) -
 
 
 @pytest.mark.slurm
-def test_tiny_pipeline_on_slurm_matches_local_run(cluster: None, tmp_path: Path) -> None:
+def test_tiny_pipeline_on_slurm_matches_local_run(real_cluster: None, tmp_path: Path) -> None:
     """``configs/pipelines/tiny.yaml`` through ``run_slurm(plan(...))``: the local run's submission, then nothing to do.
 
     Both runs use one torch thread a process (``OMP_NUM_THREADS=1``; the batch scripts set it to
@@ -343,8 +392,7 @@ def test_tiny_pipeline_on_slurm_matches_local_run(cluster: None, tmp_path: Path)
     assert any(f"{len(jobs)} done (skipped), 0 submitted" in line for line in lines), lines
 
 
-@pytest.mark.slurm
-def test_job_that_can_never_start_is_reported(cluster: None, tmp_path: Path) -> None:
+def test_job_that_can_never_start_is_reported(cluster: str, tmp_path: Path) -> None:
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)
     jobs = dag(work)[:2]
@@ -356,3 +404,26 @@ def test_job_that_can_never_start_is_reported(cluster: None, tmp_path: Path) -> 
     assert "--cpus-per-task=512" in str(err.value) and "slurm section" in str(err.value)
     assert any("pending, reason" in line for line in lines), lines
     assert jobs_json(work)["data/a"]["state"] == "UNSCHEDULABLE"
+
+
+@pytest.mark.parametrize("accounting", [True, False], ids=["sacct", "no-accounting"])
+def test_jobs_squeue_forgot_are_read_from_sacct_or_their_outputs(
+    fake_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accounting: bool
+) -> None:
+    """Finished jobs leave squeue after MinJobAge (0 s here): their end state then comes from sacct, or, on a
+    cluster without accounting, from the job's own outputs (a job whose outputs are missing failed)."""
+    monkeypatch.setenv("FAKE_SLURM_MIN_JOB_AGE", "0")
+    monkeypatch.setenv("FAKE_SLURM_ACCOUNTING", "1" if accounting else "0")
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    jobs = [j for j in dag(work, fail_unless=tmp_path / "never") if j.key in ("data/a", "train/c/fold_0", "e")]
+    jobs[0].extra = []
+    lines: list[str] = []
+    with pytest.raises(SlurmJobError) as err:
+        run_slurm(jobs, work, quick(), say=lines.append)
+    state = "FAILED" if accounting else "UNKNOWN_FAILED"
+    assert list(err.value.failed) == ["train/c/fold_0"] and f"ended {state}" in str(err.value)
+    rec = jobs_json(work)
+    assert rec["data/a"]["state"] == rec["e"]["state"] == "COMPLETED"
+    assert rec["train/c/fold_0"]["state"] == state
+    assert jobs[0].out.exists() and jobs[2].out.exists()

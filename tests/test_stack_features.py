@@ -8,7 +8,7 @@ import pytest
 from predfactory import DEFAULT_MODELS, make_slices, predict
 
 from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.stacking.features import Level2Data, build_features, feature_columns, model_feature_names
+from rsna19.stacking.features import Level2Data, build_features, feature_columns
 
 
 def _frame(series: str, p_any: list[float], start_sop: int = 0) -> pd.DataFrame:
@@ -79,8 +79,9 @@ def test_feature_names_and_counts(two_series):
     f = build_features({"m1": two_series, "m2": other}, offsets=1, windows=(3,))
     names = feature_columns(f)
     assert names[:4] == ["missing-1", "missing+1", "rel_pos", "n_slices"]
-    assert names[4:] == model_feature_names("m1", 1, (3,)) + model_feature_names("m2", 1, (3,))
-    assert len(model_feature_names("m1", 1, (3,))) == 6 * (3 + 2 + 2)
+    # Per model, class by class: 3 offsets, mean and max of the window 3, the series max and mean.
+    stats = ["off-1", "off+0", "off+1", "mean3", "max3", "smax", "smean"]
+    assert names[4:] == [f"{m}__{c}__{s}" for m in ("m1", "m2") for c in CLASSES for s in stats]
     assert all(f[n].dtype == np.float32 for n in names)
     data = Level2Data.from_features(f, ["m1", "m2"])
     assert data.base.shape == (len(f), 2, 6)

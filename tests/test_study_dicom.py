@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import warnings
@@ -286,3 +287,19 @@ def test_evaluate_predict_study_outputs(served, tiny_dataset, tmp_path):
         got = table[(table["level"] == "study") & (table["class"] == c)].iloc[0]
         for k in ("sensitivity", "specificity", "brier", "ece"):
             assert (np.isnan(got[k]) and np.isnan(want[k])) or got[k] == pytest.approx(want[k]), (c, k)
+
+
+def test_evaluate_dicom_studies_in_memory(served, tmp_path):
+    """`rsna19 evaluate DICOM --bundle B` predicts the studies in memory (StudyPredictor, nothing written but the
+    evaluation): the same table as evaluating what predict-study wrote for them with the same bundle."""
+    uids = served["studies"]
+    labels = pd.DataFrame({"study_uid": uids, **{c: [1, 0] for c in CLASSES}})
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    common = ["--labels", str(tmp_path / "labels.csv"), "--bundle", str(served["bundle"])]
+    assert main(["evaluate", str(served["out"]), *common, "--out", str(tmp_path / "written")]) == 0
+    assert main(["evaluate", str(served["root"] / "input"), *common, "--out", str(tmp_path / "memory")]) == 0
+    written = pd.read_csv(tmp_path / "written" / "evaluation.csv")
+    memory = pd.read_csv(tmp_path / "memory" / "evaluation.csv")
+    assert len(memory) == 2 * len(CLASSES)
+    pd.testing.assert_frame_equal(memory, written)
+    assert sorted(os.listdir(tmp_path / "memory")) == sorted(os.listdir(tmp_path / "written"))

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage
 
+from rsna19.conversion.series import convert_series
 from rsna19.errors import UserError
 from rsna19.inference.inputs import (
     SelectionRules,
@@ -22,6 +23,7 @@ from rsna19.inference.inputs import (
     safe_extract_zip,
 )
 from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
+from rsna19.io.index import build_index
 
 # Kaggle-style "ID_..." UIDs (and a lower-case ImageType) are invalid values: pydicom warns when re-saving.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
@@ -308,3 +310,35 @@ def test_safe_extract_keeps_tree(tmp_path):
     dest = safe_extract_zip(archive, tmp_path / "w")
     assert dest.parent == (tmp_path / "w").resolve()
     assert (dest / "a/b/c.txt").read_bytes() == b"hello" and (dest / "a/d").is_dir() and (dest / "e.txt").is_file()
+
+
+def test_index_convert_and_predict_study_keep_the_same_slices(tmp_path):
+    """One DICOM reading rule (rsna19.io.dicom) for training and new studies: a series whose orientation jitters at
+    the third decimal, with a misfiled slice of a coronal reformat and a stray localizer under its series UID,
+    keeps the same slices in the same order and drops the same files through `index` + `convert` as through
+    predict-study's input collection (whose slices then convert without another drop)."""
+    root = tmp_path / "in"
+    jitter = [0.0, 0.002, -0.003, 0.001, 0.004, -0.002, 0.003, -0.001]
+    for k, j in enumerate(jitter):
+        iop = (1.0, j, 0.0, 0.0, 1.0, -j / 2)
+        _write(root / f"s{k}.dcm", sop=f"ID_s{k}", series="ID_ser", study="ID_st", z=5.0 * k, iop=iop)
+    _write(root / "misfiled.dcm", sop="ID_mis", series="ID_ser", study="ID_st", z=12.0, iop=(1, 0, 0, 0, 0, -1))
+    localizer = {"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}
+    _write(root / "loc.dcm", sop="ID_loc", series="ID_ser", study="ID_st", z=0.0, iop=SAGITTAL, extra=localizer)
+    want = [f"ID_s{k}" for k in range(len(jitter))]
+
+    index = build_index([root], out=tmp_path / "index.parquet", workers=1, progress=False)
+    assert set(index["sop_uid"]) == {*want, "ID_mis", "ID_loc"}  # the index lists every readable slice
+    _, meta = convert_series(index)
+    assert meta["sop_uids"] == want
+    assert {Path(d["path"]).name for d in meta["dropped"]} == {"misfiled.dcm", "loc.dcm"}
+
+    found = collect_studies(root, tmp_path / "work")
+    study = found.studies["ID_st"]
+    assert [s.series_uid for s in study.used] == ["ID_ser"]
+    assert study.used[0].sop_uids == want
+    assert study.used[0].positions == pytest.approx(meta["positions"], abs=1e-6)
+    assert {f.path.name for f in study.skipped_files} == {"misfiled.dcm", "loc.dcm"}
+    _, again = convert_series(study.used[0].slice_refs())
+    assert again["sop_uids"] == want and again["dropped"] == []
+    assert again["positions"] == meta["positions"] and again["tilt_deg"] == meta["tilt_deg"]

@@ -16,7 +16,6 @@ import pytest
 from rsna19.cli import main
 from rsna19.constants import CLASSES, SUBTYPES
 from rsna19.synth import generate_dataset
-from rsna19.synth.geometry import tilt_from_iop
 from rsna19.synth.phantom import render
 from rsna19.synth.plan import make_plan
 from rsna19.synth.presets import get_preset
@@ -24,6 +23,12 @@ from rsna19.synth.presets import get_preset
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
 ID_RE = re.compile(r"^ID_[0-9a-f]{9}$")
+
+
+def tilt_from_iop(iop: tuple[float, ...] | list[float] | np.ndarray) -> float:
+    """Gantry tilt in degrees from ImageOrientationPatient: ``atan2(−col_z, col_y)`` (the column direction is
+    tilted about the patient's x axis)."""
+    return math.degrees(math.atan2(-float(iop[5]), float(iop[4])))
 
 
 def _summary(root: Path) -> dict:

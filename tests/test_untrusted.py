@@ -12,16 +12,22 @@ symbolic links, too many members, too many bytes, a high compression ratio
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from rsna19.config import read_yaml
+from rsna19.data.datasets import VolumeCache
+from rsna19.data.embeddings import embedding_paths, read_embeddings
+from rsna19.data.masks import read_mask_file
 from rsna19.engine.checkpoint import load_checkpoint, save_checkpoint
 from rsna19.errors import UserError
 from rsna19.inference.inputs import UnsafeArchiveError, ZipLimits, collect_studies, safe_extract_zip
@@ -94,16 +100,48 @@ def test_yaml_config_cannot_construct_objects(tmp_path, marker):
     assert not marker.exists()
 
 
-def test_npy_with_objects_is_not_unpickled(tmp_path, marker):
-    """Cache volumes are read with ``np.load`` (mmap); an object array (a pickle inside .npy) is refused."""
-    from rsna19.data.datasets import SliceDataset  # noqa: F401 - the module that reads volume.npy
+def _object_array(marker: Path) -> np.ndarray:
+    return np.array([_Payload(marker)], dtype=object)
 
-    path = tmp_path / "volume.npy"
-    np.save(path, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match="Python objects|pickle"):
-        np.load(path, mmap_mode="r")
-    with pytest.raises(ValueError, match="pickle"):
-        np.load(path)
+
+def _read_volume(tmp_path: Path, marker: Path) -> Path:
+    path = tmp_path / "cache" / "S1" / "volume.npy"
+    path.parent.mkdir(parents=True)
+    np.save(path, _object_array(marker), allow_pickle=True)
+    VolumeCache(tmp_path / "cache")("S1")
+    return path
+
+
+def _read_embeddings(mmap: bool) -> Callable[[Path, Path], Path]:
+    def read(tmp_path: Path, marker: Path) -> Path:
+        paths = embedding_paths(tmp_path, "oof")
+        np.save(paths["npy"], _object_array(marker), allow_pickle=True)
+        pd.DataFrame({"series_uid": ["S1"], "slice_idx": [0]}).to_parquet(paths["parquet"])
+        paths["json"].write_text(json.dumps({"logits": True}))
+        read_embeddings(tmp_path, "oof", mmap=mmap)
+        return paths["npy"]
+
+    return read
+
+
+def _read_mask(tmp_path: Path, marker: Path) -> Path:
+    path = tmp_path / "S1.npz"
+    np.savez(path, mask=np.zeros((1, 2, 2), np.uint8), sop_uids=_object_array(marker))
+    read_mask_file(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "read",
+    [_read_volume, _read_embeddings(mmap=True), _read_embeddings(mmap=False), _read_mask],
+    ids=["cache-volume", "embeddings-mmap", "embeddings", "mask"],
+)
+def test_npy_with_objects_is_refused_by_rsna19s_readers(tmp_path, marker, read):
+    """The cache volumes, embeddings and masks rsna19 reads: an object array (a pickle inside .npy / .npz) is a
+    clear error naming the file, and its pickle never runs."""
+    with pytest.raises(UserError, match="cannot read") as info:
+        read(tmp_path, marker)
+    assert "S1" in str(info.value) or "embeddings_oof.npy" in str(info.value)  # the message names the file
     assert not marker.exists()
 
 

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "model fitted on the stack's oof.parquet like `rsna19 bundle` does."
         ),
     )
-    p.add_argument("source", help="stack folder or predict-study output folder")
+    p.add_argument(
+        "source", help="stack folder, predict-study output folder, or (with --bundle) a folder or zip of DICOM studies"
+    )
     p.add_argument("--labels", required=True, help="ID,Label csv (slice labels) or study_uid csv (study labels)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--bundle", help="bundle whose study model gives calibration and operating points")

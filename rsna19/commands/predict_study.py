@@ -86,23 +86,25 @@ def run(args: argparse.Namespace) -> int:
     """Predict; exit code 1 when no study could be predicted."""
     from rsna19.bundle import parse_folds
     from rsna19.inference.study import predict_studies
+    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
 
-    summary = predict_studies(
-        args.path,
-        args.bundle,
-        args.out,
-        device=args.device,
-        workers=args.workers,
+    options = StudyOptions(
         top_k=args.top_k,
         threshold=args.threshold,
         cam=args.cam,
-        folds=parse_folds(args.folds),
-        tta=[t.strip() for t in args.tta.split(",") if t.strip()] if args.tta is not None else None,
         all_series=args.all_series,
         include_contrast=args.include_contrast,
-        dicom_out=args.dicom_out,
-        seg=args.seg,
+        source_headers=args.dicom_out is not None,
+        seg=args.seg and args.dicom_out is not None,
     )
+    predictor = StudyPredictor.load(
+        args.bundle,
+        device=args.device,
+        folds=parse_folds(args.folds),
+        tta=[t.strip() for t in args.tta.split(",") if t.strip()] if args.tta is not None else None,
+        options=options,
+    )
+    summary = predict_studies(args.path, predictor, args.out, workers=args.workers, dicom_out=args.dicom_out).summary
     print(
         f"predict-study: {summary['n_ok']} of {summary['n_studies']} studies predicted in {summary['total_s']:.1f} s "
         f"(bundle loaded in {summary['bundle_load_s']:.1f} s)"

@@ -59,16 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rsna19.bundle import parse_folds
-    from rsna19.validation.run import validate
+    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
+    from rsna19.validation.run import ValidateOptions, validate
 
     recal = None
     if args.recalibrate is not None:
         recal = args.recalibrate or str(Path(args.out) / "bundle_recalibrated")
-    info = validate(
-        args.data,
-        args.bundle,
-        args.labels,
-        args.out,
+    options = ValidateOptions(
         fmt=args.fmt,
         n_boot=args.bootstrap,
         seed=args.seed,
@@ -76,11 +73,16 @@ def run(args: argparse.Namespace) -> int:
         recalibrate=recal,
         cv_folds=args.cv_folds,
         force=args.force,
+    )
+    options.check()  # before the bundle is loaded
+    predictor = StudyPredictor.load(
+        args.bundle,
         device=args.device,
-        workers=args.workers,
         folds=parse_folds(args.folds),
         tta=[t.strip() for t in args.tta.split(",") if t.strip()] if args.tta is not None else None,
+        options=StudyOptions(cam=False),
     )
+    info = validate(args.data, predictor, args.labels, args.out, options=options, workers=args.workers)
     print(info["summary"], end="")
     print((Path(args.out) / "table.md").read_text(), end="")
     print(f"validate: studies.csv, validation.csv, validation.json, report.png, table.md, summary.txt in {args.out}")

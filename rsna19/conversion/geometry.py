@@ -1,4 +1,5 @@
-"""Slice geometry of a series: normal, positions, order, gantry tilt and the shifts that undo it.
+"""Slice order of a series, its spacing and the shifts that undo gantry tilt (normal, positions and the tilt formula
+itself: :mod:`rsna19.io.dicom`).
 
 Conventions (DICOM LPS, millimetres): pixel (row i, col j) lies at ``IPP + j·Δc·r + i·Δr·c`` where ``r``/``c``
 are the row/column direction cosines (IOP) and PixelSpacing = (Δr, Δc). The slice normal is ``n = r × c`` and a
@@ -7,8 +8,6 @@ slice's position along it is ``IPP · n``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 #: Tilts at or below this many degrees are treated as no tilt.
@@ -16,24 +15,6 @@ TILT_THRESHOLD_DEG = 0.5
 
 #: Two slices whose positions differ by less than this (mm) are duplicates.
 DUPLICATE_TOLERANCE_MM = 1e-2
-
-
-def slice_normal(iop: np.ndarray) -> np.ndarray:
-    """Unit slice normal ``r × c`` of an ImageOrientationPatient (6,) → (3,)."""
-    iop = np.asarray(iop, dtype=np.float64)
-    n = np.cross(iop[:3], iop[3:])
-    return n / np.linalg.norm(n)
-
-
-def tilt_deg(iop: np.ndarray) -> float:
-    """Gantry tilt in degrees from the IOP column vector: ``atan2(−col_z, col_y)``."""
-    col = np.asarray(iop, dtype=np.float64)[3:]
-    return float(math.degrees(math.atan2(-col[2], col[1])))
-
-
-def positions_along_normal(ipps: np.ndarray, iop: np.ndarray) -> np.ndarray:
-    """Position of every slice along the normal: (Z, 3) IPPs → (Z,) ``IPP · n`` in mm."""
-    return np.asarray(ipps, dtype=np.float64) @ slice_normal(iop)
 
 
 def order_slices(positions: np.ndarray, keys: list[str]) -> tuple[np.ndarray, list[tuple[int, int]]]:

@@ -1,16 +1,16 @@
 """Read the slices of one series: pixels in HU plus the geometry that orders and corrects them.
 
-Speed matters here (870k files): the ~16 header values are decoded from pydicom's raw element bytes (pydicom's
-own per-element conversion costs about as much as decoding the pixels), and uncompressed 16-bit pixel data goes
-straight from the buffer through the HU lookup table. Anything else (compressed, big-endian, 8/32-bit) takes
-pydicom's general path.
+The header of every file is read by the index's own reader (:func:`rsna19.io.dicom_header.read_slice_headers`), so
+a file converts exactly when ``rsna19 index`` and ``predict-study`` accept it, with the same reason when not; the
+pixels are then decoded, uncompressed 16-bit data straight from the buffer through the HU lookup table (anything
+else, compressed, big-endian or 8/32-bit, takes pydicom's general path).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,34 +19,13 @@ from typing import Any
 import numpy as np
 import pydicom
 import pydicom.config
-from pydicom.dataelem import RawDataElement
 
+from rsna19.io.dicom import SliceGeometry
+from rsna19.io.dicom_header import read_slice_headers
 from rsna19.io.hu import dataset_to_hu, decode_stored, frame_to_hu, native_to_hu
-from rsna19.io.multiframe import frame_headers, frame_sop_uid, is_multiframe
 
-# Tags read by value (plain ints: the fastest dict keys for Dataset.get_item).
-_MODALITY = 0x00080060
-_SOP_UID = 0x00080018
-_PATIENT_ID = 0x00100020
-_SLICE_THICKNESS = 0x00180050
-_STUDY_UID = 0x0020000D
-_SERIES_UID = 0x0020000E
-_IPP = 0x00200032
-_IOP = 0x00200037
-_SAMPLES = 0x00280002
-_FRAMES = 0x00280008
-_ROWS = 0x00280010
-_COLS = 0x00280011
-_SPACING = 0x00280030
-_BITS_ALLOCATED = 0x00280100
-_BITS_STORED = 0x00280101
-_PIXEL_REPRESENTATION = 0x00280103
-_INTERCEPT = 0x00281052
-_SLOPE = 0x00281053
-_PIXEL_DATA = 0x7FE00010
 #: Little-endian transfer syntaxes whose pixel data is a plain buffer.
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
-_US = {True: struct.Struct("<H").unpack, False: struct.Struct(">H").unpack}
 
 
 @dataclass
@@ -76,13 +55,10 @@ class Slice:
     slice_thickness: float
     frame: int = 0
 
-    def geometry_key(self) -> tuple:
-        """What must agree between slices stacked together: shape, orientation, pixel spacing."""
-        return (
-            self.hu.shape,
-            tuple(np.round(self.iop, 3).tolist()),
-            tuple(round(v, 4) for v in self.pixel_spacing),
-        )
+    def geometry(self) -> SliceGeometry:
+        """What must agree between slices stacked together (:func:`rsna19.io.dicom.pick_geometry`)."""
+        spacing = (float(self.pixel_spacing[0]), float(self.pixel_spacing[1]))
+        return SliceGeometry(tuple(self.hu.shape), tuple(float(v) for v in self.iop), spacing)
 
 
 @contextlib.contextmanager
@@ -100,114 +76,12 @@ def lenient_reading() -> Iterator[None]:
         settings.reading_validation_mode = before
 
 
-class _Header:
-    """Values of a dataset's elements, decoded from the raw bytes where pydicom has not converted them yet."""
-
-    def __init__(self, ds: pydicom.Dataset) -> None:
-        self.ds = ds
-
-    def _elem(self, tag: int) -> Any:
-        try:
-            return self.ds.get_item(tag)
-        except KeyError:
-            return None
-
-    def text(self, tag: int) -> list[str] | None:
-        """The backslash-separated values of a text element (DS, IS, CS, UI, LO …); None if absent or empty."""
-        elem = self._elem(tag)
-        if elem is None:
-            return None
-        value = elem.value
-        if isinstance(elem, RawDataElement):
-            if not value:
-                return None
-            parts = value.decode("latin-1").split("\\")
-        elif value is None or value == "":
-            return None
-        elif isinstance(value, list | tuple | pydicom.multival.MultiValue):
-            parts = [str(v) for v in value]
-        else:
-            parts = [str(value)]
-        parts = [p.strip(" \x00") for p in parts]
-        return parts if any(parts) else None
-
-    def string(self, tag: int, default: str = "") -> str:
-        """The first value of a text element."""
-        parts = self.text(tag)
-        return parts[0] if parts else default
-
-    def floats(self, tag: int, n: int, name: str) -> np.ndarray:
-        """Exactly ``n`` finite numbers, or a ValueError naming the element."""
-        parts = self.text(tag)
-        if parts is None:
-            raise ValueError(f"no {name}")
-        try:
-            out = np.asarray([float(p) for p in parts], dtype=np.float64)
-        except ValueError:
-            raise ValueError(f"{name} {parts} is not numeric") from None
-        if out.shape != (n,) or not np.all(np.isfinite(out)):
-            raise ValueError(f"{name} {parts} is not {n} finite numbers")
-        return out
-
-    def number(self, tag: int, default: float) -> float:
-        """The first value of a DS/IS element as float (multi-valued tags take their first value)."""
-        parts = self.text(tag)
-        if not parts or not parts[0]:
-            return default
-        try:
-            return float(parts[0])
-        except ValueError:
-            raise ValueError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) {parts[0]!r} is not numeric") from None
-
-    def us(self, tag: int, default: int | None = None) -> int | None:
-        """An unsigned short (US) element."""
-        elem = self._elem(tag)
-        if elem is None:
-            return default
-        if isinstance(elem, RawDataElement):
-            if len(elem.value) < 2:
-                return default
-            return int(_US[bool(elem.is_little_endian)](elem.value[:2])[0])
-        value = elem.value
-        if isinstance(value, list | tuple | pydicom.multival.MultiValue):
-            value = value[0] if value else default
-        return default if value is None else int(value)
-
-
-def _hu(ds: pydicom.Dataset, h: _Header) -> np.ndarray:
-    rows, cols = h.us(_ROWS), h.us(_COLS)
-    if not rows or not cols:
-        raise ValueError("no Rows/Columns")
-    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-    pixels = h._elem(_PIXEL_DATA)
-    if pixels is None:
-        raise ValueError("no pixel data")
-    frames = h.number(_FRAMES, 1.0)
-    if (
-        ts in _NATIVE_LE
-        and h.us(_BITS_ALLOCATED) == 16
-        and h.us(_SAMPLES, 1) == 1
-        and frames == 1.0
-        and isinstance(pixels.value, bytes)
-    ):
-        return native_to_hu(
-            pixels.value,
-            rows,
-            cols,
-            slope=h.number(_SLOPE, 1.0),
-            intercept=h.number(_INTERCEPT, 0.0),
-            bits_stored=h.us(_BITS_STORED, 16) or 16,
-            pixel_representation=h.us(_PIXEL_REPRESENTATION, 0) or 0,
-        )
-    return dataset_to_hu(ds)  # compressed, big-endian or unusual bit depths: pydicom's decoders
-
-
 def read_slice(path: str | os.PathLike[str]) -> Slice:
-    """Read one CT file with its pixels and convert them to HU.
+    """Read one single-frame CT file with its pixels and convert them to HU.
 
     Raises:
-        ValueError: with a one-line reason (not CT, no geometry, undecodable pixels …); OSError for unreadable
-            files; pydicom's InvalidDicomError for non-DICOM files.
+        ValueError: with a one-line reason (the index's: not CT, no geometry, truncated …; undecodable pixels; a
+            multi-frame file, read with :func:`read_file_slices`).
     """
     with lenient_reading():
         return read_slice_unguarded(path)
@@ -215,53 +89,10 @@ def read_slice(path: str | os.PathLike[str]) -> Slice:
 
 def read_slice_unguarded(path: str | os.PathLike[str]) -> Slice:
     """:func:`read_slice` for callers that already hold :func:`lenient_reading` (one context per series)."""
-    return _single_slice(path, pydicom.dcmread(path))
-
-
-def _single_slice(path: str | os.PathLike[str], ds: pydicom.Dataset) -> Slice:
-    h = _Header(ds)
-    modality = h.string(_MODALITY)
-    if modality and modality != "CT":
-        raise ValueError(f"not CT (Modality={modality})")
-    if is_multiframe(ds):
+    slices = read_file_slices_unguarded(path)
+    if slices[0].frame:
         raise ValueError("multi-frame image: read it with read_file_slices")
-    ipp = h.floats(_IPP, 3, "ImagePositionPatient")
-    iop = _check_iop(h.floats(_IOP, 6, "ImageOrientationPatient"))
-    spacing = _check_spacing(h.floats(_SPACING, 2, "PixelSpacing"))
-    hu = _hu(ds, h)
-    return Slice(
-        path=str(path),
-        sop_uid=h.string(_SOP_UID),
-        series_uid=h.string(_SERIES_UID),
-        study_uid=h.string(_STUDY_UID),
-        patient_id=h.string(_PATIENT_ID),
-        hu=hu,
-        ipp=ipp,
-        iop=iop,
-        pixel_spacing=(float(spacing[0]), float(spacing[1])),
-        slice_thickness=h.number(_SLICE_THICKNESS, 0.0),
-    )
-
-
-def _check_iop(iop: np.ndarray) -> np.ndarray:
-    if np.linalg.norm(np.cross(iop[:3], iop[3:])) < 0.5:
-        raise ValueError(f"ImageOrientationPatient {iop.tolist()} has parallel row and column vectors")
-    return iop
-
-
-def _check_spacing(spacing: np.ndarray) -> np.ndarray:
-    if np.any(spacing <= 0):
-        raise ValueError(f"PixelSpacing {spacing.tolist()} is not positive")
-    return spacing
-
-
-def _vector(values: list[float] | None, n: int, name: str, frame: int) -> np.ndarray:
-    if values is None:
-        raise ValueError(f"frame {frame}: no {name}")
-    out = np.asarray(values, dtype=np.float64)
-    if out.shape != (n,) or not np.all(np.isfinite(out)):
-        raise ValueError(f"frame {frame}: {name} {values} is not {n} finite numbers")
-    return out
+    return slices[0]
 
 
 def read_file_slices(path: str | os.PathLike[str], frames: Sequence[int] | None = None) -> list[Slice]:
@@ -277,8 +108,8 @@ def read_file_slices(path: str | os.PathLike[str], frames: Sequence[int] | None 
         (:mod:`rsna19.io.multiframe`).
 
     Raises:
-        ValueError: with a one-line reason (not CT, no geometry for a frame, undecodable pixels, a frame number
-            the file does not have …), as :func:`read_slice`.
+        ValueError: with a one-line reason (the index's reason for the header, undecodable pixels, a frame number
+            the file does not have …).
     """
     with lenient_reading():
         return read_file_slices_unguarded(path, frames)
@@ -286,57 +117,60 @@ def read_file_slices(path: str | os.PathLike[str], frames: Sequence[int] | None 
 
 def read_file_slices_unguarded(path: str | os.PathLike[str], frames: Sequence[int] | None = None) -> list[Slice]:
     """:func:`read_file_slices` for callers that already hold :func:`lenient_reading`."""
+    rows = read_slice_headers(path)
+    if isinstance(rows, str):
+        raise ValueError(rows)
     ds = pydicom.dcmread(path)
-    if not is_multiframe(ds):
-        return [_single_slice(path, ds)]
-    h = _Header(ds)
-    modality = h.string(_MODALITY)
-    if modality and modality != "CT":
-        raise ValueError(f"not CT (Modality={modality})")
-    headers = frame_headers(ds)
-    wanted = list(range(1, len(headers) + 1)) if frames is None else [int(f) for f in frames]
-    bad = [f for f in wanted if not 1 <= f <= len(headers)]
+    if not rows[0]["frame"]:
+        return [_slice(rows[0], _single_hu(ds, rows[0]))]
+    wanted = list(range(1, len(rows) + 1)) if frames is None else [int(f) for f in frames]
+    bad = [f for f in wanted if not 1 <= f <= len(rows)]
     if bad:
-        raise ValueError(f"frame {bad[0]} does not exist: the file has {len(headers)} frames")
-    geometry = {}
-    for f in wanted:
-        fh = headers[f - 1]
-        ipp = _vector(fh.ipp, 3, "ImagePositionPatient", f)
-        iop = _check_iop(_vector(fh.iop, 6, "ImageOrientationPatient", f))
-        spacing = _check_spacing(_vector(fh.pixel_spacing, 2, "PixelSpacing", f))
-        geometry[f] = (ipp, iop, spacing)
+        raise ValueError(f"frame {bad[0]} does not exist: the file has {len(rows)} frames")
     stored = decode_stored(ds)
-    sop = h.string(_SOP_UID)
-    bits_stored = h.us(_BITS_STORED, 16) or 16
-    representation = h.us(_PIXEL_REPRESENTATION, 0) or 0
-    out = []
-    for f in wanted:
-        fh = headers[f - 1]
-        ipp, iop, spacing = geometry[f]
-        hu = frame_to_hu(
-            stored[f - 1],
-            slope=fh.slope if fh.slope is not None else h.number(_SLOPE, 1.0),
-            intercept=fh.intercept if fh.intercept is not None else h.number(_INTERCEPT, 0.0),
-            bits_stored=bits_stored,
-            pixel_representation=representation,
-        )
-        thickness = fh.slice_thickness if fh.slice_thickness is not None else h.number(_SLICE_THICKNESS, 0.0)
-        out.append(
-            Slice(
-                path=str(path),
-                sop_uid=frame_sop_uid(sop, f),
-                series_uid=h.string(_SERIES_UID),
-                study_uid=h.string(_STUDY_UID),
-                patient_id=h.string(_PATIENT_ID),
-                hu=hu,
-                ipp=ipp,
-                iop=iop,
-                pixel_spacing=(float(spacing[0]), float(spacing[1])),
-                slice_thickness=float(thickness),
-                frame=f,
-            )
-        )
-    return out
+    return [_slice(rows[f - 1], frame_to_hu(stored[f - 1], **_rescale(rows[f - 1]))) for f in wanted]
+
+
+def _rescale(row: dict[str, Any]) -> dict[str, Any]:
+    """The stored → HU parameters of a header row."""
+    return {
+        "slope": row["rescale_slope"],
+        "intercept": row["rescale_intercept"],
+        "bits_stored": row["bits_stored"],
+        "pixel_representation": row["pixel_representation"],
+    }
+
+
+def _single_hu(ds: pydicom.Dataset, row: dict[str, Any]) -> np.ndarray:
+    """(rows, cols) int16 HU of a single-frame file: straight from a native 16-bit buffer, else pydicom's decoders."""
+    pixels = ds.get("PixelData")
+    if (
+        row["transfer_syntax"] in _NATIVE_LE
+        and row["bits_allocated"] == 16
+        and isinstance(pixels, bytes)
+        and len(pixels) >= 2 * row["rows"] * row["cols"]
+        and int(ds.get("SamplesPerPixel", 1) or 1) == 1
+    ):
+        return native_to_hu(pixels, row["rows"], row["cols"], **_rescale(row))
+    return dataset_to_hu(ds)  # compressed, big-endian or unusual bit depths: pydicom's decoders
+
+
+def _slice(row: dict[str, Any], hu: np.ndarray) -> Slice:
+    """A :class:`Slice` from a header row and its pixels."""
+    thickness = float(row["slice_thickness"])
+    return Slice(
+        path=str(row["path"]),
+        sop_uid=row["sop_uid"],
+        series_uid=row["series_uid"],
+        study_uid=row["study_uid"],
+        patient_id=row["patient_id"],
+        hu=hu,
+        ipp=np.array([row["ipp_x"], row["ipp_y"], row["ipp_z"]], dtype=np.float64),
+        iop=np.array([row[f"iop_{i}"] for i in range(6)], dtype=np.float64),
+        pixel_spacing=(float(row["pixel_spacing_row"]), float(row["pixel_spacing_col"])),
+        slice_thickness=thickness if math.isfinite(thickness) else 0.0,
+        frame=int(row["frame"]),
+    )
 
 
 def describe_error(exc: BaseException) -> str:

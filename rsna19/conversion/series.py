@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,14 +21,7 @@ import numpy as np
 import pandas as pd
 
 from rsna19.constants import AIR_HU, CLASSES
-from rsna19.conversion.geometry import (
-    TILT_THRESHOLD_DEG,
-    order_slices,
-    positions_along_normal,
-    slice_spacing,
-    tilt_deg,
-    tilt_shifts,
-)
+from rsna19.conversion.geometry import TILT_THRESHOLD_DEG, order_slices, slice_spacing, tilt_shifts
 from rsna19.conversion.read import Slice, describe_error, lenient_reading, read_file_slices_unguarded
 from rsna19.conversion.resample import (
     Window,
@@ -39,10 +31,11 @@ from rsna19.conversion.resample import (
     sample_window,
     scale_factors,
 )
+from rsna19.io.dicom import pick_geometry, positions_along_normal, series_orientation, slice_normal, tilt_deg
 from rsna19.utils.atomic import ensure_writable_dir, output_error
 
 #: Bump when the conversion changes what it writes: every cached series is then out of date.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: one geometry rule and series orientation with predict-study (rsna19.io.dicom)
 
 #: Name prefix of series directories being written; never a complete series.
 TMP_PREFIX = ".tmp-"
@@ -137,22 +130,106 @@ def input_fingerprint(paths_or_rows: Any) -> str:
 
 
 def _pick_geometry(slices: list[Slice], dropped: list[dict[str, str]]) -> list[Slice]:
-    """Keep the slices whose shape, orientation and spacing agree with the most common ones."""
-    keys = Counter(s.geometry_key() for s in slices)
-    best = max(keys.items(), key=lambda kv: kv[1])[0]  # ties: the first seen (inputs are sorted)
-    kept = []
-    for s in slices:
-        if s.geometry_key() == best:
-            kept.append(s)
+    """The slices that agree with the series geometry (:func:`rsna19.io.dicom.pick_geometry`); the others go to
+    ``dropped``.
+
+    Raises:
+        SeriesError: no geometry is shared by a strict majority of the slices.
+    """
+    geometries = [s.geometry() for s in slices]
+    kept, off = pick_geometry(geometries)
+    if not all(geometries[i].agrees(geometries[kept[0]]) for i in kept):
+        shown = "; ".join(sorted({str(g) for g in geometries})[:3])
+        raise SeriesError(f"mixed geometry, no majority of the slices agrees on one ({shown})", dropped)
+    dropped.extend({"path": slices[i].path, "sop_uid": slices[i].sop_uid, "reason": why} for i, why in off)
+    return [slices[i] for i in kept]
+
+
+def _read_slices(rows: list[dict[str, Any]], dropped: list[dict[str, str]]) -> tuple[list[Slice], Any]:
+    """Decode every slice the rows name (each file once); unreadable files go to ``dropped``.
+
+    Returns:
+        The slices, and ``row_of(slice)``: the input row of a slice (its labels, split, UIDs).
+
+    Raises:
+        SeriesError: no slice could be read.
+    """
+    slices: list[Slice] = []
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    # What to read from each file: its frames (index rows of a multi-frame file), or None for "every slice the
+    # file holds" (a bare path: itself, or all frames of a multi-frame file). Each file is decoded once.
+    wanted: dict[str, list[int] | None] = {}
+    for r in rows:
+        by_key.setdefault((r["path"], r["frame"]), r)
+        if r["frame"] and wanted.get(r["path"], []) is not None:
+            wanted.setdefault(r["path"], []).append(r["frame"])  # type: ignore[union-attr]
         else:
-            dropped.append(
-                {
-                    "path": s.path,
-                    "sop_uid": s.sop_uid,
-                    "reason": f"geometry {s.geometry_key()} differs from the rest of the series {best}",
-                }
-            )
-    return kept
+            wanted[r["path"]] = None
+    with lenient_reading():
+        for path, frames in wanted.items():
+            try:
+                slices.extend(read_file_slices_unguarded(path, frames))
+            except Exception as exc:  # one bad file must not stop the series: report it and go on
+                reason = describe_error(exc)
+                for r in [r for (p, _f), r in by_key.items() if p == path]:
+                    dropped.append({"path": path, "sop_uid": str(r.get("sop_uid", "")), "reason": reason})
+    if not slices:
+        reasons = sorted({d["reason"] for d in dropped})
+        raise SeriesError(f"no usable slice ({len(dropped)} unreadable: {'; '.join(reasons)})", dropped)
+
+    def row_of(s: Slice) -> dict[str, Any]:
+        return by_key.get((s.path, s.frame)) or by_key.get((s.path, 0)) or {"path": s.path}
+
+    return slices, row_of
+
+
+def _order_slices(slices: list[Slice], dropped: list[dict[str, str]]) -> tuple[list[Slice], np.ndarray, np.ndarray]:
+    """Order the slices along the series normal (:mod:`rsna19.io.dicom`); a slice at the position of another is
+    dropped.
+
+    Returns:
+        The kept slices in order, their (Z,) positions and the (6,) series orientation.
+    """
+    iop = series_orientation(np.stack([s.iop for s in slices]))
+    positions = positions_along_normal(np.stack([s.ipp for s in slices]), slice_normal(iop))
+    keep, duplicates = order_slices(positions, [s.sop_uid for s in slices])
+    for dup, kept in duplicates:
+        dropped.append(
+            {
+                "path": slices[dup].path,
+                "sop_uid": slices[dup].sop_uid,
+                "reason": f"duplicate position {positions[dup]:.3f} mm (kept {slices[kept].sop_uid})",
+            }
+        )
+    return [slices[i] for i in keep], positions[keep], iop
+
+
+def _crop_centre(slices: list[Slice], shifts: np.ndarray, scale: tuple[float, float]) -> tuple[float, float] | None:
+    """One crop centre per series: foreground moments per slice, moved by the slice's (Z, 2) shift (no resampling
+    needed); None without foreground."""
+    counts = np.zeros(len(slices))
+    row_sums = np.zeros(len(slices))
+    col_sums = np.zeros(len(slices))
+    rows_in, cols_in = slices[0].hu.shape
+    # Every other row and column is plenty for a crop centre and four times cheaper.
+    row_idx, col_idx = np.arange(0, rows_in, 2), np.arange(0, cols_in, 2)
+    for k, s in enumerate(slices):
+        fg = (s.hu[::2, ::2] > 0).view(np.uint8)
+        per_row = fg.sum(axis=1, dtype=np.int64)
+        per_col = fg.sum(axis=0, dtype=np.int64)
+        counts[k] = per_row.sum()
+        row_sums[k] = per_row @ row_idx
+        col_sums[k] = per_col @ col_idx
+    return mass_centre(counts, row_sums, col_sums, shifts, scale)
+
+
+def _sample(slices: list[Slice], window: Window, shifts: np.ndarray) -> np.ndarray:
+    """(Z, H, W) int16: each slice moved by its (Z, 2) shift and sampled in ``window`` (air outside the slice)."""
+    volume = np.empty((len(slices), window.height, window.width), dtype=np.int16)
+    for k, s in enumerate(slices):
+        volume[k] = sample_window(s.hu, window, (float(shifts[k, 0]), float(shifts[k, 1])), 1, AIR_HU)
+        s.hu = None  # type: ignore[assignment]  # free the input as soon as it is used: memory ≤ one series
+    return volume
 
 
 def convert_series(
@@ -183,50 +260,11 @@ def convert_series(
     if not rows:
         raise SeriesError("no files")
     dropped: list[dict[str, str]] = []
-    slices: list[Slice] = []
-    by_key: dict[tuple[str, int], dict[str, Any]] = {}
-    # What to read from each file: its frames (index rows of a multi-frame file), or None for "every slice the
-    # file holds" (a bare path: itself, or all frames of a multi-frame file). Each file is decoded once.
-    wanted: dict[str, list[int] | None] = {}
-    for r in rows:
-        by_key.setdefault((r["path"], r["frame"]), r)
-        if r["frame"] and wanted.get(r["path"], []) is not None:
-            wanted.setdefault(r["path"], []).append(r["frame"])  # type: ignore[union-attr]
-        else:
-            wanted[r["path"]] = None
-    with lenient_reading():
-        for path, frames in wanted.items():
-            try:
-                slices.extend(read_file_slices_unguarded(path, frames))
-            except Exception as exc:  # one bad file must not stop the series: report it and go on
-                reason = describe_error(exc)
-                for r in [r for (p, _f), r in by_key.items() if p == path]:
-                    dropped.append({"path": path, "sop_uid": str(r.get("sop_uid", "")), "reason": reason})
-
-    def row_of(s: Slice) -> dict[str, Any]:
-        return by_key.get((s.path, s.frame)) or by_key.get((s.path, 0)) or {"path": s.path}
-
-    if not slices:
-        reasons = sorted({d["reason"] for d in dropped})
-        raise SeriesError(f"no usable slice ({len(dropped)} unreadable: {'; '.join(reasons)})", dropped)
+    slices, row_of = _read_slices(rows, dropped)
     series_uids = sorted({_text(row_of(s).get("series_uid")) or s.series_uid for s in slices})
     if len(series_uids) > 1:
         raise SeriesError(f"the files hold {len(series_uids)} series: {', '.join(series_uids[:5])}", dropped)
-    slices = _pick_geometry(slices, dropped)
-
-    iop = slices[0].iop
-    positions = positions_along_normal(np.stack([s.ipp for s in slices]), iop)
-    keep, duplicates = order_slices(positions, [s.sop_uid for s in slices])
-    for dup, kept in duplicates:
-        dropped.append(
-            {
-                "path": slices[dup].path,
-                "sop_uid": slices[dup].sop_uid,
-                "reason": f"duplicate position {positions[dup]:.3f} mm (kept {slices[kept].sop_uid})",
-            }
-        )
-    slices = [slices[i] for i in keep]
-    positions = positions[keep]
+    slices, positions, iop = _order_slices(_pick_geometry(slices, dropped), dropped)
     ipps = np.stack([s.ipp for s in slices])
     pixel_spacing = slices[0].pixel_spacing
     rows_in, cols_in = slices[0].hu.shape
@@ -237,28 +275,12 @@ def convert_series(
     scale = scale_factors(pixel_spacing, params.spacing)
     frame = resampled_shape((rows_in, cols_in), pixel_spacing, params.spacing)
 
-    # One centre per series: foreground moments per slice, moved by the slice's shift (no resampling needed).
-    counts = np.zeros(len(slices))
-    row_sums = np.zeros(len(slices))
-    col_sums = np.zeros(len(slices))
-    # Every other row and column is plenty for a crop centre and four times cheaper.
-    row_idx, col_idx = np.arange(0, rows_in, 2), np.arange(0, cols_in, 2)
-    for k, s in enumerate(slices):
-        fg = (s.hu[::2, ::2] > 0).view(np.uint8)
-        per_row = fg.sum(axis=1, dtype=np.int64)
-        per_col = fg.sum(axis=0, dtype=np.int64)
-        counts[k] = per_row.sum()
-        row_sums[k] = per_row @ row_idx
-        col_sums[k] = per_col @ col_idx
-    centre = mass_centre(counts, row_sums, col_sums, shifts, scale)
+    centre = _crop_centre(slices, shifts, scale)
     if centre is None:
         centre = ((frame[0] - 1) / 2.0, (frame[1] - 1) / 2.0)
     window = centred_window(centre, frame, params.crop, scale)
 
-    volume = np.empty((len(slices), window.height, window.width), dtype=np.int16)
-    for k, s in enumerate(slices):
-        volume[k] = sample_window(s.hu, window, (float(shifts[k, 0]), float(shifts[k, 1])), 1, AIR_HU)
-        s.hu = None  # type: ignore[assignment]  # free the input as soon as it is used: memory ≤ one series
+    volume = _sample(slices, window, shifts)
 
     first = row_of(slices[0])
     out_spacing = (params.spacing, params.spacing) if params.spacing else pixel_spacing

@@ -92,9 +92,11 @@ class VolumeCache:
             return vol
         path = self.cache_dir / series_uid / "volume.npy"
         try:
-            vol = np.load(path, mmap_mode="r")
+            vol = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
             raise UserError(f"volume not found: {path} (is the cache complete?)") from None
+        except ValueError as exc:  # an object array (a pickle inside .npy) or a damaged header: never unpickled
+            raise UserError(f"cannot read volume {path}: {exc}") from None
         if vol.ndim != 3:
             raise UserError(f"{path}: expected a (Z, H, W) volume, got shape {vol.shape}")
         self._open[series_uid] = vol

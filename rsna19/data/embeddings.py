@@ -71,7 +71,10 @@ def read_embeddings(
         raise UserError(f"no complete {split} embeddings in {fold_dir} (run `rsna19 embed RUN --fold k` first)")
     info = json.loads(paths["json"].read_text(encoding="utf-8"))
     frame = pd.read_parquet(paths["parquet"])
-    features = np.load(paths["npy"], mmap_mode="r" if mmap else None)
+    try:
+        features = np.load(paths["npy"], mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as exc:  # an object array (a pickle inside .npy) or a damaged header: never unpickled
+        raise UserError(f"cannot read embeddings {paths['npy']}: {exc}") from None
     if features.ndim != 2 or len(features) != len(frame):
         raise UserError(f"{paths['npy']}: shape {features.shape} does not match {len(frame)} rows")
     return frame, features, info

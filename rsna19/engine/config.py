@@ -39,7 +39,7 @@ class DataConfig:
     cdf_series: int = 16
     slab_stride: int | None = None  # slab: prediction stride (default slices // 2)
     label_slices: int | None = None  # slab: the middle positions that count in the training loss (None: all)
-    masks: str | None = None  # seg_aux: the masks/ folder (--masks, $RSNA19_MASKS); None: no masks
+    masks: str | None = None  # families that learn from masks: the masks/ folder (--masks, $RSNA19_MASKS); None: none
     embeddings: str | None = None  # sequence: the image run under RUNS whose fold-k embeddings are read
     # sequence: training embeddings of fold k are "oof" (each fold j≠k's OOF embeddings, by fold j's image model)
     # or "fold" (fold k's image model's own training patients: in-sample, but one feature space; see SequenceTask)
@@ -163,7 +163,7 @@ def resolve_paths(
 ) -> TrainConfig:
     """Fill the data paths from arguments, then the environment; the config's own values come last.
 
-    ``masks`` (``$RSNA19_MASKS``) is optional: only the segmentation-aided family reads it.
+    ``masks`` (``$RSNA19_MASKS``) is optional: only a family registered with ``masks=True`` reads it.
 
     Raises:
         UserError: a path that is still unknown.

@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -49,6 +49,9 @@ from rsna19.calibration import SUBTYPE_RULE
 from rsna19.constants import CLASSES
 from rsna19.io.multiframe import frame_sop_uid, is_multiframe
 from rsna19.utils.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from rsna19.inference.result import StudyResult
 
 #: SNOMED CT *Score* (attribute): the NUM item of the uncalibrated study score (no private coding scheme is used).
 SCORE_CODE = ("246262008", "Score")
@@ -379,7 +382,7 @@ def build_sc(ref: Any, png: str | os.PathLike[str], sop_uid: str, series_uid: st
 
 def write_study_dicom(
     out: str | os.PathLike[str],
-    files: Sequence[str | os.PathLike[str] | Mapping[str, Any]],
+    files: Sequence[str | os.PathLike[str] | Mapping[str, Any]] | SourceSlices,
     slices: pd.DataFrame,
     study_result: dict[str, Any] | None,
     identity: dict[str, Any],
@@ -391,7 +394,8 @@ def write_study_dicom(
     Args:
         out: output folder (created).
         files: every slice of the predicted series, as slice references (``path``, ``frame``, ``sop_uid``) or file
-            paths (:func:`read_source_slices`): the SR's evidence and the source of the patient/study modules.
+            paths (:func:`read_source_slices`), or their headers already read: the SR's evidence and the source of
+            the patient/study modules.
         slices: the study's predicted slices (``sop_uid``, ``p_<class>``).
         study_result: the calibrated result (``studies.json``'s ``study_result``); None when not assessable.
         identity: ``rsna19_version``, ``bundle_sha256``, ``bundle_version``.
@@ -402,7 +406,7 @@ def write_study_dicom(
     Raises:
         ValueError: no readable source header among ``files``.
     """
-    sources = read_source_slices(files)
+    sources = files if isinstance(files, SourceSlices) else read_source_slices(files)
     headers = sources.headers
     predicted = [u for u in slices["sop_uid"].astype(str) if u in sources.where]
     if not predicted:
@@ -427,6 +431,25 @@ def write_study_dicom(
     if not all(_valid_uid(u) for ds in headers.values() for u in (ds.StudyInstanceUID, ds.SOPInstanceUID)):
         note = "source UIDs are not valid DICOM UIDs (e.g. RSNA's ID_<hex>); copied unchanged into the SR and SC"
     return DicomOutputs(sr_path, sc_path, sr_uid, sc_uid, len(headers), note)
+
+
+def write_result_dicom(
+    out: str | os.PathLike[str], result: StudyResult, identity: dict[str, Any], report_png: str | os.PathLike[str]
+) -> DicomOutputs:
+    """:func:`write_study_dicom` of a predicted study: its slices, calibrated result and source headers (read by
+    the predictor while the input existed, else now from the slice references); of a not-assessable study: the
+    refused series' slices and the gate's verdict (every finding *Indeterminate*).
+
+    Raises:
+        ValueError: the study has no calibrated result, or no readable source header.
+    """
+    sources = result.sources if result.sources is not None else result.slice_refs()
+    if not result.assessable and result.refused is not None:  # every finding Indeterminate, with the reasons
+        slices = pd.DataFrame({"sop_uid": [str(u) for u in result.refused[1]["sop_uids"]]})
+        return write_study_dicom(out, sources, slices, None, identity, report_png, assessment=result.assessment)
+    if result.study_result is None:
+        raise ValueError("the study has no calibrated result (a bundle without a study model)")
+    return write_study_dicom(out, sources, result.slices(), result.study_result, identity, report_png)
 
 
 def _valid_uid(uid: Any) -> bool:

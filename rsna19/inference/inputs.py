@@ -4,9 +4,12 @@ The input is a folder (nested, several studies and series mixed, stray non-DICOM
 module extracts a zip safely, reads every file's DICOM header (no pixels), groups the files as
 study → series → files, and decides which series the models can read:
 
-* kept: CT series whose slices all share one orientation, one image size and one pixel spacing, with the slice
-  normal within :attr:`SelectionRules.max_axial_angle_deg` (35°) of the patient z axis: plain axials and
-  gantry-tilted axials (tilts up to 30°) pass, sagittal and coronal reformats do not;
+* kept: CT series whose slices share one geometry (image size, orientation, pixel spacing) by the rule the
+  converter applies (:func:`rsna19.io.dicom.pick_geometry`: a file that disagrees with a strict majority of the
+  series, such as a misfiled slice, is dropped alone with its reason; a slice at the position of another too,
+  as the converter does), ordered like the converter orders them, with the slice normal within
+  :attr:`SelectionRules.max_axial_angle_deg` (35°) of the patient z axis: plain axials and gantry-tilted axials
+  (tilts up to 30°) pass, sagittal and coronal reformats do not;
 * skipped, with a reason each: non-CT modality, localizer / scout / topogram (``ImageType``), non-axial
   orientation, mixed orientations, mixed image sizes or pixel spacings, no slice with usable geometry.
 
@@ -15,7 +18,7 @@ such series. Each file of a candidate series (CT, not a localizer) is validated 
 :func:`rsna19.io.dicom_header.read_slice_headers`, so a slice is accepted here exactly when ``rsna19 index`` would
 accept it (a multi-frame Enhanced CT file becomes one slice per frame, see :mod:`rsna19.io.multiframe`; a file
 whose transfer syntax has no installed decoder is rejected with the syntax and the package to install); a
-rejected slice (no position, truncated, wrong pixel buffer, duplicated SOP UID) is listed with its
+rejected slice (no position, truncated, wrong pixel buffer, duplicated SOP UID or position) is listed with its
 reason under its study and the rest of the series is still used. Files that are not DICOM images at all are
 listed as skipped files of the input; nothing here raises for a bad file. Only an unsafe or broken zip stops the
 whole input (:class:`UnsafeArchiveError`), because then no member of it can be trusted.
@@ -30,7 +33,7 @@ import stat
 import tempfile
 import warnings
 import zipfile
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -40,13 +43,24 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from rsna19.conversion.geometry import order_slices
 from rsna19.errors import UserError
 from rsna19.inference.series_select import SeriesFacts, header_hints, series_facts
+from rsna19.io.dicom import (
+    LOCALIZER_TOKENS,
+    ORIENTATION_TOL,
+    UID_KEYWORDS,
+    SliceGeometry,
+    is_ct_sop_class,
+    pick_geometry,
+    positions_along_normal,
+    series_normal,
+    series_orientation,
+    slice_normal,
+    tilt_deg,
+)
 from rsna19.io.dicom_header import read_slice_headers
 from rsna19.io.hu import decoder_problem
-
-#: ImageType values that mark a planning image rather than a diagnostic series.
-LOCALIZER_TOKENS: frozenset[str] = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
 
 
 class UnsafeArchiveError(UserError):
@@ -77,14 +91,10 @@ class SelectionRules:
 
     Attributes:
         max_axial_angle_deg: largest angle between the slice normal and the z axis (|n_z| ≥ cos of it).
-        orientation_tol: largest difference of any ImageOrientationPatient cosine within one series.
-        spacing_rtol: largest relative difference of PixelSpacing within one series.
         min_slices: fewest slices a kept series needs.
     """
 
     max_axial_angle_deg: float = 35.0
-    orientation_tol: float = 0.02
-    spacing_rtol: float = 1e-3
     min_slices: int = 1
 
 
@@ -392,9 +402,9 @@ def read_identity(path: str | os.PathLike[str]) -> dict[str, Any] | str:
                 fp.seek(0)
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=1 << 16, force=True)
             get = ds.get
-            ident: dict[str, Any] = {key: str(get(tag, "") or "").strip() for key, tag in _UID_TAGS.items()}
+            ident: dict[str, Any] = {key: str(get(tag, "") or "").strip() for key, tag in UID_KEYWORDS.items()}
             modality = str(get("Modality", "") or "").strip().upper()
-            if not modality and str(get("SOPClassUID", "")).startswith(_CT_SOP_CLASS_PREFIX):
+            if not modality and is_ct_sop_class(str(get("SOPClassUID", "")).strip()):
                 modality = "CT"
             ident.update(
                 patient_id=str(get("PatientID", "") or "").strip(),
@@ -406,21 +416,12 @@ def read_identity(path: str | os.PathLike[str]) -> dict[str, Any] | str:
     except Exception as exc:  # noqa: BLE001 - a bad file must become a reason, whatever pydicom raises
         return " ".join(f"unreadable DICOM header ({type(exc).__name__}: {exc})".split())[:200]
 
-    missing = [tag for key, tag in _UID_TAGS.items() if not ident[key]]
-    if len(missing) == len(_UID_TAGS):
+    missing = [tag for key, tag in UID_KEYWORDS.items() if not ident[key]]
+    if len(missing) == len(UID_KEYWORDS):
         return "not a DICOM image (no SOP, series or study UID; a DICOMDIR or a file cut short?)"
     if missing:
         return f"no {' / '.join(missing)}"
     return ident
-
-
-_UID_TAGS: dict[str, str] = {
-    "sop_uid": "SOPInstanceUID",
-    "series_uid": "SeriesInstanceUID",
-    "study_uid": "StudyInstanceUID",
-}
-#: CT Image Storage and its enhanced / legacy-converted variants (1.2.840.10008.5.1.4.1.1.2[.x]).
-_CT_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -522,41 +523,71 @@ def _select_series(
         reasons = sorted({f.reason for f in dropped})
         return make(files, f"no usable slice ({'; '.join(reasons)})"), dropped
 
-    kept = _majority_geometry(kept, dropped)
-    rows = [row for _, _, row in kept]
-    iops = np.array([[r[f"iop_{i}"] for i in range(6)] for r in rows], dtype=np.float64)
-    if np.abs(iops - iops[0]).max() > rules.orientation_tol:
-        return make(kept, "mixed orientations within the series"), dropped
-    sizes = sorted({(r["rows"], r["cols"]) for r in rows})
-    if len(sizes) > 1:
-        return make(kept, f"mixed image sizes within the series ({', '.join(f'{a}x{b}' for a, b in sizes)})"), dropped
-    spacings = np.array([[r["pixel_spacing_row"], r["pixel_spacing_col"]] for r in rows], dtype=np.float64)
-    if not np.allclose(spacings, spacings[0], rtol=rules.spacing_rtol, atol=0):
-        return make(kept, "mixed pixel spacings within the series"), dropped
+    kept = _pick_geometry(kept, dropped)
+    reason = _geometry_problem([row for _, _, row in kept], rules)
+    if reason is not None:
+        return make(kept, reason), dropped
+    return _ordered_series(make, kept, dropped), dropped
 
-    iop = iops.mean(axis=0)
-    normal = np.cross(iop[:3], iop[3:])
-    normal /= np.linalg.norm(normal)  # the index rejects degenerate orientations
+
+def _slice_geometry(row: dict[str, Any]) -> SliceGeometry:
+    """What must agree between the slices of a series (:func:`rsna19.io.dicom.pick_geometry`), from an index row."""
+    return SliceGeometry(
+        (int(row["rows"]), int(row["cols"])),
+        tuple(float(row[f"iop_{i}"]) for i in range(6)),
+        (float(row["pixel_spacing_row"]), float(row["pixel_spacing_col"])),
+    )
+
+
+def _pick_geometry(kept: list[_FileInfo], dropped: list[SkippedFile]) -> list[_FileInfo]:
+    """The slices that agree with the series geometry (the converter's rule, :func:`rsna19.io.dicom.pick_geometry`);
+    the others (damaged or misfiled files, stray localizers) go to ``dropped`` with their reasons."""
+    indices, off = pick_geometry([_slice_geometry(row) for _, _, row in kept])
+    dropped.extend(SkippedFile(kept[i][0], why) for i, why in off)
+    return [kept[i] for i in indices]
+
+
+def _geometry_problem(rows: list[dict[str, Any]], rules: SelectionRules) -> str | None:
+    """Why the slices cannot form one axial volume (mixed geometry, not axial, too few), or None."""
+    geometries = [_slice_geometry(r) for r in rows]
+    ref = geometries[0]
+    if any(max(abs(a - b) for a, b in zip(g.iop, ref.iop)) > ORIENTATION_TOL for g in geometries):
+        return "mixed orientations within the series"
+    sizes = sorted({g.shape for g in geometries})
+    if len(sizes) > 1:
+        return f"mixed image sizes within the series ({', '.join(f'{a}x{b}' for a, b in sizes)})"
+    if not all(g.agrees(ref) for g in geometries):
+        return "mixed pixel spacings within the series"
+    normal = series_normal(np.array([g.iop for g in geometries]))
     angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
     if angle > rules.max_axial_angle_deg:
-        return make(
-            kept,
+        return (
             f"not axial: slice normal {angle:.0f}° from the z axis (limit {rules.max_axial_angle_deg:g}°; "
-            "a sagittal or coronal reformat?)",
-        ), dropped
-    if len(kept) < rules.min_slices:
-        return make(kept, f"{len(kept)} slice(s), fewer than {rules.min_slices}"), dropped
+            "a sagittal or coronal reformat?)"
+        )
+    if len(rows) < rules.min_slices:
+        return f"{len(rows)} slice(s), fewer than {rules.min_slices}"
+    return None
 
+
+def _ordered_series(make: Any, kept: list[_FileInfo], dropped: list[SkippedFile]) -> SeriesInput:
+    """The kept series in the converter's slice order (:func:`rsna19.conversion.geometry.order_slices`: position
+    along the series normal, ties by slice UID; a slice at the position of another is dropped), with its facts."""
+    rows = [row for _, _, row in kept]
+    iop = series_orientation(np.array([[r[f"iop_{i}"] for i in range(6)] for r in rows], dtype=np.float64))
     ipps = np.array([[r["ipp_x"], r["ipp_y"], r["ipp_z"]] for r in rows], dtype=np.float64)
-    positions = ipps @ normal
-    order = sorted(range(len(kept)), key=lambda i: (positions[i], kept[i][1]["sop_uid"]))
-    # Same formula as the index (atan2(-col_z, col_y)); "+ 0.0" turns -0.0 into 0.0 for the json.
-    tilt = math.degrees(math.atan2(-iop[5], iop[4])) + 0.0
-    series = make([kept[i] for i in order], None, positions=[float(positions[i]) for i in order], tilt_deg=tilt)
-    first_row = rows[0]
+    positions = positions_along_normal(ipps, slice_normal(iop))
+    order, duplicates = order_slices(positions, [ident["sop_uid"] for _, ident, _ in kept])
+    for dup, first_at in duplicates:
+        why = f"duplicate position {positions[dup]:.3f} mm (kept {kept[first_at][1]['sop_uid']})"
+        dropped.append(SkippedFile(kept[dup][0], why))
+    series = make(
+        [kept[i] for i in order], None, positions=[float(positions[i]) for i in order], tilt_deg=tilt_deg(iop)
+    )
+    first_row, first = rows[0], kept[0][1]
     window = (first_row["window_center"], first_row["window_width"])
     series.facts = series_facts(
-        series_uid,
+        series.series_uid,
         series.description,
         first["image_type"],
         [ident["hints"] for _, ident, _ in kept],
@@ -567,33 +598,7 @@ def _select_series(
         None if any(v is None or not math.isfinite(float(v)) for v in window) else window,
         [r["transfer_syntax"] for r in rows],
     )
-    return series, dropped
-
-
-def _geometry_key(row: dict[str, Any]) -> tuple:
-    """What must agree between the slices of a series: image size, orientation, pixel spacing (as the converter)."""
-    return (
-        (row["rows"], row["cols"]),
-        tuple(round(float(row[f"iop_{i}"]), 2) for i in range(6)),
-        (round(float(row["pixel_spacing_row"]), 4), round(float(row["pixel_spacing_col"]), 4)),
-    )
-
-
-def _majority_geometry(kept: list[_FileInfo], dropped: list[SkippedFile]) -> list[_FileInfo]:
-    """Drop the files whose geometry differs from that of a strict majority of the series (damaged or misfiled
-    files); without a strict majority the series is left whole, for the mixed-geometry checks to skip it."""
-    counts = Counter(_geometry_key(row) for _, _, row in kept)
-    if len(counts) < 2:
-        return kept
-    best, n = counts.most_common(1)[0]
-    if 2 * n <= len(kept):
-        return kept
-    for path, _, row in kept:
-        if _geometry_key(row) != best:
-            dropped.append(
-                SkippedFile(path, f"geometry {_geometry_key(row)} differs from the rest of the series {best}")
-            )
-    return [f for f in kept if _geometry_key(f[2]) == best]
+    return series
 
 
 def _walk(root: Path, exclude: Path | None) -> list[Path]:
@@ -650,6 +655,27 @@ def collect_studies(
         root = source.resolve().parent
         files = [source.resolve()]
 
+    return group_files(files, source, root, rules=rules, workers=workers)
+
+
+def group_files(
+    files: list[Path],
+    source: Path,
+    root: Path,
+    *,
+    rules: SelectionRules = SelectionRules(),
+    workers: int = 1,
+) -> StudyInputs:
+    """Read the headers of ``files`` and group them into studies and series (:func:`collect_studies` after the
+    files were found).
+
+    Args:
+        files: the files to read (any file: the unusable ones become skipped files with their reasons).
+        source: what the user gave (recorded in the result).
+        root: the folder the files are shown relative to.
+        rules: series selection rules.
+        workers: processes reading headers (1 reads in this process).
+    """
     if workers > 1 and len(files) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             infos = list(pool.map(_read_file, files, chunksize=max(1, len(files) // (4 * workers))))

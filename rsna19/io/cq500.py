@@ -64,11 +64,6 @@ def study_key(name: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def reader_columns() -> list[str]:
-    """Every per-reader column of ``reads.csv`` in the published order (R1's findings, then R2's, then R3's)."""
-    return [f"{r}:{f}" for r in READERS for f in (*FINDINGS, *OTHER_FINDINGS)]
-
-
 def read_reads(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Read a CQ500 ``reads.csv``.
 

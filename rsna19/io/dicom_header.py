@@ -25,6 +25,7 @@ from pydicom.filereader import data_element_generator
 from pydicom.multival import MultiValue
 from pydicom.valuerep import STANDARD_VR
 
+from rsna19.io.dicom import TAGS, UID_KEYWORDS, is_ct_sop_class
 from rsna19.io.multiframe import frame_headers, frame_sop_uid
 
 #: Columns of a header row, in the order of ``index.parquet`` (the index adds split, geometry and labels).
@@ -60,37 +61,9 @@ HEADER_COLUMNS: tuple[str, ...] = (
     "frame",
 )
 
-# Tags read from the raw dataset.
-_SOP_CLASS = 0x00080016
-_SOP_UID = 0x00080018
-_MODALITY = 0x00080060
-_PATIENT_ID = 0x00100020
-_SLICE_THICKNESS = 0x00180050
-_STUDY_UID = 0x0020000D
-_SERIES_UID = 0x0020000E
-_INSTANCE_NUMBER = 0x00200013
-_IPP = 0x00200032
-_IOP = 0x00200037
-_SAMPLES = 0x00280002
-_FRAMES = 0x00280008
-_ROWS = 0x00280010
-_COLS = 0x00280011
-_SPACING = 0x00280030
-_BITS_ALLOCATED = 0x00280100
-_BITS_STORED = 0x00280101
-_PIXEL_REPRESENTATION = 0x00280103
-_WINDOW_CENTER = 0x00281050
-_WINDOW_WIDTH = 0x00281051
-_INTERCEPT = 0x00281052
-_SLOPE = 0x00281053
-_SHARED_GROUPS = 0x52009229
-_PER_FRAME_GROUPS = 0x52009230
-_PIXEL_DATA = 0x7FE00010
 _OTHER_PIXEL_DATA = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
-_ALL_PIXEL_DATA = {_PIXEL_DATA, *_OTHER_PIXEL_DATA}
+_ALL_PIXEL_DATA = {TAGS["PixelData"], *_OTHER_PIXEL_DATA}
 
-#: SOP classes accepted as CT when a file has no Modality element.
-_CT_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 _IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 _EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -247,7 +220,7 @@ def _parse_pydicom(fp: Any) -> _Parsed:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=_DEFER_SIZE, force=True)
         except Exception as exc:  # noqa: BLE001
             raise _Bad("not DICOM: no DICM preamble and not parseable") from exc
-        if _SOP_UID not in ds or _ROWS not in ds:
+        if TAGS["SOPInstanceUID"] not in ds or TAGS["Rows"] not in ds:
             raise _Bad("not DICOM: no DICM preamble and not parseable") from None
     pixel_pos = fp.tell()  # dcmread stopped (and rewound) at the pixel data element, or reached the end
     implicit, little = ds.original_encoding
@@ -320,6 +293,23 @@ def _us(values: dict[int, bytes | str], tag: int, little: bool) -> int | None:
     return (_US_LE if little else _US_BE)(raw[:2])[0]
 
 
+def _uids(elems: dict[int, bytes | str]) -> tuple[str, str, str]:
+    """The (SOP instance, series, study) UIDs of a CT image, or :class:`_Bad` naming the missing or wrong one."""
+    sop_class = _text(elems, TAGS["SOPClassUID"])
+    modality = _text(elems, TAGS["Modality"])
+    if modality != "CT" and not (modality is None and is_ct_sop_class(sop_class)):
+        raise _Bad(f"not CT: Modality={modality}" if modality else "not CT: no Modality")
+    uids = []
+    for name in UID_KEYWORDS.values():
+        uid = _text(elems, TAGS[name])
+        if uid is None:
+            raise _Bad(f"no {name}")
+        if "\\" in uid:  # UIDs have one value; every later stage keys on them
+            raise _Bad(f"bad {name}: {uid[:60]!r} has several values")
+        uids.append(uid)
+    return uids[0], uids[1], uids[2]
+
+
 def _rows(path: str, fp: Any, size: int, parsed: _Parsed) -> list[dict[str, Any]]:
     """Validate the parsed header and build the row(s) of its slice(s); raises :class:`_Bad` with the reason."""
     elems = _values(parsed.elements)
@@ -335,49 +325,37 @@ def _rows(path: str, fp: Any, size: int, parsed: _Parsed) -> list[dict[str, Any]
             if end < size:
                 raise _Bad(f"truncated: {size - end} stray bytes after the last complete element")
 
-    sop_class = _text(elems, _SOP_CLASS)
-    modality = _text(elems, _MODALITY)
-    if modality != "CT" and not (modality is None and sop_class in _CT_SOP_CLASSES):
-        raise _Bad(f"not CT: Modality={modality}" if modality else "not CT: no Modality")
+    sop, series, study = _uids(elems)
+    patient = _text(elems, TAGS["PatientID"]) or study  # grouping by patient needs a key; a study is the best fallback
 
-    sop = _text(elems, _SOP_UID)
-    if sop is None:
-        raise _Bad("no SOPInstanceUID")
-    series = _text(elems, _SERIES_UID)
-    if series is None:
-        raise _Bad("no SeriesInstanceUID")
-    study = _text(elems, _STUDY_UID)
-    if study is None:
-        raise _Bad("no StudyInstanceUID")
-    patient = _text(elems, _PATIENT_ID) or study  # grouping by patient needs a key; a study is the best fallback
-    for name, uid in (("SOPInstanceUID", sop), ("SeriesInstanceUID", series), ("StudyInstanceUID", study)):
-        if "\\" in uid:  # UIDs have one value; every later stage keys on them
-            raise _Bad(f"bad {name}: {uid[:60]!r} has several values")
-
-    rows, cols = _us(elems, _ROWS, little), _us(elems, _COLS, little)
+    rows, cols = _us(elems, TAGS["Rows"], little), _us(elems, TAGS["Columns"], little)
     if not rows or not cols:
         raise _Bad("no Rows/Columns")
-    bits_allocated = _us(elems, _BITS_ALLOCATED, little)
+    bits_allocated = _us(elems, TAGS["BitsAllocated"], little)
     if bits_allocated is None:
         raise _Bad("no BitsAllocated")
-    bits_stored = _us(elems, _BITS_STORED, little) or bits_allocated
-    pixel_representation = _us(elems, _PIXEL_REPRESENTATION, little) or 0
-    samples = _us(elems, _SAMPLES, little) or 1
-    frames = _numbers(elems, _FRAMES, "NumberOfFrames")
+    bits_stored = _us(elems, TAGS["BitsStored"], little) or bits_allocated
+    pixel_representation = _us(elems, TAGS["PixelRepresentation"], little) or 0
+    samples = _us(elems, TAGS["SamplesPerPixel"], little) or 1
+    frames = _numbers(elems, TAGS["NumberOfFrames"], "NumberOfFrames")
     n_frames = int(frames[0]) if frames else 1
     if n_frames < 1:
         raise _Bad(f"bad NumberOfFrames: {n_frames}")
-    multiframe = n_frames != 1 or _SHARED_GROUPS in elems or _PER_FRAME_GROUPS in elems
+    multiframe = (
+        n_frames != 1
+        or TAGS["SharedFunctionalGroupsSequence"] in elems
+        or TAGS["PerFrameFunctionalGroupsSequence"] in elems
+    )
 
     transfer_syntax = parsed.transfer_syntax
     _check_pixel_data(fp, parsed, size, rows, cols, samples, bits_allocated, n_frames)
 
-    thickness = _numbers(elems, _SLICE_THICKNESS, "SliceThickness")
-    instance = _numbers(elems, _INSTANCE_NUMBER, "InstanceNumber")
-    slope = _numbers(elems, _SLOPE, "RescaleSlope")
-    intercept = _numbers(elems, _INTERCEPT, "RescaleIntercept")
-    center = _numbers(elems, _WINDOW_CENTER, "WindowCenter")
-    width = _numbers(elems, _WINDOW_WIDTH, "WindowWidth")
+    thickness = _numbers(elems, TAGS["SliceThickness"], "SliceThickness")
+    instance = _numbers(elems, TAGS["InstanceNumber"], "InstanceNumber")
+    slope = _numbers(elems, TAGS["RescaleSlope"], "RescaleSlope")
+    intercept = _numbers(elems, TAGS["RescaleIntercept"], "RescaleIntercept")
+    center = _numbers(elems, TAGS["WindowCenter"], "WindowCenter")
+    width = _numbers(elems, TAGS["WindowWidth"], "WindowWidth")
     nan = float("nan")
     base = {
         "path": path,
@@ -405,9 +383,9 @@ def _rows(path: str, fp: Any, size: int, parsed: _Parsed) -> list[dict[str, Any]
         return _frame_rows(path, base)
     base.update(
         _geometry(
-            _numbers(elems, _IPP, "ImagePositionPatient"),
-            _numbers(elems, _IOP, "ImageOrientationPatient"),
-            _numbers(elems, _SPACING, "PixelSpacing"),
+            _numbers(elems, TAGS["ImagePositionPatient"], "ImagePositionPatient"),
+            _numbers(elems, TAGS["ImageOrientationPatient"], "ImageOrientationPatient"),
+            _numbers(elems, TAGS["PixelSpacing"], "PixelSpacing"),
         )
     )
     return [{c: base[c] for c in HEADER_COLUMNS}]
@@ -498,7 +476,7 @@ def _check_pixel_data(
         raise _Bad("no pixel data")
     group, elem = struct.unpack("<HH" if little else ">HH", head[:4])
     tag = group << 16 | elem
-    if tag != _PIXEL_DATA:
+    if tag != TAGS["PixelData"]:
         if tag in _OTHER_PIXEL_DATA:
             raise _Bad(f"no pixel data: {_OTHER_PIXEL_DATA[tag]} is not supported")
         raise _Bad("no pixel data")

@@ -8,8 +8,9 @@ run never stops on a bad file. Columns are described in ``docs/contracts.md`` ("
 Rules:
     * split: ``train`` if the file lies under a folder named like ``stage_*_train*`` or its SOP has labels,
       ``test`` otherwise.
-    * geometry: column cosines ``c = iop[3:6]``, row cosines ``r = iop[0:3]``, normal ``n = r × c``;
-      ``position = IPP · n``; ``tilt_deg = degrees(atan2(−c_z, c_y))`` (gantry tilt about the x axis).
+    * geometry (:mod:`rsna19.io.dicom`, shared with the converter and predict-study): ``position = IPP · n`` with
+      ``n = r × c`` of the series orientation (the per-component median of its slices' ImageOrientationPatient);
+      ``tilt_deg = degrees(atan2(−c_z, c_y))`` of the slice's own column cosines (gantry tilt about the x axis).
     * order: ``slice_idx`` / ``n_slices`` within a ``series_uid`` by ``position``, ties by ``sop_uid``.
     * labels: duplicate label rows keep the first occurrence; labelled SOPs without a file are counted in the
       log and ignored.
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from rsna19.constants import CLASSES
 from rsna19.errors import UserError
+from rsna19.io.dicom import tilt_deg
 from rsna19.io.dicom_header import HEADER_COLUMNS, read_slice_headers
 from rsna19.io.rsna_csv import read_labels
 from rsna19.utils.atomic import ensure_writable_dir, write_csv, write_parquet
@@ -172,12 +174,14 @@ def add_geometry(df: pd.DataFrame) -> pd.DataFrame:
     Returns:
         A new frame sorted by ``series_uid, slice_idx`` with a fresh index.
     """
-    iop = df[[f"iop_{i}" for i in range(6)]].to_numpy(dtype=np.float64).reshape(-1, 6)
+    columns = [f"iop_{i}" for i in range(6)]
+    iop = df[columns].to_numpy(dtype=np.float64).reshape(-1, 6)
     ipp = df[["ipp_x", "ipp_y", "ipp_z"]].to_numpy(dtype=np.float64).reshape(-1, 3)
-    row, col = iop[:, :3], iop[:, 3:]
-    normal = np.cross(row, col)  # (N, 3)
+    # The series orientation of rsna19.io.dicom.series_orientation (per-component median), one per row.
+    series_iop = df.groupby("series_uid", sort=False)[columns].transform("median").to_numpy(dtype=np.float64)
+    normal = np.cross(series_iop[:, :3], series_iop[:, 3:]).reshape(-1, 3)  # (N, 3)
     normal /= np.linalg.norm(normal, axis=1, keepdims=True)  # degenerate IOP was rejected by read_header
-    df["tilt_deg"] = np.degrees(np.arctan2(-col[:, 2], col[:, 1]))
+    df["tilt_deg"] = tilt_deg(iop)
     df["position"] = (ipp * normal).sum(axis=1)
     df = df.sort_values(["series_uid", "position", "sop_uid"], ignore_index=True, kind="stable")
     df["slice_idx"] = df.groupby("series_uid", sort=False).cumcount().astype(np.int64)

@@ -183,6 +183,8 @@ class SegAux(nn.Module):
     description="smp U-Net: per-subtype masks + classification head; mask loss where masks exist",
     input_layout="channels",
     task="seg_aux",
+    masks=True,
+    pretrained="smp",
 )
 def seg_aux(
     backbone: str = "resnet18",

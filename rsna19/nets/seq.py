@@ -141,6 +141,7 @@ class SeqModel(nn.Module):
     family="seq",
     description="second stage: per-slice embeddings + neighbour deltas → 2-layer BiGRU/LSTM, every slice",
     input_layout="sequence",
+    pretrained=None,
 )
 def seq(
     in_features: int = 0,

@@ -59,7 +59,8 @@ class PipelineConfig:
         gpus_per_job: GPUs of each model job when ``device`` is not ``cpu``: worker slot i of ``jobs`` sees GPUs
             ``i·g … i·g+g−1`` (``CUDA_VISIBLE_DEVICES``), so ``jobs: N`` on N GPUs gives every job its own GPU; with
             ``g > 1`` a training runs under ``torchrun --nproc_per_node g`` (DistributedDataParallel).
-        masks: segmentation-aided models use ``DATA/masks/`` when the data has it (else they train as classifiers).
+        masks: families that learn from masks (``masks=True`` in the registry) use ``DATA/masks/`` when the data has
+            it (else they train as classifiers).
         slurm: where and with what ``rsna19 run --executor slurm`` submits the jobs.
     """
 

@@ -490,15 +490,25 @@ def model_resources(cfg: PipelineConfig) -> Resources:
     return Resources(gpus=gpus, cpus=max(1, cfg.threads_per_job), mem_gb=16.0 if gpus else 4.0, time_min=24 * 60)
 
 
+def _reads_embeddings(tc: Any) -> bool:
+    """Whether the family of training config ``tc`` reads another run's embeddings (its registered trait)."""
+    from rsna19.nets import get_model_spec
+
+    return get_model_spec(tc.model.name).reads_embeddings
+
+
 def embedding_splits(train_cfgs: dict[str, Any]) -> dict[str, tuple[str, ...]]:
-    """Image run → the embedding splits its sequence models read (``oof``, ``test``, and ``train`` for ``fold``).
+    """Image run → the embedding splits the models reading its embeddings need (``oof``, ``test``, and ``train``
+    for ``data.embedding_source: fold``).
 
     Raises:
-        UserError: a sequence model whose image run is not in the pipeline, or is itself a sequence model.
+        UserError: a model reading the embeddings of a run that is not in the pipeline or gives none.
     """
+    from rsna19.engine.tasks import get_task
+
     out: dict[str, set[str]] = {}
     for name, tc in train_cfgs.items():
-        if tc.data.layout != "sequence":
+        if not _reads_embeddings(tc):
             continue
         image = tc.data.embeddings
         if image not in train_cfgs:
@@ -506,8 +516,8 @@ def embedding_splits(train_cfgs: dict[str, Any]) -> dict[str, tuple[str, ...]]:
                 f"model {name!r} reads the embeddings of {image!r}, which is not in the pipeline's models "
                 f"({', '.join(train_cfgs)}): add its config to `models`"
             )
-        if train_cfgs[image].data.layout not in ("channels", "stack"):
-            raise UserError(f"model {name!r} reads embeddings of {image!r}, a {train_cfgs[image].data.layout} model")
+        if not get_task(train_cfgs[image]).can_embed:
+            raise UserError(f"model {name!r} reads embeddings of {image!r}, a {train_cfgs[image].model.name} model")
         out.setdefault(image, {"oof", "test"})
         if tc.data.embedding_source == "fold":
             out[image].add("train")
@@ -522,6 +532,8 @@ def plan(
     Raises:
         UserError: a data folder not in the RSNA layout, or a model config that does not load.
     """
+    from rsna19.nets import get_model_spec
+
     layout = find_layout(data_dir)
     paths = WorkPaths(Path(work))
     ctx = Context(cfg, layout, paths, progress)
@@ -529,8 +541,8 @@ def plan(
     for config in cfg.models:
         name = Path(config).stem
         tc = load_train_config(cfg, config, paths)
-        if tc.model.name == "seg_aux" and tc.data.masks is None and cfg.masks and masks.is_dir():
-            tc.data.masks = str(masks)  # segmentation-aided models use the data's masks when there are any
+        if get_model_spec(tc.model.name).masks and tc.data.masks is None and cfg.masks and masks.is_dir():
+            tc.data.masks = str(masks)  # families that learn from masks use the data's masks when there are any
         ctx.train_cfgs[name] = tc
         ctx.config_paths[name] = config
     res = model_resources(cfg)
@@ -541,22 +553,21 @@ def plan(
     ]
     embeds = embedding_splits(ctx.train_cfgs)
     # Image models first, then the models that read their embeddings: the list stays in dependency order.
-    order = sorted(ctx.train_cfgs, key=lambda n: ctx.train_cfgs[n].data.layout == "sequence")
+    order = sorted(ctx.train_cfgs, key=lambda n: _reads_embeddings(ctx.train_cfgs[n]))
     for name in order:
         tc = ctx.train_cfgs[name]
+        upstream = tc.data.embeddings if _reads_embeddings(tc) else None
         for k in range(cfg.n_folds):
             deps: tuple[str, ...] = ("folds",)
-            if tc.data.layout == "sequence":
+            if upstream:
                 reads = [k] if tc.data.embedding_source == "fold" else list(range(cfg.n_folds))
-                deps += tuple(f"embed/{tc.data.embeddings}/fold_{j}" for j in reads)
+                deps += tuple(f"embed/{upstream}/fold_{j}" for j in reads)
             jobs.append(TrainJob(ctx, name, k, deps, res))
         if name in embeds:
             for k in range(cfg.n_folds):
                 jobs.append(EmbedJob(ctx, name, k, embeds[name], (f"train/{name}/fold_{k}",), res))
         for k in range(cfg.n_folds):
-            deps = (f"train/{name}/fold_{k}",)
-            if tc.data.layout == "sequence":
-                deps += (f"embed/{tc.data.embeddings}/fold_{k}",)
+            deps = (f"train/{name}/fold_{k}",) + ((f"embed/{upstream}/fold_{k}",) if upstream else ())
             jobs.append(PredictJob(ctx, name, k, deps, res))
     stack = StackJob(ctx, tuple(j.key for j in jobs if isinstance(j, PredictJob)))
     jobs += [stack, SubmitJob(ctx, stack)]

@@ -168,11 +168,6 @@ class ServeApp:
             out["error"] = errors[0]
         return out
 
-    def wait_ready(self, timeout: float) -> bool:
-        """Wait until every worker has loaded its bundle (or failed to)."""
-        end = time.time() + timeout
-        return all(w.ready.wait(max(0.0, end - time.time())) for w in self.workers)
-
     # ------------------------------------------------------------------------------------------------ stop
     def shutdown(self, grace_s: float | None = None) -> None:
         """Stop accepting, let running studies finish (``grace_s``), re-queue the rest, stop everything."""

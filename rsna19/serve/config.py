@@ -7,11 +7,9 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import yaml
-
+from rsna19 import config
 from rsna19.errors import UserError
 
 _DEST = re.compile(r"^(?P<aet>[^@\s\\]{1,16})@(?P<host>[^:\s]+):(?P<port>\d{1,5})$")
@@ -72,6 +70,9 @@ class ServeConfig:
             (:mod:`rsna19.inference.seg_out`); ``--no-seg`` leaves it out.
     """
 
+    #: YAML keys that stand for a field (the flag's name ``--destination`` adds to ``destinations``).
+    config_aliases: ClassVar[dict[str, str]] = {"destination": "destinations"}
+
     bundle: str = ""
     spool: str = ""
     port: int = 11112
@@ -100,10 +101,6 @@ class ServeConfig:
     def destination_nodes(self) -> list[Destination]:
         """The parsed :attr:`destinations`."""
         return [Destination.parse(d) for d in self.destinations]
-
-    @property
-    def spool_path(self) -> Path:
-        return Path(self.spool)
 
     def check(self) -> None:
         """Raise :class:`UserError` for a setting that cannot work (named, with the fix)."""
@@ -147,46 +144,14 @@ def is_loopback(host: str) -> bool:
 
 
 def load_config(path: str | None, overrides: Mapping[str, Any]) -> ServeConfig:
-    """Defaults, then the YAML file ``path`` (keys as :class:`ServeConfig`; ``destination`` is an alias of
-    ``destinations``, dashes may stand for underscores), then ``overrides`` that are not None.
+    """Defaults, then the YAML file ``path``, then ``overrides`` that are not None (the flags), checked.
+
+    The one config loader (:func:`rsna19.config.load_config`): keys as :class:`ServeConfig`, dashes may stand for
+    underscores, ``destination`` (the flag's name) adds to ``destinations``.
 
     Raises:
-        UserError: an unreadable file, an unknown key, or a value of the wrong type.
+        UserError: an unreadable file, an unknown key, a value of the wrong type or a setting that cannot work.
     """
-    values: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise UserError(f"{p}: cannot read the serve config: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"{p}: the serve config must be a mapping of keys to values")
-        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-        if "destination" in values:  # the flag's name (--destination) is accepted as a key too
-            d = values.pop("destination")
-            values["destinations"] = [*values.get("destinations", []), *(d if isinstance(d, list) else [d])]
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise UserError(f"serve config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    cfg = ServeConfig()
-    for k, v in values.items():
-        default = getattr(cfg, k)
-        try:
-            if isinstance(default, bool):
-                v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, int):
-                v = int(v)
-            elif isinstance(default, float):
-                v = float(v)
-            elif isinstance(default, list):
-                v = [str(x) for x in (v if isinstance(v, list | tuple) else [v])]
-            elif v is not None:
-                v = str(v)
-        except (TypeError, ValueError):
-            raise UserError(f"serve config: {k}={v!r} is not a {type(default).__name__}") from None
-        setattr(cfg, k, v)
+    cfg = config.load_config(ServeConfig, path, flags=overrides)
     cfg.check()
     return cfg

@@ -1,10 +1,11 @@
 """The workers: each loads the bundle once, then takes queued studies from ``serve.db`` and predicts them.
 
 The queue is the ``studies`` table (status ``queued``, oldest first), so it survives a kill; a study is claimed
-(``running``) in one transaction, predicted with :func:`rsna19.inference.study.predict_studies` on its spool
-folder (series selection, conversion, every model, the stacker, the calibrated study result, the report picture,
-the DICOM SR and Secondary Capture), and its outcome is stored (``done`` / ``failed``). The outputs are written to
-a temp folder then renamed to ``SPOOL/results/<study>/``.
+(``running``) in one transaction, predicted by the worker's
+:class:`~rsna19.inference.study_predictor.StudyPredictor` through :func:`rsna19.inference.study.predict_studies` on
+its spool folder (series selection, conversion, every model, the stacker, the calibrated study result, the report
+picture, the DICOM SR and Secondary Capture), and its outcome is stored (``done`` / ``failed``). The outputs are
+written to a temp folder then renamed to ``SPOOL/results/<study>/``.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def study_summary(entry: dict[str, Any], out: Path) -> dict[str, Any]:
     }
 
 
-def predict_one(bundle: Any, spool: Spool, row: dict[str, Any], *, cam: bool, seg: bool = True) -> dict[str, Any]:
-    """Predict one spooled study; returns :func:`study_summary`.
+def predict_one(predictor: Any, spool: Spool, row: dict[str, Any]) -> dict[str, Any]:
+    """Predict one spooled study with a :class:`rsna19.inference.study_predictor.StudyPredictor`; returns
+    :func:`study_summary`.
 
     Raises:
         RuntimeError: the study could not be predicted (no usable series, every series failed ...), with the
@@ -102,14 +104,11 @@ def predict_one(bundle: Any, spool: Spool, row: dict[str, Any], *, cam: bool, se
     shutil.rmtree(tmp, ignore_errors=True)
     summary = predict_studies(
         spool.incoming(folder),
-        bundle,
+        predictor,
         tmp,
-        workers=1,
-        cam=cam,
-        seg=seg,
-        say=lambda line: log.info("predict", extra={"study_uid": uid, "line": line}),
         dicom_out=tmp / "dicom",
-    )
+        say=lambda line: log.info("predict", extra={"study_uid": uid, "line": line}),
+    ).summary
     entry = next((s for s in summary["studies"] if str(s.get("study_uid")) == uid), None)
     if entry is None:
         skipped = summary.get("files_skipped") or []
@@ -146,6 +145,7 @@ class Worker(threading.Thread):
         self.stop_event = stop
         self.on_done = on_done
         self.bundle: Any = None
+        self.predictor: Any = None  # rsna19.inference.study_predictor.StudyPredictor, made once the bundle is loaded
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.current: str | None = None
@@ -170,6 +170,11 @@ class Worker(threading.Thread):
         try:
             if self.bundle is None:
                 self.load()
+            from rsna19.inference.study_predictor import StudyOptions, StudyPredictor  # imports torch: not before
+
+            self.predictor = StudyPredictor(
+                self.bundle, StudyOptions(cam=self.cfg.cam, source_headers=True, seg=self.cfg.seg)
+            )
         except Exception as exc:  # noqa: BLE001 - reported by /health and the log; the SCP keeps receiving
             self.load_error = str(exc)
             log.error("bundle_load_failed", extra={"worker": self.index, "error": str(exc)})
@@ -191,7 +196,7 @@ class Worker(threading.Thread):
         log.info("study_started", extra={"study_uid": uid, "worker": self.index, "n_instances": row["n_instances"]})
         result, error = None, None
         try:
-            result = predict_one(self.bundle, self.spool, row, cam=self.cfg.cam, seg=self.cfg.seg)
+            result = predict_one(self.predictor, self.spool, row)
             if self.cfg.destinations and not result.get("sr"):
                 error = f"no DICOM SR to send: {result.get('dicom_error') or 'not written'}"
         except Exception as exc:  # noqa: BLE001 - one failed study is recorded; the worker goes on

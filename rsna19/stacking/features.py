@@ -48,11 +48,6 @@ def _stat_names(offsets: int, windows: tuple[int, ...]) -> list[str]:
     return [*stats, "smax", "smean"]
 
 
-def model_feature_names(model: str, offsets: int = 2, windows: tuple[int, ...] = (3, 5)) -> list[str]:
-    """Names of the features of one base model, in the order :func:`build_features` writes them."""
-    return [f"{model}{SEP}{c}{SEP}{s}" for c in CLASSES for s in _stat_names(offsets, tuple(windows))]
-
-
 def build_features(
     preds: dict[str, pd.DataFrame], offsets: int = 2, windows: tuple[int, ...] | list[int] = (3, 5)
 ) -> pd.DataFrame:

@@ -105,17 +105,6 @@ class SeriesGeometry:
         t = self.slice_thickness
         return (np.arange(n, dtype=np.float64) + 0.5) / n * t - t / 2
 
-    def slab_points(self, k: int, n: int) -> np.ndarray:
-        """Pixel centres of ``n`` sub-planes across the slab of slice ``k``, moved along the slice normal.
-
-        With a tilted gantry the normal is tilted too, so the slab is the one the detector row integrates over.
-
-        Returns:
-            (n, rows, cols, 3) float64 LPS coordinates in mm.
-        """
-        plane = self.pixel_points(k)
-        return plane[None] + self.slab_offsets(n)[:, None, None, None] * self.normal
-
     def plane_point(self, k: float, u: float, v: float) -> np.ndarray:
         """(3,) point of plane ``k`` at in-plane offset (u along rows' direction, v along columns') from centre."""
         centre = np.asarray(self.centre, dtype=np.float64) + np.array([0.0, 0.0, k * self.table_step])
@@ -127,8 +116,3 @@ class SeriesGeometry:
         y = (np.arange(self.rows) - (self.rows - 1) / 2) * dr
         x = (np.arange(self.cols) - (self.cols - 1) / 2) * dc
         return (y[:, None] ** 2 + x[None, :] ** 2) <= (self.fov_mm / 2) ** 2
-
-
-def tilt_from_iop(iop: tuple[float, ...] | list[float] | np.ndarray) -> float:
-    """Gantry tilt in degrees from ImageOrientationPatient: ``atan2(−col_z, col_y)``."""
-    return math.degrees(math.atan2(-float(iop[5]), float(iop[4])))

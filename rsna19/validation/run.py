@@ -29,18 +29,24 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from rsna19.bundle import write_recalibrated_bundle
 from rsna19.constants import CLASSES
 from rsna19.errors import UserError
+from rsna19.inference.study import predict_studies
+from rsna19.inference.study_predictor import StudyPredictor
 from rsna19.metrics import bootstrap_indices, resample_weights
 from rsna19.utils.atomic import ensure_writable_dir, write_csv, write_text
 from rsna19.utils.jsonable import json_default
+from rsna19.validation.recalibrate import cross_validate, refit_study_model, stratified_folds
 from rsna19.validation.references import Reference, read_reference
+from rsna19.validation.report import write_report
 from rsna19.validation.stats import VALIDATION_COLUMNS, class_rows, confusion, ranking_metrics
 
 log = logging.getLogger(__name__)
@@ -142,40 +148,55 @@ def metric_rows(
     return rows
 
 
-def validate(
-    data: str | os.PathLike[str],
-    bundle: str | os.PathLike[str],
-    labels: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    fmt: str = "studies",
-    n_boot: int = 2000,
-    seed: int = 0,
-    n_bins: int = 10,
-    recalibrate: str | os.PathLike[str] | None = None,
-    cv_folds: int = 5,
-    force: bool = False,
-    device: str = "auto",
-    workers: int = 1,
-    folds: list[int] | None = None,
-    tta: list[str] | None = None,
-    say: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Predict every study of ``data`` with ``bundle`` and compare with ``labels``; write the outputs to ``out``.
+@dataclass(frozen=True)
+class ValidateOptions:
+    """How ``validate`` measures.
 
-    Args:
-        data: a folder (any layout) or zip of studies; for ``cq500`` the CQ500 folders.
-        bundle: the bundle folder (it must hold a study model).
-        labels: the study labels csv (``studies``) or CQ500's ``reads.csv`` (``cq500``).
-        out: output folder.
-        fmt: ``studies`` or ``cq500``.
+    Attributes:
+        fmt: ``studies`` or ``cq500`` (the labels' format).
         n_boot: bootstrap resamples of the intervals (at least 100).
         seed: seed of the bootstrap and of the recalibration folds.
         n_bins: equal-width bins of the calibration error and the reliability plot.
         recalibrate: write a bundle recalibrated on these studies here (None: no recalibration).
         cv_folds: folds of the cross-validated recalibration numbers.
         force: replace an existing recalibrated bundle.
-        device, workers, folds, tta: as for ``predict-study``.
+    """
+
+    fmt: str = "studies"
+    n_boot: int = 2000
+    seed: int = 0
+    n_bins: int = 10
+    recalibrate: str | os.PathLike[str] | None = None
+    cv_folds: int = 5
+    force: bool = False
+
+    def check(self) -> None:
+        """Raise :class:`UserError` for too few resamples or a recalibrated bundle that would be replaced."""
+        if self.n_boot < 100:
+            raise UserError(f"--bootstrap {self.n_boot}: use at least 100 resamples (2000 for reported intervals)")
+        if self.recalibrate is not None and Path(self.recalibrate).exists() and not self.force:
+            raise UserError(f"{self.recalibrate} exists; use --force to replace the recalibrated bundle")
+
+
+def validate(
+    data: str | os.PathLike[str],
+    predictor: StudyPredictor,
+    labels: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    options: ValidateOptions = ValidateOptions(),
+    workers: int = 1,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Predict every study of ``data`` with ``predictor`` and compare with ``labels``; write the outputs to ``out``.
+
+    Args:
+        data: a folder (any layout) or zip of studies; for ``cq500`` the CQ500 folders.
+        predictor: the loaded bundle (it must hold a study model), with ``cam`` off for speed.
+        labels: the study labels csv (``studies``) or CQ500's ``reads.csv`` (``cq500``).
+        out: output folder.
+        options: the format, bootstrap, bins and recalibration.
+        workers: processes reading the DICOM headers.
         say: where the progress and problem messages go.
 
     Returns:
@@ -185,70 +206,34 @@ def validate(
         UserError: unreadable labels, a bundle without a study model, no study both predicted and labelled, or
             fewer than 100 bootstrap resamples.
     """
-    from rsna19.bundle import load_bundle
-    from rsna19.inference.study import predict_studies
-    from rsna19.validation.report import write_report
-
-    if n_boot < 100:
-        raise UserError(f"--bootstrap {n_boot}: use at least 100 resamples (2000 for reported intervals)")
-    if recalibrate is not None and Path(recalibrate).exists() and not force:
-        raise UserError(f"{recalibrate} exists; use --force to replace the recalibrated bundle")
-    ref = read_reference(labels, fmt)
+    o = options
+    o.check()
+    ref = read_reference(labels, o.fmt)
     out = ensure_writable_dir(out)
-    loaded = load_bundle(bundle, device=device, folds=folds, tta=tta)
-    if loaded.study_model is None:
-        raise UserError(f"{bundle}: the bundle has no study model (re-export it with `rsna19 bundle`)")
-    model = loaded.study_model
-    summary = predict_studies(data, loaded, out / "predict", workers=workers, cam=False, say=say)
-    slices = pd.read_csv(out / "predict" / "slices.csv", dtype={"study_uid": str, "series_uid": str, "sop_uid": str})
-    table = study_table(summary, slices, model, ref, fmt)
-
+    model = predictor.bundle.study_model
+    if model is None:
+        raise UserError(f"{predictor.bundle.path}: the bundle has no study model (re-export it with `rsna19 bundle`)")
+    batch = predict_studies(data, predictor, out / "predict", workers=workers, say=say)
+    table = study_table(batch.summary, batch.slices, model, ref, o.fmt)
     ok = table[table["status"] == "ok"]
     if ok.empty:
         raise UserError(
             f"no study of {data} is in {labels}: {int((table['status'] == 'not_in_labels').sum())} predicted "
             f"without labels, {int((table['status'] == 'not_in_data').sum())} labelled but not found "
-            f"(keys are {'CQ500-CT-<n> from the folder names' if fmt == 'cq500' else 'StudyInstanceUIDs'})"
+            f"(keys are {'CQ500-CT-<n> from the folder names' if o.fmt == 'cq500' else 'StudyInstanceUIDs'})"
         )
-    weights = resample_weights(bootstrap_indices(len(ok), n_boot, seed), len(ok))
-    rows = metric_rows(ok, model, ref.classes, weights, n_bins)
-
+    weights = resample_weights(bootstrap_indices(len(ok), o.n_boot, o.seed), len(ok))
+    rows = metric_rows(ok, model, ref.classes, weights, o.n_bins)
     recal = None
-    if recalibrate is not None:
-        recal, cv_rows, cv_cols = _recalibrate(
-            bundle, recalibrate, model, ok, ref, data, labels, weights, cv_folds, seed, n_bins, force
-        )
+    if o.recalibrate is not None:
+        source = {"data": str(data), "labels": str(labels)}
+        recal, cv_rows, cv_cols = _recalibrate(predictor.bundle.path, model, ok, ref, source, weights, o)
         rows += cv_rows
         table = table.join(cv_cols)
-    result = pd.DataFrame(rows)[list(VALIDATION_COLUMNS)]
-    problems = _problems(table, ref, summary, fmt)
-    info: dict[str, Any] = {
-        "data": str(data),
-        "labels": str(labels),
-        "format": fmt,
-        "bundle": str(bundle),
-        "bundle_sha256": loaded.sha256,
-        "study_score": model["score"],
-        "classes": ref.classes,
-        "n_studies": {s: int((table["status"] == s).sum()) for s in STATUSES},
-        "n_positive": {c: int(np.nansum(ok[f"y_{c}"].to_numpy(dtype=np.float64))) for c in ref.classes},
-        "bootstrap": {"resamples": n_boot, "seed": seed, "interval": "percentile 95 %", "unit": "study"},
-        "proportion_interval": "Wilson score 95 %",
-        "ece_bins": n_bins,
-        "operating_points": {
-            c: {k: model["classes"][c].get(k) for k in ("threshold", "target_sensitivity")} for c in CLASSES
-        },
-        "fleiss_kappa": ref.kappa,
-        "problems": problems,
-        "recalibration": recal,
-        "predict_s": summary.get("total_s"),
-    }
-    write_csv(table.reset_index(), out / "studies.csv")
-    write_csv(result, out / "validation.csv")
-    info["summary"] = write_report(result, table, info, out)
-    write_text(
-        json.dumps(_finite(info), indent=1, default=json_default, allow_nan=False) + "\n", out / "validation.json"
-    )
+    problems = _problems(table, ref, batch.summary, o.fmt)
+    info = _info(data, labels, predictor, table, ok, ref, problems, recal, o)
+    info["predict_s"] = batch.summary.get("total_s")
+    _write_outputs(out, table, pd.DataFrame(rows)[list(VALIDATION_COLUMNS)], info)
     for entry in problems.values():
         if entry["count"]:
             shown = entry["studies"] or [f"{k}: {v}" for k, v in entry["details"].items()]
@@ -257,32 +242,69 @@ def validate(
     return info
 
 
+def _info(
+    data: Any,
+    labels: Any,
+    predictor: StudyPredictor,
+    table: pd.DataFrame,
+    ok: pd.DataFrame,
+    ref: Reference,
+    problems: dict[str, Any],
+    recal: dict[str, Any] | None,
+    o: ValidateOptions,
+) -> dict[str, Any]:
+    """The ``validation.json`` dict (the summary is added when the report is written)."""
+    model = predictor.bundle.study_model
+    return {
+        "data": str(data),
+        "labels": str(labels),
+        "format": o.fmt,
+        "bundle": str(predictor.bundle.path),
+        "bundle_sha256": predictor.bundle.sha256,
+        "study_score": model["score"],
+        "classes": ref.classes,
+        "n_studies": {s: int((table["status"] == s).sum()) for s in STATUSES},
+        "n_positive": {c: int(np.nansum(ok[f"y_{c}"].to_numpy(dtype=np.float64))) for c in ref.classes},
+        "bootstrap": {"resamples": o.n_boot, "seed": o.seed, "interval": "percentile 95 %", "unit": "study"},
+        "proportion_interval": "Wilson score 95 %",
+        "ece_bins": o.n_bins,
+        "operating_points": {
+            c: {k: model["classes"][c].get(k) for k in ("threshold", "target_sensitivity")} for c in CLASSES
+        },
+        "fleiss_kappa": ref.kappa,
+        "problems": problems,
+        "recalibration": recal,
+    }
+
+
+def _write_outputs(out: Path, table: pd.DataFrame, result: pd.DataFrame, info: dict[str, Any]) -> None:
+    """``studies.csv``, ``validation.csv``, the report files and ``validation.json``."""
+    write_csv(table.reset_index(), out / "studies.csv")
+    write_csv(result, out / "validation.csv")
+    info["summary"] = write_report(result, table, info, out)
+    write_text(
+        json.dumps(_finite(info), indent=1, default=json_default, allow_nan=False) + "\n", out / "validation.json"
+    )
+
+
 def _recalibrate(
-    bundle: Any,
-    dst: Any,
+    bundle: Path,
     model: dict[str, Any],
     ok: pd.DataFrame,
     ref: Reference,
-    data: Any,
-    labels: Any,
+    source: dict[str, Any],
     weights: np.ndarray,
-    k: int,
-    seed: int,
-    n_bins: int,
-    force: bool,
+    o: ValidateOptions,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], pd.DataFrame]:
     """Refit the study model on the ``ok`` studies, write the new bundle, and the cross-validated numbers."""
-    from rsna19.bundle import write_recalibrated_bundle
-    from rsna19.validation.recalibrate import cross_validate, refit_study_model, stratified_folds
-
     scores = pd.DataFrame({c: ok[f"score_{c}"] for c in CLASSES})
     labs = pd.DataFrame({c: ok[f"y_{c}"] for c in CLASSES})
-    k = max(2, min(k, len(ok)))
+    k, seed, n_bins, dst = max(2, min(o.cv_folds, len(ok))), o.seed, o.n_bins, o.recalibrate
     folds = stratified_folds(labs["any"].to_numpy(dtype=np.float64), k, seed)
     p_cv, flag_cv = cross_validate(model, scores, labs, folds)
-    source = {"data": str(data), "labels": str(labels), "n_studies": len(ok), "cv_folds": k, "seed": seed}
+    source = {**source, "n_studies": len(ok), "cv_folds": k, "seed": seed}
     new = refit_study_model(model, scores, labs, source)
-    sha = write_recalibrated_bundle(bundle, dst, new, source, force=force)
+    sha = write_recalibrated_bundle(bundle, dst, new, source, force=o.force)
     rows = []
     for c in ref.classes:
         y = labs[c].to_numpy(dtype=np.float64)
