@@ -9,6 +9,7 @@ from hospital import SOFT, THICK_MM, head_plan, write_series
 
 from rsna19.bundle import export_bundle, load_bundle
 from rsna19.inference.study import predict_studies
+from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
 from rsna19.monitor.drift import (
     PSI_WARNING,
     build_reference,
@@ -82,14 +83,15 @@ def drift(tiny_run, tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("drift")
     path = export_bundle(tiny_run, root / "bundle").path
     bundle = load_bundle(path, device="cpu")
-    own = predict_studies(tiny_dataset / "stage_2_test", bundle, root / "own", cam=False, say=lambda _l: None)
+    predictor = StudyPredictor(bundle, StudyOptions(cam=False))
+    own = predict_studies(tiny_dataset / "stage_2_test", predictor, root / "own", say=lambda _l: None).summary
     for i in range(4):
         uid = f"1.2.826.0.1.3680043.10.1226.50.{i + 1}"
         write_series(
             root / "other" / str(i), head_plan(seed=10 + i), study_uid=uid, series_uid=f"{uid}.1", step=THICK_MM,
             attrs={**SOFT, **OTHER_SCANNER, "SeriesDescription": "Head 2.5 FC68"}, add_hu=40.0,
         )  # fmt: skip
-    other = predict_studies(root / "other", bundle, root / "other_out", cam=False, say=lambda _l: None)
+    other = predict_studies(root / "other", predictor, root / "other_out", say=lambda _l: None).summary
     return {"bundle": bundle, "own": own, "other": other}
 
 

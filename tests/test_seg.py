@@ -19,6 +19,7 @@ from rsna19.bundle import export_bundle, load_bundle
 from rsna19.conversion.series import convert_mask, convert_series
 from rsna19.inference.seg_out import map_slices, network_to_slice, to_source_grid
 from rsna19.inference.study import predict_studies
+from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
 
 STUDY_UID = "1.2.826.0.1.3680043.10.1226.3"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -91,7 +92,8 @@ def positive(tiny_run, tmp_path_factory):
     runs = {}
     for name, inp, seg in (("single", root / "in", True), ("mf", root / "in_mf", True), ("noseg", root / "in", False)):
         out = root / name
-        runs[name] = predict_studies(inp, bundle, out, cam=False, say=lambda _l: None, dicom_out=out / "dicom", seg=seg)
+        predictor = StudyPredictor(bundle, StudyOptions(cam=False, source_headers=True, seg=seg))
+        runs[name] = predict_studies(inp, predictor, out, say=lambda _l: None, dicom_out=out / "dicom").summary
         runs[name]["out"] = out
     return {"runs": runs, "paths": paths, "bundle": bundle}
 
