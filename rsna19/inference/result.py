@@ -197,8 +197,7 @@ class StudyResult:
                 d.update(done[d["series_uid"]].info, seconds=done[d["series_uid"]].seconds)
         if self.failed is not None:
             entry["series_failed"] = self.failed
-        if self.assessment is not None:
-            entry["assessment"] = self.assessment
+        entry["assessment"] = self.assessment
         if self.error is not None:
             entry.update(status="error", error=self.error)
         elif self.not_assessable is not None:
