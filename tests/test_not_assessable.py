@@ -100,6 +100,7 @@ def gated(tiny_run, tmp_path_factory):
         "case": {case: by_uid[uid] for case, uid in uids.items()},
         "alone": json.loads((alone / "studies.json").read_text())["studies"][0],
         "bundle": bundle,
+        "in": root / "in",
     }
 
 
@@ -230,3 +231,21 @@ def test_node_record_says_not_assessable_never_negative(gated):
     normal = study_summary(gated["case"]["normal"], out)
     assert normal["assessable"] is True and normal["p_any"] is not None
     assert normal["drift_facts"]["hu_brain_median"] is not None  # the drift watch's facts travel with the record
+
+
+def test_predictor_in_memory_marks_the_study_not_assessable(gated):
+    """The gate runs inside StudyPredictor.predict: a refused study comes back marked, with reasons, no model run."""
+    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
+
+    predictor = StudyPredictor.load(gated["bundle"], device="cpu", options=StudyOptions(cam=False))
+    result = predictor.predict(gated["in"] / "uniform")
+    assert result.error is None and not result.assessable and not result.ok
+    assert "uniform" in [r["code"] for r in result.assessment["reasons"]]
+    assert result.series == [] and result.study_result is None and result.prediction is None
+    assert result.refused is not None and result.refused[0].shape[0] == 8  # the refused (Z, H, W) HU volume
+    entry = result.entry()
+    assert entry["status"] == "not_assessable" and entry["not_assessable"] == result.not_assessable
+    assert entry["assessment"]["assessable"] is False and "prediction" not in entry
+    normal = predictor.predict(gated["in"] / "normal")
+    assert normal.ok and normal.assessable and normal.assessment["assessable"]
+    assert normal.input_facts is not None and normal.input_facts["hu_brain_median"] is not None
