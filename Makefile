@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 TORCH_PINS = $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 
-.PHONY: demo test test-slow test-slurm test-pacs lint bench fuzz clean venv
+.PHONY: demo test test-slow test-slurm test-pacs test-dicom lint bench fuzz clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,14 @@ test-slurm: $(STAMP)
 # `rsna19 serve` against a real PACS (Orthanc) and browser (headless Chromium), both on loopback ports started by
 # the tests (installs the Debian packages orthanc and chromium with apt-get when missing, so root; a few minutes).
 test-pacs: $(STAMP)
-	RSNA19_REQUIRE_PACS=1 tests/pacs/ensure_tools.sh $(BIN)/python -m pytest -q -m pacs tests/test_pacs.py
+	RSNA19_REQUIRE_PACS=1 tests/pacs/ensure_tools.sh $(BIN)/python -m pytest -q -m pacs tests/test_pacs.py tests/test_pacs_dicom.py
+
+# Every kind of DICOM object rsna19 writes (SR, SC, SEG; single-frame and Enhanced CT sources) through Debian's
+# dciodvfy (dicom3tools) and DCMTK's dsrdump: 0 errors, no unrecognized term; then the predict-study tests that run
+# dciodvfy on what a bundle writes (installs dicom3tools and dcmtk with apt-get when missing, so root).
+test-dicom: $(STAMP)
+	RSNA19_REQUIRE_DICOM_TOOLS=1 tests/dicom/ensure_tools.sh $(BIN)/python -m pytest -q -p no:xdist \
+		tests/test_dicom_conformance.py tests/test_study_dicom.py tests/test_seg.py tests/test_not_assessable.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

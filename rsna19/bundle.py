@@ -217,8 +217,9 @@ def training_geometry(cache: Path, index: Path | None = None) -> dict[str, Any] 
 
     Returns:
         ``{"slice_spacing_mm", "slice_spacing_range_mm", "slice_thickness_mm", "pixel_spacing_mm",
-        "pixel_spacing_range_mm", "n_series", "source"}`` (medians; ranges are the 5th and 95th percentiles over
-        the train series), or None when the cache has no train series to measure.
+        "pixel_spacing_range_mm", "z_extent_mm", "z_extent_range_mm", "n_series", "source"}`` (medians; ranges are
+        the 5th and 95th percentiles over the train series; the z extent is first to last position plus one
+        spacing), or None when the cache has no train series to measure.
     """
     import pandas as pd
 
@@ -229,12 +230,14 @@ def training_geometry(cache: Path, index: Path | None = None) -> dict[str, Any] 
         return None
     rows = pd.read_parquet(cache_index, columns=["series_uid", "split"])
     uids = sorted(rows.loc[rows["split"] == "train", "series_uid"].astype(str).unique())
-    dz, thick, px = [], [], []
+    dz, thick, px, extent = [], [], [], []
     for uid in uids:
         meta = read_meta(cache / uid)
         if meta is None:
             continue
         dz.append(float(meta["spacing"][0]))
+        positions = meta.get("positions") or [0.0]
+        extent.append(float(max(positions) - min(positions)) + dz[-1])  # the not-assessable gate's coverage
         px.append(float(meta.get("pixel_spacing_in", meta["spacing"][1:])[0]))
     if not dz:
         return None
@@ -252,6 +255,8 @@ def training_geometry(cache: Path, index: Path | None = None) -> dict[str, Any] 
         "slice_thickness_mm": r(np.median(thick)) if thick else r(np.median(dz)),
         "pixel_spacing_mm": r(np.median(px)),
         "pixel_spacing_range_mm": [r(np.percentile(px, 5)), r(np.percentile(px, 95))],
+        "z_extent_mm": r(np.median(extent)),
+        "z_extent_range_mm": [r(np.percentile(extent, 5)), r(np.percentile(extent, 95))],
         "n_series": len(dz),
         "source": "train series of the conversion cache",
     }
@@ -316,8 +321,11 @@ def export_bundle(
             entries.append(_export_model(work, name, folds, tmp / "models" / name))
         info, l2, stacker_test = export_stacker(scfg, which, models, tmp / "stacker")
         _write_json(info, tmp / "stacker" / "stacker.json")
-        study_model = _fit_study_model(scfg, which, models, l2, info, sensitivity, study_score)
+        study_model, oof = _fit_study_model(scfg, which, models, l2, info, sensitivity, study_score)
         _write_json(study_model, tmp / STUDY_MODEL_FILE)
+        from rsna19.monitor.reference import training_reference
+
+        drift = training_reference(work / "cache", work / "index.parquet", study_model, oof)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         c = pipeline.convert
         names = sorted({w for e in entries for w in e["windows"]})
@@ -335,6 +343,7 @@ def export_bundle(
             },
             "tta": list(pipeline.tta),
             "training_geometry": training_geometry(work / "cache", work / "index.parquet"),
+            "drift_reference": drift,
             "pipeline": to_dict(pipeline)["name"],
             "models": entries,
             "stacker": {"method": which, "members": info["members"], "file": "stacker/stacker.json"},
@@ -361,8 +370,8 @@ def _fit_study_model(
     info: dict[str, Any],
     sensitivity: dict[str, float] | None,
     study_score: str,
-) -> dict[str, Any]:
-    """The study model of the bundled method, fitted on its level-2 OOF slice predictions."""
+) -> tuple[dict[str, Any], Any]:
+    """The study model of the bundled method, fitted on its level-2 OOF slice predictions, and those predictions."""
     import dataclasses
 
     import pandas as pd
@@ -389,7 +398,7 @@ def _fit_study_model(
         origin = "level-2 CV of the bundled models"
     source = {"stack": scfg.name, "method": which, "models": list(models), "oof": origin}
     try:
-        return fit_study_model(oof, sensitivity, study_score, source=source)
+        return fit_study_model(oof, sensitivity, study_score, source=source), oof
     except ValueError as exc:
         raise UserError(f"study model: {exc}") from None
 
@@ -438,6 +447,11 @@ class Bundle:
     def folds(self) -> list[int]:
         """The folds whose networks are loaded (all bundled ones, or those asked for at load time)."""
         return sorted({k for p in self.models for k in p.folds})
+
+    @property
+    def drift_reference(self) -> dict[str, Any] | None:
+        """Input facts of the training series and OOF outputs (:mod:`rsna19.monitor.drift`); None for older bundles."""
+        return self.manifest.get("drift_reference")
 
     @property
     def training_geometry(self) -> dict[str, Any] | None:

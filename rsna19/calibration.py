@@ -333,8 +333,11 @@ def apply_study_model(model: dict[str, Any], slices: pd.DataFrame) -> dict[str, 
 
     Returns:
         ``{"score": name, "method": "platt", "flag": "positive"|"negative", "positive_classes": [...],
-        "classes": {class: {"score", "probability", "threshold", "target_sensitivity", "positive"}}}``; the
-        study's ``flag`` is the flag of ``any``.
+        "subtype_rule", "subtypes_withheld": [...], "classes": {class: {"score", "probability", "threshold",
+        "target_sensitivity", "above_operating_point", "positive"}}}``; the study's ``flag`` is the flag of
+        ``any``. A subtype is ``positive`` only within a positive ``any`` (:func:`consistent_flags`): each class has
+        its own operating point, so on a study with ``any`` negative a subtype can still be over its own;
+        ``above_operating_point`` keeps that raw comparison and ``subtypes_withheld`` lists such subtypes.
     """
     frame = slices[list(PROB_COLUMNS)].assign(study_uid="_")
     scores = study_scores(frame, model["score"]).iloc[0]
@@ -347,15 +350,40 @@ def apply_study_model(model: dict[str, Any], slices: pd.DataFrame) -> dict[str, 
             "probability": round(p, 6),
             "threshold": float(e["threshold"]),
             "target_sensitivity": float(e["target_sensitivity"]),
-            "positive": bool(p >= e["threshold"]),
+            "above_operating_point": bool(p >= e["threshold"]),
         }
+    flags, withheld = consistent_flags({c: out[c]["above_operating_point"] for c in CLASSES})
+    for c in CLASSES:
+        out[c]["positive"] = flags[c]
     return {
         "score": model["score"],
         "method": model["method"],
         "flag": "positive" if out["any"]["positive"] else "negative",
         "positive_classes": [c for c in CLASSES if out[c]["positive"]],
+        "subtype_rule": SUBTYPE_RULE,
+        "subtypes_withheld": withheld,
         "classes": out,
     }
+
+
+#: How the subtype flags follow the flag of ``any`` (recorded in ``study_result`` and in the SR).
+SUBTYPE_RULE = "subtypes are reported present only within a positive 'any'"
+
+
+def consistent_flags(above: dict[str, bool]) -> tuple[dict[str, bool], list[str]]:
+    """The reported flags: ``any`` as it is; a subtype only when it is over its operating point and ``any`` is too.
+
+    Args:
+        above: class → whether its calibrated probability reaches its own operating point.
+
+    Returns:
+        ``(flags, withheld)``: class → reported flag, and the subtypes over their operating points that are not
+        reported because ``any`` is negative (in :data:`rsna19.constants.CLASSES` order).
+    """
+    any_positive = bool(above["any"])
+    flags = {c: bool(above[c]) and (c == "any" or any_positive) for c in CLASSES}
+    withheld = [c for c in CLASSES if c != "any" and above[c] and not any_positive]
+    return flags, withheld
 
 
 def calibrate_frame(model: dict[str, Any], slices: pd.DataFrame) -> pd.DataFrame:

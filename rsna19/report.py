@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from rsna19.calibration import consistent_flags
 from rsna19.constants import CLASSES, PROB_COLUMNS, SHORT_NAMES, WINDOWS
 from rsna19.plots import CLASS_COLOURS
 from rsna19.utils.atomic import atomic_path
@@ -70,18 +71,23 @@ def _figure_inches(cols: int, calibrated: bool = False) -> tuple[float, float]:
 
 def result_line(study_result: dict[str, Any]) -> str:
     """One line of the calibrated study result: the flag of ``any``, its probability and operating point, and the
-    subtypes flagged at theirs."""
+    subtypes flagged at theirs (only within a positive ``any``; with ``any`` negative the line says that subtypes
+    are not reported, never a subtype as flagged)."""
     a = study_result["classes"]["any"]
     flagged = [
         f"{SHORT_NAMES[c]} {study_result['classes'][c]['probability']:.2f}"
         for c in CLASSES[:-1]
         if study_result["classes"][c]["positive"]
     ]
-    return (
+    line = (
         f"calibrated p(any) {a['probability']:.2f} {'≥' if a['positive'] else '<'} {a['threshold']:.2f} "
         f"(operating point for sensitivity {a['target_sensitivity']:.2f}) → {study_result['flag'].upper()}"
-        + (f" · flagged: {', '.join(flagged)}" if flagged else "")
     )
+    if flagged:
+        return line + f" · flagged: {', '.join(flagged)}"
+    if not a["positive"] and study_result.get("subtypes_withheld"):
+        return line + " · no subtype reported (subtypes only within a positive 'any')"
+    return line
 
 
 def _slice_title(rank: int, z: int, probs: np.ndarray, sop_uid: str, threshold: float) -> str:
@@ -106,6 +112,7 @@ def render_study_report(
     cam: np.ndarray | None = None,
     threshold: float = 0.5,
     study_result: dict[str, Any] | None = None,
+    seg_mask: np.ndarray | None = None,
 ) -> list[int]:
     """Draw the report of one study (one series) and write it atomically as PNG.
 
@@ -127,6 +134,8 @@ def render_study_report(
         threshold: decision threshold drawn on the plot and used to pick the classes in the titles.
         study_result: the calibrated study result (:func:`rsna19.calibration.apply_study_model`), drawn as a
             second title line: the flag at the operating point, the calibrated probabilities, flagged subtypes.
+        seg_mask: optional (H, W) bool bleed map of the top slice, the one the DICOM SEG holds
+            (:mod:`rsna19.inference.seg_out`), drawn over it in red (instead of ``cam`` when both are given).
 
     Returns:
         The z indices shown, most suspicious first.
@@ -147,6 +156,8 @@ def render_study_report(
         raise ValueError("probs must be finite and in [0, 1]")
     if cam is not None and (np.asarray(cam).ndim != 2):
         raise ValueError(f"cam must be a 2-D map, got shape {np.shape(cam)}")
+    if seg_mask is not None and np.shape(seg_mask) != volume_hu.shape[1:]:
+        raise ValueError(f"seg_mask must be {volume_hu.shape[1:]}, got {np.shape(seg_mask)}")
 
     shown = top_slices(probs[:, -1], top_k)
     cols = max(len(shown), MIN_COLUMNS)
@@ -158,8 +169,10 @@ def render_study_report(
         """Axes placed in inches from the top-left corner."""
         return fig.add_axes((left / fig_w, 1 - (top + height) / fig_h, width / fig_w, height / fig_h))
 
-    flags = [SHORT_NAMES[c] for c, p in zip(CLASSES[:-1], probs.max(axis=0)) if p >= threshold]
     verdict = "POSITIVE" if probs[:, -1].max() >= threshold else "negative"
+    flags = [
+        SHORT_NAMES[c] for c, p in zip(CLASSES[:-1], probs.max(axis=0)) if p >= threshold and verdict == "POSITIVE"
+    ]
     title = f"study {study_uid} · {n} slices · max p(any) {probs[:, -1].max():.2f}"
     if study_result is None:  # with a study result, the verdict is the calibrated one of the line below
         title += f" → {verdict}" + (f" ({', '.join(flags)})" if flags else "")
@@ -199,7 +212,17 @@ def render_study_report(
                 ax.set_ylabel(f"{window} {centre:g}/{w:g}", fontsize=8)
             if row == 0:
                 ax.set_title(_slice_title(col + 1, z, probs[z], str(sop_uids[z]), threshold), fontsize=7.5, pad=3)
-            if row == 0 and col == 0 and cam is not None:
+            if row == 0 and col == 0 and seg_mask is not None:
+                ax.imshow(
+                    np.ma.masked_equal(np.asarray(seg_mask, dtype=np.float32), 0.0),
+                    cmap="Reds",
+                    vmin=0,
+                    vmax=1,
+                    alpha=0.5,
+                    interpolation="nearest",
+                )
+                ax.text(0.02, 0.02, "bleed map (SEG)", transform=ax.transAxes, fontsize=7, color="yellow", va="bottom")
+            elif row == 0 and col == 0 and cam is not None:
                 heat = np.ma.masked_less(np.clip(np.asarray(cam, dtype=np.float32), 0, 1), 0.2)
                 ax.imshow(
                     heat,
@@ -255,7 +278,8 @@ def summarise_study(df_slices: pd.DataFrame, top_k: int = 5, threshold: float = 
             ``slice_idx``), ``position`` and ``series_uid``. Without ``z``, slices are numbered by ``position``
             (or row order).
         top_k: slices listed in ``top_slices``.
-        threshold: decision threshold of the ``positive`` flags.
+        threshold: decision threshold of the ``positive`` flags (a subtype is flagged only with ``any``:
+            :func:`rsna19.calibration.consistent_flags`).
 
     Returns:
         ``{"n_slices", "threshold", "max_probability": {class: p}, "positive": {class: bool},
@@ -295,11 +319,66 @@ def summarise_study(df_slices: pd.DataFrame, top_k: int = 5, threshold: float = 
         if "series_uid" in df.columns:
             entry["series_uid"] = str(df.at[i, "series_uid"])
         top.append(entry)
+    flags, _withheld = consistent_flags({c: bool(p >= threshold) for c, p in zip(CLASSES, maxima)})
     return {
         "n_slices": len(df),
         "threshold": threshold,
         "max_probability": {c: round(float(p), 6) for c, p in zip(CLASSES, maxima)},
-        "positive": {c: bool(p >= threshold) for c, p in zip(CLASSES, maxima)},
-        "positive_classes": [c for c, p in zip(CLASSES, maxima) if p >= threshold],
+        "positive": flags,
+        "positive_classes": [c for c in CLASSES if flags[c]],
         "top_slices": top,
     }
+
+
+def render_not_assessable_report(
+    volume_hu: np.ndarray,
+    sop_uids: Sequence[str],
+    positions: Sequence[float],
+    out_png: str | os.PathLike[str],
+    study_uid: str,
+    reasons: Sequence[str],
+    columns: int = MIN_COLUMNS,
+) -> None:
+    """The report of a study the models cannot judge (:mod:`rsna19.inference.assess`): NOT ASSESSABLE, the reasons,
+    and up to ``columns`` slices spread over the series in the brain window. Written atomically; deterministic.
+
+    Args:
+        volume_hu: (Z, H, W) HU of the refused series.
+        sop_uids: (Z,) SOPInstanceUID (or slice UID) of each slice.
+        positions: (Z,) slice positions (mm).
+        out_png: output file.
+        study_uid: shown in the title.
+        reasons: one line each.
+    """
+    volume_hu = np.asarray(volume_hu)
+    n = int(volume_hu.shape[0])
+    shown = np.unique(np.linspace(0, max(n - 1, 0), num=min(columns, max(n, 1))).round().astype(int)) if n else []
+    lines = len(reasons)
+    header = _HEADER + 0.22 * (lines + 1)
+    fig_w = _LEFT + columns * PANEL_INCHES + _RIGHT
+    fig_h = header + _SLICE_TITLE + PANEL_INCHES + 0.2
+    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
+    fig.text(
+        0.5,
+        1 - 0.06 / fig_h,
+        f"study {study_uid} · {n} slices → NOT ASSESSABLE (no result: neither positive nor negative)",
+        ha="center",
+        va="top",
+        fontsize=11,
+        fontweight="bold",
+        color="tab:orange",
+    )
+    for i, reason in enumerate(reasons):
+        fig.text(0.5, 1 - (0.06 + _HEADER + 0.22 * i) / fig_h, reason, ha="center", va="top", fontsize=9)
+    size = PANEL_INCHES - _GAP
+    for col, z in enumerate(int(v) for v in shown):
+        left, top = _LEFT + col * PANEL_INCHES, header + _SLICE_TITLE
+        ax = fig.add_axes((left / fig_w, 1 - (top + size) / fig_h, size / fig_w, size / fig_h))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.imshow(_windowed(volume_hu[z], "brain"), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        uid = str(sop_uids[z])
+        uid = uid if len(uid) <= 18 else uid[:17] + "…"
+        ax.set_title(f"z {z} · {float(positions[z]):.1f} mm\n{uid}", fontsize=7.5, pad=3)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})

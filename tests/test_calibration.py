@@ -16,6 +16,7 @@ from rsna19.calibration import (
     apply_study_model,
     calibrate_frame,
     check_study_model,
+    consistent_flags,
     fit_platt,
     fit_study_model,
     parse_sensitivity,
@@ -173,8 +174,29 @@ def test_study_model_round_trip_and_operating_points():
     one = apply_study_model(model, oof[oof["study_uid"] == uid])
     for c in CLASSES:
         assert one["classes"][c]["probability"] == pytest.approx(cal.at[uid, f"p_{c}"], abs=1e-6)
-        assert one["classes"][c]["positive"] == bool(cal.at[uid, f"flag_{c}"])
+        assert one["classes"][c]["above_operating_point"] == bool(cal.at[uid, f"flag_{c}"])
+        # Reported: a subtype only within a positive any.
+        assert one["classes"][c]["positive"] == bool(cal.at[uid, f"flag_{c}"] and cal.at[uid, "flag_any"])
     assert one["flag"] == ("positive" if cal.at[uid, "flag_any"] else "negative")
+
+
+def test_subtypes_are_reported_only_within_a_positive_any():
+    """Each class has its own operating point; a subtype over its own on an any-negative study is withheld."""
+    slices = pd.DataFrame([[0.3, 0.05, 0.05, 0.05, 0.4, 0.2]], columns=list(PROB_COLUMNS))
+    model = {
+        "score": "max",
+        "method": "platt",
+        "classes": {c: {"a": 1.0, "b": 0.0, "threshold": 0.74 if c == "any" else 0.1, "target_sensitivity": 0.95}
+                    for c in CLASSES},
+    }  # fmt: skip
+    negative = apply_study_model(model, slices)
+    assert negative["flag"] == "negative" and negative["positive_classes"] == []
+    assert negative["subtypes_withheld"] == ["epidural", "subdural"]
+    assert negative["classes"]["subdural"]["above_operating_point"] and not negative["classes"]["subdural"]["positive"]
+    positive = apply_study_model(model, slices.assign(p_any=0.9))
+    assert positive["positive_classes"] == ["epidural", "subdural", "any"] and positive["subtypes_withheld"] == []
+    flags, withheld = consistent_flags(dict.fromkeys(CLASSES, True) | {"any": False})
+    assert not any(flags.values()) and withheld == list(CLASSES[:-1])
 
 
 def test_top3_mean_score_and_a_class_without_positives():

@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "rsna19.engine": 5,
     "rsna19.training": 6,
     "rsna19.inference": 6,
+    "rsna19.monitor": 6,  # drift: facts (uses the gate's head test), PSI, the bundle's reference
     "rsna19.submission": 6,
     "rsna19.stacking": 7,
     "rsna19.weights": 8,

@@ -283,7 +283,7 @@ def test_problems_are_reported_with_message_and_count(validated, capsys):
     assert p["not_in_labels"]["studies"] == ["CQ500-CT-5"] and p["not_in_labels"]["count"] == 1
     assert p["not_in_data"]["studies"] == ["CQ500-CT-77"] and p["not_in_data"]["count"] == 1
     assert p["missing_reads"]["studies"] == ["CQ500-CT-1"] and p["missing_reads"]["details"]["CQ500-CT-1"] == "R2:SAH"
-    assert info["n_studies"] == {"ok": 5, "unreadable": 1, "not_in_labels": 1, "not_in_data": 1}
+    assert info["n_studies"] == {"ok": 5, "unreadable": 1, "not_assessable": 0, "not_in_labels": 1, "not_in_data": 1}
     table = pd.read_csv(validated["out"] / "studies.csv").set_index("study_key")
     assert table.loc["CQ500-CT-90", "status"] == "unreadable" and table.loc["CQ500-CT-77", "status"] == "not_in_data"
     summary = (validated["out"] / "summary.txt").read_text()

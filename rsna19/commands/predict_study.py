@@ -70,7 +70,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="also write, per study, a DICOM Structured Report (TID 1500: calibrated probabilities, flags, operating "
         "points, the slices that drove them, the bundle's checksum and version) and a Secondary Capture of the "
-        "report picture, both in the source study (new series; file names are the new UIDs, no patient data)",
+        "report picture, both in the source study (new series; file names are the new UIDs, no patient data), and "
+        "for a positive study its bleed map as a DICOM Segmentation (SEG, highdicom)",
+    )
+    p.add_argument(
+        "--no-seg",
+        dest="seg",
+        action="store_false",
+        help="with --dicom-out: no DICOM SEG bleed map (the report keeps the Grad-CAM overlay)",
     )
     p.set_defaults(func=run)
 
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         all_series=args.all_series,
         include_contrast=args.include_contrast,
         source_headers=args.dicom_out is not None,
+        seg=args.seg and args.dicom_out is not None,
     )
     predictor = StudyPredictor.load(
         args.bundle,
@@ -99,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     summary = predict_studies(args.path, predictor, args.out, workers=args.workers, dicom_out=args.dicom_out).summary
     print(
         f"predict-study: {summary['n_ok']} of {summary['n_studies']} studies predicted in {summary['total_s']:.1f} s "
-        f"(bundle loaded in {summary['bundle_load_s']:.1f} s); outputs in {args.out}"
+        f"(bundle loaded in {summary['bundle_load_s']:.1f} s)"
+        + (f", {summary['n_not_assessable']} not assessable" if summary.get("n_not_assessable") else "")
+        + f"; outputs in {args.out}"
     )
-    return 0 if summary["n_ok"] > 0 else 1
+    return 0 if summary["n_ok"] + summary.get("n_not_assessable", 0) > 0 else 1

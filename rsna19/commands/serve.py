@@ -77,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--silent", action="store_const", const=True, help="predict and record every study, send nothing (site trial)"
     )
+    p.add_argument("--no-seg", dest="seg", action="store_const", const=False, help="no DICOM SEG bleed map")
     p.set_defaults(func=run)
 
 
@@ -111,6 +112,7 @@ KEYS = (
     "worker_isolation",
     "study_timeout_s",
     "silent",
+    "seg",
 )
 
 

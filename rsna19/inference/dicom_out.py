@@ -6,19 +6,24 @@ modules copied from the source images, each in a new series):
 * ``SR_<SOPInstanceUID>.dcm``: a Comprehensive 3D SR holding a TID 1500 *Imaging Measurement Report* (procedure
   reported: LOINC 24725-4 "Head CT"). One measurement group per class (``any`` first, then the subtypes), with:
 
-  - finding type: SCT 1386000 "Intracranial hemorrhage" for ``any``; the subtypes in the private coding scheme
-    ``99RSNA19`` (``EDH``, ``IPH``, ``IVH``, ``SAH``, ``SDH``);
+  - finding type: SNOMED CT (:data:`FINDING_CODES`): 1386000 *Intracranial hemorrhage* for ``any``, 68752002
+    *Extradural hemorrhage*, 274100004 *Cerebral hemorrhage* (RSNA's intraparenchymal), 274110009
+    *Intraventricular hemorrhage*, 21454007 *Subarachnoid intracranial hemorrhage*, 35486000 *Subdural
+    intracranial hemorrhage*;
   - measurements (unit UCUM ``1``): DCM 122157 *Probability* (the calibrated study probability), DCM 111071
     *CAD Operating Point* (its threshold), DCM 111088 *Case Sensitivity* (the target sensitivity the threshold
-    was chosen for on the OOF studies) and ``99RSNA19 SCORE`` *Study score* (the uncalibrated score: the max
-    slice probability);
+    was chosen for on the OOF studies) and SCT 246262008 *Score* (the uncalibrated study score: the max slice
+    probability); every code is DCM, SCT, LN or UCUM: no private coding scheme;
   - a qualitative evaluation: the finding, SCT 52101004 *Present* or SCT 272519000 *Absent* (the flag at the
-    operating point);
+    operating point; a subtype is *Present* only within a positive ``any``, and a subtype over its own operating
+    point on an ``any``-negative study carries a DCM 121106 *Comment* saying why it is not reported); a study that
+    is not assessable (:mod:`rsna19.inference.assess`) gets SCT 82334004 *Indeterminate* for every finding, no
+    numbers, and the reasons as a *Comment*;
   - source images: the slices that drove the result (the class's highest slice probabilities), referenced by
     SOP class and instance UID; a frame of a multi-frame (Enhanced CT) image is referenced as the file's own
     SOPInstanceUID plus its ReferencedFrameNumber (never the ``<uid>.f<frame>`` slice UID used inside rsna19);
   - algorithm identification (TID 4019): name ``rsna19``, the package version, and the parameters
-    ``bundle_sha256=…``, ``bundle_version=…``, ``study_model=platt/<score>``.
+    ``bundle_sha256=…``, ``bundle_version=…``, ``study_model=platt/<score>``, ``subtypes=within_positive_any``.
 
   The SR's Current Requested Procedure Evidence lists every instance (file) of the predicted series.
 * ``SC_<SOPInstanceUID>.dcm``: the report picture as an RGB Secondary Capture image.
@@ -40,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from rsna19.calibration import SUBTYPE_RULE
 from rsna19.constants import CLASSES
 from rsna19.io.multiframe import frame_sop_uid, is_multiframe
 from rsna19.utils.atomic import atomic_path
@@ -47,8 +53,8 @@ from rsna19.utils.atomic import atomic_path
 if TYPE_CHECKING:
     from rsna19.inference.result import StudyResult
 
-#: Private coding scheme of the subtype findings and the study score (no verified standard codes for all five).
-CODING_SCHEME = "99RSNA19"
+#: SNOMED CT *Score* (attribute): the NUM item of the uncalibrated study score (no private coding scheme is used).
+SCORE_CODE = ("246262008", "Score")
 #: Series numbers of the new series (high, to stay clear of a scanner's numbering).
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
@@ -69,12 +75,15 @@ _TYPE2_FROM_SOURCE = (
     "AccessionNumber",
 )
 
-_SUBTYPE_CODES = {
-    "epidural": ("EDH", "Epidural hemorrhage"),
-    "intraparenchymal": ("IPH", "Intraparenchymal hemorrhage"),
-    "intraventricular": ("IVH", "Intraventricular hemorrhage"),
-    "subarachnoid": ("SAH", "Subarachnoid hemorrhage"),
-    "subdural": ("SDH", "Subdural hemorrhage"),
+#: SNOMED CT concept of each class's finding (concept ID, fully specified name without the semantic tag). The RSNA
+#: "intraparenchymal" class is SNOMED CT's cerebral (intracerebral) hemorrhage; "epidural" its extradural one.
+FINDING_CODES: dict[str, tuple[str, str]] = {
+    "any": ("1386000", "Intracranial hemorrhage (disorder)"),
+    "epidural": ("68752002", "Extradural hemorrhage"),
+    "intraparenchymal": ("274100004", "Cerebral hemorrhage"),
+    "intraventricular": ("274110009", "Intraventricular hemorrhage"),
+    "subarachnoid": ("21454007", "Subarachnoid intracranial hemorrhage"),
+    "subdural": ("35486000", "Subdural intracranial hemorrhage"),
 }
 
 
@@ -103,14 +112,15 @@ class DicomOutputs:
 
 
 def finding_code(cls: str) -> Any:
-    """The coded finding of a class (``any``: SNOMED CT intracranial hemorrhage; subtypes: ``99RSNA19``)."""
+    """The coded finding of a class: a SNOMED CT concept (:data:`FINDING_CODES`) for ``any`` and every subtype."""
     from highdicom.sr import CodedConcept
-    from pydicom.sr.codedict import codes
 
-    if cls == "any":
+    if cls == "any":  # as it always was: pydicom's SCT concept
+        from pydicom.sr.codedict import codes
+
         return codes.SCT.IntracranialHemorrhage
-    value, meaning = _SUBTYPE_CODES[cls]
-    return CodedConcept(value=value, scheme_designator=CODING_SCHEME, meaning=meaning)
+    value, meaning = FINDING_CODES[cls]
+    return CodedConcept(value=value, scheme_designator="SCT", meaning=meaning)
 
 
 def read_source_header(path: str | os.PathLike[str]) -> Any | None:
@@ -211,64 +221,105 @@ def top_slice_uids(slices: pd.DataFrame, cls: str, k: int = TOP_SLICES_PER_CLASS
     return [str(slices["sop_uid"].iloc[i]) for i in order]
 
 
+def _finding_group(
+    cls: str,
+    r: dict[str, Any] | None,
+    sources: SourceSlices,
+    slices: pd.DataFrame,
+    algo: Any,
+    tracking_uid: str,
+    comment: str | None,
+) -> Any:
+    """One TID 1501 measurement group: a class's finding, its numbers (``r``; None: not assessable) and evidence."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    unit = codes.UCUM.NoUnits
+    finding = finding_code(cls)
+    measurements = None
+    if r is not None:
+        score_code = hd.sr.CodedConcept(value=SCORE_CODE[0], scheme_designator="SCT", meaning=SCORE_CODE[1])
+        measurements = [
+            hd.sr.Measurement(name=codes.DCM.Probability, value=float(r["probability"]), unit=unit),
+            hd.sr.Measurement(name=codes.DCM.CADOperatingPoint, value=float(r["threshold"]), unit=unit),
+            hd.sr.Measurement(name=codes.DCM.CaseSensitivity, value=float(r["target_sensitivity"]), unit=unit),
+            hd.sr.Measurement(name=score_code, value=float(r["score"]), unit=unit),
+        ]
+        value = codes.SCT.Present if r["positive"] else codes.SCT.Absent
+    else:
+        value = codes.SCT.Indeterminate
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"rsna19 {cls}"),
+        finding_type=finding,
+        algorithm_id=algo,
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=value)],
+        source_images=source_images(top_slice_uids(slices, cls), sources) if r is not None else None,
+    )
+    if comment:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment, value=comment[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        )
+    return group
+
+
+def finding_comments(study_result: dict[str, Any] | None, assessment: dict[str, Any] | None) -> dict[str, str]:
+    """Class → the SR's comment on its finding: why a study is not assessable, or why a subtype is not reported."""
+    if assessment is not None and not assessment.get("assessable", True):
+        why = "; ".join(str(r["message"]) for r in assessment.get("reasons", []))
+        return dict.fromkeys(("any", *CLASSES[:-1]), f"not assessable: {why}")
+    if study_result is None:
+        return {}
+    return {
+        c: f"over its own operating point, not reported: {SUBTYPE_RULE} ('any' is negative)"
+        for c in study_result.get("subtypes_withheld") or []
+    }
+
+
 def build_sr(
     sources: SourceSlices,
     slices: pd.DataFrame,
-    study_result: dict[str, Any],
+    study_result: dict[str, Any] | None,
     identity: dict[str, Any],
     sop_uid: str,
     series_uid: str,
+    assessment: dict[str, Any] | None = None,
 ) -> Any:
     """The Comprehensive 3D SR (TID 1500) of one study.
 
     Args:
         sources: the source files of the predicted series (the evidence) and where each slice lies in them.
         slices: the study's slices (``sop_uid``, ``p_<class>``).
-        study_result: the calibrated study result (:func:`rsna19.calibration.apply_study_model`).
+        study_result: the calibrated study result (:func:`rsna19.calibration.apply_study_model`); None for a study
+            that is not assessable.
         identity: ``rsna19_version``, ``bundle_sha256``, ``bundle_version`` (and ``study_score``).
         sop_uid, series_uid: of the new SR.
+        assessment: the not-assessable gate's verdict (:mod:`rsna19.inference.assess`); when the study is not
+            assessable every finding is SCT *Indeterminate*, without numbers, with the reasons as a comment.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    algo = hd.sr.AlgorithmIdentification(
-        name="rsna19",
-        version=str(identity["rsna19_version"]),
-        parameters=[
-            f"bundle_sha256={identity['bundle_sha256']}",
-            f"bundle_version={identity['bundle_version']}",
-            f"study_model={study_result['method']}/{study_result['score']}",
-        ],
-    )
-    unit = codes.UCUM.NoUnits
-    score_code = hd.sr.CodedConcept(value="SCORE", scheme_designator=CODING_SCHEME, meaning="Study score")
+    not_assessable = assessment is not None and not assessment.get("assessable", True)
+    if study_result is None and not not_assessable:
+        raise ValueError("build_sr: a study result or a not-assessable verdict is needed")
+    params = [
+        f"bundle_sha256={identity['bundle_sha256']}",
+        f"bundle_version={identity['bundle_version']}",
+    ]
+    if study_result is not None:
+        params += [f"study_model={study_result['method']}/{study_result['score']}", "subtypes=within_positive_any"]
+    algo = hd.sr.AlgorithmIdentification(name="rsna19", version=str(identity["rsna19_version"]), parameters=params)
     headers = sources.headers
     study_uid = str(next(iter(headers.values())).StudyInstanceUID)
+    comments = finding_comments(study_result, assessment)
     groups = []
     for cls in ("any", *CLASSES[:-1]):
-        r = study_result["classes"][cls]
-        finding = finding_code(cls)
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=_uid(identity["bundle_sha256"], study_uid, f"tracking/{cls}"), identifier=f"rsna19 {cls}"
-                ),
-                finding_type=finding,
-                algorithm_id=algo,
-                measurements=[
-                    hd.sr.Measurement(name=codes.DCM.Probability, value=float(r["probability"]), unit=unit),
-                    hd.sr.Measurement(name=codes.DCM.CADOperatingPoint, value=float(r["threshold"]), unit=unit),
-                    hd.sr.Measurement(name=codes.DCM.CaseSensitivity, value=float(r["target_sensitivity"]), unit=unit),
-                    hd.sr.Measurement(name=score_code, value=float(r["score"]), unit=unit),
-                ],
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(
-                        name=finding, value=codes.SCT.Present if r["positive"] else codes.SCT.Absent
-                    )
-                ],
-                source_images=source_images(top_slice_uids(slices, cls), sources),
-            )
-        )
+        r = None if not_assessable or study_result is None else study_result["classes"][cls]
+        uid = _uid(identity["bundle_sha256"], study_uid, f"tracking/{cls}")
+        groups.append(_finding_group(cls, r, sources, slices, algo, uid, comments.get(cls)))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -333,9 +384,10 @@ def write_study_dicom(
     out: str | os.PathLike[str],
     files: Sequence[str | os.PathLike[str] | Mapping[str, Any]] | SourceSlices,
     slices: pd.DataFrame,
-    study_result: dict[str, Any],
+    study_result: dict[str, Any] | None,
     identity: dict[str, Any],
     report_png: str | os.PathLike[str],
+    assessment: dict[str, Any] | None = None,
 ) -> DicomOutputs:
     """Write the SR and the SC of one study into ``out``.
 
@@ -345,9 +397,11 @@ def write_study_dicom(
             paths (:func:`read_source_slices`), or their headers already read: the SR's evidence and the source of
             the patient/study modules.
         slices: the study's predicted slices (``sop_uid``, ``p_<class>``).
-        study_result: the calibrated result (``studies.json``'s ``study_result``).
+        study_result: the calibrated result (``studies.json``'s ``study_result``); None when not assessable.
         identity: ``rsna19_version``, ``bundle_sha256``, ``bundle_version``.
         report_png: the study's report picture.
+        assessment: ``studies.json``'s ``assessment`` (:mod:`rsna19.inference.assess`); a study that is not
+            assessable gets an SR of *Indeterminate* findings with the reasons.
 
     Raises:
         ValueError: no readable source header among ``files``.
@@ -367,7 +421,7 @@ def write_study_dicom(
         # Source UIDs that break the UI rules (RSNA's "ID_<hex>") are copied as they are: the SR and SC must
         # name the source study exactly; pydicom warns about each on write.
         warnings.simplefilter("ignore", UserWarning)
-        sr = build_sr(sources, slices, study_result, identity, sr_uid, _uid(sha, study_uid, "sr-series"))
+        sr = build_sr(sources, slices, study_result, identity, sr_uid, _uid(sha, study_uid, "sr-series"), assessment)
         sc = build_sc(ref, report_png, sc_uid, _uid(sha, study_uid, "sc-series"))
         sr_path, sc_path = out / f"SR_{sr_uid}.dcm", out / f"SC_{sc_uid}.dcm"
         for ds, path in ((sr, sr_path), (sc, sc_path)):
@@ -383,14 +437,18 @@ def write_result_dicom(
     out: str | os.PathLike[str], result: StudyResult, identity: dict[str, Any], report_png: str | os.PathLike[str]
 ) -> DicomOutputs:
     """:func:`write_study_dicom` of a predicted study: its slices, calibrated result and source headers (read by
-    the predictor while the input existed, else now from the slice references).
+    the predictor while the input existed, else now from the slice references); of a not-assessable study: the
+    refused series' slices and the gate's verdict (every finding *Indeterminate*).
 
     Raises:
         ValueError: the study has no calibrated result, or no readable source header.
     """
+    sources = result.sources if result.sources is not None else result.slice_refs()
+    if not result.assessable and result.refused is not None:  # every finding Indeterminate, with the reasons
+        slices = pd.DataFrame({"sop_uid": [str(u) for u in result.refused[1]["sop_uids"]]})
+        return write_study_dicom(out, sources, slices, None, identity, report_png, assessment=result.assessment)
     if result.study_result is None:
         raise ValueError("the study has no calibrated result (a bundle without a study model)")
-    sources = result.sources if result.sources is not None else result.slice_refs()
     return write_study_dicom(out, sources, result.slices(), result.study_result, identity, report_png)
 
 

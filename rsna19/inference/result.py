@@ -2,7 +2,9 @@
 
 A :class:`StudyResult` holds everything the outputs of ``predict-study`` are made of: the series chosen (and the
 reasons for the others), per-slice probabilities of every base model and of the stacker, the study result, the
-timings, the top slices and the Grad-CAM map. The writers (:mod:`rsna19.inference.study_outputs`, the DICOM SR / SC
+timings, the top slices and the Grad-CAM map; the not-assessable gate's verdict (:mod:`rsna19.inference.assess`), the
+bleed map of the DICOM SEG (:mod:`rsna19.inference.seg_out`) and the input facts of the drift watch
+(:mod:`rsna19.monitor.facts`). The writers (:mod:`rsna19.inference.study_outputs`, the DICOM SR / SC
 of :mod:`rsna19.inference.dicom_out`) take a :class:`StudyResult`; nothing reads back a file the predictor wrote.
 """
 
@@ -93,6 +95,17 @@ class StudyResult:
         cam: (H, W) float32 Grad-CAM map of ``any`` over the top slice of :attr:`report_series`, in the frame of
             its volume; None when not drawn.
         cam_note: why there is no map although one was asked for.
+        assessment: the not-assessable gate's verdict of the study (:func:`rsna19.inference.assess.study_assessment`:
+            ``assessable``, ``reasons``, ``checks``, per series); None when no series reached the gate.
+        refused: the last series the gate refused: its (Z, H, W) HU volume and conversion meta (with ``refs``, its
+            slice references), for the not-assessable report; None when none was refused.
+        not_assessable: the reasons, joined, when the study is not assessable (every series refused: no model ran,
+            no result); else None.
+        bleed: the bleed map of the report series (:class:`rsna19.inference.seg_out.BleedMap`, in the frame the
+            models saw) for the DICOM SEG and the report picture; None when not asked for or not drawn.
+        bleed_note: why there is no bleed map although one was asked for.
+        input_facts: the drift watch's input facts (:func:`rsna19.monitor.facts.study_input_facts`) of the report
+            series, or of the refused series of a not-assessable study; None when no series was converted.
         sources: the source headers of the predicted slices (:class:`rsna19.inference.dicom_out.SourceSlices`),
             read while the input files existed, when DICOM outputs were asked for; else None.
         error: why the study could not be predicted; None when it was.
@@ -110,6 +123,12 @@ class StudyResult:
     study_result: dict[str, Any] | None = None
     cam: np.ndarray | None = None
     cam_note: str | None = None
+    assessment: dict[str, Any] | None = None
+    refused: tuple[np.ndarray, dict[str, Any]] | None = None
+    not_assessable: str | None = None
+    bleed: Any = None
+    bleed_note: str | None = None
+    input_facts: dict[str, Any] | None = None
     sources: Any = None
     error: str | None = None
     seconds: float = 0.0
@@ -130,6 +149,11 @@ class StudyResult:
     def ok(self) -> bool:
         """True when the study was predicted."""
         return self.error is None and bool(self.series)
+
+    @property
+    def assessable(self) -> bool:
+        """False when the gate refused every series of the study (a not-assessable study has no result)."""
+        return self.not_assessable is None
 
     def slices(self) -> pd.DataFrame:
         """``slices.csv`` rows of the study (:data:`SLICE_COLUMNS`): the stacked probabilities of every slice."""
@@ -156,8 +180,11 @@ class StudyResult:
         return max(self.series, key=lambda sp: float(sp.stacked[:, -1].max()))
 
     def slice_refs(self) -> list[dict[str, Any]]:
-        """The slice references (``path``, ``frame``, ``sop_uid``) of every predicted series."""
+        """The slice references (``path``, ``frame``, ``sop_uid``) of every predicted series (of the refused series
+        of a not-assessable study)."""
         predicted = {sp.series_uid for sp in self.series}
+        if not predicted and self.refused is not None:
+            predicted = {str(self.refused[1]["series_uid"])}
         return [r for s in self.study.used if s.series_uid in predicted for r in s.slice_refs()]
 
     def entry(self) -> dict[str, Any]:
@@ -170,10 +197,17 @@ class StudyResult:
                 d.update(done[d["series_uid"]].info, seconds=done[d["series_uid"]].seconds)
         if self.failed is not None:
             entry["series_failed"] = self.failed
+        entry["assessment"] = self.assessment
         if self.error is not None:
             entry.update(status="error", error=self.error)
+        elif self.not_assessable is not None:
+            entry.update(status="not_assessable", not_assessable=self.not_assessable, study_result=None)
+            if self.refused is not None:
+                entry["report_series"] = str(self.refused[1]["series_uid"])
         elif self.series:
             entry.update(self._prediction_entry())
+        if self.input_facts is not None:
+            entry["input_facts"] = self.input_facts
         entry["seconds"] = round(self.seconds, 3)
         return entry
 

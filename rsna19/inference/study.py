@@ -13,7 +13,11 @@ where a 2D model allows it). A study that fails is reported with its message; th
 
 With a study model in the bundle (:mod:`rsna19.calibration`), each study also gets ``study_result`` (calibrated
 probabilities, operating points, flags), drawn on the report; ``dicom_out`` adds a DICOM SR and Secondary Capture
-per study (:mod:`rsna19.inference.dicom_out`). ``studies.json`` records the bundle's SHA-256 and version.
+per study (:mod:`rsna19.inference.dicom_out`) and, for a positive study whose bleed map was drawn (the predictor's
+``seg`` option), a DICOM SEG (:mod:`rsna19.inference.seg_out`). A study the not-assessable gate refused
+(:mod:`rsna19.inference.assess`) gets ``status: "not_assessable"`` with the reasons, a report picture saying so and
+an SR of *Indeterminate* findings (:mod:`rsna19.inference.assess_out`). ``studies.json`` records the bundle's
+SHA-256 and version.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rsna19.inference.assess_out import write_not_assessable
 from rsna19.inference.dicom_out import write_result_dicom
 from rsna19.inference.result import MODEL_COLUMNS, SLICE_COLUMNS, StudyResult
+from rsna19.inference.seg_out import study_seg
 from rsna19.inference.study_predictor import StudyPredictor, StudySource, message
 from rsna19.report import render_study_report
 from rsna19.utils.atomic import write_csv, write_text
@@ -49,8 +55,10 @@ def report_name(study_uid: str) -> str:
 
 
 def write_report(result: StudyResult, png: Path) -> None:
-    """Draw the report of a predicted study (its :attr:`~StudyResult.report_series`) into ``png``, atomically."""
+    """Draw the report of a predicted study (its :attr:`~StudyResult.report_series`) into ``png``, atomically; the
+    bleed map of the top slice in red when the study has one (:attr:`StudyResult.bleed`)."""
     best = result.report_series
+    top = int(np.argmax(best.stacked[:, -1]))
     render_study_report(
         best.volume,
         np.clip(best.stacked, 0.0, 1.0),
@@ -62,28 +70,36 @@ def write_report(result: StudyResult, png: Path) -> None:
         cam=result.cam,
         threshold=result.threshold,
         study_result=result.study_result,
+        seg_mask=result.bleed.overlay(top) if result.bleed is not None else None,
     )
 
 
 def write_study_outputs(
     result: StudyResult, out: Path, identity: dict[str, Any], dicom_out: str | os.PathLike[str] | None = None
 ) -> dict[str, Any]:
-    """Write the report picture (and the DICOM SR / SC) of one study; returns its ``studies.json`` entry.
+    """Write the report picture (and the DICOM SR / SC / SEG) of one study; returns its ``studies.json`` entry.
 
     Args:
         result: the study as predicted.
         out: folder of the report picture.
-        identity: the bundle's identity (:meth:`StudyPredictor.identity`), written into the SR.
-        dicom_out: folder of the SR and SC; None writes none.
+        identity: the bundle's identity (:meth:`StudyPredictor.identity`), written into the SR and SEG.
+        dicom_out: folder of the SR, SC and SEG; None writes none. The SEG is written when the predictor drew a
+            bleed map (``seg`` option: :attr:`StudyResult.bleed`, or the reason in ``seg_note``).
     """
     entry = result.entry()
+    png = out / report_name(result.study_uid)
+    if result.error is None and not result.assessable:
+        write_not_assessable(result, entry, png, dicom_out, identity)
+        return entry
     if not result.ok:
         return entry
-    png = out / report_name(result.study_uid)
     write_report(result, png)
     entry["report"] = png.name
     if dicom_out is not None:
         entry["dicom"] = _study_dicom(dicom_out, result, identity, png)
+        if (result.bleed is not None or result.bleed_note is not None) and "error" not in entry["dicom"]:
+            best = result.report_series
+            entry["dicom"].update(study_seg(dicom_out, result.study, best, result.bleed, result.bleed_note, identity))
     return entry
 
 
@@ -159,6 +175,7 @@ def predict_studies(
             model_frames.append(result.models())
             if not keep_results:
                 result.series, result.cam, result.sources = [], None, None
+                result.refused, result.bleed = None, None
             results.append(result)
         files_skipped = inputs.to_dict()["files_skipped"]
     slices = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SLICE_COLUMNS))
@@ -188,6 +205,7 @@ def _summary(
         "n_studies": len(entries),
         "n_ok": sum(s["status"] == "ok" for s in entries),
         "n_errors": sum(s["status"] == "error" for s in entries),
+        "n_not_assessable": sum(s["status"] == "not_assessable" for s in entries),
         "bundle_load_s": round(predictor.load_s, 3),
         "total_s": round(seconds + predictor.load_s, 3),
         "files_skipped": files_skipped,
@@ -197,6 +215,8 @@ def _summary(
 
 def _study_line(result: StudyResult) -> str:
     """The one-line message of a study."""
+    if result.error is None and not result.assessable:
+        return f"study {result.study_uid}: not assessable: {result.not_assessable}"
     if not result.ok:
         return f"study {result.study_uid}: error: {result.error}"
     p, positive = result.prediction["max_probability"], result.prediction["positive_classes"]

@@ -8,13 +8,18 @@ an already-read :class:`~rsna19.inference.inputs.StudyInput`, goes through
 0. series ranking (:mod:`rsna19.inference.series_select`, :func:`apply_selection`): the best series is predicted
    (``all_series``: every usable one), every other gets its reason;
 1. :func:`rsna19.conversion.series.convert_series` with the bundle's conversion options, i.e. exactly the training
-   conversion, into a private scratch cache; a series much thinner than the training slices is averaged into slabs
-   of the training spacing (:mod:`rsna19.inference.reformat`) and its slices later take their slab's probabilities;
+   conversion, into a private scratch cache, then the not-assessable gate (:mod:`rsna19.inference.assess`: a
+   series the models cannot judge stops here; a study whose every series is refused gets a result marked not
+   assessable, with the reasons, and no model runs); a series much thinner than the training slices is averaged
+   into slabs of the training spacing (:mod:`rsna19.inference.reformat`) and its slices later take their slab's
+   probabilities;
 2. every base model (:meth:`rsna19.engine.predictor.Predictor.predict_cache`: the family's task, input mapping,
    TTA and AMP rule), averaged over the bundled folds; a sequence model gets its embeddings from its bundled image
    model, in memory;
 3. the level-2 features (:func:`rsna19.stacking.features.build_features`) through the bundled stacker; then the
-   calibrated study result (:mod:`rsna19.calibration`) and a Grad-CAM map of ``any`` on the top slice.
+   calibrated study result (:mod:`rsna19.calibration`); with ``seg``, the bleed map of a positive study
+   (:mod:`rsna19.inference.seg_out`, drawn on the report instead of the Grad-CAM map), else a Grad-CAM map of
+   ``any`` on the top slice; and the drift watch's input facts (:mod:`rsna19.monitor.facts`).
 
 The :class:`~rsna19.inference.result.StudyResult` holds all of it; the writers of :mod:`rsna19.inference.study`
 and :mod:`rsna19.inference.dicom_out` turn it into files.
@@ -27,7 +32,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +47,16 @@ from rsna19.calibration import apply_study_model
 from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.conversion.series import convert_series, write_series
 from rsna19.errors import UserError
+from rsna19.inference.assess import NotAssessable, gate_limits
+from rsna19.inference.assess_out import StudyGate
 from rsna19.inference.dicom_out import read_source_slices
 from rsna19.inference.gradcam import grad_cam
 from rsna19.inference.inputs import SeriesInput, StudyInput, StudyInputs, collect_studies, group_files
 from rsna19.inference.reformat import needs_reformat, reformat_slabs
 from rsna19.inference.result import SeriesPrediction, StudyResult
+from rsna19.inference.seg_out import study_bleed_map
 from rsna19.inference.series_select import DEFAULT_TRAINING_SPACING_MM, SelectionPolicy, rank_series
+from rsna19.monitor.facts import series_facts, study_input_facts
 from rsna19.report import summarise_study
 from rsna19.stacking.features import Level2Data, build_features
 
@@ -72,6 +81,8 @@ class StudyOptions:
         include_contrast: let contrast / CTA / perfusion series be predicted.
         source_headers: keep the source headers of the predicted slices in the result (what the DICOM SR and
             SC are built from), read while the input files exist.
+        seg: draw the bleed map of a positive study (:mod:`rsna19.inference.seg_out`) for its DICOM SEG and the
+            report picture (instead of the Grad-CAM map).
     """
 
     top_k: int = 6
@@ -80,6 +91,7 @@ class StudyOptions:
     all_series: bool = False
     include_contrast: bool = False
     source_headers: bool = False
+    seg: bool = False
 
 
 class StudyPredictor:
@@ -96,6 +108,7 @@ class StudyPredictor:
         self.options = options
         self.load_s = load_s
         self.geometry = training_slices(bundle)
+        self.limits = gate_limits(bundle)
         self.policy = SelectionPolicy(
             training_spacing_mm=self.geometry["slice_spacing_mm"],
             all_series=options.all_series,
@@ -194,13 +207,25 @@ class StudyPredictor:
         if study.problem:
             raise UserError(study.problem)
         result.failed = []
+        gate = StudyGate(self.limits)  # the not-assessable gate (rsna19/inference/assess.py)
         for s in study.used:
             try:
                 ps = s.facts.pixel_spacing_mm if s.facts is not None else None
-                sp = predict_series(self.bundle, s.slice_refs(), cache, self.policy.training_spacing_mm, ps)
+                sp = predict_series(self.bundle, s.slice_refs(), cache, self.policy.training_spacing_mm, ps, gate=gate)
                 result.series.append(sp)
+            except NotAssessable:
+                pass  # recorded by the gate; the study is not assessable when no series is
             except Exception as exc:  # noqa: BLE001 - one bad series must not lose the study's others
                 result.failed.append({**s.to_dict(), "reason": f"conversion/prediction failed: {message(exc)}"})
+        result.assessment = gate.assessment()
+        if not result.series and gate.refused is not None:
+            volume, meta = gate.refused
+            result.refused = gate.refused
+            result.not_assessable = "; ".join(r["message"] for r in result.assessment["reasons"])
+            refs = meta.get("refs") or []
+            if refs:  # the drift watch sees refused studies too (a site sending blank images is a fact worth watching)
+                result.input_facts = series_facts(str(refs[0]["path"]), volume)
+            return
         if not result.series:
             raise UserError(
                 f"study {study.study_uid}: no series could be predicted ("
@@ -211,8 +236,13 @@ class StudyPredictor:
         result.prediction = summarise_study(slices, top_k=self.options.top_k, threshold=self.options.threshold)
         sm = self.bundle.study_model
         result.study_result = apply_study_model(sm, slices) if sm is not None else None
-        if self.options.cam:
-            best = result.report_series
+        best = result.report_series
+        result.input_facts = study_input_facts(study, best)  # for the drift watch (rsna19/monitor)
+        if self.options.seg:  # the bleed map of the SEG, also drawn on the report picture
+            result.bleed, result.bleed_note = study_bleed_map(
+                self.bundle, cache, best, _rows(best.meta), result.study_result
+            )
+        if self.options.cam and result.bleed is None:
             try:
                 z_top = int(np.argmax(best.stacked[:, -1]))
                 result.cam = top_slice_cam(self.bundle, cache, _rows(best.meta), z_top, best.volume.shape[1:])
@@ -390,6 +420,7 @@ def predict_series(
     cache: Path,
     training_spacing_mm: float | None = None,
     pixel_spacing_mm: float | None = None,
+    gate: Callable[[np.ndarray, dict[str, Any], list[dict[str, Any]]], None] | None = None,
 ) -> SeriesPrediction:
     """Convert one series like the training cache, predict it with every model and the stacker.
 
@@ -403,6 +434,9 @@ def predict_series(
             of it first (:mod:`rsna19.inference.reformat`). None: never reformat.
         pixel_spacing_mm: the series' in-plane pixel spacing (from its headers), for :func:`in_plane_spacing`;
             None converts with the bundle's options as they are.
+        gate: called with the converted (Z, H, W) HU volume, its meta and the slice references before any model
+            runs; it raises (:class:`rsna19.inference.assess.NotAssessable`) to stop a series the models cannot
+            judge.
     """
     c = bundle.convert
     t0 = time.perf_counter()
@@ -412,6 +446,8 @@ def predict_series(
         spacing, why = in_plane_spacing(bundle, pixel_spacing_mm)
     refs = [dict(r) if isinstance(r, Mapping) else {"path": os.fspath(r)} for r in slices]
     volume, meta = convert_series(refs, crop=c["crop"], spacing=spacing, correct_tilt=c["correct_tilt"])
+    if gate is not None:
+        gate(volume, meta, refs)
     t1 = time.perf_counter()
     sp = SeriesPrediction(str(meta["series_uid"]), volume, meta)
     sp.info["in_plane"] = {"spacing_mm": spacing, "crop_px": c["crop"], "why": why}

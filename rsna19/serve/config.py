@@ -161,6 +161,8 @@ class ServeConfig:
         study_timeout_s: a study whose prediction runs longer is failed with the reason and its worker process is
             replaced (0: no limit; process isolation only).
         silent: predict and record every study, send nothing (a site's trial period).
+        seg: write each positive study's bleed map as a DICOM SEG and send it with the SR and SC
+            (:mod:`rsna19.inference.seg_out`); ``--no-seg`` leaves it out.
     """
 
     #: YAML keys that stand for a field (the flag's name ``--destination`` adds to ``destinations``).
@@ -217,6 +219,8 @@ class ServeConfig:
         if self.token:
             out.setdefault("token", self.token)
         return out
+
+    seg: bool = True
 
     @property
     def destination_nodes(self) -> list[Destination]:

@@ -104,7 +104,7 @@ class Sender(threading.Thread):
         """One attempt per pending destination of one study; returns the study's status afterwards."""
         uid = row["study_uid"]
         result = json.loads(row["result"] or "{}")
-        files = [self.spool.root / result[k] for k in ("sr", "sc") if result.get(k)]
+        files = [self.spool.root / result[k] for k in ("sr", "sc", "seg") if result.get(k)]
         status = row["status"]
         for d in self.db.deliveries(uid):
             if d["status"] != "pending":

@@ -66,7 +66,10 @@ def study_summary(entry: dict[str, Any], out: Path) -> dict[str, Any]:
         the flags are null.
     """
     sr = entry.get("study_result")
-    if sr is not None:
+    if entry.get("status") == "not_assessable":  # the gate (rsna19/inference/assess.py): no probability, no flag
+        probs: dict[str, float | None] = dict.fromkeys(CLASSES)
+        flags = None
+    elif sr is not None:
         probs = {c: float(sr["classes"][c]["probability"]) for c in CLASSES}
         flags: dict[str, bool] | None = {c: bool(sr["classes"][c]["positive"]) for c in CLASSES}
     else:
@@ -89,6 +92,11 @@ def study_summary(entry: dict[str, Any], out: Path) -> dict[str, Any]:
         "dicom_error": dicom.get("error"),
         "series_used": [s.get("series_uid") for s in entry.get("series_used", [])],
         "predict_seconds": entry.get("seconds"),
+        "assessable": entry.get("status") != "not_assessable",
+        "not_assessable": entry.get("not_assessable"),
+        "seg": f"{rel}/dicom/{dicom['seg']}" if dicom.get("seg") else None,
+        "seg_uid": dicom.get("seg_sop_instance_uid"),
+        "drift_facts": entry.get("input_facts"),
         # Hooks for what predict-study may add to a study entry; carried as they are, shown by the worklist.
         **{k: entry[k] for k in HOOK_FIELDS if entry.get(k) is not None},
     }
@@ -106,7 +114,7 @@ def load_predictor(cfg: ServeConfig, bundle: Any = None) -> Any:
     torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers))
     if bundle is None:
         bundle = load_bundle(cfg.bundle, device=cfg.device)
-    return StudyPredictor(bundle, StudyOptions(cam=cfg.cam, source_headers=True))
+    return StudyPredictor(bundle, StudyOptions(cam=cfg.cam, source_headers=True, seg=cfg.seg))
 
 
 def predict_one(predictor: Any, spool: Spool, row: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +143,7 @@ def predict_one(predictor: Any, spool: Spool, row: dict[str, Any]) -> dict[str, 
         why = "; ".join(sorted({str(s.get("reason")) for s in skipped})[:3]) if skipped else "no readable series"
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"no CT study {uid} among the spooled files ({why})")
-    if entry.get("status") != "ok":
+    if entry.get("status") not in ("ok", "not_assessable"):  # not assessable is an answer (SR, SC, report)
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(str(entry.get("error") or "prediction failed"))
     shutil.rmtree(final, ignore_errors=True)
@@ -282,8 +290,10 @@ class Worker(threading.Thread):
         destinations = [] if self.cfg.silent else self.cfg.destinations
         status = self.db.finish(uid, started_s=row["started_s"], result=result, error=error, destinations=destinations)
         extra: dict[str, Any] = {"study_uid": uid, "status": status, "worker": self.index}
-        if result:
+        if result and result.get("p_any") is not None:
             extra.update(p_any=round(result["p_any"], 4), flag=result["flag"])
+        elif result:
+            extra.update(not_assessable=result.get("not_assessable"))
         if error:
             extra["error"] = error
         log.log(logging.ERROR if status == "failed" else logging.INFO, "study_finished", extra=extra)

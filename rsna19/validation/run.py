@@ -51,7 +51,7 @@ from rsna19.validation.stats import VALIDATION_COLUMNS, class_rows, confusion, r
 
 log = logging.getLogger(__name__)
 
-STATUSES: tuple[str, ...] = ("ok", "unreadable", "not_in_labels", "not_in_data")
+STATUSES: tuple[str, ...] = ("ok", "unreadable", "not_assessable", "not_in_labels", "not_in_data")
 
 
 def study_keys(summary: dict[str, Any], fmt: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -95,8 +95,11 @@ def study_table(
     for uid, key in key_of.items():
         uids.setdefault(key, []).append(uid)
     errors: dict[str, list[str]] = {}
+    refused: dict[str, list[str]] = {}  # the not-assessable gate (rsna19/inference/assess.py): no result, no metric
     for s in summary["studies"]:
-        if s["status"] != "ok":
+        if s["status"] == "not_assessable":
+            refused.setdefault(key_of[s["study_uid"]], []).append(str(s.get("not_assessable") or "not assessable"))
+        elif s["status"] != "ok":
             errors.setdefault(key_of[s["study_uid"]], []).append(s.get("error") or "failed")
     sl = slices.assign(study_uid=slices["study_uid"].astype(str).map(key_of))
     probs = calibrate_frame(model, sl) if len(sl) else pd.DataFrame()
@@ -108,6 +111,9 @@ def study_table(
             row["status"] = "ok" if key in ref.labels.index else "not_in_labels"
             # A key with two studies (one CQ500 folder, two StudyInstanceUIDs) of which one failed keeps the error.
             row["reason"] = "; ".join(f"partly unreadable: {e}" for e in errors.get(key, []))
+        elif key in refused:
+            row["status"] = "not_assessable"
+            row["reason"] = "; ".join(refused[key])
         elif key in uids or key in folder_problems:
             row["status"] = "unreadable"
             row["reason"] = "; ".join(errors.get(key, [])) or folder_problems.get(key, "no series could be predicted")
@@ -340,6 +346,11 @@ def _problems(table: pd.DataFrame, ref: Reference, summary: dict[str, Any], fmt:
     return {
         "unreadable": entry(
             "studies in DATA that could not be read or predicted (not evaluated)", by["unreadable"], unread
+        ),
+        "not_assessable": entry(
+            "studies the models cannot judge (not assessable: no result, not evaluated)",
+            by["not_assessable"],
+            table.loc[by["not_assessable"], "reason"].to_dict(),
         ),
         "not_in_labels": entry(
             f"studies in DATA without a row in the {'reads' if fmt == 'cq500' else 'labels'} (not evaluated)",
