@@ -121,6 +121,8 @@ class Sender(threading.Thread):
                 attempt = int(d["attempts"]) + 1
                 give_up = attempt >= self.cfg.send_retries
                 wait = min(self.cfg.retry_backoff_s * 2 ** (attempt - 1), self.cfg.retry_backoff_max_s)
+                if give_up:  # the files are safe in the dead-letter folder before the study reads as failed
+                    self.dead_letter(row, files, d["destination"], error, attempt)
                 self.db.delivery_failed(uid, d["destination"], error, None if give_up else time.time() + wait)
                 log.warning(
                     "send_failed",
@@ -133,7 +135,6 @@ class Sender(threading.Thread):
                     },
                 )
                 if give_up:
-                    self.dead_letter(row, files, d["destination"], error, attempt)
                     return "failed"
                 continue
             status = self.db.delivered(uid, d["destination"])
