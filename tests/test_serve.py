@@ -226,7 +226,7 @@ def test_study_is_predicted_and_sr_sc_reach_the_destination(answered, dest):
     assert s["latency_s"] == pytest.approx(s["answered_s"] - s["received_s"], abs=1e-3)
 
 
-def test_api_objects_report_page_health_and_metrics(answered, node):
+def test_api_objects_report_page_health_and_metrics(answered, node, loaded):
     port, uid = answered["ports"]["http"], answered["uid"]
     s = answered["study"]
     for key in ("study_uid", "status", "p_any", "flag", "probabilities", "flags", "n_instances", "received_s"):
@@ -239,6 +239,11 @@ def test_api_objects_report_page_health_and_metrics(answered, node):
     health = json.loads(body)
     assert code == 200 and health["status"] == "ok" and health["workers"] == 1
     assert health["bundle"] == node.bundle_sha and len(health["bundle"]) == 64 and health["queue"] == 0
+    # The drift watch: the bundle's reference read at start; one answered study is too few for a warning.
+    assert node.drift_reference is not None and node.drift_reference == loaded.drift_reference
+    drift = health["drift"]
+    assert drift["n_studies"] >= 1 and drift["warning"] is False and "at least" in drift["message"]
+    assert set(drift["psi"]) >= {"manufacturer", "kernel", "hu_brain_median", "p_any"}
     code, body, ctype = http(port, "/metrics")
     text = body.decode()
     assert code == 200 and ctype.startswith("text/plain")
@@ -250,6 +255,10 @@ def test_api_objects_report_page_health_and_metrics(answered, node):
         'rsna19_latency_seconds{quantile="0.5"}',
         'rsna19_latency_seconds{quantile="0.95"}',
         "rsna19_instances_refused_total",
+        "rsna19_drift_score",
+        'rsna19_drift_psi{fact="manufacturer"}',
+        "rsna19_drift_warning 0",
+        "rsna19_reference_flag_rate",
     ):
         assert name in text
     received = next(line for line in text.splitlines() if line.startswith("rsna19_instances_received_total"))
@@ -257,7 +266,7 @@ def test_api_objects_report_page_health_and_metrics(answered, node):
     code, body, ctype = http(port, "/")
     page = body.decode()
     assert code == 200 and ctype.startswith("text/html") and '<table id="worklist">' in page
-    assert "setInterval(refresh, 2000)" in page and "#c62828" in page
+    assert "setInterval(refresh, 2000)" in page and "#c62828" in page and 'id="drift-banner"' not in page
     initial = json.loads(page.split("const INITIAL = ", 1)[1].split(";\n", 1)[0])  # the rows the script renders
     (row,) = [r for r in initial if r["study_uid"] == uid]
     assert row["flag"] == s["flag"] and row["p_any"] == s["p_any"]

@@ -22,6 +22,7 @@ import yaml
 from rsna19.serve.config import ServeConfig, is_loopback
 from rsna19.serve.db import ServeDB
 from rsna19.serve.http import ServeHTTP
+from rsna19.serve.metrics import drift_summary, node_drift
 from rsna19.serve.procs import LoadFn, PredictFn
 from rsna19.serve.scp import StorageSCP
 from rsna19.serve.sender import Sender
@@ -58,6 +59,7 @@ class ServeApp:
         self.http: ServeHTTP | None = None
         self.monitor: threading.Thread | None = None
         self.bundle_sha = ""
+        self.drift_reference: dict[str, Any] | None = None
         self.started_s = time.time()
 
     # ------------------------------------------------------------------------------------------------ start
@@ -67,7 +69,8 @@ class ServeApp:
 
         cfg = self.cfg
         self.spool.ports_path.unlink(missing_ok=True)
-        _, _, self.bundle_sha = load_study_model(cfg.bundle)  # a bad bundle fails here, before listening
+        _, manifest, self.bundle_sha = load_study_model(cfg.bundle)  # a bad bundle fails here, before listening
+        self.drift_reference = manifest.get("drift_reference")  # read once, without torch
         removed = self.spool.clean_temp()
         with open(self.spool.root / "serve_config.yaml", "w", encoding="utf-8") as fh:
             yaml.safe_dump(cfg.to_dict(), fh, sort_keys=True)
@@ -92,7 +95,16 @@ class ServeApp:
         self.monitor.start()
         self.scp = StorageSCP(cfg, self.spool, self.db)
         dicom_port = self.scp.start()
-        self.http = ServeHTTP(cfg.http_host, cfg.http_port, self.db, self.spool, cfg.named_tokens, self.health, cfg=cfg)
+        self.http = ServeHTTP(
+            cfg.http_host,
+            cfg.http_port,
+            self.db,
+            self.spool,
+            cfg.named_tokens,
+            self.health,
+            cfg=cfg,
+            drift_reference=self.drift_reference,
+        )
         self.http.on_rerun = lambda _uid: self.queue.notify()
         http_port = self.http.start()
         ports = {"dicom": dicom_port, "http": http_port, "pid": os.getpid()}
@@ -131,7 +143,8 @@ class ServeApp:
 
     # ------------------------------------------------------------------------------------------------ state
     def health(self) -> dict[str, Any]:
-        """``/health``: ``status`` ok (every worker has its bundle), loading, or error (a bundle failed to load)."""
+        """``/health``: ``status`` ok (every worker has its bundle), loading, or error (a bundle failed to load);
+        ``drift``: the drift watch's summary (:func:`rsna19.serve.metrics.drift_summary`)."""
         assert self.db is not None
         loaded = sum(1 for w in self.workers if w.loaded and w.is_alive())
         errors = [w.load_error for w in self.workers if w.load_error]
@@ -149,6 +162,7 @@ class ServeApp:
             "allowed_aets": list(self.cfg.allowed_aets),
             "associations_refused": self.db.counter("associations_refused"),
             "tls_refused": self.db.counter("tls_refused"),
+            "drift": drift_summary(node_drift(self.db, self.drift_reference)),
         }
         if errors:
             out["error"] = errors[0]

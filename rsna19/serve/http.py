@@ -28,9 +28,10 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from rsna19.constants import CLASSES, SHORT_NAMES
+from rsna19.monitor.drift import worklist_banner
 from rsna19.serve.config import ServeConfig
 from rsna19.serve.db import REVIEWS, ServeDB
-from rsna19.serve.metrics import render_metrics
+from rsna19.serve.metrics import node_drift, render_metrics
 from rsna19.serve.spool import Spool
 from rsna19.serve.tls import http_server_context
 from rsna19.serve.worker import HOOK_FIELDS
@@ -156,9 +157,11 @@ def sorted_studies(
     return sorted(objs, key=lambda o: (o["p_any"] is None, -(o["p_any"] or 0.0), -(o["received_s"] or 0.0)))
 
 
-def render_page(studies: list[dict[str, Any]], *, user: str, phi: bool, flagged_only: bool) -> str:
+def render_page(
+    studies: list[dict[str, Any]], *, user: str, phi: bool, flagged_only: bool, banner: str | None = None
+) -> str:
     """The worklist page: the rows are rendered by its script, from ``studies`` at once and from ``/api/studies``
-    every 2 s."""
+    every 2 s; ``banner`` (the drift warning, :func:`rsna19.monitor.drift.worklist_banner`) above the table."""
     data = json.dumps(studies).replace("</", "<\\/")  # inside <script>: no "</script>" from a value
     subtypes = [c for c in CLASSES if c != "any"]
     return (
@@ -170,6 +173,7 @@ def render_page(studies: list[dict[str, Any]], *, user: str, phi: bool, flagged_
         .replace("__USER__", html.escape(user))
         .replace("__PHI__", "true" if phi else "false")
         .replace("__FLAGGED_CHECKED__", " checked" if flagged_only else "")
+        .replace("__BANNER__", f'<p id="drift-banner" class="drift">{html.escape(banner)}</p>' if banner else "")
         .replace("__DATA__", data)
     )
 
@@ -207,6 +211,8 @@ class ServeHTTP:
         tokens: ``{name: secret}`` (a plain string: one token named ``token``; empty or None: no check).
         health: ``/health``'s answer.
         cfg: the node's configuration (``viewer_url``, HTTP TLS); None: the defaults.
+        drift_reference: the bundle's ``drift_reference``: ``/metrics`` and the worklist compare the stored results
+            with it (None: a bundle without one; the drift lines read NaN and the worklist shows no banner).
     """
 
     def __init__(
@@ -218,8 +224,10 @@ class ServeHTTP:
         tokens: Mapping[str, str] | str | None,
         health: Callable[[], dict[str, Any]],
         cfg: ServeConfig | None = None,
+        drift_reference: Mapping[str, Any] | None = None,
     ) -> None:
         self.db = db
+        self.drift_reference = drift_reference
         self.spool = spool
         self.tokens: dict[str, str] = (
             dict(tokens) if isinstance(tokens, Mapping) else ({"token": tokens} if tokens else {})
@@ -328,11 +336,9 @@ class _Handler(BaseHTTPRequestHandler):
                     obj["deliveries"] = self.app.db.deliveries(row["study_uid"])
                     self._json(200, obj)
             elif path == "/metrics":
-                self._send(
-                    200,
-                    render_metrics(self.app.db, workers=self.app.health().get("workers", 0)),
-                    "text/plain; version=0.0.4",
-                )
+                drift = node_drift(self.app.db, self.app.drift_reference)
+                metrics = render_metrics(self.app.db, workers=self.app.health().get("workers", 0), drift=drift)
+                self._send(200, metrics, "text/plain; version=0.0.4")
             elif path.startswith("/studies/") and path.endswith("/report.png"):
                 self._report(unquote(path[len("/studies/") : -len("/report.png")]))
             elif path.startswith("/studies/") and path.endswith("/viewer"):
@@ -342,7 +348,8 @@ class _Handler(BaseHTTPRequestHandler):
                 log.info("worklist_viewed", extra={"user": self.user, "studies": len(studies)})
                 self._listed_now()
                 flagged = (query.get("flagged") or ["0"])[0] in ("1", "true", "yes")
-                page = render_page(studies, user=self.user, phi=self.phi, flagged_only=flagged)
+                banner = worklist_banner(node_drift(self.app.db, self.app.drift_reference))
+                page = render_page(studies, user=self.user, phi=self.phi, flagged_only=flagged, banner=banner)
                 self._send(200, page, "text/html; charset=utf-8")
             else:
                 self._json(404, {"error": f"no route {path}"})

@@ -1,10 +1,29 @@
-"""Prometheus text metrics of the node, read from ``serve.db`` (so they survive a restart)."""
+"""Prometheus text metrics of the node, read from ``serve.db`` (so they survive a restart), and its drift watch:
+the stored results of the last answered studies against the bundle's ``drift_reference``
+(:mod:`rsna19.monitor.drift`)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
+from rsna19.monitor.drift import WINDOW, metrics_lines, node_drift_state
 from rsna19.serve.db import STATUSES, ServeDB
+
+#: Keys of the drift state that ``/health`` shows.
+DRIFT_SUMMARY_KEYS: tuple[str, ...] = (
+    "n_studies",
+    "score",
+    "worst",
+    "warning",
+    "threshold",
+    "flag_rate",
+    "reference_flag_rate",
+    "message",
+)
 
 
 def latencies(db: ServeDB) -> list[float]:
@@ -13,8 +32,40 @@ def latencies(db: ServeDB) -> list[float]:
     return [float(r["s"]) for r in rows if r["s"] is not None]
 
 
-def render_metrics(db: ServeDB, *, workers: int) -> str:
-    """The ``/metrics`` page (text exposition format 0.0.4)."""
+def stored_results(db: ServeDB, window: int = WINDOW) -> list[dict[str, Any]]:
+    """The stored results (:func:`rsna19.serve.worker.study_summary`) of the last ``window`` answered studies
+    (``done`` or ``sent``), oldest first."""
+    rows = db.query(
+        "SELECT result FROM studies WHERE status IN ('done', 'sent') AND result IS NOT NULL "
+        "ORDER BY done_s DESC LIMIT ?",
+        (int(window),),
+    )
+    return [json.loads(r["result"]) for r in reversed(rows)]
+
+
+def node_drift(db: ServeDB, reference: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The node's drift state: :func:`rsna19.monitor.drift.node_drift_state` of its stored results.
+
+    Args:
+        db: the node's ``serve.db``.
+        reference: the bundle's ``drift_reference`` (None: a bundle without one; the state says so).
+    """
+    return node_drift_state(reference, stored_results(db))
+
+
+def drift_summary(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The drift state as ``/health`` shows it (:data:`DRIFT_SUMMARY_KEYS` and the PSI per fact)."""
+    return {**{k: state.get(k) for k in DRIFT_SUMMARY_KEYS}, "psi": dict(state.get("psi", {}))}
+
+
+def render_metrics(db: ServeDB, *, workers: int, drift: Mapping[str, Any] | None = None) -> str:
+    """The ``/metrics`` page (text exposition format 0.0.4).
+
+    Args:
+        db: the node's ``serve.db``.
+        workers: prediction workers with their bundle loaded.
+        drift: the drift state (:func:`node_drift`); None leaves the drift lines out.
+    """
     counts = db.counts()
     lat = latencies(db)
     lines = [
@@ -52,4 +103,6 @@ def render_metrics(db: ServeDB, *, workers: int) -> str:
         value = float(np.quantile(lat, q)) if lat else float("nan")
         lines.append(f'rsna19_latency_seconds{{quantile="{q}"}} {value:.6g}')
     lines += [f"rsna19_latency_seconds_sum {sum(lat):.6g}", f"rsna19_latency_seconds_count {len(lat)}"]
+    if drift is not None:
+        lines += metrics_lines(drift)
     return "\n".join(lines) + "\n"

@@ -2,9 +2,9 @@
 
 :func:`rsna19.serve.http.render_page` fills in ``__SUBTYPES__`` (the subtype classes, JSON), ``__SUB_HEADS__``
 (their headers), ``__USER__`` (the token name of the request), ``__PHI__`` (whether patient fields are shown),
-``__FLAGGED_CHECKED__`` and ``__DATA__`` (the ``/api/studies`` objects at the time of the request, JSON). The script
-renders those rows at once and re-renders them from ``/api/studies`` every 2 s; every value goes through ``esc``
-(text, never markup).
+``__FLAGGED_CHECKED__``, ``__BANNER__`` (the drift warning line of the node at the time of the request, or nothing)
+and ``__DATA__`` (the ``/api/studies`` objects at the time of the request, JSON). The script renders those rows at
+once and re-renders them from ``/api/studies`` every 2 s; every value goes through ``esc`` (text, never markup).
 
 A row: flag badge (BLEED red, "no bleed", NOT ASSESSABLE amber with the reason), calibrated p(any), the subtype
 probabilities, patient name and ID and accession number (token holders only), time since the first instance
@@ -41,12 +41,14 @@ img.thumb { height: 44px; display: block; }
 a.viewer, td.arrived { white-space: nowrap; }
 button { font-size: 12px; padding: 2px 6px; margin-right: 3px; cursor: pointer; }
 .drift { color: #ef8f00; font-weight: 700; }
+#drift-banner { border: 1px solid #ef8f00; background: #fff8e1; padding: 6px 10px; margin: 6px 0; font-size: 13px; }
 </style></head>
 <body><h1>rsna19 worklist</h1>
 <p id="note">Research software, not a medical device: results are not verified and must not guide care. Sorted by
 calibrated any-bleed probability; refreshes every 2 s.</p>
 <div id="bar"><label><input type="checkbox" id="flagged-only"__FLAGGED_CHECKED__> flagged only</label>
 <span>signed in as <b id="user">__USER__</b></span><span id="count"></span></div>
+__BANNER__
 <table id="worklist"><thead><tr><th>flag</th><th>p(any)</th>__SUB_HEADS__
 <th>patient</th><th>accession</th><th>arrived</th><th>status</th><th>review</th><th>open</th><th>report</th>
 <th>notes</th></tr></thead>
