@@ -56,9 +56,14 @@ def test_a_second_run_does_nothing_again(demo):
     assert "already done" in proc.stdout
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 23 is open: the brain reference is opt-in (off in configs/demo: it cost clf2d most of its skill at "
+    "the demo budget; docs/benchmarks.md, 'Scanner shift'), so the demo bundle still reads absolute HU",
+)
 def test_an_hu_offset_of_10_inside_the_head_moves_the_demo_bundle_little(demo, tmp_path):
     """Issue 23: HU ±10 inside the head moves study AUC(any) by ≤ 0.02 and the mean p_any of bleed-free slices by
-    ≤ 0.05 (the demo's image models read HU referenced to the series' brain tissue)."""
+    ≤ 0.05 (holds once the demo's image models read HU referenced to the series' brain tissue)."""
     from rsna19.synth.shift import write_shift_preset
     from rsna19.synth.shift_eval import evaluate_preset
 
