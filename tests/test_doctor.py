@@ -1,6 +1,6 @@
-"""``rsna19 doctor`` and :func:`rsna19.doctor.run_checks` (the preflight of ``rsna19 run``).
+"""``rsna19 doctor`` and :func:`rsna19.tools.doctor.run_checks` (the preflight of ``rsna19 run``).
 
-GPUs and the NVIDIA driver are faked (``rsna19.utils.gpu`` functions monkeypatched: a V100 of compute capability
+GPUs and the NVIDIA driver are faked (``rsna19.core.gpu`` functions monkeypatched: a V100 of compute capability
 7.0, an A100 of 8.0, none); weights, disk and data are real files under ``tmp_path``.
 """
 
@@ -17,12 +17,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from rsna19 import doctor
 from rsna19.cli import main
-from rsna19.doctor import estimate_cache, run_checks
+from rsna19.core import gpu
+from rsna19.core.gpu import GpuFacts
 from rsna19.pipeline.config import load_pipeline
-from rsna19.utils import gpu
-from rsna19.utils.gpu import GpuFacts
+from rsna19.tools import doctor
+from rsna19.tools.doctor import estimate_cache, run_checks
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 V100 = GpuFacts(0, "Tesla V100-SXM2-32GB", 32 * 1024**3, (7, 0))

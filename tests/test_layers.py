@@ -16,15 +16,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rsna19"
 #: Layer of each module prefix (the longest matching prefix wins), lowest first.
 LAYERS: dict[str, int] = {
     "rsna19": 0,  # the package's __init__ (version)
-    "rsna19.constants": 0,
-    "rsna19.errors": 0,
-    "rsna19.utils": 0,
-    "rsna19.config": 0,
-    "rsna19.metrics": 0,
-    "rsna19.calibration": 0,
-    "rsna19.plots": 0,
-    "rsna19.preview": 0,
-    "rsna19.report": 0,
+    "rsna19.core.constants": 0,
+    "rsna19.core.errors": 0,
+    "rsna19.core": 0,
+    "rsna19.core.config": 0,
+    "rsna19.core.metrics": 0,
+    "rsna19.core.calibration": 0,
+    "rsna19.viz.plots": 0,
+    "rsna19.viz.preview": 0,
+    "rsna19.viz.report": 0,
     "rsna19.io": 1,
     "rsna19.conversion": 2,
     "rsna19.synth": 2,
@@ -34,15 +34,15 @@ LAYERS: dict[str, int] = {
     "rsna19.training": 6,
     "rsna19.inference": 6,
     "rsna19.monitor": 6,  # drift: facts (uses the gate's head test), PSI, the bundle's reference
-    "rsna19.submission": 6,
+    "rsna19.inference.submission": 6,
     "rsna19.stacking": 7,
-    "rsna19.weights": 8,
-    "rsna19.doctor": 8,
+    "rsna19.tools.weights": 8,
+    "rsna19.tools.doctor": 8,
     "rsna19.pipeline": 9,
-    "rsna19.bundle": 9,  # reads a finished pipeline's work folder
-    "rsna19.evaluate": 9,  # reads bundles (study model) and stack / predict-study outputs
-    "rsna19.inference.study": 9,  # predict-study: a bundle (models + stacker) on new studies
-    "rsna19.inference.study_predictor": 9,  # the in-memory study predictor behind predict-study, serve, validate
+    "rsna19.study.bundle": 9,  # reads a finished pipeline's work folder
+    "rsna19.study.evaluate": 9,  # reads bundles (study model) and stack / predict-study outputs
+    "rsna19.study.batch": 9,  # predict-study: a bundle (models + stacker) on new studies
+    "rsna19.study.predictor": 9,  # the in-memory study predictor behind predict-study, serve, validate
     "rsna19.serve": 9,  # the DICOM node: predict-study's machinery behind a Storage SCP
     "rsna19.validation": 9,  # validate: predict-study on labelled studies, metrics, recalibrated bundles
     "rsna19.commands": 10,

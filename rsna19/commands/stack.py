@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rsna19.config import load_config
+from rsna19.core.config import load_config
 from rsna19.stacking.config import StackConfig
 
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"stack: level-2 features in {run_features(cfg)}")
         return 0
     if args.part == "fit":
-        from rsna19.errors import UserError
+        from rsna19.core.errors import UserError
         from rsna19.stacking.parts import run_fit
 
         if args.stacker is None or args.fold is None:

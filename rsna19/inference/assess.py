@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from rsna19.constants import AIR_HU
+from rsna19.core.constants import AIR_HU
 
 #: A slice whose HU range (max − min) is below this is uniform (a blank or flat image).
 UNIFORM_RANGE_HU: float = 1.0
@@ -105,7 +105,7 @@ def head_slices(volume_hu: np.ndarray) -> np.ndarray:
 def uniform_slices(volume_hu: np.ndarray) -> np.ndarray:
     """(Z,) bool: slices whose HU range is below :data:`UNIFORM_RANGE_HU` (blank or flat).
 
-    The conversion pads the crop window outside the image with :data:`rsna19.constants.AIR_HU`; those pixels are
+    The conversion pads the crop window outside the image with :data:`rsna19.core.constants.AIR_HU`; those pixels are
     left out, so a flat image is uniform whether or not the window reaches past its edge.
     """
     v = np.asarray(volume_hu, dtype=np.float64)

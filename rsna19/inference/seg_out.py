@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES, SUBTYPES
+from rsna19.core.atomic import atomic_path
+from rsna19.core.constants import CLASSES, SUBTYPES
 from rsna19.inference.dicom_out import MANUFACTURER, _uid, finding_code, read_source_slices
-from rsna19.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def study_bleed_map(
     Args:
         bundle: the loaded bundle.
         cache: the scratch cache holding ``series`` as the models read it.
-        series: the report series (:class:`rsna19.inference.study.SeriesPrediction`: ``volume``, ``stacked``).
+        series: the report series (:class:`rsna19.study.batch.SeriesPrediction`: ``volume``, ``stacked``).
         rows: its cache rows.
         study_result: the calibrated study result.
     """

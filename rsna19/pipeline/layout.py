@@ -15,9 +15,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from rsna19.config import load_config
+from rsna19.core.config import load_config
+from rsna19.core.errors import UserError
 from rsna19.engine.config import config_diff
-from rsna19.errors import UserError
 from rsna19.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def submission_frame(stack_dir: Path, which: str, layout: DataLayout) -> tuple[p
     Returns:
         (wide frame ``sop_uid, p_*``, the expected SOPs or None, how many slices were filled in).
     """
-    from rsna19.constants import PROB_COLUMNS
+    from rsna19.core.constants import PROB_COLUMNS
     from rsna19.io.rsna_csv import read_long, split_ids
     from rsna19.stacking.submit import stack_test_predictions
 

@@ -26,13 +26,13 @@ from typing import Any
 
 import pandas as pd
 
-from rsna19.config import save_config
-from rsna19.doctor import run_checks
-from rsna19.errors import UserError
+from rsna19.core.atomic import write_text
+from rsna19.core.config import save_config
+from rsna19.core.errors import UserError
 from rsna19.pipeline.config import PipelineConfig
 from rsna19.pipeline.executor import JobEvent, gpu_slots, run_graph
 from rsna19.pipeline.stages import STAGES, Job, StackJob, plan
-from rsna19.utils.atomic import write_text
+from rsna19.tools.doctor import run_checks
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def run_pipeline(
         UserError: a data folder not in the RSNA layout, a failed preflight check, leakage between folds or splits,
             or any stage's error.
     """
-    from rsna19.submission import score_submission
+    from rsna19.inference.submission import score_submission
 
     if executor not in ("local", "slurm"):
         raise UserError(f"--executor must be local or slurm, got {executor!r}")

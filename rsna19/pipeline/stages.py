@@ -39,8 +39,8 @@ from typing import Any
 
 import pandas as pd
 
-from rsna19.config import load_config, to_dict
-from rsna19.errors import UserError
+from rsna19.core.config import load_config, to_dict
+from rsna19.core.errors import UserError
 from rsna19.pipeline.config import PipelineConfig
 from rsna19.pipeline.layout import (
     DataLayout,
@@ -398,7 +398,7 @@ class PredictJob(ModelJob):
 def stack_threads(cfg: PipelineConfig, pooled: bool) -> int:
     """Threads of a stack job, what its ``num_threads: auto`` resolves to: the pipeline's ``threads_per_job`` for a
     job that runs in a worker process next to others (``jobs > 1``), else every core of the machine."""
-    from rsna19.utils.threads import machine_cpus
+    from rsna19.core.threads import machine_cpus
 
     return max(1, cfg.threads_per_job) if pooled and cfg.jobs > 1 else machine_cpus()
 
@@ -558,8 +558,8 @@ class SubmitJob(Job):
         return newer(p.submission, done_file) and newer(p.scores, done_file)
 
     def run(self) -> str:
+        from rsna19.inference.submission import write_submission
         from rsna19.stacking.run import DONE_FILE
-        from rsna19.submission import write_submission
 
         p, sdir = self.ctx.paths, self._stack_dir()
         wide, expected, n_filled = submission_frame(sdir, self.ctx.cfg.submit, self.ctx.layout)

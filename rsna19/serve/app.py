@@ -38,7 +38,7 @@ class ServeApp:
     def __init__(
         self, cfg: ServeConfig, bundle: Any = None, predict: PredictFn | None = None, load: LoadFn | None = None
     ) -> None:
-        """``bundle``: an already loaded :class:`rsna19.bundle.Bundle` for the first worker (thread isolation only:
+        """``bundle``: a loaded :class:`rsna19.study.bundle.Bundle` for the first worker (thread isolation only:
         embedding, tests); None: every worker loads ``cfg.bundle``. ``predict`` / ``load``: what a worker runs on a
         study and loads once (module-level functions; default :func:`rsna19.serve.worker.predict_one` and
         :func:`rsna19.serve.worker.load_predictor`)."""
@@ -65,7 +65,7 @@ class ServeApp:
     # ------------------------------------------------------------------------------------------------ start
     def start(self) -> dict[str, int]:
         """Start every part; returns ``{"dicom": port, "http": port, "pid": pid}`` (also in ``ports.json``)."""
-        from rsna19.bundle import load_study_model
+        from rsna19.study.bundle import load_study_model
 
         cfg = self.cfg
         self.spool.ports_path.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rsna19.constants import CLASSES
+from rsna19.core.constants import CLASSES
 from rsna19.serve.config import ServeConfig
 from rsna19.serve.db import ServeDB
 from rsna19.serve.procs import LoadFn, PredictFn, WorkerProcess, WorkerProcessError
@@ -103,13 +103,13 @@ def study_summary(entry: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def load_predictor(cfg: ServeConfig, bundle: Any = None) -> Any:
-    """What a worker keeps in memory between studies: a :class:`~rsna19.inference.study_predictor.StudyPredictor`
+    """What a worker keeps in memory between studies: a :class:`~rsna19.study.predictor.StudyPredictor`
     over the bundle on ``cfg.device`` (``bundle``: one already loaded), torch limited to ``torch_threads`` or the CPU
     count divided by the workers."""
     import torch
 
-    from rsna19.bundle import load_bundle
-    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
+    from rsna19.study.bundle import load_bundle
+    from rsna19.study.predictor import StudyOptions, StudyPredictor
 
     torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers))
     if bundle is None:
@@ -124,7 +124,7 @@ def predict_one(predictor: Any, spool: Spool, row: dict[str, Any]) -> dict[str, 
         RuntimeError: the study could not be predicted (no usable series, every series failed ...), with the
             reason predict-study gave.
     """
-    from rsna19.inference.study import predict_studies
+    from rsna19.study.batch import predict_studies
 
     uid, folder = row["study_uid"], row["folder"]
     final = spool.results(folder)

@@ -29,17 +29,17 @@ from typing import Any
 
 import numpy as np
 
-from rsna19.errors import UserError
+from rsna19.core.digest import sha256_file
+from rsna19.core.errors import UserError
 from rsna19.stacking.base import Reader
 from rsna19.stacking.blend import BASE_PREFIX
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.features import Level2Data
 from rsna19.stacking.registry import get_stacker_spec
-from rsna19.utils.digest import sha256_file
 
 #: The only kinds of file a stacker may save into a bundle (JSON, LightGBM text dumps, safetensors).
 ALLOWED_SUFFIXES = (".json", ".txt", ".safetensors")
-#: Written by :func:`rsna19.bundle.export_bundle`, not by a stacker.
+#: Written by :func:`rsna19.study.bundle.export_bundle`, not by a stacker.
 INFO_FILE = "stacker.json"
 #: Leading bytes of a pickle (protocol 2+) and of torch's zip checkpoint format.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")

@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.errors import UserError
+from rsna19.core.atomic import atomic_path
+from rsna19.core.errors import UserError
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.cv import CrossFitResult, FoldFit, combine_folds, fit_fold
 from rsna19.stacking.features import SEP, Level2Data
 from rsna19.stacking.inputs import KEY_COLUMNS
 from rsna19.stacking.registry import get_stacker_spec, make_stackers
-from rsna19.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.config import save_config
-from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.atomic import (
+    atomic_path,
+    ensure_writable_dir,
+    remove_stale_temporaries,
+    write_parquet,
+    write_text,
+)
+from rsna19.core.config import save_config
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
 from rsna19.stacking.base import Stacker
 from rsna19.stacking.blend import BASE_PREFIX, BlendResult, fall_back_to_base, fit_blend
 from rsna19.stacking.config import StackConfig
@@ -43,13 +50,6 @@ from rsna19.stacking.inputs import KEY_COLUMNS, BaseInputs, load_base_inputs
 from rsna19.stacking.postprocess import fit_postprocess
 from rsna19.stacking.registry import make_stackers as _registry_make_stackers
 from rsna19.stacking.report import flag_against_base, format_score_table, score_frame, score_row
-from rsna19.utils.atomic import (
-    atomic_path,
-    ensure_writable_dir,
-    remove_stale_temporaries,
-    write_parquet,
-    write_text,
-)
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,10 @@ def write_stack(
         timings["write_s"] = time.perf_counter() - t0
         write_text(json.dumps(timings, indent=2), tmp / "timings.json")
         save_config(resolved, tmp / "config.yaml")
-        from rsna19.plots import plot_safely, plot_score_table  # scores.png: the table as bars; a failure only warns
+        from rsna19.viz.plots import (  # scores.png: the table as bars; a failure only warns
+            plot_safely,
+            plot_score_table,
+        )
 
         plot_safely(plot_score_table, scores, tmp / "scores.png", f"stack {cfg.name}")
         scores.to_csv(tmp / DONE_FILE, index=False)

@@ -37,10 +37,10 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter
 from scipy.ndimage import shift as nd_shift
 
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
+from rsna19.core.atomic import atomic_path
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 from rsna19.synth.presets import PRESETS, Preset
-from rsna19.utils.atomic import atomic_path
 
 if TYPE_CHECKING:
     from rsna19.synth.plan import SeriesPlan

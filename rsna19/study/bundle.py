@@ -11,7 +11,7 @@ Layout::
     BUNDLE/stacker/lgbm_<class>.txt            LightGBM boosters as their text dump (``model_to_string``)
     BUNDLE/stacker/mlp.safetensors, mlp.json   MLP weights; its layer sizes and scaler statistics
     BUNDLE/stacker/convex.json                 convex weights
-    BUNDLE/study_model.json                    study-level calibration and operating points (rsna19.calibration),
+    BUNDLE/study_model.json                    study-level calibration and operating points (rsna19.core.calibration),
                                                fitted on the stack's OOF predictions of the bundled method
 
 Nothing in a bundle is a pickle: weights are safetensors, the rest JSON, YAML (read with ``safe_load``) and
@@ -39,15 +39,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rsna19.constants import CLASSES, WINDOWS
-from rsna19.errors import UserError
-from rsna19.utils.atomic import atomic_path
-from rsna19.utils.digest import sha256_file
+from rsna19.core.atomic import atomic_path
+from rsna19.core.constants import CLASSES, WINDOWS
+from rsna19.core.digest import sha256_file
+from rsna19.core.errors import UserError
 
 #: Bumped when the layout changes; :func:`load_bundle` refuses other versions.
 BUNDLE_VERSION = 1
 BUNDLE_FORMAT = "rsna19-bundle"
-#: The study model's file in a bundle (:mod:`rsna19.calibration`).
+#: The study model's file in a bundle (:mod:`rsna19.core.calibration`).
 STUDY_MODEL_FILE = "study_model.json"
 #: Leading bytes of a pickle (protocol 2+) and of torch's zip checkpoint format.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
@@ -98,7 +98,7 @@ class ExportResult:
 
 
 def _stack_config(work: Path, pipeline: Any) -> Any:
-    from rsna19.config import load_config
+    from rsna19.core.config import load_config
     from rsna19.stacking.config import StackConfig
 
     stem = Path(pipeline.stack).stem if pipeline is not None else None
@@ -112,7 +112,7 @@ def _stack_config(work: Path, pipeline: Any) -> Any:
 
 def _run_config(work: Path, name: str, fold: int) -> Any:
     """The resolved training config of run ``name`` fold ``fold`` (its ``config.yaml``)."""
-    from rsna19.config import load_config
+    from rsna19.core.config import load_config
     from rsna19.engine.config import TrainConfig
 
     path = work / "runs" / name / f"fold_{fold}" / "config.yaml"
@@ -287,8 +287,8 @@ def export_bundle(
     Raises:
         UserError: an unfinished work folder, an unknown model or fold, or an existing ``out`` without ``force``.
     """
-    from rsna19.config import load_config, to_dict
     from rsna19.conversion.series import CONVERSION_VERSION
+    from rsna19.core.config import load_config, to_dict
     from rsna19.pipeline.config import PipelineConfig
     from rsna19.stacking.bundled import export_stacker
 
@@ -376,7 +376,7 @@ def _fit_study_model(
 
     import pandas as pd
 
-    from rsna19.calibration import fit_study_model
+    from rsna19.core.calibration import fit_study_model
     from rsna19.stacking.run import fit_stackers, predictions_frame, score_stack
 
     stack = Path(scfg.out) / scfg.name
@@ -406,7 +406,7 @@ def _fit_study_model(
 # ----------------------------------------------------------------------------------------------------- load
 @dataclass
 class Bundle:
-    """A loaded bundle, ready for :mod:`rsna19.inference.study`.
+    """A loaded bundle, ready for :mod:`rsna19.study.batch`.
 
     Attributes:
         path: the bundle folder.
@@ -605,7 +605,7 @@ def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], byt
         UserError: the model's registry name is unknown (also after the ``$RSNA19_PLUGINS`` plugins): the message
             names the plugin it came from.
     """
-    from rsna19.config import from_dict
+    from rsna19.core.config import from_dict
     from rsna19.engine.config import TrainConfig
     from rsna19.nets import get_model_spec
     from rsna19.nets.registry import PLUGINS_ENV
@@ -625,7 +625,7 @@ def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], byt
 
 def _study_model(root: Path, manifest: dict[str, Any], read_json: Any) -> dict[str, Any] | None:
     """The checked study model of a bundle, or None when the bundle has none (written before they existed)."""
-    from rsna19.calibration import check_study_model
+    from rsna19.core.calibration import check_study_model
 
     entry = manifest.get("study_model")
     if not entry:
@@ -680,7 +680,7 @@ def write_recalibrated_bundle(
     """
     import shutil
 
-    from rsna19.calibration import check_study_model
+    from rsna19.core.calibration import check_study_model
 
     src, dst = Path(src), Path(dst)
     _, manifest, sha = load_study_model(src)  # checks bundle.json and the study model's checksum

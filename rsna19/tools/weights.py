@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsna19.errors import UserError
-from rsna19.utils.digest import sha256_file
+from rsna19.core.digest import sha256_file
+from rsna19.core.errors import UserError
 
 #: The manifest a fetch writes into a repository's cache folder.
 MANIFEST_NAME = "rsna19_manifest.json"
@@ -139,7 +139,7 @@ def pipeline_needs(cfg: Any) -> list[WeightNeed]:
     Raises:
         UserError: a model config that does not load.
     """
-    from rsna19.config import load_config
+    from rsna19.core.config import load_config
     from rsna19.engine.config import TrainConfig
 
     merged: dict[tuple[str | None, str | None, str | None], list[str]] = {}
@@ -225,7 +225,7 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
 
 def write_manifest(path: Path, entry: dict[str, Any]) -> Path | None:
     """Record ``entry`` (sha256, size, source) for weight file ``path``; returns the manifest written."""
-    from rsna19.utils.atomic import write_text
+    from rsna19.core.atomic import write_text
 
     loc = _manifest_path(path)
     if loc is None:

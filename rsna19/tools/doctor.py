@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -198,7 +198,7 @@ def check_driver(pipeline_cfg: Any | None = None) -> Check:
     """The NVIDIA driver (``nvidia-smi``) against the driver torch's CUDA build needs."""
     import torch
 
-    from rsna19.utils import gpu
+    from rsna19.core import gpu
 
     driver = gpu.nvidia_driver_version()
     api = gpu.cuda_driver_api_version()
@@ -221,7 +221,7 @@ def _no_gpu_reason() -> str:
     """Why torch sees no GPU, with what to do."""
     import torch
 
-    from rsna19.utils import gpu
+    from rsna19.core import gpu
 
     if not torch.version.cuda:
         return (
@@ -249,7 +249,7 @@ def _no_gpu_reason() -> str:
 
 def check_gpu(pipeline_cfg: Any | None = None) -> Check:
     """The visible GPUs (name, memory, compute capability, native bf16) against the pipeline's device."""
-    from rsna19.utils import gpu
+    from rsna19.core import gpu
 
     facts = gpu.gpu_facts()
     device = str(pipeline_cfg.device) if pipeline_cfg is not None else None
@@ -528,7 +528,7 @@ def check_dicom(index: str | os.PathLike[str] | None = None) -> Check:
 
 def check_weights(pipeline_cfg: Any | None = None) -> Check:
     """Whether every pretrained weight file the pipeline's models need is present locally (not read)."""
-    from rsna19.weights import locate, pipeline_needs
+    from rsna19.tools.weights import locate, pipeline_needs
 
     if pipeline_cfg is None:
         return Check("weights", "ok", "not checked: no pipeline given (--pipeline)")
