@@ -270,7 +270,7 @@ def step(stage: str, part: str, root: Path, workers: int) -> dict[str, Any]:
         return {"rows": len(folds)}
     if stage == "stack":
         from rsna19.stacking import parts
-        from rsna19.stacking.run import finish_stack
+        from rsna19.stacking.parts import finish_stack
 
         cfg = _stack_cfg(root, "lgbm.enabled=false", "mlp.enabled=false")
         if part == "features":

@@ -33,6 +33,7 @@ from rsna19.conversion.resample import (
 from rsna19.core.atomic import ensure_writable_dir, output_error
 from rsna19.core.constants import AIR_HU, CLASSES
 from rsna19.io.dicom import pick_geometry, positions_along_normal, series_orientation, slice_normal, tilt_deg
+from rsna19.viz.preview import write_preview
 
 #: Bump when the conversion changes what it writes: every cached series is then out of date.
 CONVERSION_VERSION = 2  # 2: one geometry rule and series orientation with predict-study (rsna19.io.dicom)
@@ -366,8 +367,6 @@ def write_series(
     Returns:
         the series directory.
     """
-    from rsna19.viz.preview import write_preview  # PIL is only needed when writing
-
     series = str(meta["series_uid"])
     if not series or os.sep in series or series.startswith("."):
         raise SeriesError(f"series UID {series!r} cannot name a directory")

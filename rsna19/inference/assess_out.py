@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rsna19.inference.assess import GateLimits, NotAssessable, assess_series, study_assessment
+from rsna19.inference.dicom_out import write_result_dicom
+from rsna19.viz.report import render_not_assessable_report
 
 if TYPE_CHECKING:
     from rsna19.inference.result import StudyResult
@@ -67,16 +69,12 @@ def write_not_assessable(
         dicom_out: the DICOM output folder, or None.
         identity: the bundle's identity (:meth:`rsna19.study.predictor.StudyPredictor.identity`).
     """
-    from rsna19.viz.report import render_not_assessable_report
-
     assert result.refused is not None and result.assessment is not None
     volume, meta = result.refused
     reasons = [r["message"] for r in result.assessment["reasons"]]
     render_not_assessable_report(volume, meta["sop_uids"], meta["positions"], png, result.study_uid, reasons)
     entry["report"] = png.name
     if dicom_out is not None:
-        from rsna19.inference.dicom_out import write_result_dicom
-
         try:
             entry["dicom"] = write_result_dicom(dicom_out, result, identity, png).to_dict(Path(dicom_out))
         except Exception as exc:  # noqa: BLE001 - the DICOM copy is reported as failed; the verdict stands

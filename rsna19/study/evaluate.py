@@ -39,7 +39,9 @@ from rsna19.core.constants import CLASSES, PROB_COLUMNS
 from rsna19.core.errors import UserError
 from rsna19.core.metrics import decision_metrics
 from rsna19.inference.result import SLICE_COLUMNS
+from rsna19.io.rsna_csv import read_labels
 from rsna19.study.bundle import load_study_model
+from rsna19.study.predictor import StudyOptions, StudyPredictor
 from rsna19.viz.plots import plot_reliability, plot_roc
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,6 @@ def predict_source(path: str | os.PathLike[str], bundle: str | os.PathLike[str])
     """Predict the DICOM studies of a folder or zip in memory with
     :class:`rsna19.study.predictor.StudyPredictor` (no Grad-CAM, nothing written): the evaluated source."""
     # Here, not at the top: it imports torch, which evaluating written predictions does not need.
-    from rsna19.study.predictor import StudyOptions, StudyPredictor
 
     predictor = StudyPredictor.load(bundle, options=StudyOptions(cam=False))
     with predictor.reading(path) as inputs:
@@ -170,8 +171,6 @@ def read_label_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame | None,
     Raises:
         UserError: a missing file or neither format.
     """
-    from rsna19.io.rsna_csv import read_labels
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"labels file {path} does not exist")
@@ -185,7 +184,11 @@ def read_label_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame | None,
 
 
 def _study_model(
-    src: Source, source: Any, bundle: Any, sensitivity: dict[str, float] | None, study_score: str
+    src: Source,
+    source: str | os.PathLike[str],
+    bundle: str | os.PathLike[str] | None,
+    sensitivity: dict[str, float] | None,
+    study_score: str,
 ) -> tuple[dict[str, Any], str, str | None]:
     """The study model that gives the operating points: the bundle's, one fitted on a stack's OOF rows, or the one
     recorded in ``studies.json``; with where it comes from and the bundle's SHA-256 when known."""

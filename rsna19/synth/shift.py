@@ -40,6 +40,8 @@ from scipy.ndimage import shift as nd_shift
 from rsna19.core.atomic import atomic_path
 from rsna19.core.constants import CLASSES
 from rsna19.core.errors import UserError
+from rsna19.synth.dataset import SPLIT_DIRS, render_series
+from rsna19.synth.plan import make_plan
 from rsna19.synth.presets import PRESETS, Preset
 
 if TYPE_CHECKING:
@@ -188,8 +190,6 @@ def get_shift_preset(name: str) -> ShiftPreset:
 
 def shift_plans(spec: ShiftPreset, n_studies: int, seed: int = SHIFT_SEED, base: str = "demo") -> list[SeriesPlan]:
     """The ``n_studies`` test series of ``spec`` (one per study) on top of preset ``base``, drawn from ``seed``."""
-    from rsna19.synth.plan import make_plan
-
     base_preset = PRESETS[base]
     fields = {**spec.preset, "n_train_studies": 1, "n_test_studies": n_studies, "n_repeat_patients": 0}
     if spec.tilt_all:
@@ -232,8 +232,6 @@ def write_shift_preset(
         the summary (``preset, factor, n_studies, seed, version, n_slices, n_positive_studies, elapsed_s``).
     """
     from concurrent.futures import ProcessPoolExecutor
-
-    from rsna19.synth.dataset import SPLIT_DIRS, render_series
 
     spec = get_shift_preset(name)
     out = Path(out_dir)

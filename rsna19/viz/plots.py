@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 
 from rsna19.core.atomic import atomic_path
 from rsna19.core.constants import CLASSES, SHORT_NAMES
+from rsna19.core.metrics import expected_calibration_error, reliability_bins
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +371,6 @@ def _unit_square(ax: Any, panel: str, xlabel: str, ylabel: str) -> None:
 
 def _draw_reliability(ax: Any, panel: str, classes: dict[str, tuple[np.ndarray, np.ndarray]], n_bins: int) -> None:
     """One reliability panel: a line per class through its non-empty bins (dot area: count), ECE in the legend."""
-    from rsna19.core.metrics import expected_calibration_error, reliability_bins
-
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
     for c in CLASSES:
         if c not in classes:
