@@ -421,7 +421,7 @@ class _StackPart(Job):
         """Threads the job's stackers use (``num_threads: auto``): its CPUs (``RSNA19_THREADS`` when it runs)."""
         return self.resources.cpus
 
-    def config(self) -> Any:
+    def config(self) -> StackConfig:
         return load_config(StackConfig, self.ctx.cfg.stack, self.overrides)
 
     def _predictions(self) -> list[Path]:

@@ -111,7 +111,7 @@ class ExportResult:
     study_model: dict[str, Any] | None = None
 
 
-def _stack_config(work: Path, pipeline: Any) -> Any:
+def _stack_config(work: Path, pipeline: PipelineConfig | None) -> StackConfig:
     stem = Path(pipeline.stack).stem if pipeline is not None else None
     cands = sorted((work / "stack").glob("*/config.yaml"))
     if stem:
@@ -121,7 +121,7 @@ def _stack_config(work: Path, pipeline: Any) -> Any:
     return load_config(StackConfig, cands[0])
 
 
-def _run_config(work: Path, name: str, fold: int) -> Any:
+def _run_config(work: Path, name: str, fold: int) -> TrainConfig:
     """The resolved training config of run ``name`` fold ``fold`` (its ``config.yaml``)."""
     path = work / "runs" / name / f"fold_{fold}" / "config.yaml"
     if not path.is_file():
@@ -584,7 +584,7 @@ def load_bundle(
     return Bundle(root, manifest, list(models.values()), stacker, dev, study_model, hashlib.sha256(raw).hexdigest())
 
 
-def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], bytes]) -> Any:
+def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], bytes]) -> TrainConfig:
     """The training config of a bundled model, once its family is known to be registered here.
 
     A bundle never imports code: a family from a plugin loads only when the user names that plugin.
