@@ -263,7 +263,9 @@ def test_dicom_syntax_without_decoder_in_the_index(machine, tmp_path: Path, monk
             "pixel_spacing_col": [1.0] * 3,
         }
     ).to_parquet(index)
-    monkeypatch.setattr(doctor, "decoder_problem", lambda ts: "no decoder installed for JPEG-LS" if "4.80" in ts else None)
+    monkeypatch.setattr(
+        doctor, "decoder_problem", lambda ts: "no decoder installed for JPEG-LS" if "4.80" in ts else None
+    )
     check = doctor.check_dicom(index)
     assert check.status == "fail" and "2 slices: no decoder installed for JPEG-LS" in check.message
     assert check.data["index_syntaxes"] == {"1.2.840.10008.1.2.4.80": 2, "1.2.840.10008.1.2.1": 1}
