@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rsna19.config import load_config
-from rsna19.metrics import weighted_log_loss
+from rsna19.core.config import load_config
+from rsna19.core.metrics import weighted_log_loss
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.convex import combine, fit_convex_weights
 from rsna19.stacking.run import run_stack

@@ -51,7 +51,7 @@ import torch
 from _bench import add_common_arguments, apply_quick, write_json
 from torch.utils.data import DataLoader, Subset
 
-from rsna19.constants import CLASSES
+from rsna19.core.constants import CLASSES
 from rsna19.data.augment import AugmentConfig
 from rsna19.data.datasets import SliceDataset, VolumeCache, read_cache_index, read_planes, slice_offsets
 from rsna19.data.sampler import blocked_indices

@@ -49,7 +49,7 @@ def _head(shape: tuple[int, int], k: int, rng: np.random.Generator) -> np.ndarra
 
 def write_dataset(root: Path, n_series: int, n_slices: int, size: int, tilted_fraction: float) -> pd.DataFrame:
     """Write the series and return their index (the columns the converter reads)."""
-    from rsna19.constants import CLASSES
+    from rsna19.core.constants import CLASSES
     from rsna19.io.dicom_write import SliceGeometry, StorageVariant, write_ct_dicom
 
     rng = np.random.default_rng(0)

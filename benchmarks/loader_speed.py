@@ -25,7 +25,7 @@ import torch
 from _bench import add_common_arguments, apply_quick, write_json
 from torch.utils.data import DataLoader
 
-from rsna19.constants import CLASSES
+from rsna19.core.constants import CLASSES
 from rsna19.data.augment import AugmentConfig
 from rsna19.data.datasets import SliceDataset, read_cache_index
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from rsna19.constants import CLASSES
-from rsna19.metrics import weighted_log_loss
+from rsna19.core.constants import CLASSES
+from rsna19.core.metrics import weighted_log_loss
 
 
 def score(frame: pd.DataFrame) -> float:

@@ -83,7 +83,7 @@ def write_study(root: Path, n_slices: int, step: float, size: int, seed: int = 7
 
 def find_bundle(args: argparse.Namespace, scratch: Path) -> Path:
     """The bundle to time (see the module docstring)."""
-    from rsna19.bundle import export_bundle
+    from rsna19.study.bundle import export_bundle
 
     if args.bundle:
         return Path(args.bundle)

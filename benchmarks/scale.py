@@ -240,7 +240,7 @@ def input_kind(stage: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ measured steps
 def _stack_cfg(root: Path, *overrides: str) -> Any:
-    from rsna19.config import load_config
+    from rsna19.core.config import load_config
     from rsna19.stacking.config import StackConfig
 
     paths = [f"runs={root / 'runs'}", f"folds_csv={root / 'folds.csv'}", f"out={root / 'out'}", "models=[]"]
@@ -270,7 +270,7 @@ def step(stage: str, part: str, root: Path, workers: int) -> dict[str, Any]:
         return {"rows": len(folds)}
     if stage == "stack":
         from rsna19.stacking import parts
-        from rsna19.stacking.run import finish_stack
+        from rsna19.stacking.parts import finish_stack
 
         cfg = _stack_cfg(root, "lgbm.enabled=false", "mlp.enabled=false")
         if part == "features":
@@ -307,7 +307,7 @@ def step(stage: str, part: str, root: Path, workers: int) -> dict[str, Any]:
             seen += int(batch["lengths"].sum())
         return {"rows": seen, "embeddings_bytes": int(x.nbytes), **rss_split_gb()}
     if stage == "submit":
-        from rsna19.submission import write_submission
+        from rsna19.inference.submission import write_submission
 
         wide = pd.read_parquet(root / "wide.parquet")
         write_submission(wide, root / "submission.csv", expected_sops=wide["sop_uid"])
@@ -326,10 +326,10 @@ def warm_imports() -> None:
 
     import rsna19.data.embeddings  # noqa: F401
     import rsna19.data.folds  # noqa: F401
+    import rsna19.inference.submission  # noqa: F401
     import rsna19.io.index  # noqa: F401
     import rsna19.stacking.parts  # noqa: F401
     import rsna19.stacking.run  # noqa: F401
-    import rsna19.submission  # noqa: F401
 
 
 def rss_split_gb() -> dict[str, float]:

@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from _bench import add_common_arguments, apply_quick, write_json  # noqa: E402
 from predfactory import DEFAULT_MODELS, FakeModel, _ar_noise, make_slices, predict  # noqa: E402
 
-from rsna19.config import load_config  # noqa: E402
-from rsna19.constants import CLASSES, PROB_COLUMNS  # noqa: E402
-from rsna19.metrics import weighted_log_loss  # noqa: E402
+from rsna19.core.config import load_config  # noqa: E402
+from rsna19.core.constants import CLASSES, PROB_COLUMNS  # noqa: E402
+from rsna19.core.metrics import weighted_log_loss  # noqa: E402
 from rsna19.stacking.config import StackConfig  # noqa: E402
 from rsna19.stacking.cv import cross_fit  # noqa: E402
 from rsna19.stacking.features import Level2Data, build_features  # noqa: E402

@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader
 
 from rsna19.data.augment import AugmentConfig
 from rsna19.data.datasets import SliceDataset, read_cache_index
+from rsna19.engine.losses import weighted_bce
 from rsna19.engine.runtime import Runtime, resolve_amp, resolve_device
 from rsna19.nets import build_model, get_model_spec
-from rsna19.training.trainer import _worker_init, weighted_bce
+from rsna19.training.trainer import _worker_init
 
 
 def _sync(device: torch.device) -> None:

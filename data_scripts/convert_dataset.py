@@ -11,7 +11,7 @@ import logging
 import sys
 
 from rsna19.commands.convert import add_arguments, run
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ The 8th-place RSNA 2019 Kaggle pipeline rebuilt as installable software: DICOM �
 conversion → base models per fold → second level → submission, plus inference on new studies.
 """
 
-from rsna19.constants import CLASS_WEIGHTS, CLASSES, SUBTYPES
+from rsna19.core.constants import CLASS_WEIGHTS, CLASSES, SUBTYPES
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import rsna19
 from rsna19 import commands
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from rsna19.commands.stack import add_arguments, config_from_args
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 from rsna19.stacking.run import write_features
 
 

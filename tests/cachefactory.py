@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import AIR_HU, CLASSES, SUBTYPES
+from rsna19.core.constants import AIR_HU, CLASSES, SUBTYPES
 
 #: Where each subtype's blob sits, as fractions of the image size (row, col).
 _BLOB_PLACE = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 # Each pytest(-xdist) worker is one job with one CPU: the stackers' `num_threads: auto` use that share
-# (rsna19.utils.threads), as under the pipeline's executors; LightGBM's threads would otherwise spin against each other.
+# (rsna19.core.threads), as under the pipeline's executors; LightGBM's threads would otherwise spin against each other.
 os.environ.setdefault("RSNA19_THREADS", "1")
 
 

@@ -12,9 +12,9 @@ import pandas as pd
 import pydicom
 from hospital import SOFT, THICK_MM, enhanced_copy, head_plan, write_series
 
-from rsna19.calibration import apply_study_model
-from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.conversion.series import convert_series
+from rsna19.core.calibration import apply_study_model
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
 from rsna19.inference.dicom_out import write_study_dicom
 from rsna19.inference.seg_out import BleedMap, write_seg
 from rsna19.io.multiframe import frame_sop_uid

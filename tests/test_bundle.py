@@ -12,10 +12,10 @@ import pytest
 import torch
 from tinyfamilies import EMBEDDINGS, FAMILIES, MODELS
 
-from rsna19.bundle import export_bundle, load_bundle
 from rsna19.cli import main
-from rsna19.constants import PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.constants import PROB_COLUMNS
+from rsna19.core.errors import UserError
+from rsna19.study.bundle import export_bundle, load_bundle
 
 
 @pytest.fixture(scope="module")

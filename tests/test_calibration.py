@@ -1,4 +1,4 @@
-"""Study-level calibration and operating points (rsna19.calibration) on synthetic OOF frames."""
+"""Study-level calibration and operating points (rsna19.core.calibration) on synthetic OOF frames."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from rsna19.calibration import (
+from rsna19.core.calibration import (
     FALLBACK_THRESHOLD,
     apply_platt,
     apply_study_model,
@@ -23,7 +23,7 @@ from rsna19.calibration import (
     study_scores,
     threshold_for_sensitivity,
 )
-from rsna19.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
 
 
 def oof_frame(n_studies: int = 80, n_slices: int = 12, seed: int = 0) -> pd.DataFrame:

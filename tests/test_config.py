@@ -1,4 +1,4 @@
-"""One config loader (``rsna19.config.load_config``) for pipeline, training, stack and serve configs: the same
+"""One config loader (``rsna19.core.config.load_config``) for pipeline, training, stack and serve configs: the same
 coercion, the same errors naming the file and the key, whichever schema."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rsna19.config import load_config
+from rsna19.core.config import load_config
+from rsna19.core.errors import ConfigError
 from rsna19.engine.config import TrainConfig
-from rsna19.errors import ConfigError
 from rsna19.pipeline.config import PipelineConfig
 from rsna19.serve import config as serve_config
 from rsna19.serve.config import ServeConfig

@@ -19,9 +19,9 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML
 
-from rsna19.constants import AIR_HU, CLASSES
 from rsna19.conversion import convert_mask, convert_series
 from rsna19.conversion.run import run_convert
+from rsna19.core.constants import AIR_HU, CLASSES
 from rsna19.io.dicom_write import SliceGeometry, StorageVariant, write_ct_dicom
 from rsna19.io.index import build_index
 

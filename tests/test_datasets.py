@@ -9,7 +9,8 @@ import pytest
 import torch
 from cachefactory import write_cache
 
-from rsna19.constants import AIR_HU, CLASSES, WINDOWS
+from rsna19.core.constants import AIR_HU, CLASSES, WINDOWS
+from rsna19.core.errors import UserError
 from rsna19.data.augment import (
     AugmentConfig,
     StackAugment,
@@ -21,7 +22,6 @@ from rsna19.data.augment import (
 from rsna19.data.datasets import SliceDataset, read_cache_index
 from rsna19.data.transforms import CdfMapping, MultiWindow, Window, decode_image
 from rsna19.engine.runtime import Runtime
-from rsna19.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +348,7 @@ def test_forked_loader_workers_do_not_hang_after_opencv_ran_in_the_parent():
     """Regression: forked workers hung in ``cv2.setNumThreads`` once the parent had used OpenCV's thread pool.
 
     With ``cv2.setNumThreads(4)`` added after the imports this script hangs; rsna19 keeps OpenCV single-threaded
-    (rsna19.utils.cv2_threads), so the pool never exists. Run in a subprocess: a regression is a timeout, not a hang.
+    (rsna19.core.cv2_threads), so the pool never exists. Run in a subprocess: a regression is a timeout, not a hang.
     """
     import subprocess
     import sys

@@ -102,10 +102,10 @@ def test_layer_table_is_the_enforced_one():
     spec.loader.exec_module(module)
     table = _section((ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"), "Layers")
     documented: dict[str, int] = {}
-    for m in re.finditer(r"^\|\s*(\d+)\s*\|([^|]*)\|", table, flags=re.M):
-        for name in re.findall(r"`(rsna19[\w.]*)`", m.group(2)):
-            assert name not in documented, f"{name} is listed twice in the layer table"
-            documented[name] = int(m.group(1))
+    for m in re.finditer(r"^  (\w+)(?:/|\.py)\s+\((\d+)\)", table, flags=re.M):  # "  core/   (0)  ..."
+        name = "rsna19" if m.group(1) == "__init__" else f"rsna19.{m.group(1)}"
+        assert name not in documented, f"{name} is drawn twice in the layer tree"
+        documented[name] = int(m.group(2))
     assert documented == module.LAYERS
 
 

@@ -1,6 +1,6 @@
-"""``rsna19 doctor`` and :func:`rsna19.doctor.run_checks` (the preflight of ``rsna19 run``).
+"""``rsna19 doctor`` and :func:`rsna19.tools.doctor.run_checks` (the preflight of ``rsna19 run``).
 
-GPUs and the NVIDIA driver are faked (``rsna19.utils.gpu`` functions monkeypatched: a V100 of compute capability
+GPUs and the NVIDIA driver are faked (``rsna19.core.gpu`` functions monkeypatched: a V100 of compute capability
 7.0, an A100 of 8.0, none); weights, disk and data are real files under ``tmp_path``.
 """
 
@@ -17,12 +17,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from rsna19 import doctor
 from rsna19.cli import main
-from rsna19.doctor import estimate_cache, run_checks
+from rsna19.core import gpu
+from rsna19.core.gpu import GpuFacts
 from rsna19.pipeline.config import load_pipeline
-from rsna19.utils import gpu
-from rsna19.utils.gpu import GpuFacts
+from rsna19.tools import doctor
+from rsna19.tools.doctor import estimate_cache, run_checks
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 V100 = GpuFacts(0, "Tesla V100-SXM2-32GB", 32 * 1024**3, (7, 0))
@@ -263,13 +263,13 @@ def test_dicom_syntax_without_decoder_in_the_index(machine, tmp_path: Path, monk
             "pixel_spacing_col": [1.0] * 3,
         }
     ).to_parquet(index)
-    import rsna19.io.hu as hu
-
-    monkeypatch.setattr(hu, "decoder_problem", lambda ts: "no decoder installed for JPEG-LS" if "4.80" in ts else None)
+    monkeypatch.setattr(
+        doctor, "decoder_problem", lambda ts: "no decoder installed for JPEG-LS" if "4.80" in ts else None
+    )
     check = doctor.check_dicom(index)
     assert check.status == "fail" and "2 slices: no decoder installed for JPEG-LS" in check.message
     assert check.data["index_syntaxes"] == {"1.2.840.10008.1.2.4.80": 2, "1.2.840.10008.1.2.1": 1}
-    monkeypatch.setattr(hu, "decoder_problem", lambda ts: None)
+    monkeypatch.setattr(doctor, "decoder_problem", lambda ts: None)
     assert doctor.check_dicom(index).status in ("ok", "warn")  # warn: a common syntax without a plugin here
 
 

@@ -7,9 +7,6 @@ import numpy as np
 import pytest
 from hospital import SOFT, THICK_MM, head_plan, write_series
 
-from rsna19.bundle import export_bundle, load_bundle
-from rsna19.inference.study import predict_studies
-from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
 from rsna19.monitor.drift import (
     PSI_WARNING,
     build_reference,
@@ -22,6 +19,9 @@ from rsna19.monitor.drift import (
     worklist_banner,
 )
 from rsna19.monitor.facts import FACTS
+from rsna19.study.batch import predict_studies
+from rsna19.study.bundle import export_bundle, load_bundle
+from rsna19.study.predictor import StudyOptions, StudyPredictor
 
 #: Another scanner: another vendor and kernel, thinner slices, and a calibration 40 HU high.
 OTHER_SCANNER = {"Manufacturer": "ACME Medical", "ConvolutionKernel": "FC68", "SliceThickness": 2.5}

@@ -41,12 +41,12 @@ from pydicom.uid import (
 )
 
 from rsna19.conversion.series import convert_series
-from rsna19.doctor import check_dicom
 from rsna19.inference.inputs import collect_studies
 from rsna19.io.dicom_header import read_header, read_slice_headers
 from rsna19.io.dicom_write import SliceGeometry, StorageVariant, write_ct_dicom
 from rsna19.io.hu import decode_stored, decoder_problem
 from rsna19.io.index import build_index
+from rsna19.tools.doctor import check_dicom
 
 SIZE, N = 32, 3
 STUDY = "1.2.826.0.1.3680043.10.1226.9"

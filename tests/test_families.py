@@ -17,9 +17,10 @@ import torch
 from cachefactory import write_cache
 from tinyfamilies import FAMILIES
 
-from rsna19.config import load_config
-from rsna19.constants import CLASSES, SUBTYPES, WINDOWS
 from rsna19.conversion import convert_series, write_series
+from rsna19.core.config import load_config
+from rsna19.core.constants import CLASSES, SUBTYPES, WINDOWS
+from rsna19.core.errors import UserError
 from rsna19.data.augment import AugmentConfig
 from rsna19.data.datasets import read_cache_index
 from rsna19.data.embeddings import SequenceDataset, collate_sequences, read_embeddings
@@ -28,7 +29,6 @@ from rsna19.data.slab import SlabDataset, aggregate, window_starts
 from rsna19.engine.config import TrainConfig, model_kwargs
 from rsna19.engine.losses import mask_loss, masked_seq_loss, seg_aux_loss, weighted_bce
 from rsna19.engine.runtime import Runtime
-from rsna19.errors import UserError
 from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
 from rsna19.nets import build_model, get_model_spec, list_models
 
@@ -122,7 +122,7 @@ def test_seg_loss_with_and_without_masks():
     y = (torch.rand(4, 6) > 0.5).float()
     gt = (torch.rand(4, 5, 16, 16) > 0.8).float()
     # The weighted BCE is the competition metric's number.
-    from rsna19.metrics import weighted_log_loss
+    from rsna19.core.metrics import weighted_log_loss
 
     p = torch.sigmoid(cls).detach().numpy().astype("float64")
     assert abs(float(weighted_bce(cls, y).detach()) - weighted_log_loss(y.numpy(), p)) < 1e-5
@@ -459,7 +459,7 @@ def test_every_family_of_the_package_runs_in_the_tiny_pipeline():
 
 def test_embed_a_trained_run_and_train_seq_on_it(tmp_path):
     from rsna19.cli import main
-    from rsna19.config import load_config
+    from rsna19.core.config import load_config
     from rsna19.data.folds import make_folds
     from rsna19.engine.config import TrainConfig, resolve_paths
     from rsna19.training.trainer import train

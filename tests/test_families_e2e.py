@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from rsna19.cli import main
-from rsna19.config import load_config
-from rsna19.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.config import load_config
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
 from rsna19.data.datasets import read_cache_index
 from rsna19.data.embeddings import SequenceDataset, read_embeddings
 from rsna19.data.folds import read_folds, split_by_fold
@@ -25,7 +26,6 @@ from rsna19.engine.checkpoint import load_checkpoint
 from rsna19.engine.config import TrainConfig, model_kwargs, resolve_paths
 from rsna19.engine.embed import ensure_embeddings
 from rsna19.engine.tasks import SegAuxTask, get_task
-from rsna19.errors import UserError
 from rsna19.nets import build_model
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
@@ -241,8 +241,8 @@ def test_clf3d_ddp_validation_equals_single_process_prediction(prepared, tmp_pat
     import subprocess
     import sys
 
+    from rsna19.core.metrics import weighted_log_loss
     from rsna19.inference.predict import predict
-    from rsna19.metrics import weighted_log_loss
 
     env = {
         **os.environ,

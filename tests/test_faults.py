@@ -30,10 +30,10 @@ from predfactory import make_work_dir
 
 from rsna19.cli import main
 from rsna19.conversion.run import run_convert
-from rsna19.errors import UserError
+from rsna19.core.atomic import OutputError, atomic_path, ensure_writable_dir, write_csv
+from rsna19.core.errors import UserError
 from rsna19.io.index import build_index
 from rsna19.synth import generate_dataset
-from rsna19.utils.atomic import OutputError, atomic_path, ensure_writable_dir, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK_TINY = ROOT / "configs" / "stack" / "tiny.yaml"

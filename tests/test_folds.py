@@ -7,9 +7,9 @@ import pytest
 from cachefactory import write_cache
 
 from rsna19.cli import main
-from rsna19.constants import CLASSES
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 from rsna19.data.folds import make_folds, read_folds, split_by_fold
-from rsna19.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
 from rsna19.cli import main
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 from rsna19.io.dicom_header import read_header
 from rsna19.io.dicom_write import SliceGeometry, StorageVariant, write_ct_dicom
 from rsna19.io.index import INDEX_COLUMNS, build_index, errors_path

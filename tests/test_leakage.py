@@ -19,10 +19,10 @@ import torch
 from cachefactory import write_cache_and_folds
 from tinyfamilies import EMBEDDINGS, MODELS
 
-from rsna19.config import load_config
+from rsna19.core.config import load_config
+from rsna19.core.errors import UserError
 from rsna19.data.folds import read_folds, split_by_fold, write_folds
 from rsna19.engine.config import TrainConfig, resolve_paths
-from rsna19.errors import UserError
 from rsna19.inference.predict import predict
 from rsna19.io.index import build_index
 from rsna19.training.trainer import train

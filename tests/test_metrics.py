@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss
 
-from rsna19.metrics import per_class_auc, per_class_log_loss, score_table, study_auc_any, weighted_log_loss
+from rsna19.core.metrics import per_class_auc, per_class_log_loss, score_table, study_auc_any, weighted_log_loss
 
 
 def test_weighted_log_loss_by_hand():
@@ -67,7 +67,7 @@ def test_decision_metrics_match_sklearn():
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
 
-    from rsna19.metrics import decision_metrics, expected_calibration_error, reliability_bins
+    from rsna19.core.metrics import decision_metrics, expected_calibration_error, reliability_bins
 
     y, p = _binary_case()
     m = decision_metrics(y, p, 0.4)
@@ -87,7 +87,7 @@ def test_decision_metrics_match_sklearn():
 
 
 def test_decision_metrics_edge_cases():
-    from rsna19.metrics import decision_metrics, expected_calibration_error
+    from rsna19.core.metrics import decision_metrics, expected_calibration_error
 
     perfect = decision_metrics(np.array([0, 0, 1, 1]), np.array([0.0, 0.0, 1.0, 1.0]), 0.5)
     assert perfect["auc"] == 1 and perfect["brier"] == 0 and perfect["ece"] == 0
@@ -104,7 +104,7 @@ def test_decision_metrics_edge_cases():
 def test_wilson_interval_is_the_textbook_formula():
     """``wilson_interval`` (SciPy's) equals the closed form ``(p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)``
     with z the 97.5 % normal point, to 1e-12, for every k of small and larger n; NaN for n = 0."""
-    from rsna19.metrics import wilson_interval
+    from rsna19.core.metrics import wilson_interval
 
     z = 1.959963984540054
     for n in (1, 2, 3, 4, 5, 8, 13, 21, 34, 55):

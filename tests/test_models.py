@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rsna19.cli import main
-from rsna19.config import load_config
-from rsna19.constants import SUBTYPES
+from rsna19.core.config import load_config
+from rsna19.core.constants import SUBTYPES
+from rsna19.core.errors import UserError
 from rsna19.engine.config import TrainConfig, model_kwargs
-from rsna19.errors import UserError
 from rsna19.nets import build_model, get_model_spec, list_models
 from rsna19.nets.registry import PRETRAINED_SOURCES
 

@@ -13,10 +13,10 @@ import pydicom
 import pytest
 from hospital import SOFT, STUDY, THICK_MM, head_plan, write_series
 
-from rsna19.bundle import export_bundle
 from rsna19.cli import main
 from rsna19.inference.assess import GateLimits, assess_series, head_slices
 from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
+from rsna19.study.bundle import export_bundle
 
 ROOT = "1.2.826.0.1.3680043.10.1226.26"
 CASES = ("normal", "slope_zero", "uniform", "no_head", "coverage", "few")
@@ -190,7 +190,7 @@ def test_validate_counts_not_assessable_studies_apart(gated, tmp_path):
 
 
 def _classes():
-    from rsna19.constants import CLASSES
+    from rsna19.core.constants import CLASSES
 
     return CLASSES
 
@@ -235,7 +235,7 @@ def test_node_record_says_not_assessable_never_negative(gated):
 
 def test_predictor_in_memory_marks_the_study_not_assessable(gated):
     """The gate runs inside StudyPredictor.predict: a refused study comes back marked, with reasons, no model run."""
-    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
+    from rsna19.study.predictor import StudyOptions, StudyPredictor
 
     predictor = StudyPredictor.load(gated["bundle"], device="cpu", options=StudyOptions(cam=False))
     result = predictor.predict(gated["in"] / "uniform")

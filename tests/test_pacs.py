@@ -75,7 +75,7 @@ def serve_bundle(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
     _require(serve_available(), "no rsna19 serve")
     if os.environ.get("RSNA19_PACS_BUNDLE"):
         return Path(os.environ["RSNA19_PACS_BUNDLE"])
-    from rsna19.bundle import export_bundle
+    from rsna19.study.bundle import export_bundle
 
     tiny_run = request.getfixturevalue("tiny_run")
     return export_bundle(tiny_run, tmp_path_factory.mktemp("pacs_bundle") / "bundle").path
@@ -267,7 +267,7 @@ def setup(orthanc_exe: str, serve_bundle: Path, tmp_path: Path):
 
 def _sr_results(tags: dict) -> dict[str, dict]:
     """Class → {probability, positive} read from the simplified tags of a TID 1500 SR (Orthanc's JSON)."""
-    from rsna19.constants import CLASSES
+    from rsna19.core.constants import CLASSES
     from rsna19.inference.dicom_out import finding_code
 
     meaning_to_class = {finding_code(c).meaning: c for c in CLASSES}

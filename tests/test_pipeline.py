@@ -10,13 +10,13 @@ import pytest
 from tinyfamilies import EMBEDDINGS, MODELS, PIPELINE, tiny_models
 
 from rsna19.cli import main
-from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
+from rsna19.inference.submission import validate_submission
 from rsna19.io.rsna_csv import read_long, split_ids
 from rsna19.pipeline.config import load_pipeline
 from rsna19.pipeline.layout import check_no_leakage, find_layout
 from rsna19.pipeline.stages import STAGES
-from rsna19.submission import validate_submission
 
 
 def test_run_writes_submission_scores_and_every_fold(tiny_run, tiny_dataset):

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from rsna19 import plots
-from rsna19.constants import CLASSES
-from rsna19.plots import best_epoch, plot_safely, plot_score_table, plot_training_curves, write_training_curves
+from rsna19.core.constants import CLASSES
 from rsna19.stacking.report import SCORE_COLUMNS, score_frame, score_row
 from rsna19.training.trainer import LOG_COLUMNS
+from rsna19.viz import plots
+from rsna19.viz.plots import best_epoch, plot_safely, plot_score_table, plot_training_curves, write_training_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -174,7 +174,7 @@ def test_plot_safely_turns_a_failure_into_a_warning(tmp_path, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("renderer exploded")
 
-    with caplog.at_level(logging.WARNING, logger="rsna19.plots"):
+    with caplog.at_level(logging.WARNING, logger="rsna19.viz.plots"):
         assert plot_safely(broken, tmp_path / "x.png") is None
     assert "could not draw broken" in caplog.text and "renderer exploded" in caplog.text
     assert plot_safely(lambda p: p, tmp_path / "ok.png") == tmp_path / "ok.png"
@@ -184,7 +184,7 @@ def test_trainer_hook_never_raises(tmp_path, caplog, monkeypatch):
     """``write_training_curves`` (what ``Trainer.fit`` calls) on a good, a missing, a broken log and a failing plot."""
     run = tmp_path / "fold_0"
     run.mkdir()
-    with caplog.at_level(logging.WARNING, logger="rsna19.plots"):
+    with caplog.at_level(logging.WARNING, logger="rsna19.viz.plots"):
         assert write_training_curves(run, "no log yet") is None  # no log.csv
         (run / "log.csv").write_text("epoch,train_loss\n0,not a number,\x00\n", encoding="utf-8")
         assert write_training_curves(run, "garbage") is None
@@ -207,7 +207,7 @@ def test_stack_writes_scores_png(tmp_path):
     """``run_stack`` writes ``scores.png`` next to ``scores.csv`` inside its atomically renamed folder."""
     from predfactory import make_work_dir
 
-    from rsna19.config import load_config
+    from rsna19.core.config import load_config
     from rsna19.stacking.config import StackConfig
     from rsna19.stacking.run import run_stack
 

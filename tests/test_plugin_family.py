@@ -18,11 +18,11 @@ import pytest
 import yaml
 from tinyfamilies import PIPELINE, ROOT
 
-from rsna19.bundle import load_bundle
 from rsna19.cli import main
-from rsna19.constants import PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.constants import PROB_COLUMNS
+from rsna19.core.errors import UserError
 from rsna19.nets import registry
+from rsna19.study.bundle import load_bundle
 
 EXTENDING = ROOT / "docs" / "extending.md"
 NAME = "clf2d_gem"

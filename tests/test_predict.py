@@ -11,9 +11,9 @@ import torch
 from cachefactory import write_cache_and_folds
 
 from rsna19.cli import main
-from rsna19.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
 from rsna19.engine.runtime import TTA, parse_tta
-from rsna19.errors import UserError
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 N_FOLDS = 3

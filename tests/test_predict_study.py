@@ -12,12 +12,12 @@ import pydicom
 import pytest
 from tinyfamilies import FAMILIES
 
-from rsna19.bundle import export_bundle
 from rsna19.cli import main
-from rsna19.constants import PROB_COLUMNS
+from rsna19.core.constants import PROB_COLUMNS
 from rsna19.inference.inputs import collect_studies
-from rsna19.inference.study import SLICE_COLUMNS, report_name, write_report
-from rsna19.inference.study_predictor import StudyPredictor
+from rsna19.study.batch import SLICE_COLUMNS, report_name, write_report
+from rsna19.study.bundle import export_bundle
+from rsna19.study.predictor import StudyPredictor
 
 
 @pytest.fixture(scope="module")

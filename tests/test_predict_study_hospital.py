@@ -17,10 +17,10 @@ import pytest
 from hospital import SOFT, THICK_MM, THIN_MM, head_plan, write_hospital_study, write_series
 from pydicom.uid import UID, JPEGLosslessSV1
 
-from rsna19.bundle import export_bundle
 from rsna19.cli import main
-from rsna19.constants import CLASSES
 from rsna19.conversion.series import convert_series
+from rsna19.core.constants import CLASSES
+from rsna19.study.bundle import export_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 

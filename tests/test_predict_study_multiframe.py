@@ -15,9 +15,9 @@ import pytest
 from hospital import SOFT, THICK_MM, enhanced_copy, head_plan, write_series
 from pydicom.multival import MultiValue
 
-from rsna19.bundle import export_bundle
 from rsna19.cli import main
-from rsna19.constants import CLASSES
+from rsna19.core.constants import CLASSES
+from rsna19.study.bundle import export_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 

@@ -8,15 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rsna19.constants import CLASSES
 from rsna19.conversion.read import read_slice
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 from rsna19.data.augment import AugmentConfig
 from rsna19.data.datasets import SliceDataset
 from rsna19.data.intensity import IntensityAugment
 from rsna19.data.reference import BRAIN_HU, SeriesReference, brain_reference_hu, reference_target
 from rsna19.data.slab import SlabDataset
 from rsna19.data.transforms import MultiWindow
-from rsna19.errors import UserError
 from rsna19.synth.phantom import render
 from rsna19.synth.plan import make_plan
 from rsna19.synth.presets import get_preset
@@ -160,7 +160,7 @@ def test_a_model_trained_with_the_reference_records_it_and_predicts_with_it(tmp_
     import torch
     from cachefactory import write_cache_and_folds
 
-    from rsna19.config import load_config
+    from rsna19.core.config import load_config
     from rsna19.engine.checkpoint import load_checkpoint
     from rsna19.engine.config import TrainConfig, resolve_paths
     from rsna19.inference.predict import predict

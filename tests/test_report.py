@@ -1,4 +1,4 @@
-"""Tests for rsna19.report: the study report PNG and the studies.json summary."""
+"""Tests for rsna19.viz.report: the study report PNG and the studies.json summary."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.report import render_study_report, summarise_study, top_slices
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.viz.report import render_study_report, summarise_study, top_slices
 
 
 def _expected_shape(top_k: int, n_slices: int, calibrated: bool = False) -> tuple[int, int]:
@@ -138,8 +138,8 @@ def test_summarise_study_rejects_bad_frames():
 
 def test_calibrated_result_line(tmp_path):
     """With a study result the picture gets a second title line (the calibrated flag); the montage is unchanged."""
-    from rsna19.calibration import apply_study_model, fit_study_model
-    from rsna19.report import result_line
+    from rsna19.core.calibration import apply_study_model, fit_study_model
+    from rsna19.viz.report import result_line
 
     vol, probs, sops, pos = _study()
     frame = pd.DataFrame(probs, columns=list(PROB_COLUMNS)).assign(study_uid="s", sop_uid=sops)

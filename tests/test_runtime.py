@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rsna19.core import gpu
+from rsna19.core.errors import UserError
 from rsna19.engine import runtime
 from rsna19.engine.runtime import Runtime, parse_tta, resolve_amp, resolve_device
-from rsna19.errors import UserError
-from rsna19.utils import gpu
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,13 @@ import pytest
 import torch
 from cachefactory import write_cache, write_cache_and_folds
 
-from rsna19.config import load_config
+from rsna19.core.config import load_config
+from rsna19.core.errors import ConfigError, UserError
 from rsna19.data.datasets import SliceDataset, read_cache_index
 from rsna19.data.embeddings import SequenceDataset
 from rsna19.data.sampler import blocked_indices, epoch_sampler, item_series
 from rsna19.data.slab import SlabDataset
 from rsna19.engine.config import DataConfig, TrainConfig, resolve_paths
-from rsna19.errors import ConfigError, UserError
 from rsna19.training.trainer import epoch_indices, train
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"

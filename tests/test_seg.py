@@ -15,11 +15,11 @@ import pydicom
 import pytest
 from hospital import SOFT, THICK_MM, enhanced_copy, head_plan, write_series
 
-from rsna19.bundle import export_bundle, load_bundle
 from rsna19.conversion.series import convert_mask, convert_series
 from rsna19.inference.seg_out import map_slices, network_to_slice, to_source_grid
-from rsna19.inference.study import predict_studies
-from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
+from rsna19.study.batch import predict_studies
+from rsna19.study.bundle import export_bundle, load_bundle
+from rsna19.study.predictor import StudyOptions, StudyPredictor
 
 STUDY_UID = "1.2.826.0.1.3680043.10.1226.3"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -185,9 +185,9 @@ def test_studies_json_records_the_seg(positive):
 
 def test_gradcam_map_when_the_bundle_has_no_seg_model(positive, tmp_path):
     """Without a seg_aux model the map is Grad-CAM of any, one segment, only on the mapped slices."""
-    from rsna19.constants import CLASSES
+    from rsna19.core.constants import CLASSES
     from rsna19.inference.seg_out import bleed_map
-    from rsna19.inference.study_predictor import _rows, predict_series
+    from rsna19.study.predictor import _rows, predict_series
 
     bundle = positive["bundle"]
     sp = predict_series(bundle, [{"path": str(p)} for p in positive["paths"]], tmp_path / "cache")

@@ -13,7 +13,7 @@ from pydicom.uid import JPEGLosslessSV1
 from rsna19.inference.inputs import collect_studies
 from rsna19.inference.reformat import needs_reformat, reformat_slabs, slab_index
 from rsna19.inference.series_select import SelectionPolicy, SeriesFacts, kernel_class, rank_series, same_slices
-from rsna19.inference.study_predictor import apply_selection
+from rsna19.study.predictor import apply_selection
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 

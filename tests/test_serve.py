@@ -27,14 +27,14 @@ from pydicom.uid import JPEGLosslessSV1
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, MRImageStorage, Verification
 
-from rsna19.bundle import export_bundle, load_bundle
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 from rsna19.serve.app import ServeApp
 from rsna19.serve.config import Destination, ServeConfig, load_config
 from rsna19.serve.db import ServeDB
 from rsna19.serve.http import ServeHTTP, authorized, sorted_studies
 from rsna19.serve.scp import StorageSCP
 from rsna19.serve.spool import Spool
+from rsna19.study.bundle import export_bundle, load_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 

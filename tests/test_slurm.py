@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from rsna19.config import from_dict
-from rsna19.errors import UserError
+from rsna19.core.config import from_dict
+from rsna19.core.errors import UserError
 from rsna19.pipeline.slurm import (
     JobRequest,
     SlurmJobError,

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from predfactory import DEFAULT_MODELS, make_slices, predict
 
-from rsna19.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
 from rsna19.stacking.features import Level2Data, build_features, feature_columns
 
 
@@ -121,7 +121,7 @@ def test_vectorised_matches_loop():
 
 
 def test_even_window_is_an_error(two_series):
-    from rsna19.errors import UserError
+    from rsna19.core.errors import UserError
 
     with pytest.raises(UserError, match="odd"):
         build_features({"m": two_series}, windows=(4,))

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from predfactory import make_work_dir
 
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 from rsna19.stacking.inputs import discover_models, load_base_inputs, read_test_labels
 
 

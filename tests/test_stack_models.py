@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rsna19.metrics import weighted_log_loss
+from rsna19.core.metrics import weighted_log_loss
 from rsna19.stacking.base import inner_split
 from rsna19.stacking.blend import fit_blend
 from rsna19.stacking.config import LgbmConfig, MlpConfig

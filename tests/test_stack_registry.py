@@ -15,8 +15,8 @@ import pytest
 from predfactory import make_work_dir
 
 import rsna19.stacking  # noqa: F401  (registers the built-in stackers)
-from rsna19.config import load_config
-from rsna19.errors import UserError
+from rsna19.core.config import load_config
+from rsna19.core.errors import UserError
 from rsna19.stacking import registry
 from rsna19.stacking.base import Reader, read_json, save_json
 from rsna19.stacking.bundled import INFO_FILE, export_stacker, load_member, load_stacker, save_member

@@ -12,9 +12,9 @@ import pytest
 from predfactory import make_work_dir
 
 from rsna19.cli import main
-from rsna19.config import load_config
-from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.config import load_config
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.cv import cross_fit
 from rsna19.stacking.features import Level2Data

@@ -13,9 +13,9 @@ import pytest
 from predfactory import make_work_dir
 
 from rsna19.cli import main
-from rsna19.config import load_config
-from rsna19.constants import PROB_COLUMNS
-from rsna19.metrics import weighted_log_loss
+from rsna19.core.config import load_config
+from rsna19.core.constants import PROB_COLUMNS
+from rsna19.core.metrics import weighted_log_loss
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.postprocess import fit_postprocess, postprocess
 from rsna19.stacking.report import flag_against_base, format_score_table, score_frame, score_row

@@ -11,7 +11,7 @@ import pytest
 from predfactory import make_work_dir
 
 from rsna19.cli import main
-from rsna19.config import load_config
+from rsna19.core.config import load_config
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.parts import fit_jobs, fit_path, fits_current, level2_dir, load_level2, run_features
 from rsna19.stacking.run import run_stack

@@ -17,12 +17,12 @@ import pydicom
 import pytest
 from pydicom.uid import UID, CTImageStorage, generate_uid
 
-from rsna19.bundle import STUDY_MODEL_FILE, export_bundle, load_bundle
-from rsna19.calibration import apply_study_model
 from rsna19.cli import main
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
-from rsna19.metrics import decision_metrics, study_auc_any
+from rsna19.core.calibration import apply_study_model
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
+from rsna19.core.metrics import decision_metrics, study_auc_any
+from rsna19.study.bundle import STUDY_MODEL_FILE, export_bundle, load_bundle
 
 PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PAT-77", "PatientBirthDate": "19700101", "PatientSex": "F"}
 STUDY = {"StudyDate": "20240102", "StudyTime": "101500", "AccessionNumber": "ACC1", "StudyID": "1"}

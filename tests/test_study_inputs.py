@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import CTImageStorage
 
 from rsna19.conversion.series import convert_series
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 from rsna19.inference.inputs import (
     SelectionRules,
     UnsafeArchiveError,

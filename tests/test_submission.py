@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from rsna19.cli import main
-from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
+from rsna19.core.metrics import per_class_log_loss, weighted_log_loss
+from rsna19.inference.submission import score_submission, validate_submission, write_submission
 from rsna19.io.rsna_csv import long_to_wide, read_labels, wide_to_long
-from rsna19.metrics import per_class_log_loss, weighted_log_loss
-from rsna19.submission import score_submission, validate_submission, write_submission
 
 SOPS = [f"ID_{i:09x}" for i in (10, 11, 12, 13)]
 

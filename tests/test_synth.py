@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from rsna19.cli import main
-from rsna19.constants import CLASSES, SUBTYPES
+from rsna19.core.constants import CLASSES, SUBTYPES
 from rsna19.synth import generate_dataset
 from rsna19.synth.phantom import render
 from rsna19.synth.plan import make_plan

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from rsna19.cli import main
-from rsna19.constants import CLASSES, SUBTYPES
+from rsna19.core.constants import CLASSES, SUBTYPES
 from rsna19.synth import PRESETS, generate_dataset, get_preset
 from rsna19.synth.dataset import render_slab
 from rsna19.synth.phantom import SUBTYPE_BIT, BlobBleed

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
+from rsna19.core.threads import THREADS_ENV, allocated_threads, machine_cpus, resolve_threads, thread_budget
 from rsna19.pipeline.config import load_pipeline
 from rsna19.pipeline.executor import run_graph
 from rsna19.pipeline.jobs import pipeline_jobs
@@ -15,7 +16,6 @@ from rsna19.pipeline.slurm import SlurmOptions, batch_script
 from rsna19.pipeline.stages import StackFitJob, StackJob, plan
 from rsna19.stacking.config import LgbmConfig
 from rsna19.stacking.lgbm import LgbmStacker
-from rsna19.utils.threads import THREADS_ENV, allocated_threads, machine_cpus, resolve_threads, thread_budget
 
 PIPELINE = Path(__file__).resolve().parents[1] / "configs" / "pipelines" / "tiny.yaml"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

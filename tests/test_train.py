@@ -16,8 +16,9 @@ import torch
 from cachefactory import write_cache_and_folds
 
 from rsna19.cli import main
-from rsna19.config import load_config
-from rsna19.constants import PROB_COLUMNS
+from rsna19.core.config import load_config
+from rsna19.core.constants import PROB_COLUMNS
+from rsna19.core.errors import UserError
 from rsna19.data.datasets import read_cache_index
 from rsna19.engine.checkpoint import load_checkpoint
 from rsna19.engine.config import TrainConfig, resolve_paths
@@ -25,7 +26,6 @@ from rsna19.engine.forward import finish_rows, predict_rows
 from rsna19.engine.predictor import build_net
 from rsna19.engine.runtime import Runtime
 from rsna19.engine.tasks import get_task
-from rsna19.errors import UserError
 from rsna19.inference.predict import predict
 from rsna19.training.trainer import LOG_COLUMNS, epoch_indices, lr_factor, train
 

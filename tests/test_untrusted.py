@@ -24,12 +24,12 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna19.config import read_yaml
+from rsna19.core.config import read_yaml
+from rsna19.core.errors import UserError
 from rsna19.data.datasets import VolumeCache
 from rsna19.data.embeddings import embedding_paths, read_embeddings
 from rsna19.data.masks import read_mask_file
 from rsna19.engine.checkpoint import load_checkpoint, save_checkpoint
-from rsna19.errors import UserError
 from rsna19.inference.inputs import UnsafeArchiveError, ZipLimits, collect_studies, safe_extract_zip
 
 

@@ -18,12 +18,12 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
 
-from rsna19.bundle import export_bundle, load_bundle, load_study_model
-from rsna19.calibration import apply_platt, threshold_for_sensitivity, threshold_for_specificity
 from rsna19.cli import main
-from rsna19.constants import CLASSES
+from rsna19.core.calibration import apply_platt, threshold_for_sensitivity, threshold_for_specificity
+from rsna19.core.constants import CLASSES
+from rsna19.core.metrics import bootstrap_indices, fleiss_kappa, resample_weights, weighted_auc
 from rsna19.io.cq500 import FINDINGS, READERS, majority, read_reads, study_key
-from rsna19.metrics import bootstrap_indices, fleiss_kappa, resample_weights, weighted_auc
+from rsna19.study.bundle import export_bundle, load_bundle, load_study_model
 from rsna19.synth.cq500 import SERIES, generate_cq500, study_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
@@ -152,7 +152,7 @@ def test_weighted_auc_and_thresholds_match_sklearn():
 
 
 def _fleiss(r: np.ndarray) -> float:
-    """Fleiss' κ written from its definition with explicit loops (independent of rsna19.metrics)."""
+    """Fleiss' κ written from its definition with explicit loops (independent of rsna19.core.metrics)."""
     n, m = r.shape
     p_i = []
     for row in r:
@@ -303,7 +303,7 @@ def test_recalibrated_bundle_loads_and_the_original_is_unchanged(validated):
     old_model, _, _ = load_study_model(bundle)
     table = pd.read_csv(out / "studies.csv").set_index("study_key")
     ok = table[table["status"] == "ok"]
-    from rsna19.calibration import fit_study_class
+    from rsna19.core.calibration import fit_study_class
 
     for c in CLASSES:
         e = loaded.study_model["classes"][c]

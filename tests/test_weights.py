@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from rsna19.cli import main
-from rsna19.weights import MANIFEST_NAME, WeightNeed, locate, pipeline_needs
+from rsna19.tools.weights import MANIFEST_NAME, WeightNeed, locate, pipeline_needs
 
 REPO = "timm/test_resnet.r160_in1k"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -162,7 +162,7 @@ def test_damage_caught_by_manifest_and_by_keys(hub: _Hub, tmp_path: Path) -> Non
     other = _weights_bytes(tmp_path, {"conv.weight": torch.zeros(2, 3, 3, 3)})
     blob.write_bytes(other)
     status = locate(WeightNeed("test_resnet"))
-    from rsna19.weights import verify
+    from rsna19.tools.weights import verify
 
     assert "recorded when it was fetched" in (verify(status).problem or "")
     (file.parents[2] / MANIFEST_NAME).unlink()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rsna19.config import load_config
+from rsna19.core.config import load_config
 from rsna19.engine.config import TrainConfig
 from rsna19.nets import get_model_spec
 from rsna19.nets.registry import ModelSpec

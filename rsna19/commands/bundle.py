@@ -42,9 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export and print what went in."""
-    from rsna19.bundle import export_bundle
-    from rsna19.calibration import parse_sensitivity
-    from rsna19.errors import UserError
+    from rsna19.core.calibration import parse_sensitivity
+    from rsna19.core.errors import UserError
+    from rsna19.study.bundle import export_bundle
 
     try:
         sensitivity = parse_sensitivity(args.sensitivity)

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the checks, print the report; 1 when a check failed."""
     import json
 
-    from rsna19.doctor import run_checks
+    from rsna19.tools.doctor import run_checks
 
     cfg = None
     if args.pipeline:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rsna19.constants import DEFAULT_TTA, EMBED_SPLITS
+from rsna19.core.constants import DEFAULT_TTA, EMBED_SPLITS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -40,9 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the table."""
-    from rsna19.calibration import parse_sensitivity
-    from rsna19.errors import UserError
-    from rsna19.evaluate import evaluate, format_table
+    from rsna19.core.calibration import parse_sensitivity
+    from rsna19.core.errors import UserError
+    from rsna19.study.evaluate import evaluate, format_table
 
     try:
         sensitivity = parse_sensitivity(args.sensitivity)

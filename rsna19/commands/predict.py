@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rsna19.constants import DEFAULT_TTA
+from rsna19.core.constants import DEFAULT_TTA
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -84,9 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict; exit code 1 when no study could be predicted."""
-    from rsna19.bundle import parse_folds
-    from rsna19.inference.study import predict_studies
-    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
+    from rsna19.study.batch import predict_studies
+    from rsna19.study.bundle import parse_folds
+    from rsna19.study.predictor import StudyOptions, StudyPredictor
 
     options = StudyOptions(
         top_k=args.top_k,

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the score table."""
-    from rsna19.submission import format_scores, score_submission
+    from rsna19.inference.submission import format_scores, score_submission
 
     print(format_scores(score_submission(args.submission, args.labels)))
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from rsna19.config import load_config
+from rsna19.core.config import load_config
+from rsna19.core.errors import UserError
 from rsna19.stacking.config import StackConfig
 
 
@@ -30,18 +31,14 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Run the stage (or one part of a split stack) and print the score table."""
-    from rsna19.stacking.run import finish_stack, print_scores, run_stack  # heavy imports only when used
+    from rsna19.stacking.parts import finish_stack, run_features, run_fit  # heavy imports only when used
+    from rsna19.stacking.run import print_scores, run_stack
 
     cfg = config_from_args(args)
     if args.part == "features":
-        from rsna19.stacking.parts import run_features
-
         print(f"stack: level-2 features in {run_features(cfg)}")
         return 0
     if args.part == "fit":
-        from rsna19.errors import UserError
-        from rsna19.stacking.parts import run_fit
-
         if args.stacker is None or args.fold is None:
             raise UserError("--part fit needs --stacker NAME and --fold K")
         print(f"stack: level-2 fit in {run_fit(cfg, args.stacker, args.fold)}")

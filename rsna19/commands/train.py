@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rsna19.config import load_config
+    from rsna19.core.config import load_config
     from rsna19.engine.config import TrainConfig, resolve_paths
     from rsna19.training.trainer import train
 

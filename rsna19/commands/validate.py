@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     """Validate and print the summary and the table."""
     from pathlib import Path
 
-    from rsna19.bundle import parse_folds
-    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
+    from rsna19.study.bundle import parse_folds
+    from rsna19.study.predictor import StudyOptions, StudyPredictor
     from rsna19.validation.run import ValidateOptions, validate
 
     recal = None

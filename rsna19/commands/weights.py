@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from rsna19.errors import UserError
+    from rsna19.core.errors import UserError
     from rsna19.nets.pretrained import WEIGHTS_DIR_ENV, hf_cache_dir, weights_dirs
-    from rsna19.weights import fetch, locate, names_needs, pipeline_needs, verify
+    from rsna19.tools.weights import fetch, locate, names_needs, pipeline_needs, verify
 
     if bool(args.pipeline) == bool(args.names):
         raise UserError("name a pipeline (--pipeline rsna2019) or backbones (resnet34 ...), not both and not neither")

@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from rsna19.constants import CLASSES
 from rsna19.conversion.series import (
     CONVERSION_VERSION,
     TMP_PREFIX,
@@ -34,8 +33,9 @@ from rsna19.conversion.series import (
     read_meta,
     write_series,
 )
-from rsna19.errors import UserError
-from rsna19.utils.atomic import OutputError, ensure_writable_dir, write_csv, write_parquet
+from rsna19.core.atomic import OutputError, ensure_writable_dir, write_csv, write_parquet
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale_tmp(cache: Path) -> int:
     """Remove temporaries left by killed runs whose writer is gone: series directories being written
-    (``.tmp-<series>-<pid>``) and the index/error files of :func:`rsna19.utils.atomic.atomic_path`."""
+    (``.tmp-<series>-<pid>``) and the index/error files of :func:`rsna19.core.atomic.atomic_path`."""
     removed = 0
     stale = [(p, p.name.rsplit("-", 1)[-1]) for p in cache.glob(f"{TMP_PREFIX}*")]
     for name in ("cache_index.parquet", "convert_errors.csv"):

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import AIR_HU, CLASSES
 from rsna19.conversion.geometry import TILT_THRESHOLD_DEG, order_slices, slice_spacing, tilt_shifts
 from rsna19.conversion.read import Slice, describe_error, lenient_reading, read_file_slices_unguarded
 from rsna19.conversion.resample import (
@@ -31,8 +30,10 @@ from rsna19.conversion.resample import (
     sample_window,
     scale_factors,
 )
+from rsna19.core.atomic import ensure_writable_dir, output_error
+from rsna19.core.constants import AIR_HU, CLASSES
 from rsna19.io.dicom import pick_geometry, positions_along_normal, series_orientation, slice_normal, tilt_deg
-from rsna19.utils.atomic import ensure_writable_dir, output_error
+from rsna19.viz.preview import write_preview
 
 #: Bump when the conversion changes what it writes: every cached series is then out of date.
 CONVERSION_VERSION = 2  # 2: one geometry rule and series orientation with predict-study (rsna19.io.dicom)
@@ -366,8 +367,6 @@ def write_series(
     Returns:
         the series directory.
     """
-    from rsna19.preview import write_preview  # PIL is only needed when writing
-
     series = str(meta["series_uid"])
     if not series or os.sep in series or series.startswith("."):
         raise SeriesError(f"series UID {series!r} cannot name a directory")

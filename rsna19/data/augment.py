@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsna19.constants import AIR_HU
-from rsna19.errors import UserError
-from rsna19.utils.cv2_threads import cv2
+from rsna19.core.constants import AIR_HU
+from rsna19.core.cv2_threads import cv2
+from rsna19.core.errors import UserError
 
 _AREA = cv2.INTER_AREA  # resize: area averaging, a clean downsampling
 

@@ -27,12 +27,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from rsna19.constants import AIR_HU, CLASSES
+from rsna19.core.constants import AIR_HU, CLASSES
+from rsna19.core.errors import UserError
 from rsna19.data.augment import AugmentConfig, PixelAugment, StackAugment, sample_seed
 from rsna19.data.intensity import IntensityAugment, IntensityDraw, prepare_slice
 from rsna19.data.reference import SeriesReference
 from rsna19.data.transforms import CdfMapping, MultiWindow, decode_image, parse_image_dtype
-from rsna19.errors import UserError
 
 #: Columns a cache index needs for the datasets.
 INDEX_COLUMNS: tuple[str, ...] = ("sop_uid", "series_uid", "study_uid", "patient_id", "split", "z", "n_slices")

@@ -29,8 +29,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from rsna19.constants import CLASSES, EMBED_SPLITS
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES, EMBED_SPLITS
+from rsna19.core.errors import UserError
 
 #: The image model's logits in ``embeddings_<split>.parquet`` (the sequence model's ``logit_skip`` base).
 LOGIT_COLUMNS: tuple[str, ...] = tuple(f"logit_{c}" for c in CLASSES)

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from rsna19.constants import CLASSES, SUBTYPES
-from rsna19.errors import UserError
-from rsna19.utils.atomic import write_csv
+from rsna19.core.atomic import write_csv
+from rsna19.core.constants import CLASSES, SUBTYPES
+from rsna19.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rsna19.errors import UserError
-from rsna19.utils.cv2_threads import cv2
+from rsna19.core.cv2_threads import cv2
+from rsna19.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsna19.constants import AIR_HU, SUBTYPES
 from rsna19.conversion import convert_mask
 from rsna19.conversion.geometry import TILT_THRESHOLD_DEG
+from rsna19.core.constants import AIR_HU, SUBTYPES
+from rsna19.core.errors import UserError
 from rsna19.data.datasets import SliceDataset, read_meta, read_planes
 from rsna19.data.intensity import prepare_slice
-from rsna19.errors import UserError
 
 #: HU stand-ins of mask values 0/1 while a mask rides through the HU augmentation with the image (see
 #: :meth:`SegSliceDataset.__getitem__`): 0 is air, so padding (air) reads as "no mask".

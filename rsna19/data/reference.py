@@ -31,7 +31,7 @@ from collections import OrderedDict
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 #: HU that the brain parenchyma of every series is moved to (the mean of the phantom's grey and white matter,
 #: and typical of real unenhanced head CT).

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch.utils.data import Dataset
 
+from rsna19.core.errors import UserError
 from rsna19.data.datasets import SliceDataset
 from rsna19.data.slab import SlabDataset
-from rsna19.errors import UserError
 
 if TYPE_CHECKING:
     from rsna19.engine.config import DataConfig

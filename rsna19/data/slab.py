@@ -25,13 +25,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from rsna19.constants import CLASSES
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 from rsna19.data.augment import AugmentConfig, PixelAugment, StackAugment, sample_seed
 from rsna19.data.datasets import VolumeCache, add_device_affine, read_planes, window_slices
 from rsna19.data.intensity import IntensityAugment
 from rsna19.data.reference import SeriesReference
 from rsna19.data.transforms import MultiWindow, parse_image_dtype
-from rsna19.errors import UserError
 
 
 def window_starts(n_slices: int, slab: int, stride: int) -> np.ndarray:

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsna19.constants import WINDOWS
-from rsna19.errors import UserError
-from rsna19.utils.cv2_threads import cv2
+from rsna19.core.constants import WINDOWS
+from rsna19.core.cv2_threads import cv2
+from rsna19.core.errors import UserError
 
 #: Name of the CDF mapping in a ``windows:`` list.
 CDF = "cdf"
@@ -51,7 +51,7 @@ class Window:
 
     @classmethod
     def named(cls, name: str) -> Window:
-        """Window from :data:`rsna19.constants.WINDOWS` (``brain``, ``subdural``, ``bone``, ``soft``)."""
+        """Window from :data:`rsna19.core.constants.WINDOWS` (``brain``, ``subdural``, ``bone``, ``soft``)."""
         if name not in WINDOWS:
             raise UserError(f"unknown window {name!r}; known: {', '.join([*WINDOWS, CDF])}")
         return cls(*WINDOWS[name])
@@ -197,7 +197,7 @@ class MultiWindow:
     """Several windows (and optionally the CDF mapping) as channels.
 
     Args:
-        names: window names from :data:`rsna19.constants.WINDOWS` or ``"cdf"``.
+        names: window names from :data:`rsna19.core.constants.WINDOWS` or ``"cdf"``.
         cdf: the CDF mapping used for a ``"cdf"`` entry; defaults to :meth:`CdfMapping.linear`.
         reference_hu: with a number, the datasets shift each series' HU so that its brain parenchyma reads this
             value before the windows (``data.hu_reference: brain``, :mod:`rsna19.data.reference`); None: absolute

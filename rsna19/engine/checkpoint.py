@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from rsna19.errors import UserError
-from rsna19.utils.atomic import atomic_path
+from rsna19.core.atomic import atomic_path
+from rsna19.core.errors import UserError
 
 #: Bumped when the layout of the dict changes.
 CHECKPOINT_VERSION = 1

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rsna19.core.errors import UserError
 from rsna19.data.augment import AugmentConfig
-from rsna19.errors import UserError
 
 
 @dataclass

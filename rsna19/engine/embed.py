@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES, DEFAULT_TTA
+from rsna19.core.atomic import atomic_path, write_parquet, write_text
+from rsna19.core.constants import CLASSES, DEFAULT_TTA
+from rsna19.core.errors import UserError
 from rsna19.data.datasets import read_cache_index, slice_ids
 from rsna19.data.embeddings import EMBED_COLUMNS, EMBED_SPLITS, embedding_paths, embeddings_complete
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.engine.predictor import Predictor, run_fold_dir
 from rsna19.engine.tasks import Embedding, cache_path, folds_path
-from rsna19.errors import UserError
-from rsna19.utils.atomic import atomic_path, write_parquet, write_text
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from rsna19.constants import CLASSES
+from rsna19.core.constants import CLASSES
 from rsna19.engine.runtime import Runtime
 
 if TYPE_CHECKING:  # annotations only: tasks import this module

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rsna19.constants import CLASS_WEIGHTS
+from rsna19.core.constants import CLASS_WEIGHTS
 
 
 def _class_weights(like: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ One class serves every caller that runs a trained model:
 
 * ``rsna19 predict`` (:mod:`rsna19.inference.predict`) and ``rsna19 embed`` (:mod:`rsna19.engine.embed`) build it
   from a checkpoint (:meth:`Predictor.from_checkpoint`) and read a split of the cache;
-* bundles (:mod:`rsna19.bundle`) build it from safetensors (:meth:`Predictor.from_weights`), and ``predict-study``
+* bundles (:mod:`rsna19.study.bundle`) build it from safetensors (:meth:`Predictor.from_weights`), and ``predict-study``
   calls :meth:`Predictor.predict_cache` on a freshly converted series: in memory, fold-averaged;
 * Grad-CAM takes :meth:`Predictor.input_image`, the exact tensor the network sees.
 
@@ -30,13 +30,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from rsna19.config import from_dict
+from rsna19.core.config import from_dict
+from rsna19.core.errors import UserError
 from rsna19.engine.checkpoint import load_checkpoint
 from rsna19.engine.config import TrainConfig
 from rsna19.engine.forward import embed_rows, finish_rows, predict_rows
 from rsna19.engine.runtime import Runtime, parse_tta, resolve_device
 from rsna19.engine.tasks import SequenceTask, Task, get_task
-from rsna19.errors import UserError
 from rsna19.nets import build_model
 
 

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rsna19.core.errors import UserError
+from rsna19.core.gpu import bf16_native
 from rsna19.data.augment import device_affine
 from rsna19.data.transforms import decode_image
-from rsna19.errors import UserError
-from rsna19.utils.gpu import bf16_native
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from rsna19.constants import CLASSES
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 from rsna19.data.datasets import SliceDataset, fit_cdf, read_cache_index
 from rsna19.data.embeddings import SequenceDataset, collate_sequences, embeddings_complete, read_embeddings
 from rsna19.data.folds import read_folds, split_by_fold
@@ -48,7 +49,6 @@ from rsna19.data.transforms import CDF, MultiWindow
 from rsna19.engine.config import TrainConfig
 from rsna19.engine.losses import masked_seq_loss, seg_aux_loss, weighted_bce
 from rsna19.engine.runtime import TTA, Batch, Runtime
-from rsna19.errors import UserError
 from rsna19.nets import get_model_spec
 
 log = logging.getLogger(__name__)

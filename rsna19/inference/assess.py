@@ -24,11 +24,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rsna19.constants import AIR_HU
+from rsna19.core.constants import AIR_HU
+
+if TYPE_CHECKING:
+    from rsna19.study.bundle import Bundle
 
 #: A slice whose HU range (max − min) is below this is uniform (a blank or flat image).
 UNIFORM_RANGE_HU: float = 1.0
@@ -78,7 +81,7 @@ def model_context(models: Sequence[Any]) -> int:
     return max(widths, default=1)
 
 
-def gate_limits(bundle: Any) -> GateLimits:
+def gate_limits(bundle: Bundle) -> GateLimits:
     """The limits of ``bundle``: its models' context and its training series' z extent."""
     geo = bundle.training_geometry or {}
     extent = geo.get("z_extent_mm")
@@ -105,7 +108,7 @@ def head_slices(volume_hu: np.ndarray) -> np.ndarray:
 def uniform_slices(volume_hu: np.ndarray) -> np.ndarray:
     """(Z,) bool: slices whose HU range is below :data:`UNIFORM_RANGE_HU` (blank or flat).
 
-    The conversion pads the crop window outside the image with :data:`rsna19.constants.AIR_HU`; those pixels are
+    The conversion pads the crop window outside the image with :data:`rsna19.core.constants.AIR_HU`; those pixels are
     left out, so a flat image is uniform whether or not the window reaches past its edge.
     """
     v = np.asarray(volume_hu, dtype=np.float64)

@@ -1,6 +1,6 @@
 """What ``predict-study`` writes for a study that is not assessable (:mod:`rsna19.inference.assess`).
 
-The gate runs inside :meth:`rsna19.inference.study_predictor.StudyPredictor.predict_input` (:class:`StudyGate`);
+The gate runs inside :meth:`rsna19.study.predictor.StudyPredictor.predict_input` (:class:`StudyGate`);
 the study's :class:`~rsna19.inference.result.StudyResult` is marked not assessable and its ``studies.json`` entry
 gets ``status: "not_assessable"``, the ``assessment`` (reasons and checks) and no prediction, no
 ``study_result``: never a negative. The report picture says NOT ASSESSABLE with the reasons
@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rsna19.inference.assess import GateLimits, NotAssessable, assess_series, study_assessment
+from rsna19.inference.dicom_out import write_result_dicom
+from rsna19.viz.report import render_not_assessable_report
 
 if TYPE_CHECKING:
     from rsna19.inference.result import StudyResult
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class StudyGate:
-    """The gate of one study: called by :func:`rsna19.inference.study_predictor.predict_series` for each series.
+    """The gate of one study: called by :func:`rsna19.study.predictor.predict_series` for each series.
 
     Keeps every series' verdict and the volume of the last refused one (for the report picture).
     """
@@ -65,18 +67,14 @@ def write_not_assessable(
         entry: its ``studies.json`` entry (:meth:`StudyResult.entry`).
         png: the report picture to write (``OUT/report_<study>.png``).
         dicom_out: the DICOM output folder, or None.
-        identity: the bundle's identity (:meth:`rsna19.inference.study_predictor.StudyPredictor.identity`).
+        identity: the bundle's identity (:meth:`rsna19.study.predictor.StudyPredictor.identity`).
     """
-    from rsna19.report import render_not_assessable_report
-
     assert result.refused is not None and result.assessment is not None
     volume, meta = result.refused
     reasons = [r["message"] for r in result.assessment["reasons"]]
     render_not_assessable_report(volume, meta["sop_uids"], meta["positions"], png, result.study_uid, reasons)
     entry["report"] = png.name
     if dicom_out is not None:
-        from rsna19.inference.dicom_out import write_result_dicom
-
         try:
             entry["dicom"] = write_result_dicom(dicom_out, result, identity, png).to_dict(Path(dicom_out))
         except Exception as exc:  # noqa: BLE001 - the DICOM copy is reported as failed; the verdict stands

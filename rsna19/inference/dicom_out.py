@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from rsna19.calibration import SUBTYPE_RULE
-from rsna19.constants import CLASSES
+from rsna19.core.atomic import atomic_path
+from rsna19.core.calibration import SUBTYPE_RULE
+from rsna19.core.constants import CLASSES
 from rsna19.io.multiframe import frame_sop_uid, is_multiframe
-from rsna19.utils.atomic import atomic_path
 
 if TYPE_CHECKING:
     from rsna19.inference.result import StudyResult
@@ -292,7 +292,7 @@ def build_sr(
     Args:
         sources: the source files of the predicted series (the evidence) and where each slice lies in them.
         slices: the study's slices (``sop_uid``, ``p_<class>``).
-        study_result: the calibrated study result (:func:`rsna19.calibration.apply_study_model`); None for a study
+        study_result: the calibrated study result (:func:`rsna19.core.calibration.apply_study_model`); None for a study
             that is not assessable.
         identity: ``rsna19_version``, ``bundle_sha256``, ``bundle_version`` (and ``study_score``).
         sop_uid, series_uid: of the new SR.

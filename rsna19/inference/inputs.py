@@ -44,7 +44,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from rsna19.conversion.geometry import order_slices
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 from rsna19.inference.series_select import SeriesFacts, header_hints, series_facts
 from rsna19.io.dicom import (
     LOCALIZER_TOKENS,

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES, DEFAULT_TTA, PROB_COLUMNS
+from rsna19.core.atomic import write_parquet
+from rsna19.core.constants import CLASSES, DEFAULT_TTA, PROB_COLUMNS
+from rsna19.core.errors import UserError
 from rsna19.data.datasets import slice_ids
 from rsna19.engine.embed import ensure_embeddings
 from rsna19.engine.predictor import Predictor, run_fold_dir
-from rsna19.errors import UserError
-from rsna19.utils.atomic import write_parquet
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""What :class:`rsna19.inference.study_predictor.StudyPredictor` returns for one study, in memory.
+"""What :class:`rsna19.study.predictor.StudyPredictor` returns for one study, in memory.
 
 A :class:`StudyResult` holds everything the outputs of ``predict-study`` are made of: the series chosen (and the
 reasons for the others), per-slice probabilities of every base model and of the stacker, the study result, the
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
 from rsna19.inference.inputs import StudyInput
 
 #: Columns of ``slices.csv``.
@@ -89,8 +89,8 @@ class StudyResult:
         series: the predicted series (volumes, per-model and stacked probabilities, timings).
         failed: the series whose conversion or prediction failed, with ``reason``.
         families: model name → family, for ``models.csv``.
-        prediction: :func:`rsna19.report.summarise_study` of the stacked slices (maxima, flags, ``top_slices``).
-        study_result: the calibrated study result (:func:`rsna19.calibration.apply_study_model`); None without a
+        prediction: :func:`rsna19.viz.report.summarise_study` of the stacked slices (maxima, flags, ``top_slices``).
+        study_result: the calibrated study result (:func:`rsna19.core.calibration.apply_study_model`); None without a
             study model in the bundle.
         cam: (H, W) float32 Grad-CAM map of ``any`` over the top slice of :attr:`report_series`, in the frame of
             its volume; None when not drawn.

@@ -33,14 +33,18 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES, SUBTYPES
+from rsna19.core.atomic import atomic_path
+from rsna19.core.constants import CLASSES, SUBTYPES
 from rsna19.inference.dicom_out import MANUFACTURER, _uid, finding_code, read_source_slices
-from rsna19.utils.atomic import atomic_path
+from rsna19.inference.gradcam import grad_cam
+
+if TYPE_CHECKING:
+    from rsna19.study.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ def map_slices(p_any: np.ndarray, slice_threshold: float | None, k: int = MAX_SL
 
 
 def bleed_map(
-    bundle: Any,
+    bundle: Bundle,
     cache: str | os.PathLike[str],
     rows: pd.DataFrame,
     volume_shape: tuple[int, int, int],
@@ -165,7 +169,6 @@ def bleed_map(
         return BleedMap(masks, segments, f"seg_aux:{predictor.name}", zs)
     if not cam_models:
         return None
-    from rsna19.inference.gradcam import grad_cam
 
     predictor = cam_models[0]
     member = predictor.members[0]
@@ -352,14 +355,14 @@ def write_seg(
 
 
 def study_bleed_map(
-    bundle: Any, cache: str | os.PathLike[str], series: Any, rows: pd.DataFrame, study_result: dict[str, Any] | None
+    bundle: Bundle, cache: str | os.PathLike[str], series: Any, rows: pd.DataFrame, study_result: dict[str, Any] | None
 ) -> tuple[BleedMap | None, str | None]:
     """The bleed map of a study's report series, or None with the reason (negative, no study model, failure).
 
     Args:
         bundle: the loaded bundle.
         cache: the scratch cache holding ``series`` as the models read it.
-        series: the report series (:class:`rsna19.inference.study.SeriesPrediction`: ``volume``, ``stacked``).
+        series: the report series (:class:`rsna19.study.batch.SeriesPrediction`: ``volume``, ``stacked``).
         rows: its cache rows.
         study_result: the calibrated study result.
     """

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 READERS: tuple[str, ...] = ("R1", "R2", "R3")
 #: CQ500 finding → the class it is compared with.

@@ -4,7 +4,7 @@ HU = stored × RescaleSlope + RescaleIntercept, computed in float and rounded to
 
 * the RSNA 12-bit wrap quirk: unsigned 12-bit data with an intercept above −100 whose negative values (air)
   wrapped modulo 4096; :func:`unwrap12` undoes it;
-* values outside the reconstruction circle (−2000, −3024 …) become −1024, :data:`rsna19.constants.AIR_HU`.
+* values outside the reconstruction circle (−2000, −3024 …) become −1024, :data:`rsna19.core.constants.AIR_HU`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pydicom
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from rsna19.constants import AIR_HU
+from rsna19.core.constants import AIR_HU
 from rsna19.io import decoders
 
 # Every process that decodes pixels imports this module: the JPEG plugin is then known to pydicom.

@@ -35,12 +35,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
+from rsna19.core.atomic import ensure_writable_dir, write_csv, write_parquet
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 from rsna19.io.dicom import tilt_deg
 from rsna19.io.dicom_header import HEADER_COLUMNS, read_slice_headers
 from rsna19.io.rsna_csv import read_labels
-from rsna19.utils.atomic import ensure_writable_dir, write_csv, write_parquet
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The Kaggle ``ID,Label`` csv format, long ↔ wide.
 
 Long: one row per (slice, class), ``ID = <sop_uid>_<class>`` where the SOP UID is itself ``ID_<hex>``, e.g.
-``ID_12cadc6af_epidural``; six rows a slice in :data:`rsna19.constants.CLASSES` order. This is the format of
+``ID_12cadc6af_epidural``; six rows a slice in :data:`rsna19.core.constants.CLASSES` order. This is the format of
 ``stage_2_train.csv``, the sample submission, ``test_labels.csv`` and a submission.
 
 Wide: one row per slice, ``sop_uid`` + one column per class (named by a prefix + class name, e.g. ``epidural``
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
-from rsna19.utils.atomic import atomic_path
+from rsna19.core.atomic import atomic_path
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

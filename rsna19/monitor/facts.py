@@ -88,7 +88,7 @@ def study_input_facts(study: Any, series: Any) -> dict[str, Any]:
 
     Args:
         study: the study's input (``used`` series with ``series_uid`` and ``slice_refs()``).
-        series: the series the report shows (:class:`rsna19.inference.study.SeriesPrediction`).
+        series: the series the report shows (:class:`rsna19.study.batch.SeriesPrediction`).
     """
     refs = [r for s in study.used if s.series_uid == series.series_uid for r in s.slice_refs()]
     path = refs[0]["path"] if refs else None

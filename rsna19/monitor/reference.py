@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rsna19.core.calibration import calibrate_frame
 from rsna19.monitor.drift import build_reference
 from rsna19.monitor.facts import header_facts, hu_facts
 
@@ -27,8 +28,6 @@ def training_reference(
         study_model: the bundle's study model (calibrates the out-of-fold outputs).
         oof: the out-of-fold slice predictions the study model was fitted on (``study_uid``, ``p_<class>``).
     """
-    from rsna19.calibration import calibrate_frame
-
     cache_index = cache / "cache_index.parquet"
     if not cache_index.is_file():
         return None

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 from rsna19.nets.common import GlobalPool, Head
 from rsna19.nets.pretrained import create_backbone
 from rsna19.nets.registry import register_model

@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 
 Pool = Literal["avg", "catavgmax"]
 

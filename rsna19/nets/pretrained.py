@@ -22,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 #: File names a timm Hugging Face repository stores its weights under, in the order timm tries them.
 _HF_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")

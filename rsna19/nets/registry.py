@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 #: The environment variable naming plugin modules (comma-separated importable names or ``.py`` files).
 PLUGINS_ENV = "RSNA19_PLUGINS"

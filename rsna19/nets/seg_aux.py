@@ -23,8 +23,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from rsna19.constants import CLASSES, SUBTYPES
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES, SUBTYPES
+from rsna19.core.errors import UserError
 from rsna19.nets.pretrained import local_weight_files, offline
 from rsna19.nets.registry import register_model
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
 from rsna19.nets.registry import register_model
 
 

@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsna19.config import load_config
-from rsna19.errors import UserError
+from rsna19.core.config import load_config
+from rsna19.core.errors import UserError
 from rsna19.pipeline.slurm import SlurmSection
 
 #: Where the repository's configs live when the package is installed editable (``rsna19 demo`` from anywhere).

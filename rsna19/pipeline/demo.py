@@ -10,6 +10,7 @@ from pathlib import Path
 from rsna19.pipeline.config import load_pipeline
 from rsna19.pipeline.run import PipelineResult, run_pipeline
 from rsna19.pipeline.stages import STAGES
+from rsna19.synth import generate_dataset
 
 
 def run_demo(
@@ -38,8 +39,6 @@ def run_demo(
     Returns:
         The pipeline's result and the total wall time in seconds (dataset included).
     """
-    from rsna19.synth import generate_dataset
-
     t0 = time.perf_counter()
     cfg = load_pipeline(pipeline, list(overrides))
     data = Path(out) / "data"

@@ -4,7 +4,7 @@ A job starts when every job it depends on has finished; it is asked whether it i
 prediction is stale once its model retrained), and skipped when it is. Data stages, the stack and the submission
 run in this process; model jobs (train, embed, predict) and the level-2 fit jobs of a split stack run in ``n_jobs``
 spawned worker processes (never forked: a forked torch with threads may deadlock) with ``threads`` torch threads
-each. Every job runs with ``RSNA19_THREADS`` set to its ``resources.cpus`` (:mod:`rsna19.utils.threads`), so a
+each. Every job runs with ``RSNA19_THREADS`` set to its ``resources.cpus`` (:mod:`rsna19.core.threads`), so a
 ``num_threads: auto`` inside it uses what it was given.
 
 GPUs: worker slot i sees only GPUs ``i·g … i·g+g−1`` (``CUDA_VISIBLE_DEVICES`` set before torch is imported in the
@@ -24,8 +24,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rsna19.errors import UserError
-from rsna19.utils.threads import thread_budget
+from rsna19.core.errors import UserError
+from rsna19.core.threads import thread_budget
 
 
 class GraphJob(Protocol):

@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 import shlex
 
+from rsna19.core.threads import THREADS_ENV
 from rsna19.pipeline.config import PipelineConfig
 from rsna19.pipeline.executor import gpu_slots
 from rsna19.pipeline.stages import plan
-from rsna19.utils.threads import THREADS_ENV
 
 
 def _line(argvs: list[list[str]], env: str | None, threads: int | None = None) -> str:

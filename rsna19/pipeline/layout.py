@@ -15,10 +15,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from rsna19.config import load_config
-from rsna19.engine.config import config_diff
-from rsna19.errors import UserError
+from rsna19.core.config import load_config
+from rsna19.core.constants import PROB_COLUMNS
+from rsna19.core.errors import UserError
+from rsna19.engine.config import TrainConfig, config_diff, resolve_paths
+from rsna19.io.rsna_csv import read_long, split_ids
 from rsna19.pipeline.config import PipelineConfig
+from rsna19.stacking.submit import stack_test_predictions
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +125,6 @@ def train_overrides(cfg: PipelineConfig, model: str) -> list[str]:
 
 def load_train_config(cfg: PipelineConfig, config_path: str, paths: WorkPaths) -> Any:
     """The resolved :class:`~rsna19.engine.config.TrainConfig` of one base model in this pipeline."""
-    from rsna19.engine.config import TrainConfig, resolve_paths
-
     tc = load_config(TrainConfig, config_path, train_overrides(cfg, Path(config_path).stem))
     return resolve_paths(tc, str(paths.cache), str(paths.folds), str(paths.runs))
 
@@ -228,10 +229,6 @@ def submission_frame(stack_dir: Path, which: str, layout: DataLayout) -> tuple[p
     Returns:
         (wide frame ``sop_uid, p_*``, the expected SOPs or None, how many slices were filled in).
     """
-    from rsna19.constants import PROB_COLUMNS
-    from rsna19.io.rsna_csv import read_long, split_ids
-    from rsna19.stacking.submit import stack_test_predictions
-
     wide = stack_test_predictions(stack_dir, which)
     if layout.sample_submission is None:
         return wide, None, 0

@@ -26,13 +26,16 @@ from typing import Any
 
 import pandas as pd
 
-from rsna19.config import save_config
-from rsna19.doctor import run_checks
-from rsna19.errors import UserError
+from rsna19.core.atomic import write_text
+from rsna19.core.config import save_config
+from rsna19.core.errors import UserError
+from rsna19.inference.submission import score_submission
 from rsna19.pipeline.config import PipelineConfig
 from rsna19.pipeline.executor import JobEvent, gpu_slots, run_graph
+from rsna19.pipeline.slurm import run_slurm
 from rsna19.pipeline.stages import STAGES, Job, StackJob, plan
-from rsna19.utils.atomic import write_text
+from rsna19.stacking.run import DONE_FILE, stack_dir
+from rsna19.tools.doctor import run_checks
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +89,6 @@ def run_pipeline(
         UserError: a data folder not in the RSNA layout, a failed preflight check, leakage between folds or splits,
             or any stage's error.
     """
-    from rsna19.submission import score_submission
-
     if executor not in ("local", "slurm"):
         raise UserError(f"--executor must be local or slurm, got {executor!r}")
     jobs = plan(data_dir, work, cfg, progress)
@@ -100,8 +101,6 @@ def run_pipeline(
     save_config(cfg, paths.resolved)
     tracker = StageTracker(jobs, say)
     if executor == "slurm":
-        from rsna19.pipeline.slurm import run_slurm
-
         t0 = time.perf_counter()
         run_slurm(jobs, paths.work, cfg.slurm.options(), say=say)
         tracker.timings = {s: 0.0 for s in STAGES}
@@ -113,7 +112,6 @@ def run_pipeline(
         run_graph(jobs, cfg.jobs, cfg.threads_per_job, slots, tracker.event)
 
     stack = next(j for j in jobs if isinstance(j, StackJob))
-    from rsna19.stacking.run import DONE_FILE, stack_dir
 
     scores = pd.read_csv(stack_dir(stack.config()) / DONE_FILE)
     sub_scores = score_submission(paths.submission, layout.test_labels) if layout.test_labels else None

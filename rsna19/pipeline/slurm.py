@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 #: SLURM job states after which a job will not run again; only ``COMPLETED`` is a success.
 FAILED_STATES = frozenset(
@@ -341,7 +341,7 @@ def batch_script(
     ]
     if "OMP_NUM_THREADS" not in options.env:
         lines.append('export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"')
-    if "RSNA19_THREADS" not in options.env:  # `num_threads: auto` uses the allocation (rsna19.utils.threads)
+    if "RSNA19_THREADS" not in options.env:  # `num_threads: auto` uses the allocation (rsna19.core.threads)
         lines.append('export RSNA19_THREADS="${SLURM_CPUS_PER_TASK:-1}"')
     for name, value in options.env.items():
         if not _ENV_NAME.fullmatch(name):

@@ -39,8 +39,19 @@ from typing import Any
 
 import pandas as pd
 
-from rsna19.config import load_config, to_dict
-from rsna19.errors import UserError
+from rsna19.conversion.run import run_convert
+from rsna19.core.config import load_config, to_dict
+from rsna19.core.errors import UserError
+from rsna19.core.threads import machine_cpus
+from rsna19.data.datasets import read_cache_index
+from rsna19.data.embeddings import embedding_paths
+from rsna19.data.folds import read_folds, write_folds
+from rsna19.engine.embed import extract_embeddings
+from rsna19.engine.tasks import get_task
+from rsna19.inference.predict import predict
+from rsna19.inference.submission import write_submission
+from rsna19.io.index import build_index
+from rsna19.nets import get_model_spec
 from rsna19.pipeline.config import PipelineConfig
 from rsna19.pipeline.layout import (
     DataLayout,
@@ -54,6 +65,18 @@ from rsna19.pipeline.layout import (
     train_done,
     train_overrides,
 )
+from rsna19.stacking.config import StackConfig
+from rsna19.stacking.parts import (
+    finish_stack,
+    fit_jobs,
+    fit_path,
+    fits_current,
+    level2_done_file,
+    run_features,
+    run_fit,
+)
+from rsna19.stacking.run import DONE_FILE, run_stack, stack_dir, stack_warnings
+from rsna19.training.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +178,6 @@ class IndexJob(Job):
         return self.ctx.paths.index.is_file()
 
     def run(self) -> str:
-        from rsna19.io.index import build_index
-
         c, p = self.ctx.cfg, self.ctx.paths
         index = build_index(
             [str(d) for d in self._dirs()], str(self.ctx.layout.train_csv), p.index, c.index_workers, self.ctx.progress
@@ -188,8 +209,6 @@ class ConvertJob(Job):
         return newer(p.cache / "cache_index.parquet", p.index)
 
     def run(self) -> str:
-        from rsna19.conversion.run import run_convert
-
         c, p = self.ctx.cfg.convert, self.ctx.paths
         s = run_convert(
             p.index,
@@ -225,8 +244,6 @@ class FoldsJob(Job):
         return self.ctx.paths.folds.is_file()
 
     def run(self) -> str:
-        from rsna19.data.folds import write_folds
-
         c, p = self.ctx.cfg, self.ctx.paths
         write_folds(p.cache, p.folds, n_folds=c.n_folds, seed=c.folds_seed)
         return self.check()
@@ -237,9 +254,6 @@ class FoldsJob(Job):
         Raises:
             UserError: another number of folds, leakage, or no test slice.
         """
-        from rsna19.data.datasets import read_cache_index
-        from rsna19.data.folds import read_folds
-
         c, p = self.ctx.cfg, self.ctx.paths
         folds = read_folds(p.folds)
         n_folds = int(folds["fold"].max()) + 1
@@ -291,8 +305,6 @@ class TrainJob(ModelJob):
         return train_done(self.fold_dir, cfg.train.epochs, to_dict(cfg))
 
     def run(self) -> str:
-        from rsna19.training.trainer import train
-
         if self.ctx.on_gpu and self.ctx.cfg.gpus_per_job > 1:
             # torchrun in a child process: it sees this worker's GPUs (CUDA_VISIBLE_DEVICES of its slot).
             argv = self.commands()[0]
@@ -331,16 +343,12 @@ class EmbedJob(ModelJob):
         self.splits = splits
 
     def _paths(self) -> list[Path]:
-        from rsna19.data.embeddings import embedding_paths
-
         return [embedding_paths(self.fold_dir, s)["json"] for s in self.splits]
 
     def done(self) -> bool:
         return all(newer(j, self.fold_dir / "best.pt") for j in self._paths())
 
     def run(self) -> str:
-        from rsna19.engine.embed import extract_embeddings
-
         extract_embeddings(
             self.fold_dir,
             self.fold,
@@ -369,8 +377,6 @@ class PredictJob(ModelJob):
         return all(newer(p, self.fold_dir / "best.pt") for p in self._outputs())
 
     def run(self) -> str:
-        from rsna19.inference.predict import predict
-
         for split in SPLITS:
             predict(
                 self.fold_dir,
@@ -398,8 +404,6 @@ class PredictJob(ModelJob):
 def stack_threads(cfg: PipelineConfig, pooled: bool) -> int:
     """Threads of a stack job, what its ``num_threads: auto`` resolves to: the pipeline's ``threads_per_job`` for a
     job that runs in a worker process next to others (``jobs > 1``), else every core of the machine."""
-    from rsna19.utils.threads import machine_cpus
-
     return max(1, cfg.threads_per_job) if pooled and cfg.jobs > 1 else machine_cpus()
 
 
@@ -417,9 +421,7 @@ class _StackPart(Job):
         """Threads the job's stackers use (``num_threads: auto``): its CPUs (``RSNA19_THREADS`` when it runs)."""
         return self.resources.cpus
 
-    def config(self) -> Any:
-        from rsna19.stacking.config import StackConfig
-
+    def config(self) -> StackConfig:
         return load_config(StackConfig, self.ctx.cfg.stack, self.overrides)
 
     def _predictions(self) -> list[Path]:
@@ -439,13 +441,9 @@ class StackFeaturesJob(_StackPart):
         super().__init__(ctx, "stack/features", deps, Resources(cpus=1, mem_gb=16))
 
     def done(self) -> bool:
-        from rsna19.stacking.parts import level2_done_file
-
         return newer(level2_done_file(self.config()), *self._predictions())
 
     def run(self) -> str:
-        from rsna19.stacking.parts import run_features
-
         return f"level-2 features in {run_features(self.config())}"
 
     def commands(self) -> list[list[str]]:
@@ -465,13 +463,9 @@ class StackFitJob(_StackPart):
         self.fold = fold
 
     def done(self) -> bool:
-        from rsna19.stacking.parts import fits_current
-
         return fits_current(self.config(), self.model, self.fold)
 
     def run(self) -> str:
-        from rsna19.stacking.parts import run_fit
-
         run_fit(self.config(), self.model, self.fold)
         return f"{self.threads} thread(s)"
 
@@ -488,27 +482,19 @@ class StackJob(_StackPart):
         self.split = split
 
     def done(self) -> bool:
-        from rsna19.stacking.run import DONE_FILE, stack_dir
-
         cfg = self.config()
         if self.split:
-            from rsna19.stacking.parts import fit_jobs, fit_path, level2_done_file
-
             inputs = [level2_done_file(cfg), *(fit_path(cfg, s, k) for s, k in fit_jobs(cfg, self.ctx.cfg.n_folds))]
             return newer(stack_dir(cfg) / DONE_FILE, *inputs, *self._predictions())
         return newer(stack_dir(cfg) / DONE_FILE, *self._predictions())
 
     def run(self) -> str:
-        from rsna19.stacking.run import finish_stack, run_stack
-
         result = (finish_stack if self.split else run_stack)(self.config(), force=True)
         best = result.scores.loc[result.scores["wll_oof"].idxmin()]
         warn = "".join(f"; WARNING {w}" for w in _warnings(result.scores))
         return f"{result.out_dir}: best OOF {best['name']} {best['wll_oof']:.4f}{warn}"
 
     def summary(self) -> str:
-        from rsna19.stacking.run import DONE_FILE, stack_dir
-
         scores = pd.read_csv(stack_dir(self.config()) / DONE_FILE)
         best = scores.loc[scores["wll_oof"].idxmin()]
         return f"best OOF {best['name']} {best['wll_oof']:.4f}"
@@ -518,8 +504,6 @@ class StackJob(_StackPart):
 
 
 def _warnings(scores: pd.DataFrame) -> list[str]:
-    from rsna19.stacking.run import stack_warnings
-
     return stack_warnings(scores)
 
 
@@ -528,7 +512,6 @@ def stack_jobs(ctx: Context, predict_keys: tuple[str, ...]) -> list[Job]:
     enabled stacker × fold (the cluster's unit: LightGBM's level-2 CV is hours at RSNA size) and the final job."""
     if ctx.cfg.stack_jobs == "single":
         return [StackJob(ctx, predict_keys)]
-    from rsna19.stacking.parts import fit_jobs
 
     features = StackFeaturesJob(ctx, predict_keys)
     fits = [StackFitJob(ctx, s, k, (features.key,)) for s, k in fit_jobs(features.config(), ctx.cfg.n_folds)]
@@ -546,21 +529,14 @@ class SubmitJob(Job):
         self.stack = stack
 
     def _stack_dir(self) -> Path:
-        from rsna19.stacking.run import stack_dir
-
         return stack_dir(self.stack.config())
 
     def done(self) -> bool:
-        from rsna19.stacking.run import DONE_FILE
-
         p = self.ctx.paths
         done_file = self._stack_dir() / DONE_FILE
         return newer(p.submission, done_file) and newer(p.scores, done_file)
 
     def run(self) -> str:
-        from rsna19.stacking.run import DONE_FILE
-        from rsna19.submission import write_submission
-
         p, sdir = self.ctx.paths, self._stack_dir()
         wide, expected, n_filled = submission_frame(sdir, self.ctx.cfg.submit, self.ctx.layout)
         write_submission(wide, p.submission, expected_sops=expected)
@@ -575,8 +551,6 @@ class SubmitJob(Job):
         return f"{self.ctx.paths.submission} ({self.ctx.cfg.submit})"
 
     def commands(self) -> list[list[str]]:
-        from rsna19.stacking.run import DONE_FILE
-
         p, lay = self.ctx.paths, self.ctx.layout
         argv = _argv("rsna19", "submit", self._stack_dir(), "--out", p.submission, "--which", self.ctx.cfg.submit)
         if lay.sample_submission:
@@ -593,8 +567,6 @@ def model_resources(cfg: PipelineConfig) -> Resources:
 
 def _reads_embeddings(tc: Any) -> bool:
     """Whether the family of training config ``tc`` reads another run's embeddings (its registered trait)."""
-    from rsna19.nets import get_model_spec
-
     return get_model_spec(tc.model.name).reads_embeddings
 
 
@@ -605,8 +577,6 @@ def embedding_splits(train_cfgs: dict[str, Any]) -> dict[str, tuple[str, ...]]:
     Raises:
         UserError: a model reading the embeddings of a run that is not in the pipeline or gives none.
     """
-    from rsna19.engine.tasks import get_task
-
     out: dict[str, set[str]] = {}
     for name, tc in train_cfgs.items():
         if not _reads_embeddings(tc):
@@ -633,8 +603,6 @@ def plan(
     Raises:
         UserError: a data folder not in the RSNA layout, or a model config that does not load.
     """
-    from rsna19.nets import get_model_spec
-
     layout = find_layout(data_dir)
     paths = WorkPaths(Path(work))
     ctx = Context(cfg, layout, paths, progress)

@@ -28,6 +28,7 @@ from rsna19.serve.scp import StorageSCP
 from rsna19.serve.sender import Sender
 from rsna19.serve.spool import Spool
 from rsna19.serve.worker import Worker, WorkQueue
+from rsna19.study.bundle import Bundle, load_study_model
 
 log = logging.getLogger("rsna19.serve")
 
@@ -36,9 +37,13 @@ class ServeApp:
     """The running node. ``start()`` returns once it listens; ``shutdown()`` stops it gracefully."""
 
     def __init__(
-        self, cfg: ServeConfig, bundle: Any = None, predict: PredictFn | None = None, load: LoadFn | None = None
+        self,
+        cfg: ServeConfig,
+        bundle: Bundle | None = None,
+        predict: PredictFn | None = None,
+        load: LoadFn | None = None,
     ) -> None:
-        """``bundle``: an already loaded :class:`rsna19.bundle.Bundle` for the first worker (thread isolation only:
+        """``bundle``: a loaded :class:`rsna19.study.bundle.Bundle` for the first worker (thread isolation only:
         embedding, tests); None: every worker loads ``cfg.bundle``. ``predict`` / ``load``: what a worker runs on a
         study and loads once (module-level functions; default :func:`rsna19.serve.worker.predict_one` and
         :func:`rsna19.serve.worker.load_predictor`)."""
@@ -65,8 +70,6 @@ class ServeApp:
     # ------------------------------------------------------------------------------------------------ start
     def start(self) -> dict[str, int]:
         """Start every part; returns ``{"dicom": port, "http": port, "pid": pid}`` (also in ``ports.json``)."""
-        from rsna19.bundle import load_study_model
-
         cfg = self.cfg
         self.spool.ports_path.unlink(missing_ok=True)
         _, manifest, self.bundle_sha = load_study_model(cfg.bundle)  # a bad bundle fails here, before listening

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rsna19 import config
-from rsna19.errors import UserError
+from rsna19.core import config
+from rsna19.core.errors import UserError
 
 _DEST = re.compile(r"^(?P<aet>[^@\s\\]{1,16})@(?P<host>[^:\s]+):(?P<port>\d{1,5})$")
 _SENDER = re.compile(r"^(?P<aet>[^@\s\\]{1,16})(?:@(?P<address>[^@\s]+))?$")
@@ -312,7 +312,7 @@ def is_loopback(host: str) -> bool:
 def load_config(path: str | None, overrides: Mapping[str, Any]) -> ServeConfig:
     """Defaults, then the YAML file ``path``, then ``overrides`` that are not None (the flags), checked.
 
-    The one config loader (:func:`rsna19.config.load_config`): keys as :class:`ServeConfig`, dashes may stand for
+    The one config loader (:func:`rsna19.core.config.load_config`): keys as :class:`ServeConfig`, dashes may stand for
     underscores, ``destination`` (the flag's name) adds to ``destinations``.
 
     Raises:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from rsna19.constants import CLASSES, SHORT_NAMES
+from rsna19.core.constants import CLASSES, SHORT_NAMES
 from rsna19.monitor.drift import worklist_banner
 from rsna19.serve.config import ServeConfig
 from rsna19.serve.db import REVIEWS, ServeDB

@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from rsna19.serve.config import ServeConfig
+from rsna19.serve.logs import setup_json_logging
 from rsna19.serve.spool import Spool
 
 log = logging.getLogger("rsna19.serve.procs")
@@ -73,7 +74,6 @@ def child_main(conn: Connection, cfg: ServeConfig, load: LoadFn, predict: Predic
     """The worker process: load the bundle, then answer ``("study", row)`` messages until told to stop."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the node decides
-    from rsna19.serve.logs import setup_json_logging
 
     setup_json_logging()
     t0 = time.perf_counter()

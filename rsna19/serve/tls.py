@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ssl
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 from rsna19.serve.config import ServeConfig
 
 

@@ -23,11 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rsna19.constants import CLASSES
+from rsna19.core.constants import CLASSES
 from rsna19.serve.config import ServeConfig
 from rsna19.serve.db import ServeDB
 from rsna19.serve.procs import LoadFn, PredictFn, WorkerProcess, WorkerProcessError
 from rsna19.serve.spool import Spool
+from rsna19.study.batch import predict_studies
+from rsna19.study.bundle import Bundle, load_bundle
+from rsna19.study.predictor import StudyOptions, StudyPredictor
 
 log = logging.getLogger("rsna19.serve.worker")
 
@@ -102,14 +105,11 @@ def study_summary(entry: dict[str, Any], out: Path) -> dict[str, Any]:
     }
 
 
-def load_predictor(cfg: ServeConfig, bundle: Any = None) -> Any:
-    """What a worker keeps in memory between studies: a :class:`~rsna19.inference.study_predictor.StudyPredictor`
+def load_predictor(cfg: ServeConfig, bundle: Bundle | None = None) -> StudyPredictor:
+    """What a worker keeps in memory between studies: a :class:`~rsna19.study.predictor.StudyPredictor`
     over the bundle on ``cfg.device`` (``bundle``: one already loaded), torch limited to ``torch_threads`` or the CPU
     count divided by the workers."""
     import torch
-
-    from rsna19.bundle import load_bundle
-    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
 
     torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers))
     if bundle is None:
@@ -117,15 +117,13 @@ def load_predictor(cfg: ServeConfig, bundle: Any = None) -> Any:
     return StudyPredictor(bundle, StudyOptions(cam=cfg.cam, source_headers=True, seg=cfg.seg))
 
 
-def predict_one(predictor: Any, spool: Spool, row: dict[str, Any]) -> dict[str, Any]:
+def predict_one(predictor: StudyPredictor, spool: Spool, row: dict[str, Any]) -> dict[str, Any]:
     """Predict one spooled study with the worker's :func:`load_predictor`; returns :func:`study_summary`.
 
     Raises:
         RuntimeError: the study could not be predicted (no usable series, every series failed ...), with the
             reason predict-study gave.
     """
-    from rsna19.inference.study import predict_studies
-
     uid, folder = row["study_uid"], row["folder"]
     final = spool.results(folder)
     tmp = final.with_name(f".{folder}.{os.getpid()}.tmp")
@@ -183,7 +181,9 @@ class Worker(threading.Thread):
         self.on_done = on_done
         self.predict = predict or predict_one
         self.load_fn = load or load_predictor
-        self.bundle: Any = None  # thread isolation: a bundle loaded before the worker started (embedding, tests)
+        self.bundle: Bundle | None = (
+            None  # thread isolation: a bundle loaded before the worker started (embedding, tests)
+        )
         self.predictor: Any = None  # thread isolation: the StudyPredictor this thread runs
         self.process_: WorkerProcess | None = None  # process isolation: the process that runs the studies
         self.loaded = False

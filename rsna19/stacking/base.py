@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 from rsna19.stacking.features import Level2Data
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from rsna19.metrics import weighted_log_loss
+from rsna19.core.metrics import weighted_log_loss
 from rsna19.stacking.convex import combine, fit_convex_weights
 
 #: Blend members that are a base model's own probabilities are named ``base:<model>``.

@@ -29,17 +29,21 @@ from typing import Any
 
 import numpy as np
 
-from rsna19.errors import UserError
+from rsna19.core.digest import sha256_file
+from rsna19.core.errors import UserError
 from rsna19.stacking.base import Reader
 from rsna19.stacking.blend import BASE_PREFIX
 from rsna19.stacking.config import StackConfig
+from rsna19.stacking.convex import combine
 from rsna19.stacking.features import Level2Data
+from rsna19.stacking.inputs import load_base_inputs
+from rsna19.stacking.postprocess import postprocess
 from rsna19.stacking.registry import get_stacker_spec
-from rsna19.utils.digest import sha256_file
+from rsna19.stacking.run import blend_members, fit_stackers, make_stackers, postprocess_decisions, prepare_level2
 
 #: The only kinds of file a stacker may save into a bundle (JSON, LightGBM text dumps, safetensors).
 ALLOWED_SUFFIXES = (".json", ".txt", ".safetensors")
-#: Written by :func:`rsna19.bundle.export_bundle`, not by a stacker.
+#: Written by :func:`rsna19.study.bundle.export_bundle`, not by a stacker.
 INFO_FILE = "stacker.json"
 #: Leading bytes of a pickle (protocol 2+) and of torch's zip checkpoint format.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
@@ -72,9 +76,6 @@ class LoadedStacker:
         Raises:
             UserError: ``data`` has other features than the stackers were fitted on.
         """
-        from rsna19.stacking.convex import combine
-        from rsna19.stacking.postprocess import postprocess
-
         sets = [data] if isinstance(data, Level2Data) else list(data)
         if any(list(d.feature_names) != self.feature_names for d in sets):
             raise UserError("the level-2 features differ from the ones the bundle's stacker was trained on")
@@ -169,9 +170,6 @@ def export_stacker(
     Raises:
         UserError: ``which`` or a blend member is not an enabled stacker.
     """
-    from rsna19.stacking.inputs import load_base_inputs
-    from rsna19.stacking.run import blend_members, fit_stackers, make_stackers, postprocess_decisions, prepare_level2
-
     inputs = load_base_inputs(scfg.runs, models, scfg.folds_csv, list(scfg.folds))
     l2 = prepare_level2(inputs, scfg.features.offsets, tuple(scfg.features.windows), scfg.features.test_per_fold)
     factories = make_stackers(scfg)

@@ -1,7 +1,7 @@
 """Schema of a second-level (stacking) config: ``configs/stack/*.yaml``.
 
 Example:
-    >>> from rsna19.config import load_config
+    >>> from rsna19.core.config import load_config
     >>> cfg = load_config(StackConfig, "configs/stack/demo.yaml", ["lgbm.num_boost_round=200"])
 """
 
@@ -40,7 +40,7 @@ class LgbmConfig:
     bagging_freq: int = 1
     lambda_l2: float = 1.0
     max_bin: int = 255
-    #: ``auto``: the CPUs the job was given (:func:`rsna19.utils.threads.resolve_threads`: the executor's share,
+    #: ``auto``: the CPUs the job was given (:func:`rsna19.core.threads.resolve_threads`: the executor's share,
     #: SLURM's allocation or the machine's cores); a number only for a measurement. LightGBM's results are
     #: repeatable for a fixed thread count.
     num_threads: int | str = "auto"

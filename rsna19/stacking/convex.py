@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
-from rsna19.constants import CLASS_WEIGHTS
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASS_WEIGHTS
+from rsna19.core.errors import UserError
 from rsna19.stacking.base import Reader, read_json, save_json
 from rsna19.stacking.config import ConvexConfig
 from rsna19.stacking.features import Level2Data

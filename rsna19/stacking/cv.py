@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from rsna19.constants import CLASSES
+from rsna19.core.constants import CLASSES
 from rsna19.stacking.base import Stacker
 from rsna19.stacking.features import Level2Data
 

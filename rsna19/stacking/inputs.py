@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
 from rsna19.io.rsna_csv import read_labels
 
 #: Columns that identify a slice in every prediction parquet (docs/contracts.md).

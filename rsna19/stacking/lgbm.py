@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
+from rsna19.core.threads import resolve_threads
 from rsna19.stacking.base import Reader, inner_split
 from rsna19.stacking.config import LgbmConfig
 from rsna19.stacking.features import Level2Data
 from rsna19.stacking.registry import register_stacker
 from rsna19.stacking.start import check_start, fit_start, start_logit
-from rsna19.utils.threads import resolve_threads
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rsna19.constants import CLASS_WEIGHTS, CLASSES
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASS_WEIGHTS, CLASSES
+from rsna19.core.errors import UserError
+from rsna19.core.threads import resolve_threads
 from rsna19.stacking.base import Reader, inner_split, read_json, read_tensors, save_json, save_tensors
 from rsna19.stacking.config import MlpConfig
 from rsna19.stacking.features import Level2Data
 from rsna19.stacking.registry import register_stacker
 from rsna19.stacking.start import check_start, fit_start, start_logit
-from rsna19.utils.threads import resolve_threads
 
 if TYPE_CHECKING:
     import torch

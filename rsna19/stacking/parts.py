@@ -32,13 +32,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.errors import UserError
+from rsna19.core.atomic import atomic_path, ensure_writable_dir, remove_stale_temporaries
+from rsna19.core.errors import UserError
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.cv import CrossFitResult, FoldFit, combine_folds, fit_fold
 from rsna19.stacking.features import SEP, Level2Data
-from rsna19.stacking.inputs import KEY_COLUMNS
+from rsna19.stacking.inputs import KEY_COLUMNS, load_base_inputs
 from rsna19.stacking.registry import get_stacker_spec, make_stackers
-from rsna19.utils.atomic import atomic_path
+from rsna19.stacking.run import (
+    DONE_FILE,
+    Level2Set,
+    StackResult,
+    finish_stackers,
+    prepare_level2,
+    stack_dir,
+    write_stack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +115,6 @@ def load_level2(src: Path, mmap: bool = True) -> object:
     Raises:
         UserError: the folder is missing or incomplete (run ``--part features`` first).
     """
-    from rsna19.stacking.run import Level2Set
-
     if not (src / "meta.json").is_file():
         raise UserError(f"{src}: no level-2 features (run `rsna19 stack CONFIG --part features` first)")
     meta = json.loads((src / "meta.json").read_text(encoding="utf-8"))
@@ -191,9 +198,6 @@ def load_fold_fit(path: Path) -> FoldFit:
 # ------------------------------------------------------------------------------------------------ the parts
 def run_features(cfg: StackConfig) -> Path:
     """``--part features``: load the base models' predictions, build the level-2 problem and save it."""
-    from rsna19.stacking.inputs import load_base_inputs
-    from rsna19.stacking.run import prepare_level2
-
     t0 = time.perf_counter()
     inputs = load_base_inputs(cfg.runs, list(cfg.models), cfg.folds_csv, list(cfg.folds), cfg.test_labels)
     l2 = prepare_level2(inputs, cfg.features.offsets, tuple(cfg.features.windows), cfg.features.test_per_fold)
@@ -248,3 +252,27 @@ def fits_current(cfg: StackConfig, stacker: str, fold: int) -> bool:
     """The fit exists and is newer than the level-2 features it was made from."""
     path, features = fit_path(cfg, stacker, fold), level2_done_file(cfg)
     return path.is_file() and features.is_file() and os.stat(path).st_mtime_ns >= os.stat(features).st_mtime_ns
+
+
+def finish_stack(cfg: StackConfig, force: bool = False) -> StackResult:
+    """The final job of a split stack (``rsna19 stack --part finish``): combine the saved fold fits
+    (:func:`load_fits`), post-process, blend and write the stack folder as :func:`~rsna19.stacking.run.run_stack` does.
+
+    Raises:
+        UserError: the features or a fold fit are missing.
+    """
+    out_dir = stack_dir(cfg)
+    if (out_dir / DONE_FILE).is_file() and not force:
+        log.info("stack output %s is complete; skipping (use --force to recompute)", out_dir)
+        return StackResult(out_dir, pd.read_csv(out_dir / DONE_FILE), skipped=True)
+    ensure_writable_dir(out_dir.parent)
+    remove_stale_temporaries(out_dir)
+    t0 = time.perf_counter()
+    # Read into memory, not mapped: numpy's sums depend on the buffer's alignment in their last bit, and the scores
+    # must be those of the single job.
+    l2 = load_level2(level2_dir(cfg), mmap=False)
+    stackers = load_fits(cfg, l2.folds)
+    timings = {"load_s": time.perf_counter() - t0}
+    timings.update({f"{name}_cv_s": r.seconds for name, r in stackers.items()})
+    stackers, blend = finish_stackers(cfg, l2, stackers)
+    return write_stack(cfg, l2, stackers, blend, timings)

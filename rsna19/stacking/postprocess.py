@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from rsna19.metrics import weighted_log_loss
+from rsna19.core.metrics import weighted_log_loss
 
 #: Post-processing steps, in the order they are tried and applied.
 STEPS: tuple[str, ...] = ("any_ge_max", "clip")

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES
-from rsna19.metrics import per_class_auc, per_class_log_loss, study_auc_any, weighted_log_loss
+from rsna19.core.constants import CLASSES
+from rsna19.core.metrics import per_class_auc, per_class_log_loss, study_auc_any, weighted_log_loss
 from rsna19.stacking.postprocess import STEPS, PostprocessFit
 
 #: Columns of ``scores.csv``, in order. ``kind`` is one of ``base``, ``mean``, ``stacker``, ``blend``.

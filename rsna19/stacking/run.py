@@ -31,9 +31,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.config import save_config
-from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.atomic import (
+    atomic_path,
+    ensure_writable_dir,
+    remove_stale_temporaries,
+    write_parquet,
+    write_text,
+)
+from rsna19.core.config import save_config
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
 from rsna19.stacking.base import Stacker
 from rsna19.stacking.blend import BASE_PREFIX, BlendResult, fall_back_to_base, fit_blend
 from rsna19.stacking.config import StackConfig
@@ -43,13 +50,7 @@ from rsna19.stacking.inputs import KEY_COLUMNS, BaseInputs, load_base_inputs
 from rsna19.stacking.postprocess import fit_postprocess
 from rsna19.stacking.registry import make_stackers as _registry_make_stackers
 from rsna19.stacking.report import flag_against_base, format_score_table, score_frame, score_row
-from rsna19.utils.atomic import (
-    atomic_path,
-    ensure_writable_dir,
-    remove_stale_temporaries,
-    write_parquet,
-    write_text,
-)
+from rsna19.viz.plots import plot_safely, plot_score_table
 
 log = logging.getLogger(__name__)
 
@@ -322,32 +323,6 @@ def run_stack(cfg: StackConfig, force: bool = False) -> StackResult:
     return write_stack(cfg, l2, stackers, blend, timings)
 
 
-def finish_stack(cfg: StackConfig, force: bool = False) -> StackResult:
-    """The final job of a split stack (``rsna19 stack --part finish``): combine the saved fold fits
-    (:mod:`rsna19.stacking.parts`), post-process, blend and write the stack folder as :func:`run_stack` does.
-
-    Raises:
-        UserError: the features or a fold fit are missing.
-    """
-    from rsna19.stacking.parts import level2_dir, load_fits, load_level2
-
-    out_dir = stack_dir(cfg)
-    if (out_dir / DONE_FILE).is_file() and not force:
-        log.info("stack output %s is complete; skipping (use --force to recompute)", out_dir)
-        return StackResult(out_dir, pd.read_csv(out_dir / DONE_FILE), skipped=True)
-    ensure_writable_dir(out_dir.parent)
-    remove_stale_temporaries(out_dir)
-    t0 = time.perf_counter()
-    # Read into memory, not mapped: numpy's sums depend on the buffer's alignment in their last bit, and the scores
-    # must be those of the single job.
-    l2 = load_level2(level2_dir(cfg), mmap=False)
-    stackers = load_fits(cfg, l2.folds)
-    timings = {"load_s": time.perf_counter() - t0}
-    timings.update({f"{name}_cv_s": r.seconds for name, r in stackers.items()})
-    stackers, blend = finish_stackers(cfg, l2, stackers)
-    return write_stack(cfg, l2, stackers, blend, timings)
-
-
 def write_stack(
     cfg: StackConfig,
     l2: Level2Set,
@@ -379,7 +354,6 @@ def write_stack(
         timings["write_s"] = time.perf_counter() - t0
         write_text(json.dumps(timings, indent=2), tmp / "timings.json")
         save_config(resolved, tmp / "config.yaml")
-        from rsna19.plots import plot_safely, plot_score_table  # scores.png: the table as bars; a failure only warns
 
         plot_safely(plot_score_table, scores, tmp / "scores.png", f"stack {cfg.name}")
         scores.to_csv(tmp / DONE_FILE, index=False)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.constants import PROB_COLUMNS
+from rsna19.core.errors import UserError
+from rsna19.inference.submission import write_submission
 from rsna19.io.rsna_csv import read_long, split_ids
-from rsna19.submission import write_submission
 
 
 def stack_test_predictions(stack_dir: str | os.PathLike[str], which: str = "blend") -> pd.DataFrame:
@@ -49,7 +49,7 @@ def write_stack_submission(
 
     Raises:
         UserError: no such stack output or method, or an invalid submission (see
-            :func:`rsna19.submission.validate_submission`).
+            :func:`rsna19.inference.submission.validate_submission`).
     """
     wide = stack_test_predictions(stack_dir, which)
     expected = None

@@ -33,15 +33,15 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter
 from threadpoolctl import threadpool_limits
 
-from rsna19.constants import CLASSES, SUBTYPES
-from rsna19.errors import UserError
+from rsna19.core.atomic import atomic_path
+from rsna19.core.constants import CLASSES, SUBTYPES
+from rsna19.core.errors import UserError
 from rsna19.io.cq500 import FINDINGS, OTHER_FINDINGS, READERS
 from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
 from rsna19.synth.geometry import SeriesGeometry
 from rsna19.synth.phantom import SUBTYPE_BIT, render
 from rsna19.synth.plan import SeriesPlan, make_plan
 from rsna19.synth.presets import Preset
-from rsna19.utils.atomic import atomic_path
 
 GENERATOR = "rsna19.synth.cq500"
 VERSION = 1

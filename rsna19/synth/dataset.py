@@ -44,13 +44,13 @@ from scipy.ndimage import gaussian_filter
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from rsna19.constants import CLASSES, SUBTYPES
-from rsna19.errors import UserError
+from rsna19.core.atomic import atomic_path
+from rsna19.core.constants import CLASSES, SUBTYPES
+from rsna19.core.errors import UserError
 from rsna19.io.dicom_write import write_ct_dicom
 from rsna19.synth.phantom import SUBTYPE_BIT, render
 from rsna19.synth.plan import SeriesPlan, make_plan
 from rsna19.synth.presets import Preset, get_preset
-from rsna19.utils.atomic import atomic_path
 
 #: Marks a folder as written by this generator; bump VERSION when the output changes for a given seed.
 GENERATOR = "rsna19.synth"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rsna19.constants import SUBTYPES
+from rsna19.core.constants import SUBTYPES
 
 if TYPE_CHECKING:
     from rsna19.synth.mimics import Mimics

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rsna19.constants import SUBTYPES
+from rsna19.core.constants import SUBTYPES
 from rsna19.io.dicom_write import StorageVariant
 from rsna19.synth.geometry import SeriesGeometry
 from rsna19.synth.mimics import Mimics, random_mimics

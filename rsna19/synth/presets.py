@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,12 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter
 from scipy.ndimage import shift as nd_shift
 
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
+from rsna19.core.atomic import atomic_path
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
+from rsna19.synth.dataset import SPLIT_DIRS, render_series
+from rsna19.synth.plan import make_plan
 from rsna19.synth.presets import PRESETS, Preset
-from rsna19.utils.atomic import atomic_path
 
 if TYPE_CHECKING:
     from rsna19.synth.plan import SeriesPlan
@@ -188,8 +190,6 @@ def get_shift_preset(name: str) -> ShiftPreset:
 
 def shift_plans(spec: ShiftPreset, n_studies: int, seed: int = SHIFT_SEED, base: str = "demo") -> list[SeriesPlan]:
     """The ``n_studies`` test series of ``spec`` (one per study) on top of preset ``base``, drawn from ``seed``."""
-    from rsna19.synth.plan import make_plan
-
     base_preset = PRESETS[base]
     fields = {**spec.preset, "n_train_studies": 1, "n_test_studies": n_studies, "n_repeat_patients": 0}
     if spec.tilt_all:
@@ -232,8 +232,6 @@ def write_shift_preset(
         the summary (``preset, factor, n_studies, seed, version, n_slices, n_positive_studies, elapsed_s``).
     """
     from concurrent.futures import ProcessPoolExecutor
-
-    from rsna19.synth.dataset import SPLIT_DIRS, render_series
 
     spec = get_shift_preset(name)
     out = Path(out_dir)

@@ -2,8 +2,8 @@
 ``benchmarks/shift.py``, docs/benchmarks.md "Scanner shift").
 
 The study scores compared (issue 23, point 3): ``max`` (the slice maximum, what the bundle's study model uses by
-default) and ``top3`` (the mean of the three highest slices, :data:`rsna19.calibration.STUDY_SCORES`), each as study
-AUC(any); the operating point is the bundle's calibrated flag of ``any`` (``studies.json``), read as sensitivity
+default) and ``top3`` (the mean of the three highest slices, :data:`rsna19.core.calibration.STUDY_SCORES`), each as
+study AUC(any); the operating point is the bundle's calibrated flag of ``any`` (``studies.json``), read as sensitivity
 and specificity on the preset's studies.
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.metrics import binary_auc, weighted_log_loss
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.metrics import binary_auc, weighted_log_loss
 
 
 def _top3(s: pd.Series) -> float:

@@ -30,8 +30,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from rsna19.config import save_config, to_dict
-from rsna19.constants import CLASSES
+from rsna19.core.atomic import write_csv
+from rsna19.core.config import save_config, to_dict
+from rsna19.core.constants import CLASSES
+from rsna19.core.cv2_threads import cv2
+from rsna19.core.errors import UserError
+from rsna19.core.metrics import per_class_log_loss, weighted_log_loss
 from rsna19.data.sampler import epoch_sampler
 from rsna19.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from rsna19.engine.config import TrainConfig, config_diff, model_kwargs
@@ -39,10 +43,7 @@ from rsna19.engine.embed import ensure_embeddings
 from rsna19.engine.forward import finish_rows, predict_rows
 from rsna19.engine.runtime import Runtime
 from rsna19.engine.tasks import get_task
-from rsna19.errors import UserError
-from rsna19.metrics import per_class_log_loss, weighted_log_loss
 from rsna19.nets import build_model
-from rsna19.plots import write_training_curves
 from rsna19.training.distributed import (
     DistInfo,
     all_gather_object,
@@ -52,8 +53,7 @@ from rsna19.training.distributed import (
     mean_across,
     shutdown,
 )
-from rsna19.utils.atomic import write_csv
-from rsna19.utils.cv2_threads import cv2
+from rsna19.viz.plots import write_training_curves
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ the site's own labelled studies, with cross-validated numbers so that what is re
 
 The new study model keeps the bundle's study score, target sensitivities and slice thresholds (a site has study
 labels only); per class with at least one labelled study it replaces ``a, b`` and the operating point by those
-fitted on every labelled study of the site (:func:`rsna19.calibration.fit_study_class`). A class without labels
+fitted on every labelled study of the site (:func:`rsna19.core.calibration.fit_study_class`). A class without labels
 keeps the bundle's entry (``recalibrated: false``).
 
 **Cross-validation.** Fitting and judging on the same studies flatters both the calibration and the operating
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna19.calibration import apply_platt, fit_study_class
-from rsna19.constants import CLASSES
+from rsna19.core.calibration import apply_platt, fit_study_class
+from rsna19.core.constants import CLASSES
 
 
 def stratified_folds(y_any: np.ndarray, k: int, seed: int) -> np.ndarray:

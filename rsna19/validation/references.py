@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
+from rsna19.core.metrics import fleiss_kappa
 from rsna19.io.cq500 import FINDINGS, READERS, positive_reads, read_reads
-from rsna19.metrics import fleiss_kappa
 
 FORMATS: tuple[str, ...] = ("studies", "cq500")
 

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna19.utils.atomic import write_text
+from rsna19.core.atomic import write_text
+from rsna19.viz.plots import plot_roc_reliability
 
 #: Order and names of the findings in Chilamkurthy et al. (2018), and the classes they map to.
 FINDING_ROWS: tuple[tuple[str, str], ...] = (
@@ -147,8 +148,6 @@ def clinical_summary(result: pd.DataFrame, info: dict[str, Any]) -> str:
 
 def write_report(result: pd.DataFrame, table: pd.DataFrame, info: dict[str, Any], out: Path) -> str:
     """Write ``summary.txt``, ``table.md`` and ``report.png``; returns the summary text."""
-    from rsna19.plots import plot_roc_reliability
-
     ok = table[table["status"] == "ok"]
     curves, ops = {}, {}
     for c in info["classes"]:

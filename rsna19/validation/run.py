@@ -1,7 +1,7 @@
 """``rsna19 validate``: a bundle checked on a site's own labelled studies or on CQ500, reported the way the
 literature reports it.
 
-Every study in DATA goes through ``predict-study`` (:func:`rsna19.inference.study.predict_studies`: series choice,
+Every study in DATA goes through ``predict-study`` (:func:`rsna19.study.batch.predict_studies`: series choice,
 thin-series reformatting, every encoding; its outputs stay in ``OUT/predict/``). The study's calibrated
 probability is the bundle's study model applied to the slices of its key (for ``cq500`` the key is the study
 folder, so a folder holding two StudyInstanceUIDs is one study), compared with the reference
@@ -36,14 +36,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna19.bundle import write_recalibrated_bundle
-from rsna19.constants import CLASSES
-from rsna19.errors import UserError
-from rsna19.inference.study import predict_studies
-from rsna19.inference.study_predictor import StudyPredictor
-from rsna19.metrics import bootstrap_indices, resample_weights
-from rsna19.utils.atomic import ensure_writable_dir, write_csv, write_text
-from rsna19.utils.jsonable import json_default
+from rsna19.core.atomic import ensure_writable_dir, write_csv, write_text
+from rsna19.core.calibration import calibrate_frame
+from rsna19.core.constants import CLASSES
+from rsna19.core.errors import UserError
+from rsna19.core.jsonable import json_default
+from rsna19.core.metrics import bootstrap_indices, resample_weights
+from rsna19.io.cq500 import study_key
+from rsna19.study.batch import predict_studies
+from rsna19.study.bundle import write_recalibrated_bundle
+from rsna19.study.predictor import StudyPredictor
 from rsna19.validation.recalibrate import cross_validate, refit_study_model, stratified_folds
 from rsna19.validation.references import Reference, read_reference
 from rsna19.validation.report import write_report
@@ -61,8 +63,6 @@ def study_keys(summary: dict[str, Any], fmt: str) -> tuple[dict[str, str], dict[
         ``(key_of, folder_problems)``: study UID → key; key → reason, for CQ500 folders whose files were all
         skipped (no study came out of them).
     """
-    from rsna19.io.cq500 import study_key
-
     key_of: dict[str, str] = {}
     for s in summary["studies"]:
         if fmt == "cq500":
@@ -88,8 +88,6 @@ def study_table(
     summary: dict[str, Any], slices: pd.DataFrame, model: dict[str, Any], ref: Reference, fmt: str
 ) -> pd.DataFrame:
     """``studies.csv``: one row a study key of DATA or of the labels, with status, probabilities and reference."""
-    from rsna19.calibration import calibrate_frame
-
     key_of, folder_problems = study_keys(summary, fmt)
     uids: dict[str, list[str]] = {}
     for uid, key in key_of.items():

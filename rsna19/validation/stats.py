@@ -3,11 +3,11 @@ specificity with Wilson intervals at several operating points, and the calibrati
 
 **Bootstrap.** The studies are resampled with replacement, ``B`` times (``--bootstrap``, default 2000), from
 ``numpy.random.default_rng(seed).integers(0, N, size=(B, N))`` over the N evaluated studies in ``studies.csv``
-order (:func:`rsna19.metrics.bootstrap_indices`); every class uses the same resamples, restricted to the studies
+order (:func:`rsna19.core.metrics.bootstrap_indices`); every class uses the same resamples, restricted to the studies
 that have a reference for it. The 95 % interval is the 2.5th–97.5th percentile of the resampled values; a
 resample without a positive or without a negative has no AUC and is left out (``auc_boot_valid`` counts the rest).
 
-**Sensitivity and specificity** get Wilson score intervals (:func:`rsna19.metrics.wilson_interval`). At the
+**Sensitivity and specificity** get Wilson score intervals (:func:`rsna19.core.metrics.wilson_interval`). At the
 thresholds chosen on these very studies (the ``sensitivity_0.90`` ... rows) the interval does not include the
 uncertainty of the choice itself, so it is optimistic there; the bundle's operating point was chosen elsewhere.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from rsna19.calibration import threshold_for_sensitivity, threshold_for_specificity
-from rsna19.metrics import (
+from rsna19.core.calibration import threshold_for_sensitivity, threshold_for_specificity
+from rsna19.core.metrics import (
     binary_auc,
     brier_score,
     expected_calibration_error,
@@ -94,7 +94,7 @@ def ranking_metrics(y: np.ndarray, p: np.ndarray, weights: np.ndarray, n_bins: i
 
     Args:
         y: (N,) 0/1 references; p: (N,) probabilities.
-        weights: (B, N) resample multiplicities of these studies (:func:`rsna19.metrics.resample_weights`).
+        weights: (B, N) resample multiplicities of these studies (:func:`rsna19.core.metrics.resample_weights`).
         n_bins: equal-width bins of the calibration error.
     """
     y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)

@@ -20,10 +20,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from rsna19.calibration import consistent_flags
-from rsna19.constants import CLASSES, PROB_COLUMNS, SHORT_NAMES, WINDOWS
-from rsna19.plots import CLASS_COLOURS
-from rsna19.utils.atomic import atomic_path
+from rsna19.core.atomic import atomic_path
+from rsna19.core.calibration import consistent_flags
+from rsna19.core.constants import CLASSES, PROB_COLUMNS, SHORT_NAMES, WINDOWS
+from rsna19.viz.plots import CLASS_COLOURS
 
 #: Report geometry in inches (the layout is placed by hand, so the size never depends on text extents).
 PANEL_INCHES: float = 2.0  # one montage cell, image plus gap
@@ -43,7 +43,7 @@ MIN_COLUMNS: int = 5
 
 
 def _windowed(hu: np.ndarray, name: str) -> np.ndarray:
-    """HU → [0, 1] through the named window of :data:`rsna19.constants.WINDOWS`."""
+    """HU → [0, 1] through the named window of :data:`rsna19.core.constants.WINDOWS`."""
     centre, width = WINDOWS[name]
     return np.clip((np.asarray(hu, dtype=np.float32) - (centre - width / 2)) / width, 0.0, 1.0)
 
@@ -123,7 +123,7 @@ def render_study_report(
 
     Args:
         volume_hu: (Z, H, W) HU, slice order (z = 0 is the lowest position).
-        probs: (Z, 6) probabilities in :data:`rsna19.constants.CLASSES` order.
+        probs: (Z, 6) probabilities in :data:`rsna19.core.constants.CLASSES` order.
         sop_uids: (Z,) SOPInstanceUID of each slice.
         positions: (Z,) slice positions along the normal (mm), ascending.
         out_png: output file.
@@ -132,7 +132,7 @@ def render_study_report(
         cam: optional (h, w) heat map in [0, 1] for the top slice; stretched over the slice when its size differs
             (a network input may be resized).
         threshold: decision threshold drawn on the plot and used to pick the classes in the titles.
-        study_result: the calibrated study result (:func:`rsna19.calibration.apply_study_model`), drawn as a
+        study_result: the calibrated study result (:func:`rsna19.core.calibration.apply_study_model`), drawn as a
             second title line: the flag at the operating point, the calibrated probabilities, flagged subtypes.
         seg_mask: optional (H, W) bool bleed map of the top slice, the one the DICOM SEG holds
             (:mod:`rsna19.inference.seg_out`), drawn over it in red (instead of ``cam`` when both are given).
@@ -279,7 +279,7 @@ def summarise_study(df_slices: pd.DataFrame, top_k: int = 5, threshold: float = 
             (or row order).
         top_k: slices listed in ``top_slices``.
         threshold: decision threshold of the ``positive`` flags (a subtype is flagged only with ``any``:
-            :func:`rsna19.calibration.consistent_flags`).
+            :func:`rsna19.core.calibration.consistent_flags`).
 
     Returns:
         ``{"n_slices", "threshold", "max_probability": {class: p}, "positive": {class: bool},

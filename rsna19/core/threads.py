@@ -17,7 +17,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 #: The environment variable that carries a job's thread budget.
 THREADS_ENV = "RSNA19_THREADS"

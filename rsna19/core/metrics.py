@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from rsna19.constants import CLASS_WEIGHTS, CLASSES
+from rsna19.core.constants import CLASS_WEIGHTS, CLASSES
 
 EPS = 1e-15
 
@@ -38,7 +38,7 @@ def weighted_log_loss(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Competition metric.
 
     Args:
-        y_true: (N, 6) labels in :data:`rsna19.constants.CLASSES` order.
+        y_true: (N, 6) labels in :data:`rsna19.core.constants.CLASSES` order.
         y_pred: (N, 6) probabilities, same order.
 
     Returns:

@@ -2,8 +2,8 @@
 
 :class:`StudyPredictor` is to ``predict-study`` what nnU-Net's ``nnUNetPredictor.predict_single_npy_array`` is to its
 file API: the bundle's networks are rebuilt once through the training builders
-(:func:`rsna19.bundle.load_bundle`), and each study, given as a folder, a zip, a list of files, pydicom datasets or
-an already-read :class:`~rsna19.inference.inputs.StudyInput`, goes through
+(:func:`rsna19.study.bundle.load_bundle`), and each study, given as a folder, a zip, a list of files, pydicom
+datasets or an already-read :class:`~rsna19.inference.inputs.StudyInput`, goes through
 
 0. series ranking (:mod:`rsna19.inference.series_select`, :func:`apply_selection`): the best series is predicted
    (``all_series``: every usable one), every other gets its reason;
@@ -17,11 +17,11 @@ an already-read :class:`~rsna19.inference.inputs.StudyInput`, goes through
    TTA and AMP rule), averaged over the bundled folds; a sequence model gets its embeddings from its bundled image
    model, in memory;
 3. the level-2 features (:func:`rsna19.stacking.features.build_features`) through the bundled stacker; then the
-   calibrated study result (:mod:`rsna19.calibration`); with ``seg``, the bleed map of a positive study
+   calibrated study result (:mod:`rsna19.core.calibration`); with ``seg``, the bleed map of a positive study
    (:mod:`rsna19.inference.seg_out`, drawn on the report instead of the Grad-CAM map), else a Grad-CAM map of
    ``any`` on the top slice; and the drift watch's input facts (:mod:`rsna19.monitor.facts`).
 
-The :class:`~rsna19.inference.result.StudyResult` holds all of it; the writers of :mod:`rsna19.inference.study`
+The :class:`~rsna19.inference.result.StudyResult` holds all of it; the writers of :mod:`rsna19.study.batch`
 and :mod:`rsna19.inference.dicom_out` turn it into files.
 """
 
@@ -42,11 +42,10 @@ import pandas as pd
 import pydicom
 import torch
 
-from rsna19.bundle import Bundle, load_bundle
-from rsna19.calibration import apply_study_model
-from rsna19.constants import CLASSES, PROB_COLUMNS
 from rsna19.conversion.series import convert_series, write_series
-from rsna19.errors import UserError
+from rsna19.core.calibration import apply_study_model
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
 from rsna19.inference.assess import NotAssessable, gate_limits
 from rsna19.inference.assess_out import StudyGate
 from rsna19.inference.dicom_out import read_source_slices
@@ -57,8 +56,9 @@ from rsna19.inference.result import SeriesPrediction, StudyResult
 from rsna19.inference.seg_out import study_bleed_map
 from rsna19.inference.series_select import DEFAULT_TRAINING_SPACING_MM, SelectionPolicy, rank_series
 from rsna19.monitor.facts import series_facts, study_input_facts
-from rsna19.report import summarise_study
 from rsna19.stacking.features import Level2Data, build_features
+from rsna19.study.bundle import Bundle, load_bundle
+from rsna19.viz.report import summarise_study
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class StudyPredictor:
     """A loaded bundle that predicts studies in memory.
 
     Args:
-        bundle: a :class:`rsna19.bundle.Bundle` (see :meth:`load` for a bundle folder).
+        bundle: a :class:`rsna19.study.bundle.Bundle` (see :meth:`load` for a bundle folder).
         options: how studies are predicted and reported.
         load_s: seconds the bundle took to load (recorded in ``studies.json``).
     """
@@ -125,7 +125,7 @@ class StudyPredictor:
         tta: list[str] | None = None,
         options: StudyOptions = StudyOptions(),
     ) -> StudyPredictor:
-        """Load the bundle at ``path`` (:func:`rsna19.bundle.load_bundle`: ``device``, ``folds``, ``tta``) once."""
+        """Load the bundle ``path`` (:func:`rsna19.study.bundle.load_bundle`: ``device``, ``folds``, ``tta``) once."""
         t0 = time.perf_counter()
         bundle = load_bundle(path, device=device, folds=folds, tta=tta)
         return cls(bundle, options, load_s=time.perf_counter() - t0)

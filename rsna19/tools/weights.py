@@ -23,8 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsna19.errors import UserError
-from rsna19.utils.digest import sha256_file
+from rsna19.core.atomic import write_text
+from rsna19.core.config import load_config
+from rsna19.core.digest import sha256_file
+from rsna19.core.errors import UserError
+from rsna19.engine.config import TrainConfig
+from rsna19.nets import get_model_spec
+from rsna19.nets.pretrained import local_weight_files, offline, weight_source
 
 #: The manifest a fetch writes into a repository's cache folder.
 MANIFEST_NAME = "rsna19_manifest.json"
@@ -106,8 +111,6 @@ def model_need(model_cfg: Any, model: str) -> WeightNeed | None:
         model_cfg: the :class:`~rsna19.engine.config.ModelConfig` (``model:`` section).
         model: the config's name (file stem), for messages.
     """
-    from rsna19.nets import get_model_spec
-
     if model_cfg.weights:
         return WeightNeed(None, (model,), file=str(Path(model_cfg.weights).expanduser()))
     if not model_cfg.pretrained:
@@ -139,9 +142,6 @@ def pipeline_needs(cfg: Any) -> list[WeightNeed]:
     Raises:
         UserError: a model config that does not load.
     """
-    from rsna19.config import load_config
-    from rsna19.engine.config import TrainConfig
-
     merged: dict[tuple[str | None, str | None, str | None], list[str]] = {}
     for path in cfg.models:
         stem = Path(path).stem
@@ -169,8 +169,6 @@ def locate(need: WeightNeed, extra_dirs: list[Path] | tuple[Path, ...] = ()) -> 
         need: what is needed.
         extra_dirs: Hugging Face cache folders searched first (``--dir``).
     """
-    from rsna19.nets.pretrained import local_weight_files, weight_source
-
     status = WeightStatus(need)
     if need.problem:
         status.problem = need.problem
@@ -225,8 +223,6 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
 
 def write_manifest(path: Path, entry: dict[str, Any]) -> Path | None:
     """Record ``entry`` (sha256, size, source) for weight file ``path``; returns the manifest written."""
-    from rsna19.utils.atomic import write_text
-
     loc = _manifest_path(path)
     if loc is None:
         return None
@@ -287,8 +283,6 @@ def _model_shapes(tag_name: str) -> dict[str, tuple[int, ...]]:
     """State-dict shapes of timm's model ``tag_name`` built without weights (on the meta device: no memory)."""
     import timm
     import torch
-
-    from rsna19.nets.pretrained import offline
 
     with offline():
         try:
@@ -371,8 +365,6 @@ def fetch(need: WeightNeed, target: Path, force: bool = False) -> WeightStatus:
         UserError: offline mode, no hub repository, the hub unreachable, no weight file in the repository, or a
             downloaded file that fails verification.
     """
-    from rsna19.nets.pretrained import weight_source
-
     if need.problem or need.file or need.backbone is None:
         raise UserError(f"{need.label}: nothing to fetch ({need.problem or 'an explicit model.weights file'})")
     src = weight_source(need.backbone)

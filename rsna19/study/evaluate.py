@@ -9,7 +9,7 @@ Sources:
 * a ``predict-study`` output folder (``slices.csv`` + ``studies.json``): the slices as served, and the calibrated
   study results ``studies.json`` holds (or, for outputs of a bundle without a study model, those of ``--bundle``);
 * with ``--bundle``, a folder or zip of DICOM studies: predicted in memory by the bundle's
-  :class:`~rsna19.inference.study_predictor.StudyPredictor` (exactly what ``predict-study`` would write, nothing
+  :class:`~rsna19.study.predictor.StudyPredictor` (exactly what ``predict-study`` would write, nothing
   written), then evaluated like a ``predict-study`` output.
 
 Labels: a Kaggle label csv (``ID,Label``, ``ID_<sop>_<class>``; a study is positive when any labelled slice is),
@@ -33,14 +33,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rsna19.bundle import load_study_model
-from rsna19.calibration import calibrate_frame, fit_study_model, study_labels
-from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.atomic import write_csv, write_text
+from rsna19.core.calibration import calibrate_frame, fit_study_model, study_labels
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
+from rsna19.core.metrics import decision_metrics
 from rsna19.inference.result import SLICE_COLUMNS
-from rsna19.metrics import decision_metrics
-from rsna19.plots import plot_reliability, plot_roc
-from rsna19.utils.atomic import write_csv, write_text
+from rsna19.io.rsna_csv import read_labels
+from rsna19.study.bundle import load_study_model
+from rsna19.study.predictor import StudyOptions, StudyPredictor
+from rsna19.viz.plots import plot_reliability, plot_roc
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +147,8 @@ def study_source(
 
 def predict_source(path: str | os.PathLike[str], bundle: str | os.PathLike[str]) -> Source:
     """Predict the DICOM studies of a folder or zip in memory with
-    :class:`rsna19.inference.study_predictor.StudyPredictor` (no Grad-CAM, nothing written): the evaluated source."""
+    :class:`rsna19.study.predictor.StudyPredictor` (no Grad-CAM, nothing written): the evaluated source."""
     # Here, not at the top: it imports torch, which evaluating written predictions does not need.
-    from rsna19.inference.study_predictor import StudyOptions, StudyPredictor
 
     predictor = StudyPredictor.load(bundle, options=StudyOptions(cam=False))
     with predictor.reading(path) as inputs:
@@ -170,8 +171,6 @@ def read_label_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame | None,
     Raises:
         UserError: a missing file or neither format.
     """
-    from rsna19.io.rsna_csv import read_labels
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"labels file {path} does not exist")
@@ -185,7 +184,11 @@ def read_label_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame | None,
 
 
 def _study_model(
-    src: Source, source: Any, bundle: Any, sensitivity: dict[str, float] | None, study_score: str
+    src: Source,
+    source: str | os.PathLike[str],
+    bundle: str | os.PathLike[str] | None,
+    sensitivity: dict[str, float] | None,
+    study_score: str,
 ) -> tuple[dict[str, Any], str, str | None]:
     """The study model that gives the operating points: the bundle's, one fitted on a stack's OOF rows, or the one
     recorded in ``studies.json``; with where it comes from and the bundle's SHA-256 when known."""

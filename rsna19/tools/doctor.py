@@ -23,7 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rsna19.errors import UserError
+from rsna19.core import gpu
+from rsna19.core.errors import UserError
+from rsna19.io.decoders import install_hint, register
+from rsna19.io.hu import decoder_problem
+from rsna19.tools.weights import locate, pipeline_needs
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -198,8 +202,6 @@ def check_driver(pipeline_cfg: Any | None = None) -> Check:
     """The NVIDIA driver (``nvidia-smi``) against the driver torch's CUDA build needs."""
     import torch
 
-    from rsna19.utils import gpu
-
     driver = gpu.nvidia_driver_version()
     api = gpu.cuda_driver_api_version()
     cuda = torch.version.cuda
@@ -220,8 +222,6 @@ def check_driver(pipeline_cfg: Any | None = None) -> Check:
 def _no_gpu_reason() -> str:
     """Why torch sees no GPU, with what to do."""
     import torch
-
-    from rsna19.utils import gpu
 
     if not torch.version.cuda:
         return (
@@ -249,8 +249,6 @@ def _no_gpu_reason() -> str:
 
 def check_gpu(pipeline_cfg: Any | None = None) -> Check:
     """The visible GPUs (name, memory, compute capability, native bf16) against the pipeline's device."""
-    from rsna19.utils import gpu
-
     facts = gpu.gpu_facts()
     device = str(pipeline_cfg.device) if pipeline_cfg is not None else None
     data: dict[str, Any] = {"device": device, "gpus": [f.to_dict() for f in facts]}
@@ -472,8 +470,6 @@ def check_dicom(index: str | os.PathLike[str] | None = None) -> Check:
     from pydicom.pixels.decoders.base import get_decoder
     from pydicom.uid import UID
 
-    from rsna19.io.decoders import install_hint, register
-
     register()  # the project's JPEG plugin, as every decoding process has it
     rows = []
     missing: list[str] = []
@@ -497,8 +493,6 @@ def check_dicom(index: str | os.PathLike[str] | None = None) -> Check:
     data: dict[str, Any] = {"pydicom": pydicom.__version__, "syntaxes": rows}
     if index is not None and Path(index).is_file():
         import pandas as pd
-
-        from rsna19.io.hu import decoder_problem
 
         counts = pd.read_parquet(index, columns=["transfer_syntax"])["transfer_syntax"].value_counts()
         data["index_syntaxes"] = {str(k): int(v) for k, v in counts.items()}
@@ -528,8 +522,6 @@ def check_dicom(index: str | os.PathLike[str] | None = None) -> Check:
 
 def check_weights(pipeline_cfg: Any | None = None) -> Check:
     """Whether every pretrained weight file the pipeline's models need is present locally (not read)."""
-    from rsna19.weights import locate, pipeline_needs
-
     if pipeline_cfg is None:
         return Check("weights", "ok", "not checked: no pipeline given (--pipeline)")
     statuses = [locate(n) for n in pipeline_needs(pipeline_cfg)]

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from rsna19.constants import CLASSES, SHORT_NAMES, WINDOWS
+from rsna19.core.constants import CLASSES, SHORT_NAMES, WINDOWS
 
 #: Palette: indices 0..249 are grey levels, then the colours of the text.
 _GREYS = 250

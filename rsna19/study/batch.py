@@ -1,17 +1,17 @@
 """``rsna19 predict-study``: a folder or zip of DICOM files → per-slice and per-study predictions and reports.
 
 :func:`predict_studies` reads the input once (:meth:`StudyPredictor.reading
-<rsna19.inference.study_predictor.StudyPredictor.reading>`: every study, series and skipped file with its reason),
-predicts each study in memory (:meth:`~rsna19.inference.study_predictor.StudyPredictor.predict_input`) and hands
+<rsna19.study.predictor.StudyPredictor.reading>`: every study, series and skipped file with its reason),
+predicts each study in memory (:meth:`~rsna19.study.predictor.StudyPredictor.predict_input`) and hands
 each :class:`~rsna19.inference.result.StudyResult` to the writers here, which never read back what was written.
 
 Outputs in ``OUT``: ``slices.csv`` (study, series, sop_uid, z, position, six stacked probabilities), ``models.csv``
 (the same per base model, with its family: what each model said before the stacker), ``studies.json`` (per
 study: max probabilities, top slices, series used and skipped with reasons, or the error that stopped it) and
-``report_<study>.png`` (:func:`rsna19.report.render_study_report`, with a Grad-CAM map of ``any`` on the top slice
+``report_<study>.png`` (:func:`rsna19.viz.report.render_study_report`, with a Grad-CAM map of ``any`` on the top slice
 where a 2D model allows it). A study that fails is reported with its message; the others are still processed.
 
-With a study model in the bundle (:mod:`rsna19.calibration`), each study also gets ``study_result`` (calibrated
+With a study model in the bundle (:mod:`rsna19.core.calibration`), each study also gets ``study_result`` (calibrated
 probabilities, operating points, flags), drawn on the report; ``dicom_out`` adds a DICOM SR and Secondary Capture
 per study (:mod:`rsna19.inference.dicom_out`) and, for a positive study whose bleed map was drawn (the predictor's
 ``seg`` option), a DICOM SEG (:mod:`rsna19.inference.seg_out`). A study the not-assessable gate refused
@@ -35,14 +35,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rsna19.core.atomic import write_csv, write_text
+from rsna19.core.jsonable import json_default
 from rsna19.inference.assess_out import write_not_assessable
 from rsna19.inference.dicom_out import write_result_dicom
 from rsna19.inference.result import MODEL_COLUMNS, SLICE_COLUMNS, StudyResult
 from rsna19.inference.seg_out import study_seg
-from rsna19.inference.study_predictor import StudyPredictor, StudySource, message
-from rsna19.report import render_study_report
-from rsna19.utils.atomic import write_csv, write_text
-from rsna19.utils.jsonable import json_default
+from rsna19.study.predictor import StudyPredictor, StudySource, message
+from rsna19.viz.report import render_study_report
 
 __all__ = ["MODEL_COLUMNS", "SLICE_COLUMNS", "StudyBatch", "predict_studies", "report_name", "write_study_outputs"]
 

@@ -2,7 +2,7 @@
 
 A valid submission has every expected slice × the six classes exactly once, IDs of the form
 ``ID_<hex>_<class>`` and probabilities that are finite numbers in [0, 1]. :func:`validate_submission` raises a
-:class:`~rsna19.errors.UserError` naming the first bad row otherwise.
+:class:`~rsna19.core.errors.UserError` naming the first bad row otherwise.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna19.constants import CLASSES, PROB_COLUMNS
-from rsna19.errors import UserError
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.errors import UserError
+from rsna19.core.metrics import score_table
 from rsna19.io.rsna_csv import long_to_wide, read_labels, read_long, split_ids, wide_to_long, write_long
-from rsna19.metrics import score_table
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def score_submission(
         labels: label csv path or long DataFrame (``ID, Label``).
 
     Returns:
-        :func:`rsna19.metrics.score_table` (``wll``, ``loss_<class>``, ``auc_<class>``) plus ``n_slices`` and
+        :func:`rsna19.core.metrics.score_table` (``wll``, ``loss_<class>``, ``auc_<class>``) plus ``n_slices`` and
         ``n_ignored``.
 
     Raises:

@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from rsna19.errors import ConfigError
-from rsna19.utils.atomic import write_text
+from rsna19.core.atomic import write_text
+from rsna19.core.errors import ConfigError
 
 T = TypeVar("T")
 

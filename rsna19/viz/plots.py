@@ -24,8 +24,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from rsna19.constants import CLASSES, SHORT_NAMES
-from rsna19.utils.atomic import atomic_path
+from rsna19.core.atomic import atomic_path
+from rsna19.core.constants import CLASSES, SHORT_NAMES
+from rsna19.core.metrics import expected_calibration_error, reliability_bins
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +371,6 @@ def _unit_square(ax: Any, panel: str, xlabel: str, ylabel: str) -> None:
 
 def _draw_reliability(ax: Any, panel: str, classes: dict[str, tuple[np.ndarray, np.ndarray]], n_bins: int) -> None:
     """One reliability panel: a line per class through its non-empty bins (dot area: count), ECE in the legend."""
-    from rsna19.metrics import expected_calibration_error, reliability_bins
-
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
     for c in CLASSES:
         if c not in classes:
@@ -420,7 +419,7 @@ def plot_reliability(curves: CurveSet, out_png: str | os.PathLike[str], title: s
         curves: panel title → class → ((N,) 0/1 labels, (N,) probabilities).
         out_png: output file.
         title: figure title.
-        n_bins: equal-width bins over [0, 1] (those of :func:`rsna19.metrics.reliability_bins`).
+        n_bins: equal-width bins over [0, 1] (those of :func:`rsna19.core.metrics.reliability_bins`).
     """
     fig, axes = _panels(curves, title)
     for ax, (panel, classes) in zip(axes, curves.items()):

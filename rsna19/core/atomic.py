@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from rsna19.errors import UserError
+from rsna19.core.errors import UserError
 
 #: errno values that say "the output cannot be written here" and the words used for them.
 _WRITE_FAILURES: dict[int, str] = {

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
-from rsna19.constants import CLASSES, PROB_COLUMNS
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
 
 STUDY_MODEL_FORMAT = "rsna19-study-model"
 STUDY_MODEL_VERSION = 1
@@ -378,7 +378,7 @@ def consistent_flags(above: dict[str, bool]) -> tuple[dict[str, bool], list[str]
 
     Returns:
         ``(flags, withheld)``: class → reported flag, and the subtypes over their operating points that are not
-        reported because ``any`` is negative (in :data:`rsna19.constants.CLASSES` order).
+        reported because ``any`` is negative (in :data:`rsna19.core.constants.CLASSES` order).
     """
     any_positive = bool(above["any"])
     flags = {c: bool(above[c]) and (c == "any" or any_positive) for c in CLASSES}

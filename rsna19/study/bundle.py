@@ -11,7 +11,7 @@ Layout::
     BUNDLE/stacker/lgbm_<class>.txt            LightGBM boosters as their text dump (``model_to_string``)
     BUNDLE/stacker/mlp.safetensors, mlp.json   MLP weights; its layer sizes and scaler statistics
     BUNDLE/stacker/convex.json                 convex weights
-    BUNDLE/study_model.json                    study-level calibration and operating points (rsna19.calibration),
+    BUNDLE/study_model.json                    study-level calibration and operating points (rsna19.core.calibration),
                                                fitted on the stack's OOF predictions of the bundled method
 
 Nothing in a bundle is a pickle: weights are safetensors, the rest JSON, YAML (read with ``safe_load``) and
@@ -39,15 +39,31 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rsna19.constants import CLASSES, WINDOWS
-from rsna19.errors import UserError
-from rsna19.utils.atomic import atomic_path
-from rsna19.utils.digest import sha256_file
+import rsna19
+from rsna19.conversion.series import CONVERSION_VERSION, read_meta
+from rsna19.core.atomic import atomic_path
+from rsna19.core.calibration import check_study_model, fit_study_model
+from rsna19.core.config import from_dict, load_config, to_dict
+from rsna19.core.constants import CLASSES, WINDOWS
+from rsna19.core.digest import sha256_file
+from rsna19.core.errors import UserError
+from rsna19.engine.checkpoint import load_checkpoint
+from rsna19.engine.config import TrainConfig
+from rsna19.engine.predictor import Predictor
+from rsna19.engine.runtime import parse_tta, resolve_device
+from rsna19.engine.tasks import get_task
+from rsna19.monitor.reference import training_reference
+from rsna19.nets import get_model_spec
+from rsna19.nets.registry import PLUGINS_ENV
+from rsna19.pipeline.config import PipelineConfig
+from rsna19.stacking.bundled import export_stacker, load_stacker
+from rsna19.stacking.config import StackConfig
+from rsna19.stacking.run import fit_stackers, predictions_frame, score_stack
 
 #: Bumped when the layout changes; :func:`load_bundle` refuses other versions.
 BUNDLE_VERSION = 1
 BUNDLE_FORMAT = "rsna19-bundle"
-#: The study model's file in a bundle (:mod:`rsna19.calibration`).
+#: The study model's file in a bundle (:mod:`rsna19.core.calibration`).
 STUDY_MODEL_FILE = "study_model.json"
 #: Leading bytes of a pickle (protocol 2+) and of torch's zip checkpoint format.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
@@ -63,8 +79,6 @@ def _versions() -> dict[str, str]:
     import safetensors
     import timm
     import torch
-
-    import rsna19
 
     return {
         "rsna19": rsna19.__version__,
@@ -97,10 +111,7 @@ class ExportResult:
     study_model: dict[str, Any] | None = None
 
 
-def _stack_config(work: Path, pipeline: Any) -> Any:
-    from rsna19.config import load_config
-    from rsna19.stacking.config import StackConfig
-
+def _stack_config(work: Path, pipeline: PipelineConfig | None) -> StackConfig:
     stem = Path(pipeline.stack).stem if pipeline is not None else None
     cands = sorted((work / "stack").glob("*/config.yaml"))
     if stem:
@@ -110,11 +121,8 @@ def _stack_config(work: Path, pipeline: Any) -> Any:
     return load_config(StackConfig, cands[0])
 
 
-def _run_config(work: Path, name: str, fold: int) -> Any:
+def _run_config(work: Path, name: str, fold: int) -> TrainConfig:
     """The resolved training config of run ``name`` fold ``fold`` (its ``config.yaml``)."""
-    from rsna19.config import load_config
-    from rsna19.engine.config import TrainConfig
-
     path = work / "runs" / name / f"fold_{fold}" / "config.yaml"
     if not path.is_file():
         raise UserError(f"{path} is missing: train {name} fold {fold} first")
@@ -131,8 +139,6 @@ def check_servable(work: Path, models: list[str], folds: list[int]) -> None:
     Raises:
         UserError: the reason, naming the model and what to add.
     """
-    from rsna19.engine.tasks import get_task
-
     for name in models:
         cfg = _run_config(work, name, folds[0])
         task = get_task(cfg)  # also refuses an unknown family or a layout it does not take
@@ -155,9 +161,6 @@ def check_servable(work: Path, models: list[str], folds: list[int]) -> None:
 def _export_model(work: Path, name: str, folds: list[int], mdir: Path) -> dict[str, Any]:
     """Write one base model's folds (safetensors + json) and config into ``mdir``; returns its bundle.json entry."""
     from safetensors.torch import save_file
-
-    from rsna19.engine.checkpoint import load_checkpoint
-    from rsna19.nets import get_model_spec
 
     mdir.mkdir(parents=True)
     cfg_dict: dict[str, Any] | None = None
@@ -223,8 +226,6 @@ def training_geometry(cache: Path, index: Path | None = None) -> dict[str, Any] 
     """
     import pandas as pd
 
-    from rsna19.conversion.series import read_meta
-
     cache_index = cache / "cache_index.parquet"
     if not cache_index.is_file():
         return None
@@ -287,11 +288,6 @@ def export_bundle(
     Raises:
         UserError: an unfinished work folder, an unknown model or fold, or an existing ``out`` without ``force``.
     """
-    from rsna19.config import load_config, to_dict
-    from rsna19.conversion.series import CONVERSION_VERSION
-    from rsna19.pipeline.config import PipelineConfig
-    from rsna19.stacking.bundled import export_stacker
-
     work = Path(work)
     out = Path(out)
     if out.exists() and not force:
@@ -323,7 +319,6 @@ def export_bundle(
         _write_json(info, tmp / "stacker" / "stacker.json")
         study_model, oof = _fit_study_model(scfg, which, models, l2, info, sensitivity, study_score)
         _write_json(study_model, tmp / STUDY_MODEL_FILE)
-        from rsna19.monitor.reference import training_reference
 
         drift = training_reference(work / "cache", work / "index.parquet", study_model, oof)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -376,9 +371,6 @@ def _fit_study_model(
 
     import pandas as pd
 
-    from rsna19.calibration import fit_study_model
-    from rsna19.stacking.run import fit_stackers, predictions_frame, score_stack
-
     stack = Path(scfg.out) / scfg.name
     weights = stack / "weights.json"
     oof = None
@@ -406,7 +398,7 @@ def _fit_study_model(
 # ----------------------------------------------------------------------------------------------------- load
 @dataclass
 class Bundle:
-    """A loaded bundle, ready for :mod:`rsna19.inference.study`.
+    """A loaded bundle, ready for :mod:`rsna19.study.batch`.
 
     Attributes:
         path: the bundle folder.
@@ -525,10 +517,6 @@ def load_bundle(
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from rsna19.engine.predictor import Predictor
-    from rsna19.engine.runtime import parse_tta, resolve_device
-    from rsna19.stacking.bundled import load_stacker
-
     root = Path(path)
     mpath = root / "bundle.json"
     manifest, raw = _read_manifest(root)
@@ -596,7 +584,7 @@ def load_bundle(
     return Bundle(root, manifest, list(models.values()), stacker, dev, study_model, hashlib.sha256(raw).hexdigest())
 
 
-def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], bytes]) -> Any:
+def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], bytes]) -> TrainConfig:
     """The training config of a bundled model, once its family is known to be registered here.
 
     A bundle never imports code: a family from a plugin loads only when the user names that plugin.
@@ -605,11 +593,6 @@ def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], byt
         UserError: the model's registry name is unknown (also after the ``$RSNA19_PLUGINS`` plugins): the message
             names the plugin it came from.
     """
-    from rsna19.config import from_dict
-    from rsna19.engine.config import TrainConfig
-    from rsna19.nets import get_model_spec
-    from rsna19.nets.registry import PLUGINS_ENV
-
     try:
         get_model_spec(entry["model_name"])
     except UserError as exc:
@@ -625,8 +608,6 @@ def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], byt
 
 def _study_model(root: Path, manifest: dict[str, Any], read_json: Any) -> dict[str, Any] | None:
     """The checked study model of a bundle, or None when the bundle has none (written before they existed)."""
-    from rsna19.calibration import check_study_model
-
     entry = manifest.get("study_model")
     if not entry:
         return None
@@ -679,8 +660,6 @@ def write_recalibrated_bundle(
             or ``study_model`` is not a valid study model.
     """
     import shutil
-
-    from rsna19.calibration import check_study_model
 
     src, dst = Path(src), Path(dst)
     _, manifest, sha = load_study_model(src)  # checks bundle.json and the study model's checksum

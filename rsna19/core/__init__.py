@@ -1,0 +1,1 @@
+"""Shared names and numbers, errors, typed configs, atomic writes, metrics and study-level calibration."""

@@ -1,0 +1,1 @@
+"""Pictures: curves and tables of a run, conversion previews, the per-study report."""
