@@ -339,14 +339,13 @@ class EmbedJob(ModelJob):
         return all(newer(j, self.fold_dir / "best.pt") for j in self._paths())
 
     def run(self) -> str:
-        from rsna19.engine.embed import extract_embeddings
+        from rsna19.engine.embed import CheckpointOptions, extract_embeddings
 
         extract_embeddings(
             self.fold_dir,
             self.fold,
             self.splits,
-            tta=self.ctx.cfg.tta,
-            device=self.device,
+            CheckpointOptions(tta=self.ctx.cfg.tta, device=self.device),
             overwrite=True,
             progress=self.ctx.progress and self.ctx.cfg.jobs <= 1,
         )
@@ -369,16 +368,18 @@ class PredictJob(ModelJob):
         return all(newer(p, self.fold_dir / "best.pt") for p in self._outputs())
 
     def run(self) -> str:
+        from rsna19.engine.embed import CheckpointOptions
         from rsna19.inference.predict import predict
 
+        options = CheckpointOptions(
+            tta=self.ctx.cfg.tta, device=self.device, batch_size=self.ctx.cfg.predict_batch_size
+        )
         for split in SPLITS:
             predict(
                 self.fold_dir,
                 self.fold,
                 split,
-                tta=self.ctx.cfg.tta,
-                device=self.device,
-                batch_size=self.ctx.cfg.predict_batch_size,
+                options,
                 progress=self.ctx.progress and self.ctx.cfg.jobs <= 1,  # bars of parallel jobs would interleave
             )
         return "oof + test written"
