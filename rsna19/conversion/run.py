@@ -271,12 +271,7 @@ def run_convert(
     finally:
         bar.close()
 
-    cache_index, dropped = build_cache_index(cache, sorted(groups))
-    write_parquet(cache_index, cache / "cache_index.parquet")
-    errors = pd.DataFrame(dropped + failures, columns=ERROR_COLUMNS)
-    errors = errors.sort_values(ERROR_COLUMNS, kind="stable").reset_index(drop=True)
-    write_csv(errors, cache / "convert_errors.csv")
-    summary.errors = errors.to_dict("records")
+    summary.errors = _write_indexes(cache, sorted(groups), failures)
     summary.seconds = time.perf_counter() - t0
     log.info(
         "convert: %d converted, %d up to date, %d failed, %d slices written, %d slices dropped (%.1f s)",
@@ -288,6 +283,17 @@ def run_convert(
         summary.seconds,
     )
     return summary
+
+
+def _write_indexes(cache: Path, series_uids: list[str], failures: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Write ``cache_index.parquet`` and ``convert_errors.csv`` (``failures`` and the dropped slices); returns the
+    latter's rows."""
+    cache_index, dropped = build_cache_index(cache, series_uids)
+    write_parquet(cache_index, cache / "cache_index.parquet")
+    errors = pd.DataFrame(dropped + failures, columns=ERROR_COLUMNS)
+    errors = errors.sort_values(ERROR_COLUMNS, kind="stable").reset_index(drop=True)
+    write_csv(errors, cache / "convert_errors.csv")
+    return errors.to_dict("records")
 
 
 def _convert_params(workers: int, crop: int | None, spacing: float | None, correct_tilt: bool) -> ConvertParams:
