@@ -60,8 +60,7 @@ def make_files(root: Path, n: int, size: int) -> None:
             patient_id=f"ID_p{s // 2:07x}",
             instance_number=k + 1,
             variant=StorageVariant(wrap12=(s % 3 == 0)),
-            window_center=[36.0, 36.0],
-            window_width=[80.0, 80.0],
+            extra={"WindowCenter": [36.0, 36.0], "WindowWidth": [80.0, 80.0]},
         )
     marker.touch()
 

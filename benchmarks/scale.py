@@ -130,8 +130,7 @@ def template_bytes(path: Path) -> bytes:
         patient_id=PLACEHOLDERS["patient"],
         instance_number=INSTANCE_PLACEHOLDER,
         variant=StorageVariant(),
-        window_center=[36.0, 36.0],
-        window_width=[80.0, 80.0],
+        extra={"WindowCenter": [36.0, 36.0], "WindowWidth": [80.0, 80.0]},
     )
     data = path.read_bytes()
     path.unlink()

@@ -111,8 +111,7 @@ def write_series(
             study_uid=study_uid,
             patient_id=plan.patient_id,
             instance_number=k + 1,
-            window_center=window[0],
-            window_width=window[1],
+            extra={"WindowCenter": window[0], "WindowWidth": window[1]},
         )
         _set(path, {**STUDY, **attrs})
         paths.append(path)

@@ -105,8 +105,7 @@ def write_series(
                 patient_id=f"ID_pt{series}",
                 instance_number=int(instance[k]),
                 variant=variant or StorageVariant(),
-                window_center=[36, 36],
-                window_width=[80, 80],
+                extra={"WindowCenter": [36, 36], "WindowWidth": [80, 80]},
             )
         paths.append(path)
     return paths

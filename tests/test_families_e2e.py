@@ -242,6 +242,7 @@ def test_clf3d_ddp_validation_equals_single_process_prediction(prepared, tmp_pat
     import sys
 
     from rsna19.core.metrics import weighted_log_loss
+    from rsna19.engine.embed import CheckpointOptions
     from rsna19.inference.predict import predict
 
     env = {
@@ -256,6 +257,8 @@ def test_clf3d_ddp_validation_equals_single_process_prediction(prepared, tmp_pat
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     val_wll = pd.read_csv(tmp_path / "clf3d" / "fold_1" / "log.csv")["val_wll"].iloc[-1]
-    df = pd.read_parquet(predict(tmp_path / "clf3d", 1, "oof", tta=["none"], device="cpu", progress=False))
+    df = pd.read_parquet(
+        predict(tmp_path / "clf3d", 1, "oof", CheckpointOptions(tta=["none"], device="cpu"), progress=False)
+    )
     wll = weighted_log_loss(df[list(CLASSES)].to_numpy(), df[list(PROB_COLUMNS)].to_numpy())
     assert wll == pytest.approx(val_wll, rel=1e-5)

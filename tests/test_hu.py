@@ -113,7 +113,7 @@ def test_hu_round_trip_every_variant(tmp_path, name):
 def test_multi_valued_tags_are_read(tmp_path):
     hu = _hu_image(StorageVariant())
     path = tmp_path / "mv.dcm"
-    _write(path, hu, StorageVariant(), window_center=[36, 36], window_width=[80, 80])
+    _write(path, hu, StorageVariant(), extra={"WindowCenter": [36, 36], "WindowWidth": [80, 80]})
     with _quiet():
         ds = pydicom.dcmread(path)
     assert first_value(ds.WindowCenter) == 36.0

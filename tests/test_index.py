@@ -60,8 +60,7 @@ def _write_series(
             patient_id=patient,
             instance_number=100 - k,  # InstanceNumber deliberately disagrees with space
             variant=variant or StorageVariant(),
-            window_center=[36.0, 36.0],
-            window_width=[80.0, 80.0],
+            extra={"WindowCenter": [36.0, 36.0], "WindowWidth": [80.0, 80.0]},
         )
         s.sops.append(sop)
         s.paths.append(path)

@@ -23,6 +23,7 @@ from rsna19.core.config import load_config
 from rsna19.core.errors import UserError
 from rsna19.data.folds import read_folds, split_by_fold, write_folds
 from rsna19.engine.config import TrainConfig, resolve_paths
+from rsna19.engine.embed import CheckpointOptions
 from rsna19.inference.predict import predict
 from rsna19.io.index import build_index
 from rsna19.training.trainer import train
@@ -126,7 +127,7 @@ def test_same_seed_same_oof_on_cpu(data, tmp_path, family):
     for k in range(2):
         runs = tmp_path / f"r{k}"
         train(_cfg(data, runs, family), fold=0)
-        preds.append(pd.read_parquet(predict(runs / family, 0, "oof", tta=["none"], progress=False)))
+        preds.append(pd.read_parquet(predict(runs / family, 0, "oof", CheckpointOptions(tta=["none"]), progress=False)))
     pd.testing.assert_frame_equal(preds[0], preds[1], check_exact=True)
     # The OOF rows are exactly the held-out patients of fold 0.
     folds = read_folds(data[1])

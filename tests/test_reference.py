@@ -163,6 +163,7 @@ def test_a_model_trained_with_the_reference_records_it_and_predicts_with_it(tmp_
     from rsna19.core.config import load_config
     from rsna19.engine.checkpoint import load_checkpoint
     from rsna19.engine.config import TrainConfig, resolve_paths
+    from rsna19.engine.embed import CheckpointOptions
     from rsna19.inference.predict import predict
     from rsna19.training.trainer import train
 
@@ -183,7 +184,9 @@ def test_a_model_trained_with_the_reference_records_it_and_predicts_with_it(tmp_
         run = train(cfg, fold=0)
         state = load_checkpoint(run / "best.pt")
         assert state["hu_mapping"]["reference_hu"] == BRAIN_HU
-        oof = pd.read_parquet(predict(tmp_path / "runs" / "clf2d", 0, "oof", tta=["none"], progress=False))
+        oof = pd.read_parquet(
+            predict(tmp_path / "runs" / "clf2d", 0, "oof", CheckpointOptions(tta=["none"]), progress=False)
+        )
     finally:
         torch.set_num_threads(threads)
     assert len(oof) > 0 and oof["p_any"].between(0, 1).all()

@@ -65,7 +65,7 @@ def _write(
         study_uid=study,
         patient_id="ID_p" + study[-1],
         instance_number=int(abs(z)) + 1,
-        modality=modality,
+        extra={"Modality": modality},
     )
     if extra or drop:
         ds = pydicom.dcmread(path)

@@ -22,6 +22,7 @@ from rsna19.core.errors import UserError
 from rsna19.data.datasets import read_cache_index
 from rsna19.engine.checkpoint import load_checkpoint
 from rsna19.engine.config import TrainConfig, resolve_paths
+from rsna19.engine.embed import CheckpointOptions
 from rsna19.engine.forward import finish_rows, predict_rows
 from rsna19.engine.predictor import build_net
 from rsna19.engine.runtime import Runtime
@@ -88,7 +89,9 @@ def test_two_runs_give_identical_oof(data, tmp_path):
     for k in range(2):
         runs = tmp_path / f"r{k}"
         train(_cfg(data, runs, overrides=["train.epochs=1", "optim.name=radam", "sched.name=onecycle"]), fold=1)
-        preds.append(pd.read_parquet(predict(runs / "clf2d", 1, "oof", tta=["none", "hflip"], progress=False)))
+        preds.append(
+            pd.read_parquet(predict(runs / "clf2d", 1, "oof", CheckpointOptions(tta=["none", "hflip"]), progress=False))
+        )
     pd.testing.assert_frame_equal(preds[0], preds[1])
 
 
@@ -99,7 +102,7 @@ def test_uint8_images_train_and_predict_like_float_images(data, tmp_path):
     run = train(_cfg(data, tmp_path, overrides=overrides), fold=0)
     saved = load_config(TrainConfig, run / "config.yaml")
     assert saved.data.image_dtype == "uint8" and saved.data.augment.affine_on_device
-    oof = pd.read_parquet(predict(tmp_path / "clf2d", 0, "oof", tta=["none"], progress=False))
+    oof = pd.read_parquet(predict(tmp_path / "clf2d", 0, "oof", CheckpointOptions(tta=["none"]), progress=False))
     state = load_checkpoint(run / "best.pt")
     net = build_net(state["model_name"], state["model_kwargs"], state["model"], torch.device("cpu"))
     rows = read_cache_index(data[0]).set_index("sop_uid").loc[oof["sop_uid"]].reset_index()

@@ -41,21 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rsna19.engine.embed import extract_embeddings
+    from rsna19.engine.embed import CheckpointOptions, extract_embeddings
 
+    options = CheckpointOptions(args.checkpoint, args.tta, args.device, args.batch_size, args.num_workers)
     paths = extract_embeddings(
-        args.run,
-        args.fold,
-        args.splits,
-        tta=args.tta,
-        checkpoint=args.checkpoint,
-        cache=args.cache,
-        folds=args.folds,
-        batch_size=args.batch_size,
-        device=args.device,
-        num_workers=args.num_workers,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
+        args.run, args.fold, args.splits, options, args.cache, args.folds, dtype=args.dtype, overwrite=args.overwrite
     )
     for p in paths.values():
         print(p)

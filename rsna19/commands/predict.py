@@ -29,20 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rsna19.engine.embed import CheckpointOptions
     from rsna19.inference.predict import predict
 
-    path = predict(
-        args.run,
-        args.fold,
-        args.split,
-        tta=args.tta,
-        checkpoint=args.checkpoint,
-        cache=args.cache,
-        folds=args.folds,
-        batch_size=args.batch_size,
-        device=args.device,
-        num_workers=args.num_workers,
-        out=args.out,
-    )
+    options = CheckpointOptions(args.checkpoint, args.tta, args.device, args.batch_size, args.num_workers)
+    path = predict(args.run, args.fold, args.split, options, cache=args.cache, folds=args.folds, out=args.out)
     print(path)
     return 0

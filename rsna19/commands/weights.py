@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,13 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """List, check or fetch; 1 when a weight is missing or fails verification (check, fetch)."""
-    import json
     import os
-    from pathlib import Path
 
     from rsna19.core.errors import UserError
     from rsna19.nets.pretrained import WEIGHTS_DIR_ENV, hf_cache_dir, weights_dirs
-    from rsna19.tools.weights import fetch, locate, names_needs, pipeline_needs, verify
+    from rsna19.tools.weights import locate, names_needs, pipeline_needs
 
     if bool(args.pipeline) == bool(args.names):
         raise UserError("name a pipeline (--pipeline rsna2019) or backbones (resnet34 ...), not both and not neither")
@@ -72,49 +72,73 @@ def run(args: argparse.Namespace) -> int:
         return 0
     statuses = [locate(n, extra) for n in needs]
     if args.action == "list":
-        if args.json:
-            print(json.dumps([s.to_dict() for s in statuses], indent=2))
-            return 0
-        rows = [("backbone", "tag", "hub repo", "models", "local file")]
-        for s in statuses:
-            rows.append(
-                (
-                    s.need.label,
-                    s.tag_name or "-",
-                    s.hf_repo or "-",
-                    _models(s.need.models),
-                    str(s.path) if s.path else f"MISSING ({s.problem})",
-                )
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
-        return 0
+        return _list(statuses, args.json)
     if args.action == "check":
+        return _check(statuses, args.json)
+    return _fetch(statuses, target, args.force)
+
+
+def _list(statuses: list[Any], as_json: bool) -> int:
+    """``rsna19 weights list``: a table (or JSON) of the weights, where each is found or why it is missing."""
+    if as_json:
+        import json
+
+        print(json.dumps([s.to_dict() for s in statuses], indent=2))
+        return 0
+    rows = [("backbone", "tag", "hub repo", "models", "local file")]
+    for s in statuses:
+        rows.append(
+            (
+                s.need.label,
+                s.tag_name or "-",
+                s.hf_repo or "-",
+                _models(s.need.models),
+                str(s.path) if s.path else f"MISSING ({s.problem})",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
+
+
+def _check(statuses: list[Any], as_json: bool) -> int:
+    """``rsna19 weights check``: verify every weight found; 1 when one is missing or fails."""
+    import json
+
+    from rsna19.tools.weights import verify
+
+    for s in statuses:
+        verify(s)
+    if as_json:
+        print(json.dumps([s.to_dict() for s in statuses], indent=2))
+    else:
         for s in statuses:
-            verify(s)
-        if args.json:
-            print(json.dumps([s.to_dict() for s in statuses], indent=2))
-        else:
-            for s in statuses:
-                what = f"ok    {s.need.label}: {s.path} (sha256 {s.sha256})" if not s.problem else ""
-                if s.problem:
-                    where = f" (looked in: {'; '.join(s.searched)})" if s.path is None and s.searched else ""
-                    what = f"FAIL  {s.need.label}: {s.problem}{where}"
-                print(what)
-        bad = [s for s in statuses if s.problem]
-        if bad and not args.json:
-            missing = [s.need.backbone for s in bad if s.path is None and s.need.backbone and not s.need.problem]
-            if missing:
-                print(f"fetch the missing ones on a machine with network: rsna19 weights fetch {' '.join(missing)}")
-        return 1 if bad else 0
+            what = f"ok    {s.need.label}: {s.path} (sha256 {s.sha256})" if not s.problem else ""
+            if s.problem:
+                where = f" (looked in: {'; '.join(s.searched)})" if s.path is None and s.searched else ""
+                what = f"FAIL  {s.need.label}: {s.problem}{where}"
+            print(what)
+    bad = [s for s in statuses if s.problem]
+    if bad and not as_json:
+        missing = [s.need.backbone for s in bad if s.path is None and s.need.backbone and not s.need.problem]
+        if missing:
+            print(f"fetch the missing ones on a machine with network: rsna19 weights fetch {' '.join(missing)}")
+    return 1 if bad else 0
+
+
+def _fetch(statuses: list[Any], target: Path, force: bool) -> int:
+    """``rsna19 weights fetch``: download the missing (or, with ``force``, every) weight into ``target``."""
+    from rsna19.core.errors import UserError
+    from rsna19.tools.weights import fetch, verify
+
     failed = 0
     for s in statuses:
         if s.need.problem or s.need.file:
             print(f"skip  {s.need.label}: {s.problem or 'an explicit model.weights file, not fetched'}")
             failed += bool(s.problem)
             continue
-        if s.path is not None and not args.force:
+        if s.path is not None and not force:
             verify(s)
             if not s.problem:
                 print(f"ok    {s.need.label}: already present at {s.path}")
@@ -123,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         try:
-            got = fetch(s.need, target, force=args.force)
+            got = fetch(s.need, target, force=force)
         except UserError as exc:
             print(f"FAIL  {exc}")
             failed += 1

@@ -15,6 +15,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,13 +233,7 @@ def run_convert(
     """
     t0 = time.perf_counter()
     df = load_index(index)
-    if workers < 1:
-        raise UserError(f"--workers must be ≥ 1, got {workers}")
-    if crop is not None and crop < 0:
-        raise UserError(f"--crop must be ≥ 0, got {crop}")
-    if spacing is not None and spacing <= 0:
-        raise UserError(f"--spacing must be > 0, got {spacing}")
-    params = ConvertParams(crop=int(crop) if crop else None, spacing=spacing, correct_tilt=bool(correct_tilt))
+    params = _convert_params(workers, crop, spacing, correct_tilt)
     cache = ensure_writable_dir(out)
     removed = clean_stale_tmp(cache)
     if removed:
@@ -264,51 +259,19 @@ def run_convert(
     log.info("convert: %d series, %d up to date, %d to convert", len(groups), summary.skipped, len(todo))
 
     failures: list[dict[str, str]] = []
+    bar = tqdm(total=len(todo), desc="convert", unit="series", disable=not progress or not todo)
 
     def collect(res: dict[str, Any]) -> None:
         bar.update()
-        summary.peak_rss_mb = max(summary.peak_rss_mb, float(res["peak_rss_mb"]))
-        if res.get("fatal"):
-            raise OutputError(res["reason"])
-        if res["ok"]:
-            summary.converted += 1
-            summary.n_slices += res["n_slices"]
-            summary.dropped_slices += len(res["dropped"])
-        else:
-            summary.failed += 1
-            log.warning("series %s failed: %s", res["series_uid"], res["reason"])
-            failures.append({"series_uid": res["series_uid"], "path": "", "reason": res["reason"]})
-            failures.extend(
-                {"series_uid": res["series_uid"], "path": d["path"], "reason": d["reason"]} for d in res["dropped"]
-            )
+        _collect(summary, failures, res)
 
-    bar = tqdm(total=len(todo), desc="convert", unit="series", disable=not progress or not todo)
     try:
-        if workers == 1 or len(todo) <= 1:
-            for s in todo:
-                collect(convert_one(s, rows_of(s), str(cache), params))
-        else:
-            n_workers = min(workers, len(todo))
-            with _executor(n_workers) as pool:
-                # A bounded number of series in flight: the queue never holds the whole index.
-                pending: set[cf.Future] = set()
-                for s in todo:
-                    if len(pending) >= 2 * n_workers:
-                        done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                        for fut in done:
-                            collect(fut.result())
-                    pending.add(pool.submit(convert_one, s, rows_of(s), str(cache), params))
-                for fut in cf.as_completed(pending):
-                    collect(fut.result())
+        jobs = ((s, rows_of(s), str(cache), params) for s in todo)
+        _convert_all(jobs, min(workers, len(todo)), collect)
     finally:
         bar.close()
 
-    cache_index, dropped = build_cache_index(cache, sorted(groups))
-    write_parquet(cache_index, cache / "cache_index.parquet")
-    errors = pd.DataFrame(dropped + failures, columns=ERROR_COLUMNS)
-    errors = errors.sort_values(ERROR_COLUMNS, kind="stable").reset_index(drop=True)
-    write_csv(errors, cache / "convert_errors.csv")
-    summary.errors = errors.to_dict("records")
+    summary.errors = _write_indexes(cache, sorted(groups), failures)
     summary.seconds = time.perf_counter() - t0
     log.info(
         "convert: %d converted, %d up to date, %d failed, %d slices written, %d slices dropped (%.1f s)",
@@ -320,3 +283,63 @@ def run_convert(
         summary.seconds,
     )
     return summary
+
+
+def _write_indexes(cache: Path, series_uids: list[str], failures: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Write ``cache_index.parquet`` and ``convert_errors.csv`` (``failures`` and the dropped slices); returns the
+    latter's rows."""
+    cache_index, dropped = build_cache_index(cache, series_uids)
+    write_parquet(cache_index, cache / "cache_index.parquet")
+    errors = pd.DataFrame(dropped + failures, columns=ERROR_COLUMNS)
+    errors = errors.sort_values(ERROR_COLUMNS, kind="stable").reset_index(drop=True)
+    write_csv(errors, cache / "convert_errors.csv")
+    return errors.to_dict("records")
+
+
+def _convert_params(workers: int, crop: int | None, spacing: float | None, correct_tilt: bool) -> ConvertParams:
+    """Check the CLI-facing options of :func:`run_convert`; the conversion parameters they give."""
+    if workers < 1:
+        raise UserError(f"--workers must be ≥ 1, got {workers}")
+    if crop is not None and crop < 0:
+        raise UserError(f"--crop must be ≥ 0, got {crop}")
+    if spacing is not None and spacing <= 0:
+        raise UserError(f"--spacing must be > 0, got {spacing}")
+    return ConvertParams(crop=int(crop) if crop else None, spacing=spacing, correct_tilt=bool(correct_tilt))
+
+
+def _collect(summary: ConvertSummary, failures: list[dict[str, str]], res: dict[str, Any]) -> None:
+    """Add the result of :func:`convert_one` to ``summary``, its failed series and dropped slices to ``failures``."""
+    summary.peak_rss_mb = max(summary.peak_rss_mb, float(res["peak_rss_mb"]))
+    if res.get("fatal"):
+        raise OutputError(res["reason"])
+    if res["ok"]:
+        summary.converted += 1
+        summary.n_slices += res["n_slices"]
+        summary.dropped_slices += len(res["dropped"])
+    else:
+        summary.failed += 1
+        log.warning("series %s failed: %s", res["series_uid"], res["reason"])
+        failures.append({"series_uid": res["series_uid"], "path": "", "reason": res["reason"]})
+        failures.extend(
+            {"series_uid": res["series_uid"], "path": d["path"], "reason": d["reason"]} for d in res["dropped"]
+        )
+
+
+def _convert_all(jobs: Iterable[tuple], workers: int, collect: Callable[[dict[str, Any]], None]) -> None:
+    """Run :func:`convert_one` on each argument tuple of ``jobs``, in this process when ``workers <= 1``, and pass
+    each result to ``collect``."""
+    if workers <= 1:
+        for job in jobs:
+            collect(convert_one(*job))
+        return
+    with _executor(workers) as pool:
+        # A bounded number of series in flight: the queue never holds the whole index.
+        pending: set[cf.Future] = set()
+        for job in jobs:
+            if len(pending) >= 2 * workers:
+                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    collect(fut.result())
+            pending.add(pool.submit(convert_one, *job))
+        for fut in cf.as_completed(pending):
+            collect(fut.result())

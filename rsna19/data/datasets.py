@@ -220,6 +220,9 @@ class SliceDataset(Dataset):
 
     Each item is a dict: ``image`` tensor of ``image_dtype``, ``target`` (6,) float32 (NaN where labels are
     unknown), ``index`` the row number in ``frame``.
+
+    The long keyword list of ``__init__`` stays: each is one ``data:`` / ``augment:`` setting that the family's task
+    (:mod:`rsna19.engine.tasks`), the tests and the benchmarks set on their own.
     """
 
     def __init__(

@@ -106,6 +106,9 @@ class SlabDataset(Dataset):
     Each item is a dict: ``image`` (S, C, H, W) of ``image_dtype``; ``target`` (S, 6) float32 (NaN where unknown
     or padded); ``rows`` (S,) int64 frame row of each position (−1: padding or not in ``frame``); ``valid`` (S,)
     bool real slices; ``loss_mask`` (S,) bool positions that count in the loss; ``index`` the item number.
+
+    The long keyword list of ``__init__`` stays: each is one ``data:`` / ``augment:`` setting that the family's task
+    (:mod:`rsna19.engine.tasks`), the tests and the benchmarks set on their own.
     """
 
     def __init__(

@@ -17,7 +17,9 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,17 +53,47 @@ def embedding_frame(rows: pd.DataFrame, fold: int, split: str, logits: np.ndarra
     return df
 
 
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """How ``rsna19 predict`` and ``rsna19 embed`` load and run one fold's checkpoint.
+
+    Attributes:
+        checkpoint: ``best`` or ``last``.
+        tta: views averaged (``none``, ``hflip``, ``vflip``, ``transpose``).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: defaults to the run's validation batch size.
+        num_workers: loader processes (default: the run's data.num_workers).
+    """
+
+    checkpoint: str = "best"
+    tta: Sequence[str] = DEFAULT_TTA
+    device: str = "auto"
+    batch_size: int | None = None
+    num_workers: int | None = None
+
+    def check(self) -> None:
+        """Raise UserError for an unknown checkpoint name."""
+        if self.checkpoint not in ("best", "last"):
+            raise UserError(f"--checkpoint must be best or last, got {self.checkpoint!r}")
+
+    def load(self, fold_dir: Path) -> tuple[Predictor, dict[str, Any]]:
+        """The one-fold predictor of ``fold_dir``'s checkpoint, and the checkpoint."""
+        return Predictor.from_checkpoint(
+            fold_dir / f"{self.checkpoint}.pt",
+            device=self.device,
+            tta=self.tta,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+        )
+
+
 def extract_embeddings(
     run_dir: str | os.PathLike[str],
     fold: int,
     splits: Sequence[str] = EMBED_SPLITS,
-    tta: Sequence[str] = DEFAULT_TTA,
-    checkpoint: str = "best",
+    options: CheckpointOptions | None = None,
     cache: str | None = None,
     folds: str | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    num_workers: int | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
     progress: bool = True,
@@ -72,12 +104,8 @@ def extract_embeddings(
         run_dir: ``RUNS/<config name>`` or its ``fold_<k>``.
         fold: the fold k (its model embeds every split).
         splits: any of ``train`` (fold k's training patients), ``oof`` (its held-out patients), ``test``.
-        tta: views averaged (``none``, ``hflip``, ``vflip``, ``transpose``).
-        checkpoint: ``best`` or ``last``.
+        options: checkpoint, TTA views, device, batch size and loader processes (defaults when None).
         cache, folds: override the paths recorded in the run's config.
-        batch_size: defaults to the run's validation batch size.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        num_workers: loader processes (default: the run's data.num_workers).
         dtype: ``float32`` or ``float16`` storage.
         overwrite: recompute splits that are already complete.
         progress: progress bars.
@@ -89,8 +117,8 @@ def extract_embeddings(
         UserError: unknown split/checkpoint/dtype, a run of a family without per-slice features, missing paths,
             or a split with no slices.
     """
-    if checkpoint not in ("best", "last"):
-        raise UserError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    options = options or CheckpointOptions()
+    options.check()
     if dtype not in ("float32", "float16"):
         raise UserError(f"--dtype must be float32 or float16, got {dtype!r}")
     for s in splits:
@@ -102,9 +130,7 @@ def extract_embeddings(
         log.info("embeddings of %s (%s) are complete; nothing to do", fold_dir, ", ".join(out))
         return out
 
-    predictor, state = Predictor.from_checkpoint(
-        fold_dir / f"{checkpoint}.pt", device=device, tta=tta, batch_size=batch_size, num_workers=num_workers
-    )
+    predictor, state = options.load(fold_dir)
     cfg = predictor.cfg
     if not predictor.task.can_embed:
         raise UserError(
@@ -119,39 +145,41 @@ def extract_embeddings(
         "oof": lambda: val_rows,
         "test": lambda: index[index["split"] == "test"].reset_index(drop=True),
     }
-    member = predictor.members[0]
-    views = predictor.views
-
+    info = {"run": str(fold_dir), "model": cfg.name, "model_name": predictor.model_name}
+    info.update(checkpoint=options.checkpoint, epoch=int(state["epoch"]), fold=fold)
     for split in todo:
         rows = rows_of[split]().reset_index(drop=True)
         if rows.empty:
             raise UserError(f"no {split} slices to embed for fold {fold} in {cache}")
-        ds = predictor.cache_items(member, cache, rows)
-        feats, logits = predictor.embed_items(member, ds, len(rows), progress=progress, desc=f"embed {split}")
-        paths = embedding_paths(fold_dir, split)
-        paths["json"].unlink(missing_ok=True)  # incomplete until the json is back
-        with atomic_path(paths["npy"]) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, feats.astype(dtype))
-        write_parquet(embedding_frame(rows, fold, split, logits), paths["parquet"])
-        info = {
-            "run": str(fold_dir),
-            "model": cfg.name,
-            "model_name": predictor.model_name,
-            "checkpoint": checkpoint,
-            "epoch": int(state["epoch"]),
-            "fold": fold,
-            "split": split,
-            "tta": views,
-            "n": int(feats.shape[0]),
-            "dim": int(feats.shape[1]),
-            "dtype": dtype,
-            "logits": True,  # logit_<class> columns in the parquet (older embeddings lack them)
-        }
-        write_text(json.dumps(info, indent=1) + "\n", paths["json"])
-        log.info(
-            "wrote %s: %d slices × %d features (TTA %s)", paths["npy"], feats.shape[0], feats.shape[1], ",".join(views)
+        _embed_split(
+            predictor, cache, rows, embedding_paths(fold_dir, split), {**info, "split": split}, dtype, progress
         )
     return out
+
+
+def _embed_split(
+    predictor: Predictor,
+    cache: str,
+    rows: pd.DataFrame,
+    paths: dict[str, Path],
+    info: dict[str, Any],
+    dtype: str,
+    progress: bool,
+) -> None:
+    """Embed the cache ``rows`` of one split and write them to ``paths``, the ``.json`` (``info`` and the shape)
+    last."""
+    split = info["split"]
+    ds = predictor.cache_items(predictor.members[0], cache, rows)
+    feats, logits = predictor.embed_items(predictor.members[0], ds, len(rows), progress=progress, desc=f"embed {split}")
+    paths["json"].unlink(missing_ok=True)  # incomplete until the json is back
+    with atomic_path(paths["npy"]) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, feats.astype(dtype))
+    write_parquet(embedding_frame(rows, info["fold"], split, logits), paths["parquet"])
+    info = {**info, "tta": predictor.views, "n": int(feats.shape[0]), "dim": int(feats.shape[1]), "dtype": dtype}
+    info["logits"] = True  # logit_<class> columns in the parquet (older embeddings lack them)
+    write_text(json.dumps(info, indent=1) + "\n", paths["json"])
+    views = ",".join(predictor.views)
+    log.info("wrote %s: %d slices × %d features (TTA %s)", paths["npy"], feats.shape[0], feats.shape[1], views)
 
 
 def ensure_embeddings(
@@ -180,6 +208,5 @@ def ensure_embeddings(
         )
     for need, missing in todo:
         log.info("computing the %s embeddings of %s", ", ".join(missing), need.fold_dir)
-        extract_embeddings(
-            need.fold_dir, need.fold, missing, tta=tta, cache=cache, folds=folds, device=device, progress=progress
-        )
+        options = CheckpointOptions(tta=tta, device=device)
+        extract_embeddings(need.fold_dir, need.fold, missing, options, cache=cache, folds=folds, progress=progress)

@@ -43,8 +43,7 @@ def predict_rows(
     views: Sequence[str] = ("none",),
     items: Sequence[int] | None = None,
     num_workers: int = 0,
-    progress: bool = False,
-    desc: str = "predict",
+    desc: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-row sums of the probabilities of ``items`` of ``dataset`` (all by default), and how many there were.
 
@@ -58,8 +57,7 @@ def predict_rows(
         views: TTA views (ignored by tasks without TTA).
         items: the item indices to run (this process's share under DDP).
         num_workers: loader processes.
-        progress: show a bar.
-        desc: the bar's label.
+        desc: the progress bar's label; None shows no bar.
 
     Returns:
         ``(total (n_rows, 6) float64, count (n_rows,) float64)``: add these over processes, then
@@ -69,7 +67,7 @@ def predict_rows(
     views = list(views) if task.uses_tta else ["none"]
     total = np.zeros((n_rows, len(CLASSES)), dtype=np.float64)
     count = np.zeros(n_rows, dtype=np.float64)
-    for batch in tqdm(_loader(task, dataset, items, batch_size, num_workers), desc=desc, disable=not progress):
+    for batch in tqdm(_loader(task, dataset, items, batch_size, num_workers), desc=desc, disable=desc is None):
         rows, probs = task.probs(model, batch, rt, views)
         keep = rows >= 0
         np.add.at(total, rows[keep], probs[keep].astype(np.float64))
@@ -99,8 +97,7 @@ def embed_rows(
     batch_size: int = 32,
     views: Sequence[str] = ("none",),
     num_workers: int = 0,
-    progress: bool = False,
-    desc: str = "embed",
+    desc: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-slice features (what the head sees) and head logits of every row, averaged over the TTA views.
 
@@ -114,7 +111,7 @@ def embed_rows(
     feats: np.ndarray | None = None
     logits = np.zeros((n_rows, len(CLASSES)), dtype=np.float64)
     count = np.zeros(n_rows, dtype=np.float64)
-    for batch in tqdm(_loader(task, dataset, None, batch_size, num_workers), desc=desc, disable=not progress):
+    for batch in tqdm(_loader(task, dataset, None, batch_size, num_workers), desc=desc, disable=desc is None):
         rows, f, z = task.embed(model, batch, rt, views)
         if feats is None:
             feats = np.zeros((n_rows, f.shape[-1]), dtype=np.float64)

@@ -192,8 +192,7 @@ class Predictor:
             self.batch_size,
             self.views,
             num_workers=self.num_workers,
-            progress=progress,
-            desc=desc,
+            desc=desc if progress else None,
         )
         return finish_rows(total, count)
 
@@ -218,8 +217,7 @@ class Predictor:
             self.batch_size,
             parse_tta(views) if views is not None else self.views,
             num_workers=self.num_workers,
-            progress=progress,
-            desc=desc,
+            desc=desc if progress else None,
         )
 
     def cache_items(self, member: Member, cache: str | os.PathLike[str], rows: pd.DataFrame) -> Dataset:

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from rsna19.core.atomic import write_parquet
-from rsna19.core.constants import CLASSES, DEFAULT_TTA, PROB_COLUMNS
+from rsna19.core.constants import CLASSES, PROB_COLUMNS
 from rsna19.core.errors import UserError
 from rsna19.data.datasets import slice_ids
-from rsna19.engine.embed import ensure_embeddings
-from rsna19.engine.predictor import Predictor, run_fold_dir
+from rsna19.engine.embed import CheckpointOptions, ensure_embeddings
+from rsna19.engine.predictor import run_fold_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +42,9 @@ def predict(
     run_dir: str | os.PathLike[str],
     fold: int,
     split: str = "oof",
-    tta: Sequence[str] = DEFAULT_TTA,
-    checkpoint: str = "best",
+    options: CheckpointOptions | None = None,
     cache: str | None = None,
     folds: str | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    num_workers: int | None = None,
     progress: bool = True,
     out: str | os.PathLike[str] | None = None,
 ) -> Path:
@@ -59,12 +54,8 @@ def predict(
         run_dir: ``RUNS/<config name>`` or ``RUNS/<config name>/fold_<k>``.
         fold: the fold ``k``.
         split: ``oof`` (the fold's held-out training patients) or ``test`` (``split == "test"`` of the cache).
-        tta: views to average (``none``, ``hflip``, ``vflip``, ``transpose``).
-        checkpoint: ``best`` or ``last``.
+        options: checkpoint, TTA views, device, batch size and loader processes (defaults when None).
         cache, folds: override the paths recorded in the run's config.
-        batch_size: defaults to the run's validation batch size.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        num_workers: loader processes (default: the run's data.num_workers).
         progress: show a progress bar.
         out: output path; defaults to ``<fold dir>/<split>.parquet``.
 
@@ -76,17 +67,15 @@ def predict(
     """
     if split not in ("oof", "test"):
         raise UserError(f"--split must be oof or test, got {split!r}")
-    if checkpoint not in ("best", "last"):
-        raise UserError(f"--checkpoint must be best or last, got {checkpoint!r}")
+    options = options or CheckpointOptions()
+    options.check()
     fold_dir = run_fold_dir(run_dir, fold)
-    predictor, state = Predictor.from_checkpoint(
-        fold_dir / f"{checkpoint}.pt", device=device, tta=tta, batch_size=batch_size, num_workers=num_workers
-    )
+    predictor, state = options.load(fold_dir)
     task = predictor.task
     cache = cache or os.environ.get("RSNA19_CACHE") or predictor.cfg.data.cache
     folds = folds or os.environ.get("RSNA19_FOLDS") or predictor.cfg.data.folds
     runs = fold_dir.parent.parent
-    ensure_embeddings(task.required_embeddings(runs, fold, (split,)), cache, folds, device, progress=progress)
+    ensure_embeddings(task.required_embeddings(runs, fold, (split,)), cache, folds, options.device, progress=progress)
     rows, ds = task.prediction_data(state, fold_dir, fold, split, cache, folds)
     probs = predictor.predict_items(predictor.members[0], ds, len(rows), progress=progress, desc=f"{split} f{fold}")
     df = prediction_frame(rows, probs, fold, predictor.cfg.name, labels=split == "oof")
@@ -97,7 +86,7 @@ def predict(
         path,
         len(df),
         ",".join(predictor.views),
-        checkpoint,
+        options.checkpoint,
         state["epoch"],
     )
     return path

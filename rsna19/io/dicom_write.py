@@ -105,9 +105,6 @@ def write_ct_dicom(
     patient_id: str,
     instance_number: int,
     variant: StorageVariant = StorageVariant(),
-    window_center: float | list[float] = 40.0,
-    window_width: float | list[float] = 80.0,
-    modality: str = "CT",
     extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Write one CT slice with the header elements the RSNA files carry.
@@ -119,10 +116,9 @@ def write_ct_dicom(
         sop_uid, series_uid, study_uid, patient_id: hashed identifiers (``ID_<hex>``).
         instance_number: InstanceNumber (need not follow the spatial order).
         variant: pixel storage convention.
-        window_center, window_width: display window; a list writes a multi-valued tag.
-        modality: Modality tag (tests write non-CT files with it).
         extra: more elements by keyword (``SeriesDescription``, ``ConvolutionKernel``, ``ImageType``, ...), set
-            last, so they may also replace the ones above.
+            last, so they may also replace the ones above: ``WindowCenter`` / ``WindowWidth`` (40 / 80; a list
+            writes a multi-valued tag), ``Modality`` (CT; tests write non-CT files with it).
     """
     stored = encode_hu(hu, variant)
     rows, cols = stored.shape
@@ -140,7 +136,7 @@ def write_ct_dicom(
         ds.SOPInstanceUID = sop_uid
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
-    ds.Modality = modality
+    ds.Modality = "CT"
     ds.PatientID = patient_id
     ds.StudyID = ""
     ds.InstanceNumber = int(instance_number)
@@ -155,8 +151,8 @@ def write_ct_dicom(
     ds.BitsStored = 12 if variant.wrap12 else variant.bits_stored
     ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 1 if (variant.signed and not variant.wrap12) else 0
-    ds.WindowCenter = window_center
-    ds.WindowWidth = window_width
+    ds.WindowCenter = 40.0
+    ds.WindowWidth = 80.0
     ds.RescaleIntercept = f"{variant_intercept(variant):g}"
     ds.RescaleSlope = f"{variant.slope:g}"
     ds.SliceThickness = f"{geometry.slice_thickness:g}"

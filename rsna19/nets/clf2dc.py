@@ -78,7 +78,9 @@ def clf2dc(
     """2.5D classifier; ``branches > 1`` splits the slices into groups through a shared encoder.
 
     ``neighbour_init``: scale of the first convolution's weights for the non-centre slices after creation (0
-    starts as a 2D model of the centre slice, see :func:`scale_neighbour_inputs`); None leaves timm's init.
+    starts as a 2D model of the centre slice, see :func:`scale_neighbour_inputs`); None leaves timm's init. The
+    long keyword list must stay: a registered factory's keywords are the ``model:`` keys users set in YAML
+    (docs/extending.md).
     """
     if branches < 1 or n_slices % branches:
         raise UserError(f"clf2dc: data.slices ({n_slices}) must be a multiple of branches ({branches})")

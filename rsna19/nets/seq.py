@@ -161,7 +161,8 @@ def seq(
     """Sequence model over embeddings of size ``in_features`` (set from the embedding files by the trainer).
 
     ``backbone``, ``n_windows`` and ``n_slices`` are the image-model arguments every config passes; they are
-    ignored (the image model is the one that wrote the embeddings).
+    ignored (the image model is the one that wrote the embeddings). The long keyword list must stay: a registered
+    factory's keywords are the ``model:`` keys users set in YAML (docs/extending.md).
     """
     del backbone, n_windows, n_slices
     if pretrained or weights:

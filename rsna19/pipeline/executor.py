@@ -123,13 +123,7 @@ def run_graph(
     def ready() -> list[GraphJob]:
         return [by_key[k] for k in waiting if all(d in finished for d in by_key[k].deps)]
 
-    pool: ProcessPoolExecutor | None = None
-    if n_jobs > 1 and sum(j.pooled for j in jobs) > 1:
-        ctx = mp.get_context("spawn")
-        slots = ctx.Manager().Queue()
-        for s in gpu_visible or [None] * n_jobs:
-            slots.put(s)
-        pool = ProcessPoolExecutor(n_jobs, ctx, _worker_init, (slots, threads))
+    pool = _pool(n_jobs, threads, gpu_visible) if n_jobs > 1 and sum(j.pooled for j in jobs) > 1 else None
     running: dict[Future, GraphJob] = {}
     error: BaseException | None = None
     try:
@@ -166,3 +160,12 @@ def run_graph(
     if error is not None:
         raise error
     return events
+
+
+def _pool(n_jobs: int, threads: int, gpu_visible: Sequence[str | None] | None) -> ProcessPoolExecutor:
+    """``n_jobs`` spawned workers of ``threads`` torch threads, each taking its ``CUDA_VISIBLE_DEVICES`` slot."""
+    ctx = mp.get_context("spawn")
+    slots = ctx.Manager().Queue()
+    for s in gpu_visible or [None] * n_jobs:
+        slots.put(s)
+    return ProcessPoolExecutor(n_jobs, ctx, _worker_init, (slots, threads))

@@ -46,7 +46,7 @@ from rsna19.core.threads import machine_cpus
 from rsna19.data.datasets import read_cache_index
 from rsna19.data.embeddings import embedding_paths
 from rsna19.data.folds import read_folds, write_folds
-from rsna19.engine.embed import extract_embeddings
+from rsna19.engine.embed import CheckpointOptions, extract_embeddings
 from rsna19.engine.tasks import get_task
 from rsna19.inference.predict import predict
 from rsna19.inference.submission import write_submission
@@ -353,8 +353,7 @@ class EmbedJob(ModelJob):
             self.fold_dir,
             self.fold,
             self.splits,
-            tta=self.ctx.cfg.tta,
-            device=self.device,
+            CheckpointOptions(tta=self.ctx.cfg.tta, device=self.device),
             overwrite=True,
             progress=self.ctx.progress and self.ctx.cfg.jobs <= 1,
         )
@@ -377,14 +376,15 @@ class PredictJob(ModelJob):
         return all(newer(p, self.fold_dir / "best.pt") for p in self._outputs())
 
     def run(self) -> str:
+        options = CheckpointOptions(
+            tta=self.ctx.cfg.tta, device=self.device, batch_size=self.ctx.cfg.predict_batch_size
+        )
         for split in SPLITS:
             predict(
                 self.fold_dir,
                 self.fold,
                 split,
-                tta=self.ctx.cfg.tta,
-                device=self.device,
-                batch_size=self.ctx.cfg.predict_batch_size,
+                options,
                 progress=self.ctx.progress and self.ctx.cfg.jobs <= 1,  # bars of parallel jobs would interleave
             )
         return "oof + test written"

@@ -139,7 +139,8 @@ class ServeDB:
         A study that was queued, done, sent or failed goes back to ``receiving`` (it will be predicted again with
         the new instance); a running one keeps running and is re-queued when it ends (its ``received_s`` is then
         later than its ``started_s``). ``patient``: ``patient_name``, ``patient_id``, ``accession`` of the instance
-        (the study keeps the first non-empty value of each). Returns whether the study is new.
+        (the study keeps the first non-empty value of each). Returns whether the study is new. The long keyword list
+        must stay: it is the instance row (one column each), named at the one call site so no column is swapped.
         """
         p = {k: (patient or {}).get(k) or None for k in ("patient_name", "patient_id", "accession")}
         now = time.time() if now is None else now

@@ -109,23 +109,7 @@ def build_features(
             )
         p = np.empty((len(keys), len(CLASSES)), dtype=np.float32)
         p[where] = df[list(PROB_COLUMNS)].to_numpy(np.float32)  # (N, 6) in sorted order
-        # shifted[k][i] = p[i + k]; rows that wrap around are masked by valid[k].
-        shifted = {k: np.roll(p, -k, axis=0) for k in shifts}
-        feats: dict[str, np.ndarray] = {}
-        for k in range(-offsets, offsets + 1):
-            feats[f"off{k:+d}"] = np.where(valid[k][:, None], shifted[k], p)
-        for w in windows:
-            h = w // 2
-            total = np.zeros_like(p)
-            count = np.zeros((len(p), 1), dtype=np.float32)
-            peak = np.full_like(p, -np.inf)
-            for k in range(-h, h + 1):
-                ok = valid[k][:, None]
-                total += np.where(ok, shifted[k], 0.0)
-                count += ok
-                peak = np.maximum(peak, np.where(ok, shifted[k], -np.inf))
-            feats[f"mean{w}"] = total / count
-            feats[f"max{w}"] = peak
+        feats = _model_features(p, valid, offsets, windows)
         feats["smax"] = np.maximum.reduceat(p, starts, axis=0)[seg]
         feats["smean"] = (np.add.reduceat(p.astype(np.float64), starts, axis=0) / counts)[seg]
         for ci in range(len(CLASSES)):
@@ -134,6 +118,31 @@ def build_features(
                 j += 1
     assert j == len(names_out)
     return pd.concat([keys, pd.DataFrame(block, columns=names_out, copy=False)], axis=1)
+
+
+def _model_features(
+    p: np.ndarray, valid: dict[int, np.ndarray], offsets: int, windows: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+    """The neighbour (``off±k``) and rolling-window (``mean<w>``, ``max<w>``) features of one model's (N, 6)
+    probabilities ``p`` in sorted order; ``valid[k]`` masks the rows without a neighbour at offset k."""
+    # shifted[k][i] = p[i + k]; rows that wrap around are masked by valid[k].
+    shifted = {k: np.roll(p, -k, axis=0) for k in valid}
+    feats: dict[str, np.ndarray] = {}
+    for k in range(-offsets, offsets + 1):
+        feats[f"off{k:+d}"] = np.where(valid[k][:, None], shifted[k], p)
+    for w in windows:
+        h = w // 2
+        total = np.zeros_like(p)
+        count = np.zeros((len(p), 1), dtype=np.float32)
+        peak = np.full_like(p, -np.inf)
+        for k in range(-h, h + 1):
+            ok = valid[k][:, None]
+            total += np.where(ok, shifted[k], 0.0)
+            count += ok
+            peak = np.maximum(peak, np.where(ok, shifted[k], -np.inf))
+        feats[f"mean{w}"] = total / count
+        feats[f"max{w}"] = peak
+    return feats
 
 
 def feature_columns(features: pd.DataFrame) -> list[str]:

@@ -322,39 +322,52 @@ def export_bundle(
 
         drift = training_reference(work / "cache", work / "index.parquet", study_model, oof)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        c = pipeline.convert
-        names = sorted({w for e in entries for w in e["windows"]})
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "bundle_version": BUNDLE_VERSION,
-            "versions": _versions(),
-            "classes": list(CLASSES),
-            "windows": {w: list(WINDOWS[w]) if w in WINDOWS else "cdf (knots in models/*/fold_*.json)" for w in names},
-            "convert": {
-                "crop": c.crop,
-                "spacing": c.spacing,
-                "correct_tilt": c.correct_tilt,
-                "conversion_version": CONVERSION_VERSION,
-            },
-            "tta": list(pipeline.tta),
-            "training_geometry": training_geometry(work / "cache", work / "index.parquet"),
-            "drift_reference": drift,
-            "pipeline": to_dict(pipeline)["name"],
-            "models": entries,
-            "stacker": {"method": which, "members": info["members"], "file": "stacker/stacker.json"},
-            "study_model": {
-                "file": STUDY_MODEL_FILE,
-                "method": study_model["method"],
-                "score": study_model["score"],
-                "operating_points": {
-                    c: {k: e[k] for k in ("threshold", "target_sensitivity", "oof_sensitivity", "oof_specificity")}
-                    for c, e in study_model["classes"].items()
-                },
-            },
-            "files": files,
-        }
+        manifest = _manifest(work, pipeline, entries, {"method": which, "members": info["members"]}, study_model, drift)
+        manifest["files"] = files
         _write_json(manifest, tmp / "bundle.json")
     return ExportResult(out, models, folds, stacker_test, l2, study_model)
+
+
+def _manifest(
+    work: Path,
+    pipeline: Any,
+    entries: list[dict[str, Any]],
+    stacker: dict[str, Any],
+    study_model: dict[str, Any],
+    drift: dict[str, Any],
+) -> dict[str, Any]:
+    """``bundle.json`` of :func:`export_bundle` less its ``files``: the versions, inputs, models, stacker (method and
+    members), study model and drift reference."""
+    c = pipeline.convert
+    names = sorted({w for e in entries for w in e["windows"]})
+    return {
+        "format": BUNDLE_FORMAT,
+        "bundle_version": BUNDLE_VERSION,
+        "versions": _versions(),
+        "classes": list(CLASSES),
+        "windows": {w: list(WINDOWS[w]) if w in WINDOWS else "cdf (knots in models/*/fold_*.json)" for w in names},
+        "convert": {
+            "crop": c.crop,
+            "spacing": c.spacing,
+            "correct_tilt": c.correct_tilt,
+            "conversion_version": CONVERSION_VERSION,
+        },
+        "tta": list(pipeline.tta),
+        "training_geometry": training_geometry(work / "cache", work / "index.parquet"),
+        "drift_reference": drift,
+        "pipeline": to_dict(pipeline)["name"],
+        "models": entries,
+        "stacker": {**stacker, "file": "stacker/stacker.json"},
+        "study_model": {
+            "file": STUDY_MODEL_FILE,
+            "method": study_model["method"],
+            "score": study_model["score"],
+            "operating_points": {
+                c: {k: e[k] for k in ("threshold", "target_sensitivity", "oof_sensitivity", "oof_specificity")}
+                for c, e in study_model["classes"].items()
+            },
+        },
+    }
 
 
 def _fit_study_model(
@@ -513,9 +526,6 @@ def load_bundle(
         UserError: not a bundle, another bundle version, a missing or changed file, a file that is a pickle or
             does not parse, a fold some model does not have, or an unknown TTA view.
     """
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load
 
     root = Path(path)
     mpath = root / "bundle.json"
@@ -530,22 +540,7 @@ def load_bundle(
     )
     if extra:
         raise UserError(f"{root}: file(s) not listed in bundle.json: {', '.join(extra[:5])}")
-
-    def read(rel: str) -> bytes:
-        return _read_checked(root / rel, files.get(rel, ""))
-
-    def read_json(rel: str) -> Any:
-        try:
-            return json.loads(read(rel))
-        except ValueError as exc:
-            raise UserError(f"{root / rel}: not valid JSON: {exc}") from None
-
-    def read_tensors(rel: str) -> dict[str, torch.Tensor]:
-        try:
-            return load(read(rel))
-        except (SafetensorError, ValueError, RuntimeError) as exc:
-            raise UserError(f"{root / rel}: not a safetensors file: {exc}") from None
-
+    reader = _CheckedFiles(root, files)
     dev = resolve_device(device)
     views = parse_tta(tta) if tta is not None else manifest["tta"]
     if folds is not None:
@@ -553,15 +548,54 @@ def load_bundle(
             missing = sorted(set(folds) - {int(k) for k in entry["folds"]})
             if missing or not folds:
                 raise UserError(f"{root}: model {entry['name']!r} has folds {entry['folds']}, not {missing or folds}")
+    models = _load_models(reader, manifest["models"], folds, dev, views)
+    info = reader.json("stacker/stacker.json")
+    stacker = load_stacker(info, lambda rel: reader.read(f"stacker/{rel}"))
+    study_model = _study_model(root, manifest, reader.json)
+    return Bundle(root, manifest, list(models.values()), stacker, dev, study_model, hashlib.sha256(raw).hexdigest())
+
+
+class _CheckedFiles:
+    """Reads the files of a bundle, each checked against its SHA-256 in ``bundle.json``."""
+
+    def __init__(self, root: Path, files: dict[str, str]) -> None:
+        self.root = root
+        self.files = files
+
+    def read(self, rel: str) -> bytes:
+        return _read_checked(self.root / rel, self.files.get(rel, ""))
+
+    def json(self, rel: str) -> Any:
+        try:
+            return json.loads(self.read(rel))
+        except ValueError as exc:
+            raise UserError(f"{self.root / rel}: not valid JSON: {exc}") from None
+
+    def tensors(self, rel: str) -> dict[str, Any]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            return load(self.read(rel))
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{self.root / rel}: not a safetensors file: {exc}") from None
+
+
+def _load_models(
+    reader: _CheckedFiles, entries: list[dict[str, Any]], folds: list[int] | None, dev: Any, views: list[str]
+) -> dict[str, Any]:
+    """The bundled models (``folds`` of each, all when None) as predictors by name, sequence models linked to
+    their image models."""
+    root = reader.root
     models: dict[str, Predictor] = {}
     embed_views: dict[str, list[str]] = {}
-    for entry in manifest["models"]:
+    for entry in entries:
         name = entry["name"]
-        cfg = _bundled_config(root, entry, read)
+        cfg = _bundled_config(root, entry, reader.read)
         weights, meta = [], {}
         for k in entry["folds"] if folds is None else [k for k in entry["folds"] if int(k) in folds]:
-            meta = read_json(f"models/{name}/fold_{k}.json")
-            tensors = read_tensors(f"models/{name}/fold_{k}.safetensors")
+            meta = reader.json(f"models/{name}/fold_{k}.json")
+            tensors = reader.tensors(f"models/{name}/fold_{k}.safetensors")
             weights.append((int(k), tensors, meta["hu_mapping"], int(meta.get("epoch", -1))))
         try:
             models[name] = Predictor.create(
@@ -571,17 +605,13 @@ def load_bundle(
             raise UserError(f"{root}/models/{name}: {exc}") from None
         if "embeddings" in meta:
             embed_views[name] = list(meta["embeddings"]["tta"])
-    for name, views in embed_views.items():
+    for name, upstream_views in embed_views.items():
         upstream = models[name].cfg.data.embeddings
         if upstream not in models:
             raise UserError(f"{root}: model {name!r} reads the embeddings of {upstream!r}, which is not bundled")
         models[name].upstream = models[upstream]
-        models[name].embed_views = views
-
-    info = read_json("stacker/stacker.json")
-    stacker = load_stacker(info, lambda rel: read(f"stacker/{rel}"))
-    study_model = _study_model(root, manifest, read_json)
-    return Bundle(root, manifest, list(models.values()), stacker, dev, study_model, hashlib.sha256(raw).hexdigest())
+        models[name].embed_views = upstream_views
+    return models
 
 
 def _bundled_config(root: Path, entry: dict[str, Any], read: Callable[[str], bytes]) -> TrainConfig:

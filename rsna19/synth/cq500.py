@@ -139,9 +139,7 @@ def write_series(
             study_uid=study_uid,
             patient_id=patient["PatientID"],
             instance_number=k + 1,
-            window_center=window[0],
-            window_width=window[1],
-            extra={**patient, **attrs},
+            extra={"WindowCenter": window[0], "WindowWidth": window[1], **patient, **attrs},
         )
     return counts
 

@@ -131,8 +131,7 @@ def _render_slice(
             patient_id=plan.patient_id,
             instance_number=plan.instance_numbers[k],
             variant=plan.variant,
-            window_center=plan.window_center,
-            window_width=plan.window_width,
+            extra={"WindowCenter": plan.window_center, "WindowWidth": plan.window_width},
         )
     if k == plan.corrupt_slice:
         # A transfer cut short: the header survives, half of the pixel data is missing.

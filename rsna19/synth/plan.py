@@ -303,14 +303,7 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
                                            skull_base=preset.beam_hardening)  # fmt: skip
             n = geom.n_slices
             order = orders[s]
-            if order == "ascending":
-                numbers = np.arange(1, n + 1)
-            elif order == "descending":
-                numbers = np.arange(n, 0, -1)
-            else:
-                numbers = rng.permutation(n) + 1
-                if n > 1 and np.all(np.diff(numbers) > 0):  # a shuffle that came out sorted is no shuffle
-                    numbers = numbers[::-1].copy()
+            numbers = _instance_numbers(rng, n, order)
             variant_name = variants[s]
             outside = -1024.0
             signed = STORAGE_VARIANTS[variant_name].signed and not STORAGE_VARIANTS[variant_name].wrap12
@@ -318,10 +311,7 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
             if signed and (not outside_done or rng.random() < 0.6):
                 outside = float(rng.choice([-2000.0, -3024.0]))
                 outside_done = True
-            if multi_windows[s]:
-                wc, ww = ([36.0, 36.0], [80.0, 80.0]) if rng.random() < 0.5 else ([40.0, 600.0], [80.0, 2800.0])
-            else:
-                wc, ww = [(40.0, 80.0), (30.0, 80.0), (35.0, 100.0)][int(rng.integers(3))]
+            wc, ww = _header_window(rng, multi_windows[s])
             dr, dc = geom.pixel_spacing
             study_uid, series_uid = ids.new(), ids.new()
             plans.append(
@@ -333,7 +323,7 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
                     series_uid=series_uid,
                     sop_uids=tuple(ids.new() for _ in range(n)),
                     file_names=tuple(f"{ids.new()}.dcm" for _ in range(n)),
-                    instance_numbers=tuple(int(v) for v in numbers),
+                    instance_numbers=numbers,
                     instance_order=order,
                     geometry=geom,
                     head=head,
@@ -353,3 +343,23 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
                 )
             )
     return plans
+
+
+def _instance_numbers(rng: np.random.Generator, n: int, order: str) -> tuple[int, ...]:
+    """InstanceNumbers of ``n`` slices in spatial order for an ``order`` of :data:`INSTANCE_ORDERS`."""
+    if order == "ascending":
+        numbers = np.arange(1, n + 1)
+    elif order == "descending":
+        numbers = np.arange(n, 0, -1)
+    else:
+        numbers = rng.permutation(n) + 1
+        if n > 1 and np.all(np.diff(numbers) > 0):  # a shuffle that came out sorted is no shuffle
+            numbers = numbers[::-1].copy()
+    return tuple(int(v) for v in numbers)
+
+
+def _header_window(rng: np.random.Generator, multi: bool) -> tuple[float | list[float], float | list[float]]:
+    """The header's (WindowCenter, WindowWidth): a multi-valued pair when ``multi``, else one of three windows."""
+    if multi:
+        return ([36.0, 36.0], [80.0, 80.0]) if rng.random() < 0.5 else ([40.0, 600.0], [80.0, 2800.0])
+    return [(40.0, 80.0), (30.0, 80.0), (35.0, 100.0)][int(rng.integers(3))]

@@ -308,8 +308,7 @@ class Trainer:
             ("none",),
             items=range(self.dist.rank, len(self.val_ds), self.dist.world_size),
             num_workers=self.cfg.data.num_workers,
-            progress=self.cfg.train.progress and self.dist.is_main,
-            desc="val",
+            desc="val" if self.cfg.train.progress and self.dist.is_main else None,
         )
         parts = all_gather_object((total, count))
         return finish_rows(sum(p[0] for p in parts), sum(p[1] for p in parts))

@@ -112,7 +112,23 @@ def plot_training_curves(log_csv: str | os.PathLike[str], out_png: str | os.Path
     fig.subplots_adjust(left=0.1, right=0.86, top=1 - 0.75 / fig_h, bottom=0.6 / fig_h, hspace=0.28)
     fig.suptitle(title, fontsize=12, fontweight="bold", y=1 - 0.12 / fig_h, va="top")
 
+    _draw_losses(axes, df, marker)
+    _draw_class_losses(axes[1], df, marker)
+    if has_lr:
+        _draw_lr(axes[2], df, marker)
+    axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(df) == 1:
+        axes[-1].set_xlim(epochs[0] - 1, epochs[0] + 1)
+    for a in axes:
+        a.tick_params(labelsize=8)
+    return _save(fig, out_png)
+
+
+def _draw_losses(axes: np.ndarray, df: pd.DataFrame, marker: str | None) -> None:
+    """Top panel of :func:`plot_training_curves`: training loss and val wll, the best epoch marked on every panel."""
     ax = axes[0]
+    epochs = df["epoch"].to_numpy()
     ax.plot(epochs, df["train_loss"], color="tab:blue", marker=marker, ms=3, lw=1.5, label="train loss")
     ax.plot(epochs, df["val_wll"], color="tab:red", marker=marker, ms=3, lw=1.8, label="val weighted log loss")
     best = best_epoch(df)
@@ -137,10 +153,12 @@ def plot_training_curves(log_csv: str | os.PathLike[str], out_png: str | os.Path
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
     ax.grid(alpha=0.3)
 
-    ax = axes[1]
+
+def _draw_class_losses(ax: Any, df: pd.DataFrame, marker: str | None) -> None:
+    """Middle panel of :func:`plot_training_curves`: the six per-class validation losses."""
     for name in CLASSES:
         ax.plot(
-            epochs,
+            df["epoch"].to_numpy(),
             df[f"val_loss_{name}"],
             color=CLASS_COLOURS[name],
             marker=marker,
@@ -153,25 +171,19 @@ def plot_training_curves(log_csv: str | os.PathLike[str], out_png: str | os.Path
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(alpha=0.3)
 
-    if has_lr:
-        ax = axes[2]
-        lr = pd.to_numeric(df["lr"], errors="coerce").to_numpy(dtype=np.float64)
-        ax.plot(epochs, lr, color="tab:green", marker=marker, ms=2.5, lw=1.3)
-        positive = lr[np.isfinite(lr) & (lr > 0)]
-        if len(positive) and positive.max() > 10 * positive.min():
-            ax.set_yscale("log")
-        else:
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
-        ax.set_ylabel("lr")
-        ax.set_title("learning rate (end of epoch)", fontsize=9, loc="left")
-        ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("epoch")
-    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    if len(df) == 1:
-        axes[-1].set_xlim(epochs[0] - 1, epochs[0] + 1)
-    for a in axes:
-        a.tick_params(labelsize=8)
-    return _save(fig, out_png)
+
+def _draw_lr(ax: Any, df: pd.DataFrame, marker: str | None) -> None:
+    """Bottom panel of :func:`plot_training_curves`: the learning rate, log scale when it spans more than 10x."""
+    lr = pd.to_numeric(df["lr"], errors="coerce").to_numpy(dtype=np.float64)
+    ax.plot(df["epoch"].to_numpy(), lr, color="tab:green", marker=marker, ms=2.5, lw=1.3)
+    positive = lr[np.isfinite(lr) & (lr > 0)]
+    if len(positive) and positive.max() > 10 * positive.min():
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
+    ax.set_ylabel("lr")
+    ax.set_title("learning rate (end of epoch)", fontsize=9, loc="left")
+    ax.grid(alpha=0.3)
 
 
 def _loss_axis_start(values: np.ndarray) -> float:
@@ -207,15 +219,7 @@ def plot_score_table(scores: pd.DataFrame, out_png: str | os.PathLike[str], titl
     Raises:
         ValueError: ``scores`` has no rows with an OOF loss or lacks a needed column.
     """
-    missing = [c for c in ("name", "kind", "wll_oof", "wll_test") if c not in scores.columns]
-    if missing:
-        raise ValueError(f"the score table lacks the column(s) {', '.join(missing)}")
-    df = scores.copy()
-    df["wll_oof"] = pd.to_numeric(df["wll_oof"], errors="coerce")
-    df["wll_test"] = pd.to_numeric(df["wll_test"], errors="coerce")
-    df = df[df["wll_oof"].notna()].sort_values("wll_oof", kind="stable").reset_index(drop=True)
-    if df.empty:
-        raise ValueError("the score table has no row with an OOF loss")
+    df = _score_rows(scores)
     has_test = bool(df["wll_test"].notna().any())
     n = len(df)
     names = [str(v) for v in df["name"]]
@@ -250,24 +254,7 @@ def plot_score_table(scores: pd.DataFrame, out_png: str | os.PathLike[str], titl
             lw=0.5,
         )
 
-    values = df[["wll_oof", "wll_test"]].to_numpy(dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    left = _loss_axis_start(finite)
-    right = float(finite.max())
-    pad = (right - left) * 0.16  # room for the value labels
-    ax.set_xlim(left, right + pad)
-    label_box = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.6}
-    labels = [(yy, v, "black") for yy, v in zip(oof_y, df["wll_oof"])]
-    if has_test:
-        labels += [(yy, v, "0.3") for yy, v in zip(test_y, test)]
-    for yy, v, colour in labels:
-        x, text = (left, "n/a") if math.isnan(v) else (v, f"{v:.4f}")
-        ax.text(x + pad * 0.04, yy, text, va="center", ha="left", fontsize=7.5, color=colour, bbox=label_box, zorder=4)
-
-    base = df.loc[df["kind"] == "base", "wll_oof"]
-    ref = float(base.min()) if len(base) else math.nan
-    if len(base):
-        ax.axvline(ref, color="black", ls="--", lw=1.0, zorder=3)
+    left = _label_scores(ax, df, oof_y, test_y if has_test else None)
     ax.set_yticks(y, names, fontsize=8.5)
     ax.set_ylim(n - 0.5, -0.5)  # best on top
     ax.tick_params(axis="x", labelsize=8)
@@ -277,7 +264,53 @@ def plot_score_table(scores: pd.DataFrame, out_png: str | os.PathLike[str], titl
     if left > 0:
         xlabel += f"; axis starts at {left:g}, not 0"
     ax.set_xlabel(xlabel, fontsize=9)
+    _score_legend(ax, df, has_test)
+    return _save(fig, out_png)
 
+
+def _score_rows(scores: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the score table with an OOF loss, best first, losses numeric (NaN where missing)."""
+    missing = [c for c in ("name", "kind", "wll_oof", "wll_test") if c not in scores.columns]
+    if missing:
+        raise ValueError(f"the score table lacks the column(s) {', '.join(missing)}")
+    df = scores.copy()
+    df["wll_oof"] = pd.to_numeric(df["wll_oof"], errors="coerce")
+    df["wll_test"] = pd.to_numeric(df["wll_test"], errors="coerce")
+    df = df[df["wll_oof"].notna()].sort_values("wll_oof", kind="stable").reset_index(drop=True)
+    if df.empty:
+        raise ValueError("the score table has no row with an OOF loss")
+    return df
+
+
+def _label_scores(ax: Any, df: pd.DataFrame, oof_y: np.ndarray, test_y: np.ndarray | None) -> float:
+    """Set the loss axis's range and write each bar's value ("n/a" for NaN); the test bars' when ``test_y`` is given.
+
+    Returns:
+        The left end of the loss axis.
+    """
+    values = df[["wll_oof", "wll_test"]].to_numpy(dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    left = _loss_axis_start(finite)
+    right = float(finite.max())
+    pad = (right - left) * 0.16  # room for the value labels
+    ax.set_xlim(left, right + pad)
+    label_box = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.6}
+    labels = [(yy, v, "black") for yy, v in zip(oof_y, df["wll_oof"])]
+    if test_y is not None:
+        labels += [(yy, v, "0.3") for yy, v in zip(test_y, df["wll_test"].to_numpy(dtype=np.float64))]
+    for yy, v, colour in labels:
+        x, text = (left, "n/a") if math.isnan(v) else (v, f"{v:.4f}")
+        ax.text(x + pad * 0.04, yy, text, va="center", ha="left", fontsize=7.5, color=colour, bbox=label_box, zorder=4)
+    return left
+
+
+def _score_legend(ax: Any, df: pd.DataFrame, has_test: bool) -> None:
+    """The best base model's OOF line and the legend: kinds (known ones first), OOF/test, that line."""
+    kinds = [str(v) for v in df["kind"]]
+    base = df.loc[df["kind"] == "base", "wll_oof"]
+    ref = float(base.min()) if len(base) else math.nan
+    if len(base):
+        ax.axvline(ref, color="black", ls="--", lw=1.0, zorder=3)
     order = [k for k in KIND_COLOURS if k in kinds] + [k for k in dict.fromkeys(kinds) if k not in KIND_COLOURS]
     handles: list[Any] = [
         Patch(facecolor=KIND_COLOURS.get(k, "tab:brown"), edgecolor="black", lw=0.5, label=k) for k in order
@@ -290,7 +323,6 @@ def plot_score_table(scores: pd.DataFrame, out_png: str | os.PathLike[str], titl
     if len(base):
         handles.append(Line2D([], [], color="black", ls="--", lw=1.0, label=f"best base OOF\n{ref:.4f}"))
     ax.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _save(fig, out_png)
 
 
 def plot_safely(plot: Callable[..., Path], *args: Any, **kwargs: Any) -> Path | None:

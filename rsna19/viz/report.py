@@ -137,6 +137,9 @@ def render_study_report(
         seg_mask: optional (H, W) bool bleed map of the top slice, the one the DICOM SEG holds
             (:mod:`rsna19.inference.seg_out`), drawn over it in red (instead of ``cam`` when both are given).
 
+    The eleven arguments must stay: each is a separate input of the one picture that both callers (the study
+    predictor and the tests, without a :class:`~rsna19.inference.result.StudyResult`) set on their own.
+
     Returns:
         The z indices shown, most suspicious first.
 
@@ -145,6 +148,45 @@ def render_study_report(
     """
     volume_hu = np.asarray(volume_hu)
     probs = np.asarray(probs, dtype=np.float64)
+    _check_report_inputs(volume_hu, probs, sop_uids, positions, cam, seg_mask)
+    shown = top_slices(probs[:, -1], top_k)
+    cols = max(len(shown), MIN_COLUMNS)
+    fig_w, fig_h = _figure_inches(cols, study_result is not None)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
+    _draw_title(fig, probs, study_uid, threshold, study_result)
+    header = _HEADER + (_RESULT_LINE if study_result is not None else 0.0)
+    for row, window in enumerate(("brain", "subdural")):
+        top = header + _SLICE_TITLE + row * PANEL_INCHES
+        for col, z in enumerate(int(v) for v in shown):
+            ax = _add_axes(fig, _LEFT + col * PANEL_INCHES, top, PANEL_INCHES - _GAP, PANEL_INCHES - _GAP)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.imshow(_windowed(volume_hu[z], window), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            if col == 0:
+                centre, w = WINDOWS[window]
+                ax.set_ylabel(f"{window} {centre:g}/{w:g}", fontsize=8)
+            if row == 0:
+                ax.set_title(_slice_title(col + 1, z, probs[z], str(sop_uids[z]), threshold), fontsize=7.5, pad=3)
+            if row == 0 and col == 0:
+                _draw_overlay(ax, cam, seg_mask, volume_hu.shape[1:])
+    plot_top = header + _SLICE_TITLE + 2 * PANEL_INCHES + _PLOT_GAP
+    ax = _add_axes(fig, _LEFT + 0.15, plot_top, cols * PANEL_INCHES - _GAP - 0.15 - _LEGEND, _PLOT)
+    _draw_probabilities(ax, probs, positions, shown, threshold)
+    with atomic_path(out_png) as tmp:
+        # No "Software" entry (matplotlib version) and PNG has no date by default: same inputs, same bytes.
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    return [int(z) for z in shown]
+
+
+def _check_report_inputs(
+    volume_hu: np.ndarray,
+    probs: np.ndarray,
+    sop_uids: Sequence[str],
+    positions: Sequence[float],
+    cam: np.ndarray | None,
+    seg_mask: np.ndarray | None,
+) -> None:
+    """Raise ValueError on inputs of :func:`render_study_report` that do not fit together."""
     if volume_hu.ndim != 3 or volume_hu.shape[0] == 0:
         raise ValueError(f"volume_hu must be (Z, H, W) with Z >= 1, got {volume_hu.shape}")
     n = volume_hu.shape[0]
@@ -159,32 +201,26 @@ def render_study_report(
     if seg_mask is not None and np.shape(seg_mask) != volume_hu.shape[1:]:
         raise ValueError(f"seg_mask must be {volume_hu.shape[1:]}, got {np.shape(seg_mask)}")
 
-    shown = top_slices(probs[:, -1], top_k)
-    cols = max(len(shown), MIN_COLUMNS)
-    fig_w, fig_h = _figure_inches(cols, study_result is not None)
-    header = _HEADER + (_RESULT_LINE if study_result is not None else 0.0)
-    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
 
-    def add_axes(left: float, top: float, width: float, height: float) -> Any:
-        """Axes placed in inches from the top-left corner."""
-        return fig.add_axes((left / fig_w, 1 - (top + height) / fig_h, width / fig_w, height / fig_h))
+def _add_axes(fig: Figure, left: float, top: float, width: float, height: float) -> Any:
+    """Axes placed in inches from the top-left corner of ``fig``."""
+    fig_w, fig_h = fig.get_size_inches()
+    return fig.add_axes((left / fig_w, 1 - (top + height) / fig_h, width / fig_w, height / fig_h))
 
+
+def _draw_title(
+    fig: Figure, probs: np.ndarray, study_uid: str, threshold: float, study_result: dict[str, Any] | None
+) -> None:
+    """The report's title line (with the uncalibrated verdict) or, given a study result, its title and result lines."""
+    fig_h = fig.get_size_inches()[1]
     verdict = "POSITIVE" if probs[:, -1].max() >= threshold else "negative"
     flags = [
         SHORT_NAMES[c] for c, p in zip(CLASSES[:-1], probs.max(axis=0)) if p >= threshold and verdict == "POSITIVE"
     ]
-    title = f"study {study_uid} · {n} slices · max p(any) {probs[:, -1].max():.2f}"
+    title = f"study {study_uid} · {len(probs)} slices · max p(any) {probs[:, -1].max():.2f}"
     if study_result is None:  # with a study result, the verdict is the calibrated one of the line below
         title += f" → {verdict}" + (f" ({', '.join(flags)})" if flags else "")
-    fig.text(
-        0.5,
-        1 - 0.06 / fig_h,
-        title,
-        ha="center",
-        va="top",
-        fontsize=11,
-        fontweight="bold",
-    )
+    fig.text(0.5, 1 - 0.06 / fig_h, title, ha="center", va="top", fontsize=11, fontweight="bold")
     if study_result is not None:
         positive = study_result["flag"] == "positive"
         fig.text(
@@ -198,45 +234,39 @@ def render_study_report(
             fontweight="bold",
         )
 
-    height, width = volume_hu.shape[1:]
-    size = PANEL_INCHES - _GAP
-    for row, window in enumerate(("brain", "subdural")):
-        top = header + _SLICE_TITLE + row * PANEL_INCHES
-        for col, z in enumerate(int(v) for v in shown):
-            ax = add_axes(_LEFT + col * PANEL_INCHES, top, size, size)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.imshow(_windowed(volume_hu[z], window), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            if col == 0:
-                centre, w = WINDOWS[window]
-                ax.set_ylabel(f"{window} {centre:g}/{w:g}", fontsize=8)
-            if row == 0:
-                ax.set_title(_slice_title(col + 1, z, probs[z], str(sop_uids[z]), threshold), fontsize=7.5, pad=3)
-            if row == 0 and col == 0 and seg_mask is not None:
-                ax.imshow(
-                    np.ma.masked_equal(np.asarray(seg_mask, dtype=np.float32), 0.0),
-                    cmap="Reds",
-                    vmin=0,
-                    vmax=1,
-                    alpha=0.5,
-                    interpolation="nearest",
-                )
-                ax.text(0.02, 0.02, "bleed map (SEG)", transform=ax.transAxes, fontsize=7, color="yellow", va="bottom")
-            elif row == 0 and col == 0 and cam is not None:
-                heat = np.ma.masked_less(np.clip(np.asarray(cam, dtype=np.float32), 0, 1), 0.2)
-                ax.imshow(
-                    heat,
-                    cmap="jet",
-                    vmin=0,
-                    vmax=1,
-                    alpha=0.45,
-                    interpolation="bilinear",
-                    extent=(-0.5, width - 0.5, height - 0.5, -0.5),
-                )
-                ax.text(0.02, 0.02, "Grad-CAM (any)", transform=ax.transAxes, fontsize=7, color="yellow", va="bottom")
 
-    plot_top = header + _SLICE_TITLE + 2 * PANEL_INCHES + _PLOT_GAP
-    ax = add_axes(_LEFT + 0.15, plot_top, cols * PANEL_INCHES - _GAP - 0.15 - _LEGEND, _PLOT)
+def _draw_overlay(ax: Any, cam: np.ndarray | None, seg_mask: np.ndarray | None, shape: tuple[int, ...]) -> None:
+    """The bleed map (red) or else the Grad-CAM map (stretched over the ``shape`` slice) on the top slice."""
+    if seg_mask is not None:
+        ax.imshow(
+            np.ma.masked_equal(np.asarray(seg_mask, dtype=np.float32), 0.0),
+            cmap="Reds",
+            vmin=0,
+            vmax=1,
+            alpha=0.5,
+            interpolation="nearest",
+        )
+        ax.text(0.02, 0.02, "bleed map (SEG)", transform=ax.transAxes, fontsize=7, color="yellow", va="bottom")
+    elif cam is not None:
+        height, width = shape
+        heat = np.ma.masked_less(np.clip(np.asarray(cam, dtype=np.float32), 0, 1), 0.2)
+        ax.imshow(
+            heat,
+            cmap="jet",
+            vmin=0,
+            vmax=1,
+            alpha=0.45,
+            interpolation="bilinear",
+            extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+        )
+        ax.text(0.02, 0.02, "Grad-CAM (any)", transform=ax.transAxes, fontsize=7, color="yellow", va="bottom")
+
+
+def _draw_probabilities(
+    ax: Any, probs: np.ndarray, positions: Sequence[float], shown: np.ndarray, threshold: float
+) -> None:
+    """The six probabilities along z, the threshold, and the shown slices marked with their rank."""
+    n = len(probs)
     zs = np.arange(n)
     for i, name in enumerate(CLASSES):
         ax.plot(
@@ -263,11 +293,6 @@ def render_study_report(
     ax.tick_params(labelsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
-
-    with atomic_path(out_png) as tmp:
-        # No "Software" entry (matplotlib version) and PNG has no date by default: same inputs, same bytes.
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-    return [int(z) for z in shown]
 
 
 def summarise_study(df_slices: pd.DataFrame, top_k: int = 5, threshold: float = 0.5) -> dict[str, Any]:
