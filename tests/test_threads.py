@@ -64,15 +64,23 @@ class _Recorder:
         return False
 
     def run(self) -> str:
+        import torch
+
         self.seen[self.key] = LgbmStacker(LgbmConfig()).params()["num_threads"]
+        self.seen[f"{self.key}/torch"] = torch.get_num_threads()
         return ""
 
 
 def test_the_executor_gives_each_job_its_cpus(monkeypatch):
     monkeypatch.delenv(THREADS_ENV, raising=False)
     seen: dict[str, int] = {}
-    run_graph([_Recorder("a", 3, seen), _Recorder("b", 1, seen)])
-    assert seen == {"a": 3, "b": 1}
+    import torch
+
+    before = torch.get_num_threads()
+    run_graph([_Recorder("a", 3, seen), _Recorder("b", 1, seen)])  # jobs=1: both run in this process
+    # torch's threads too: an in-process model job once used every core whatever threads_per_job said.
+    assert seen == {"a": 3, "a/torch": 3, "b": 1, "b/torch": 1}
+    assert torch.get_num_threads() == before
     assert THREADS_ENV not in __import__("os").environ  # restored after each job
 
 

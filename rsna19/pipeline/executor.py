@@ -16,10 +16,11 @@ finished, so a re-run resumes.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -77,12 +78,31 @@ def _worker_init(slots: Any, threads: int) -> None:
 
 
 def _run_timed(job: GraphJob) -> tuple[float, str]:
-    """Run ``job`` with ``RSNA19_THREADS`` set to its CPUs, so ``num_threads: auto`` inside it uses its share."""
-    resources = getattr(job, "resources", None)
+    """Run ``job`` with ``RSNA19_THREADS`` and torch's intra-op threads set to its CPUs, so ``num_threads: auto``
+    and the model code inside it use its share."""
+    cpus = getattr(getattr(job, "resources", None), "cpus", None)
     t0 = time.perf_counter()
-    with thread_budget(getattr(resources, "cpus", None)):
+    with thread_budget(cpus), _torch_threads(cpus):
         message = job.run()
     return time.perf_counter() - t0, message or ""
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Torch's intra-op threads set to ``n`` for the duration (None: unchanged). A pool worker starts with its share
+    (:func:`_worker_init`); a job run in this process (every job of ``jobs: 1``) would otherwise use every core,
+    and two such runs side by side would oversubscribe the machine."""
+    if n is None:
+        yield
+        return
+    import torch  # here, not at the top: the executor also runs jobs that never touch torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def run_graph(
