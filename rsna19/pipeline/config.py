@@ -6,7 +6,7 @@ the current directory, so ``configs/pipelines/demo.yaml`` can say ``../demo/clf2
 Example:
     >>> cfg = load_pipeline("demo")  # configs/pipelines/demo.yaml
     >>> [Path(m).stem for m in cfg.models]
-    ['clf2d', 'clf2dc_3c', 'combine_last_3s']
+    ['clf2d', 'seq']
 """
 
 from __future__ import annotations
