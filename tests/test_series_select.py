@@ -108,6 +108,35 @@ def test_hard_rules_skip_a_series_even_when_it_is_the_only_one(plan, tmp_path, a
     assert reason in study.problem
 
 
+def test_a_wide_field_of_view_head_is_predicted_unless_a_narrower_one_exists(plan, tmp_path):
+    """Hospitals reconstruct heads at 360–410 mm too (trauma protocols): such a series is predicted when it is the
+    study's only one, and loses to a head-sized reconstruction of the same head when there is one."""
+    wide = dataclasses.replace(plan, geometry=dataclasses.replace(plan.geometry, pixel_spacing=(6.25, 6.25)))
+    write_series(
+        tmp_path / "in" / "wide",
+        wide,
+        study_uid="1.2.7",
+        series_uid="1.2.7.1",
+        step=THICK_MM,
+        attrs={**SOFT, "SeriesDescription": "Head trauma"},
+    )
+    study, ranking = _select(tmp_path / "in", tmp_path)
+    assert [s.series_uid for s in study.used] == ["1.2.7.1"]
+    assert study.used[0].selection["criteria"]["fov"] == {"points": -2, "why": "field of view 400 mm"}
+    write_series(
+        tmp_path / "in" / "narrow",
+        plan,
+        study_uid="1.2.7",
+        series_uid="1.2.7.2",
+        step=THICK_MM,
+        attrs={**SOFT, "SeriesDescription": "Head"},
+    )
+    study, _ = _select(tmp_path / "in", tmp_path / "both")
+    assert [s.series_uid for s in study.used] == ["1.2.7.2"]
+    (skipped,) = study.skipped
+    assert skipped.series_uid == "1.2.7.1" and skipped.reason.startswith("wider field of view 400 mm")
+
+
 def test_dynamic_series_with_repeated_positions_is_skipped(plan, tmp_path):
     """A perfusion-like run: the same 8 positions acquired at 3 time points (TemporalPositionIdentifier)."""
     for t in range(3):

@@ -6,17 +6,18 @@ body part. The models were trained on one kind (RSNA: thick, soft-tissue, origin
 predicting everything and taking the maximum adds false positives and run time. This module judges each
 axial CT series that :mod:`rsna19.inference.inputs` found readable, from its headers alone:
 
-* **hard rules** (the series is never predicted by default; the reason is reported):
-  projection images (MIP / MinIP / VR in ImageType or the description), a body part or description naming
-  another region (chest, abdomen, ...), a field of view that is no head's (> 350 mm: a body scan; < 100 mm: a
-  targeted reconstruction), contrast (ContrastBolusAgent present, CTA / angio / venogram / perfusion / "C+" in
-  SeriesDescription) and dynamic series (several temporal positions, or positions repeated) unless
-  :attr:`SelectionPolicy.include_contrast`; a bone (sharp) kernel while a soft-tissue or unknown-kernel series is
-  usable;
+* **hard rules** (the series is never predicted by default; the reason is reported): projection images (MIP / MinIP /
+  VR in ImageType or the description), a body part or description naming another region (chest, abdomen, ...), a field
+  of view that is no head's (> 500 mm: wider than any head reconstruction; < 100 mm: a targeted reconstruction),
+  contrast (ContrastBolusAgent present, CTA / angio / venogram / perfusion / "C+" in SeriesDescription) and dynamic
+  series (several temporal positions, or positions repeated) unless :attr:`SelectionPolicy.include_contrast`; a bone
+  (sharp) kernel while a soft-tissue or unknown-kernel series is usable;
 * **score** (the best usable series is predicted; the others are skipped with the criterion that lost):
   kernel (soft tissue +4, unknown 0, bone −4), image type (ORIGINAL +2, PRIMARY +1, DERIVED / SECONDARY /
   MPR / REFORMATTED −1 each, at most −2), slice spacing (−3 per factor of two away from the training spacing,
-  capped at −12) and head coverage along z (≥ 100 mm +1, < 50 mm −2). Ties go to more slices, then to a
+  capped at −12), head coverage along z (≥ 100 mm +1, < 50 mm −2) and a wide field of view (> 350 mm −2: a
+  trauma protocol that takes in the face, or a body scan; a head series of that width is still predicted when
+  nothing narrower is there, since hospitals do reconstruct heads at 360–410 mm). Ties go to more slices, then to a
   lossless encoding over a lossy one (JPEG baseline / extended, JPEG 2000, near-lossless JPEG-LS), then the UID;
 * **duplicates**: a series with the same slices as a better-ranked one (:func:`same_slices`: the same positions,
   kernel, slice thickness, pixel spacing, field of view, image type and contrast: a re-export, e.g. a PACS copy
@@ -82,14 +83,16 @@ class SelectionPolicy:
         training_spacing_mm: the slice spacing the bundle was trained on.
         all_series: predict every usable series, not only the best.
         include_contrast: let contrast, CTA and dynamic (perfusion) series be predicted.
-        max_fov_mm, min_fov_mm: the in-plane field of view a head series can have.
+        max_fov_mm, min_fov_mm: the in-plane field of view a head series can have (hard rule).
+        wide_fov_mm: a wider field of view loses 2 points (a narrower reconstruction of the head is preferred).
     """
 
     training_spacing_mm: float = DEFAULT_TRAINING_SPACING_MM
     all_series: bool = False
     include_contrast: bool = False
-    max_fov_mm: float = 350.0
+    max_fov_mm: float = 500.0
     min_fov_mm: float = 100.0
+    wide_fov_mm: float = 350.0
 
 
 @dataclass
@@ -401,6 +404,11 @@ def score_series(f: SeriesFacts, policy: SelectionPolicy) -> dict[str, dict[str,
         "points": 1 if z >= 100.0 else (-2 if z < 50.0 else 0),
         "why": f"{z:.0f} mm along z",
     }
+    wide = f.fov_mm is not None and f.fov_mm > policy.wide_fov_mm
+    crit["fov"] = {
+        "points": -2 if wide else 0,
+        "why": f"field of view {f.fov_mm:.0f} mm" if f.fov_mm is not None else "field of view unknown",
+    }
     return crit
 
 
@@ -428,6 +436,8 @@ def _lost_on(c: SeriesChoice, best: SeriesChoice, policy: SelectionPolicy) -> st
     if k == "image_type":
         theirs_type = best.criteria["image_type"]["why"]
         return f"derived image ({c.criteria['image_type']['why']}): {name} ({theirs_type}) preferred"
+    if k == "fov":
+        return f"wider {c.criteria['fov']['why']}: {name} ({best.criteria['fov']['why']}) preferred"
     return f"less head coverage ({c.criteria['coverage']['why']}): {name} covers {best.criteria['coverage']['why']}"
 
 
