@@ -1,4 +1,4 @@
-"""``rsna19 demo [--out DIR]``: synthetic data + the demo pipeline (2D + sequence model × 2 folds + stackers), scored."""
+"""``rsna19 demo [--out DIR]``: synthetic data + the demo pipeline (2D + sequence model, 2 folds, stackers), scored."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--pipeline", default="demo", help="pipeline config (default configs/pipelines/demo.yaml; demo_full: five families)")
+    p.add_argument(
+        "--pipeline",
+        default="demo",
+        help="pipeline config (default configs/pipelines/demo.yaml; demo_full: the five families)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
     p.add_argument(
         "--preset",
