@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from rsna19.core.atomic import write_text
 from rsna19.core.errors import UserError
 
 #: SLURM job states after which a job will not run again; only ``COMPLETED`` is a success.
@@ -367,13 +368,6 @@ def log_tail(path: Path, n: int) -> str:
     except OSError:
         return f"(no log at {path})"
     return "\n".join(lines[-n:]) if lines else f"(empty log {path})"
-
-
-def write_text(text: str, path: Path) -> None:
-    """Write ``text`` atomically (temporary file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _now() -> str:
