@@ -34,7 +34,7 @@ from rsna19.conversion.series import (
     read_meta,
     write_series,
 )
-from rsna19.core.atomic import OutputError, ensure_writable_dir, write_csv, write_parquet
+from rsna19.core.atomic import OutputError, ensure_writable_dir, pid_alive, write_csv, write_parquet
 from rsna19.core.constants import CLASSES
 from rsna19.core.errors import UserError
 
@@ -132,16 +132,6 @@ def convert_one(series_uid: str, rows: list[dict[str, Any]], cache: str, params:
     return result
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_tmp(cache: Path) -> int:
     """Remove temporaries left by killed runs whose writer is gone: series directories being written
     (``.tmp-<series>-<pid>``) and the index/error files of :func:`rsna19.core.atomic.atomic_path`."""
@@ -151,7 +141,7 @@ def clean_stale_tmp(cache: Path) -> int:
         stale += [(p, p.name.split(".tmp-", 1)[1].split("-", 1)[0]) for p in cache.glob(f".{name}.tmp-*")]
     for p, pid_text in stale:
         pid = int(pid_text) if pid_text.isdigit() else -1
-        if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+        if pid > 0 and pid != os.getpid() and pid_alive(pid):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
