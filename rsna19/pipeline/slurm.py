@@ -80,14 +80,27 @@ _KIND_OF_PREFIX = {"train": "train", "predict": "predict", "embed": "embed", "st
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class ResourcesLike(Protocol):
-    """What :func:`run_slurm` reads of ``Job.resources`` (``rsna19.pipeline.stages.Resources``)."""
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks of a machine or a scheduler (``Job.resources`` of :mod:`rsna19.pipeline.stages`).
 
-    gpus: int
-    cpus: int
-    mem_gb: float
-    time_min: int
-    partition: str | None
+    Attributes:
+        gpus: GPUs (0: CPU only).
+        cpus: CPU cores (torch threads + loader workers).
+        mem_gb: memory.
+        time_min: wall-time limit for a scheduler.
+        partition: scheduler partition (None: its default).
+    """
+
+    gpus: int = 0
+    cpus: int = 1
+    mem_gb: float = 4.0
+    time_min: int = 60
+    partition: str | None = None
+
+
+#: What one batch job asks for: ``Job.resources`` with the section's kind settings and overrides applied.
+JobRequest = Resources
 
 
 class JobLike(Protocol):
@@ -95,7 +108,7 @@ class JobLike(Protocol):
 
     key: str
     deps: tuple[str, ...]
-    resources: ResourcesLike
+    resources: Resources
 
     def done(self) -> bool: ...
 
@@ -128,17 +141,6 @@ class SlurmResources:
     def fields(self) -> dict[str, Any]:
         """The fields that are set (not None)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
-class JobRequest:
-    """What one batch job asks for: ``Job.resources`` with the section's kind settings and overrides applied."""
-
-    gpus: int = 0
-    cpus: int = 1
-    mem_gb: float = 4.0
-    time_min: int = 60
-    partition: str | None = None
 
 
 def kind_of(key: str) -> str:
