@@ -396,7 +396,8 @@ def test_rerun_converts_only_what_is_missing_or_stale(tmp_path):
     assert np.load(cache / "ID_a" / "volume.npy").shape == (3, 40, 40)
     assert run_convert(index, cache, crop=40, force=True, progress=False).converted == 2
     # Leftovers of a killed run (its pid is gone) are removed; a series directory without meta.json is redone.
-    (cache / ".tmp-ID_a-999999999").mkdir()
+    (cache / ".ID_a.tmp-999999999-abc").mkdir()
+    (cache / ".ID_b.old-999999999").mkdir()
     (cache / ".cache_index.parquet.tmp-999999999-abc").write_bytes(b"partial")
     (cache / "ID_b" / "meta.json").unlink()
     assert run_convert(index, cache, crop=40, progress=False).converted == 1

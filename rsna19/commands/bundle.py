@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", nargs="+", type=int, help="folds to include (default: all)")
     p.add_argument("--which", help="stack method: blend, lgbm, mlp, convex, mean (default: the pipeline's submit)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    add_study_model_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_study_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--sensitivity`` and ``--study-score`` of a study model fitted here (``bundle``, ``evaluate``)."""
     p.add_argument(
         "--sensitivity",
         nargs="+",
@@ -37,29 +44,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="study score calibrated into the study probability: the max slice probability or the mean of the "
         "three highest (max)",
     )
-    p.set_defaults(func=run)
+
+
+def study_model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``sensitivity`` and ``study_score`` keywords of the options of :func:`add_study_model_arguments`."""
+    from rsna19.core.calibration import parse_sensitivity
+    from rsna19.core.errors import UserError
+
+    try:
+        return {"sensitivity": parse_sensitivity(args.sensitivity), "study_score": args.study_score}
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     """Export and print what went in."""
-    from rsna19.core.calibration import parse_sensitivity
-    from rsna19.core.errors import UserError
     from rsna19.study.bundle import export_bundle
 
-    try:
-        sensitivity = parse_sensitivity(args.sensitivity)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    res = export_bundle(
-        args.work,
-        args.out,
-        args.models,
-        args.folds,
-        args.which,
-        force=args.force,
-        sensitivity=sensitivity,
-        study_score=args.study_score,
-    )
+    options = study_model_options(args)
+    res = export_bundle(args.work, args.out, args.models, args.folds, args.which, force=args.force, **options)
     print(f"bundle: {', '.join(res.models)} × folds {res.folds} + stacker -> {res.path}")
     if res.study_model is not None:
         print("study operating points (sensitivity / specificity on the OOF studies):")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from rsna19.core.constants import DEFAULT_TTA, EMBED_SPLITS
+from rsna19.commands.predict import add_checkpoint_arguments
+from rsna19.core.constants import EMBED_SPLITS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,13 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=list(EMBED_SPLITS),
         help="train: fold k's training patients; oof: its held-out patients; test: the test set",
     )
-    p.add_argument("--tta", nargs="+", default=list(DEFAULT_TTA), help="views averaged: none hflip vflip transpose")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--cache", help="override the run's cache path")
-    p.add_argument("--folds", help="override the run's folds.csv")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--num-workers", type=int, help="loader processes (default: the run's data.num_workers)")
+    add_checkpoint_arguments(p, "views averaged: none hflip vflip transpose")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage of the features")
     p.add_argument("--overwrite", action="store_true", help="recompute splits that are already complete")
 

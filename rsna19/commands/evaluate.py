@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from rsna19.commands.bundle import add_study_model_arguments, study_model_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` subcommand."""
@@ -27,36 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--bundle", help="bundle whose study model gives calibration and operating points")
     p.add_argument("--which", help="stack method of a stack folder (default: blend)")
-    p.add_argument(
-        "--sensitivity",
-        nargs="+",
-        metavar="[CLASS=]S",
-        help="target sensitivity when the study model is fitted here: 0.9 (every class) and/or any=0.95 ... (0.95)",
-    )
-    p.add_argument("--study-score", default="max", choices=("max", "top3_mean"), help="study score to calibrate (max)")
+    add_study_model_arguments(p)
     p.add_argument("--bins", type=int, default=10, help="equal-width bins of the calibration error (10)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the table."""
-    from rsna19.core.calibration import parse_sensitivity
-    from rsna19.core.errors import UserError
     from rsna19.study.evaluate import evaluate, format_table
 
-    try:
-        sensitivity = parse_sensitivity(args.sensitivity)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    options = study_model_options(args)
     table = evaluate(
-        args.source,
-        args.labels,
-        args.out,
-        bundle=args.bundle,
-        which=args.which,
-        sensitivity=sensitivity,
-        study_score=args.study_score,
-        n_bins=args.bins,
+        args.source, args.labels, args.out, bundle=args.bundle, which=args.which, n_bins=args.bins, **options
     )
     print(format_table(table))
     print(f"evaluate: evaluation.csv, evaluation.json, roc.png, reliability.png in {args.out}")

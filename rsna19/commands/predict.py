@@ -7,18 +7,23 @@ import argparse
 from rsna19.core.constants import DEFAULT_TTA
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments shared with ``models/predict.py``."""
-    p.add_argument("run", help="run directory RUNS/<config name> (or its fold_<k>)")
-    p.add_argument("--fold", type=int, required=True, help="fold k")
-    p.add_argument("--split", choices=("oof", "test"), default="oof", help="held-out patients or the test set")
-    p.add_argument("--tta", nargs="+", default=list(DEFAULT_TTA), help="views: none hflip vflip transpose")
+def add_checkpoint_arguments(p: argparse.ArgumentParser, tta_help: str) -> None:
+    """The options of ``predict`` and ``embed`` that make their ``CheckpointOptions``, and the run's paths."""
+    p.add_argument("--tta", nargs="+", default=list(DEFAULT_TTA), help=tta_help)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--cache", help="override the run's cache path")
     p.add_argument("--folds", help="override the run's folds.csv")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--num-workers", type=int, help="loader processes (default: the run's data.num_workers)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared with ``models/predict.py``."""
+    p.add_argument("run", help="run directory RUNS/<config name> (or its fold_<k>)")
+    p.add_argument("--fold", type=int, required=True, help="fold k")
+    p.add_argument("--split", choices=("oof", "test"), default="oof", help="held-out patients or the test set")
+    add_checkpoint_arguments(p, "views: none hflip vflip transpose")
     p.add_argument("--out", help="output parquet (default: RUN/fold_<k>/<split>.parquet)")
 
 

@@ -81,47 +81,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-KEYS = (
-    "bundle",
-    "spool",
-    "port",
-    "ae_title",
-    "host",
-    "http_port",
-    "http_host",
-    "token",
-    "destinations",
-    "quiet_seconds",
-    "workers",
-    "device",
-    "max_instance_mb",
-    "max_studies_per_minute",
-    "min_free_disk_mb",
-    "send_retries",
-    "retry_backoff_s",
-    "shutdown_grace_s",
-    "cam",
-    "allowed_aets",
-    "tls_cert",
-    "tls_key",
-    "tls_ca",
-    "http_tls_cert",
-    "http_tls_key",
-    "tokens",
-    "viewer_url",
-    "worker_isolation",
-    "study_timeout_s",
-    "silent",
-    "seg",
-)
-
-
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM / SIGINT; 0 after a graceful shutdown."""
+    from dataclasses import fields
+
     from rsna19.serve.app import serve_forever
-    from rsna19.serve.config import load_config
+    from rsna19.serve.config import ServeConfig, load_config
     from rsna19.serve.logs import setup_json_logging
 
-    cfg = load_config(args.config, {k: getattr(args, k) for k in KEYS})
+    # Every flag but --config is a ServeConfig field of the same name (None: not given, the file or default wins).
+    flags = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
+    cfg = load_config(args.config, flags)
     setup_json_logging()
     return serve_forever(cfg)

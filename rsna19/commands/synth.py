@@ -53,38 +53,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the dataset and print its summary."""
+    workers = max(1, args.workers)
     if args.preset == "cq500":
-        return _run_cq500(args)
-    summary = generate_dataset(
-        args.out,
-        preset=args.preset,
-        seed=args.seed,
-        workers=max(1, args.workers),
-        force=args.force,
-        progress=not args.no_progress,
-    )
-    print(format_summary(summary))
-    if summary.get("skipped"):
-        print(f"{args.out}: already holds preset {args.preset} seed {args.seed}; nothing to do (--force regenerates)")
+        from rsna19.synth.cq500 import format_cq500_summary, generate_cq500
+
+        summary = generate_cq500(
+            args.out, args.studies, args.seed, image_size=args.image_size, workers=workers, force=args.force
+        )
+        text, what = format_cq500_summary(summary), "this cq500 dataset"
     else:
-        print(f"written to {args.out} in {summary['elapsed_s']:.1f} s")
-    return 0
-
-
-def _run_cq500(args: argparse.Namespace) -> int:
-    from rsna19.synth.cq500 import format_cq500_summary, generate_cq500
-
-    summary = generate_cq500(
-        args.out,
-        args.studies,
-        args.seed,
-        image_size=args.image_size,
-        workers=max(1, args.workers),
-        force=args.force,
-    )
-    print(format_cq500_summary(summary))
+        summary = generate_dataset(
+            args.out,
+            preset=args.preset,
+            seed=args.seed,
+            workers=workers,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+        text, what = format_summary(summary), f"preset {args.preset} seed {args.seed}"
+    print(text)
     if summary.get("skipped"):
-        print(f"{args.out}: already holds this cq500 dataset; nothing to do (--force regenerates)")
+        print(f"{args.out}: already holds {what}; nothing to do (--force regenerates)")
     else:
         print(f"written to {args.out} in {summary['elapsed_s']:.1f} s")
     return 0

@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import os
+import re
 import resource
 import shutil
 import sys
@@ -26,7 +27,6 @@ from tqdm.auto import tqdm
 
 from rsna19.conversion.series import (
     CONVERSION_VERSION,
-    TMP_PREFIX,
     ConvertParams,
     SeriesError,
     convert_series,
@@ -34,7 +34,7 @@ from rsna19.conversion.series import (
     read_meta,
     write_series,
 )
-from rsna19.core.atomic import OutputError, ensure_writable_dir, write_csv, write_parquet
+from rsna19.core.atomic import OutputError, ensure_writable_dir, pid_alive, write_csv, write_parquet
 from rsna19.core.constants import CLASSES
 from rsna19.core.errors import UserError
 
@@ -132,26 +132,14 @@ def convert_one(series_uid: str, rows: list[dict[str, Any]], cache: str, params:
     return result
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_tmp(cache: Path) -> int:
-    """Remove temporaries left by killed runs whose writer is gone: series directories being written
-    (``.tmp-<series>-<pid>``) and the index/error files of :func:`rsna19.core.atomic.atomic_path`."""
+    """Remove what killed runs (writer gone) left half-written in ``cache``: series directories, index and error
+    files, i.e. the ``.<name>.tmp-<pid>-*`` and ``.<name>.old-<pid>`` of :func:`rsna19.core.atomic.atomic_path`."""
     removed = 0
-    stale = [(p, p.name.rsplit("-", 1)[-1]) for p in cache.glob(f"{TMP_PREFIX}*")]
-    for name in ("cache_index.parquet", "convert_errors.csv"):
-        stale += [(p, p.name.split(".tmp-", 1)[1].split("-", 1)[0]) for p in cache.glob(f".{name}.tmp-*")]
-    for p, pid_text in stale:
+    for p in [*cache.glob(".*.tmp-*"), *cache.glob(".*.old-*")]:
+        pid_text = re.split(r"\.(?:tmp|old)-", p.name, maxsplit=1)[1].split("-", 1)[0]
         pid = int(pid_text) if pid_text.isdigit() else -1
-        if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+        if pid > 0 and pid != os.getpid() and pid_alive(pid):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,16 +29,13 @@ from rsna19.conversion.resample import (
     sample_window,
     scale_factors,
 )
-from rsna19.core.atomic import ensure_writable_dir, output_error
+from rsna19.core.atomic import atomic_path, ensure_writable_dir
 from rsna19.core.constants import AIR_HU, CLASSES
 from rsna19.io.dicom import pick_geometry, positions_along_normal, series_orientation, slice_normal, tilt_deg
 from rsna19.viz.preview import write_preview
 
 #: Bump when the conversion changes what it writes: every cached series is then out of date.
 CONVERSION_VERSION = 2  # 2: one geometry rule and series orientation with predict-study (rsna19.io.dicom)
-
-#: Name prefix of series directories being written; never a complete series.
-TMP_PREFIX = ".tmp-"
 
 
 class SeriesError(ValueError):
@@ -361,8 +357,8 @@ def write_series(
 ) -> Path:
     """Write ``volume.npy``, ``meta.json`` and ``preview.png`` of a series under ``cache`` atomically.
 
-    Everything goes to ``cache/.tmp-<series>-<pid>/`` first, which is renamed to ``cache/<series>/`` at the end:
-    a series directory exists only once complete.
+    Everything goes to a temporary folder first (:func:`rsna19.core.atomic.atomic_path`), which is renamed to
+    ``cache/<series>/`` at the end: a series directory exists only once complete.
 
     Returns:
         the series directory.
@@ -370,35 +366,14 @@ def write_series(
     series = str(meta["series_uid"])
     if not series or os.sep in series or series.startswith("."):
         raise SeriesError(f"series UID {series!r} cannot name a directory")
-    cache = ensure_writable_dir(cache)
-    final = cache / series
-    tmp = cache / f"{TMP_PREFIX}{series}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    final = ensure_writable_dir(cache) / series
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
         np.save(tmp / "volume.npy", np.ascontiguousarray(volume, dtype=np.int16))
         if preview:
             labels = {c: np.asarray([np.nan if v is None else v for v in meta["labels"][c]]) for c in CLASSES}
             write_preview(volume, labels, tmp / "preview.png")
         (tmp / "meta.json").write_text(meta_json(meta), encoding="utf-8")
-        if final.exists():
-            # A directory cannot be renamed onto a non-empty one: move the stale one aside first.
-            old = cache / f"{TMP_PREFIX}old-{series}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except OSError as exc:
-        # Disk full, read-only, no permission: one clear line naming the series folder (the temporary is removed).
-        err = output_error(exc, final)
-        if err is None:
-            raise
-        raise err from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -111,7 +111,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (the writer of a temporary may still be at work)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -141,7 +142,7 @@ def remove_stale_temporaries(target: str | os.PathLike[str]) -> int:
         for p in target.parent.glob(f".{target.name}.{kind}-*"):
             pid_text = p.name[len(f".{target.name}.{kind}-") :].split("-", 1)[0]
             pid = int(pid_text) if pid_text.isdigit() else -1
-            if pid > 0 and _pid_alive(pid):  # a live writer (this process included)
+            if pid > 0 and pid_alive(pid):  # a live writer (this process included)
                 continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)

@@ -202,7 +202,46 @@ def add_device_affine(
     return item
 
 
-class SliceDataset(Dataset):
+class CacheItems(Dataset):
+    """What :class:`SliceDataset` and :class:`~rsna19.data.slab.SlabDataset` share: the frame and its labels, the
+    HU → channel mapping and the augmentations, drawn per sample from ``(seed, epoch, index)``."""
+
+    def _setup(
+        self,
+        cache_dir: str | os.PathLike[str],
+        frame: pd.DataFrame,
+        windows: list[str] | MultiWindow,
+        size: int | None,
+        resize: int | None,
+        augment: AugmentConfig | None,
+        train: bool,
+        seed: int,
+        image_dtype: str,
+    ) -> None:
+        """Set the shared state from the constructors' arguments of the same names."""
+        self.frame = frame.reset_index(drop=True)
+        if all(c in self.frame.columns for c in CLASSES):
+            self.targets = self.frame[list(CLASSES)].to_numpy(dtype=np.float32)  # (N, 6)
+        else:
+            self.targets = np.full((len(self.frame), len(CLASSES)), np.nan, dtype=np.float32)
+        self.windows = windows if isinstance(windows, MultiWindow) else MultiWindow(windows)
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.volumes = VolumeCache(cache_dir)
+        self.aug = StackAugment(size, resize, augment, train)
+        self.pixel_aug = PixelAugment(augment, train)
+        self.intensity = IntensityAugment(augment, train)
+        self.reference = SeriesReference(self.windows.reference_hu)
+        self.image_dtype = parse_image_dtype(image_dtype)
+        self._fill: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random draws of ``epoch`` (call before iterating, in every process)."""
+        self.epoch = int(epoch)
+
+
+class SliceDataset(CacheItems):
     """Slices of cached series with their neighbours, augmented and windowed.
 
     Args:
@@ -241,30 +280,11 @@ class SliceDataset(Dataset):
     ) -> None:
         if layout not in ("channels", "stack"):
             raise UserError(f"data.layout must be 'channels' or 'stack', got {layout!r}")
-        self.frame = frame.reset_index(drop=True)
+        self._setup(cache_dir, frame, windows, size, resize, augment, train, seed, image_dtype)
         self.series = self.frame["series_uid"].astype(str).to_numpy()
         self.z = self.frame["z"].to_numpy(dtype=np.int64)
-        if all(c in self.frame.columns for c in CLASSES):
-            self.targets = self.frame[list(CLASSES)].to_numpy(dtype=np.float32)
-        else:
-            self.targets = np.full((len(self.frame), len(CLASSES)), np.nan, dtype=np.float32)
-        self.windows = windows if isinstance(windows, MultiWindow) else MultiWindow(windows)
         self.offsets = slice_offsets(slices)
         self.layout = layout
-        self.train = train
-        self.seed = seed
-        self.epoch = 0
-        self.volumes = VolumeCache(cache_dir)
-        self.aug = StackAugment(size, resize, augment, train)
-        self.pixel_aug = PixelAugment(augment, train)
-        self.intensity = IntensityAugment(augment, train)
-        self.reference = SeriesReference(self.windows.reference_hu)
-        self.image_dtype = parse_image_dtype(image_dtype)
-        self._fill: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation draws of ``epoch`` (call before iterating, in every process)."""
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.frame)

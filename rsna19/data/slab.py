@@ -23,15 +23,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from rsna19.core.constants import CLASSES
 from rsna19.core.errors import UserError
-from rsna19.data.augment import AugmentConfig, PixelAugment, StackAugment, sample_seed
-from rsna19.data.datasets import VolumeCache, add_device_affine, read_planes, window_slices
-from rsna19.data.intensity import IntensityAugment
-from rsna19.data.reference import SeriesReference
-from rsna19.data.transforms import MultiWindow, parse_image_dtype
+from rsna19.data.augment import AugmentConfig, sample_seed
+from rsna19.data.datasets import CacheItems, add_device_affine, read_planes, window_slices
+from rsna19.data.transforms import MultiWindow
 
 
 def window_starts(n_slices: int, slab: int, stride: int) -> np.ndarray:
@@ -88,7 +85,7 @@ def aggregate(values: np.ndarray, rows: np.ndarray, n_rows: int, weights: np.nda
     return total / count[:, None]
 
 
-class SlabDataset(Dataset):
+class SlabDataset(CacheItems):
     """Windows of ``slab`` consecutive slices of cached series, with per-slice labels.
 
     Args:
@@ -128,25 +125,10 @@ class SlabDataset(Dataset):
     ) -> None:
         if slab < 1:
             raise UserError(f"slab must be >= 1 slices, got {slab}")
-        self.frame = frame.reset_index(drop=True)
+        self._setup(cache_dir, frame, windows, size, resize, augment, train, seed, image_dtype)
         self.slab = int(slab)
         self.stride = int(stride or max(1, slab // 2))
         self.label_lo, self.label_hi = label_positions(self.slab, label_slices) if train else (0, self.slab)
-        self.windows = windows if isinstance(windows, MultiWindow) else MultiWindow(windows)
-        self.train = train
-        self.seed = seed
-        self.epoch = 0
-        self.volumes = VolumeCache(cache_dir)
-        self.aug = StackAugment(size, resize, augment, train)
-        self.pixel_aug = PixelAugment(augment, train)
-        self.intensity = IntensityAugment(augment, train)
-        self.reference = SeriesReference(self.windows.reference_hu)
-        self.image_dtype = parse_image_dtype(image_dtype)
-        self._fill: dict[tuple[int, ...], torch.Tensor] = {}
-        if all(c in self.frame.columns for c in CLASSES):
-            self.targets = self.frame[list(CLASSES)].to_numpy(dtype=np.float32)
-        else:
-            self.targets = np.full((len(self.frame), len(CLASSES)), np.nan, dtype=np.float32)
 
         # Per series: its length and the frame row of every z (−1 where the slice is not in the frame).
         self.series: list[str] = []
@@ -170,10 +152,6 @@ class SlabDataset(Dataset):
             else:
                 items += [(s, int(st)) for st in window_starts(n_z, self.slab, self.stride)]
         self.items = np.asarray(items, dtype=np.int64).reshape(-1, 2)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the random starts and augmentations of ``epoch``."""
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -19,7 +19,7 @@ model, with the TTA views its training embeddings were made with.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,22 +179,25 @@ class Predictor:
         raise UserError(f"{self.name}: no fold {fold} (folds {[m.fold for m in self.members]})")
 
     # ------------------------------------------------------------------------------------------- reading out
+    def _read_out(
+        self,
+        loop: Callable[..., Any],
+        member: Member,
+        dataset: Dataset,
+        n_rows: int,
+        views: Sequence[str],
+        desc: str | None,
+    ) -> Any:
+        """``loop`` (:func:`predict_rows` or :func:`embed_rows`) of one member with this predictor's settings."""
+        args = (self.task, member.net, dataset, n_rows, self.rt, self.batch_size, views)
+        return loop(*args, num_workers=self.num_workers, desc=desc)
+
     def predict_items(
         self, member: Member, dataset: Dataset, n_rows: int, progress: bool = False, desc: str = "predict"
     ) -> np.ndarray:
         """(n_rows, 6) float32 probabilities of one member on the task's items covering ``n_rows`` frame rows."""
-        total, count = predict_rows(
-            self.task,
-            member.net,
-            dataset,
-            n_rows,
-            self.rt,
-            self.batch_size,
-            self.views,
-            num_workers=self.num_workers,
-            desc=desc if progress else None,
-        )
-        return finish_rows(total, count)
+        bar = desc if progress else None
+        return finish_rows(*self._read_out(predict_rows, member, dataset, n_rows, self.views, bar))
 
     def embed_items(
         self,
@@ -208,17 +211,8 @@ class Predictor:
         """Per-slice features (n_rows, D) and head logits (n_rows, 6) of one member (2D / 2.5D families)."""
         if not self.task.can_embed:
             raise UserError(f"{self.name}: model {self.model_name!r} gives no per-slice embeddings; use a 2D/2.5D run")
-        return embed_rows(
-            self.task,
-            member.net,
-            dataset,
-            n_rows,
-            self.rt,
-            self.batch_size,
-            parse_tta(views) if views is not None else self.views,
-            num_workers=self.num_workers,
-            desc=desc if progress else None,
-        )
+        views = parse_tta(views) if views is not None else self.views
+        return self._read_out(embed_rows, member, dataset, n_rows, views, desc if progress else None)
 
     def cache_items(self, member: Member, cache: str | os.PathLike[str], rows: pd.DataFrame) -> Dataset:
         """The items of ``rows`` of a conversion cache for ``member`` (sequence models: embedded in memory)."""

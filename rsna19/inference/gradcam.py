@@ -28,6 +28,17 @@ def _resolve_layer(model: nn.Module, target_layer: str | nn.Module) -> nn.Module
         raise ValueError(f"grad_cam: model has no sub-module {target_layer!r}") from exc
 
 
+def cam_target(net: nn.Module) -> nn.Module | None:
+    """The layer to take Grad-CAM at: the last 4-D feature stage of a 2D model's backbone (timm ResNets:
+    ``layer4``), else its last Conv2d; None when it has neither."""
+    backbone = getattr(net, "backbone", net)
+    for name in ("layer4", "stages", "features", "blocks"):
+        if hasattr(backbone, name):
+            return getattr(backbone, name)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1] if convs else None
+
+
 def grad_cam(
     model: nn.Module,
     x: torch.Tensor,

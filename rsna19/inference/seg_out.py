@@ -41,7 +41,7 @@ import pandas as pd
 from rsna19.core.atomic import atomic_path
 from rsna19.core.constants import CLASSES, SUBTYPES
 from rsna19.inference.dicom_out import MANUFACTURER, _uid, finding_code, read_source_slices
-from rsna19.inference.gradcam import grad_cam
+from rsna19.inference.gradcam import cam_target, grad_cam
 
 if TYPE_CHECKING:
     from rsna19.study.bundle import Bundle
@@ -84,18 +84,6 @@ class BleedMap:
             "slices": [int(z) for z in self.slices],
             "pixels": {c: int(self.masks[..., i].sum()) for i, c in enumerate(self.segments)},
         }
-
-
-def _cam_target(net: Any) -> Any:
-    """The last 4-D feature stage of a 2D backbone (timm ResNets: ``layer4``), else its last Conv2d."""
-    from torch import nn
-
-    backbone = getattr(net, "backbone", net)
-    for name in ("layer4", "stages", "features", "blocks"):
-        if hasattr(backbone, name):
-            return getattr(backbone, name)
-    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1] if convs else None
 
 
 def network_to_slice(net_map: np.ndarray, resize: int | None, shape: tuple[int, int]) -> np.ndarray:
@@ -172,7 +160,7 @@ def bleed_map(
 
     predictor = cam_models[0]
     member = predictor.members[0]
-    target = _cam_target(member.net)
+    target = cam_target(member.net)
     if target is None:
         return None
     masks = np.zeros((*volume_shape, 1), dtype=bool)

@@ -82,10 +82,9 @@ class Clf3d(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         self.n_slices = n_slices
         self.n_windows = n_windows
-        self.backbone = create_backbone(backbone, n_windows, pretrained=pretrained, weights=weights, **extra)
+        self.backbone = create_backbone(backbone, n_windows, pretrained, weights, drop_path_rate=drop_path_rate)
         f = self.backbone.num_features
         self.mixer = SliceMixer(f, kernel, depth)
         self.pool = GlobalPool("catavgmax")

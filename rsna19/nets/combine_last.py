@@ -41,9 +41,8 @@ class CombineLast(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         self.n_slices = n_slices
-        self.backbone = create_backbone(backbone, n_windows, pretrained=pretrained, weights=weights, **extra)
+        self.backbone = create_backbone(backbone, n_windows, pretrained, weights, drop_path_rate=drop_path_rate)
         f = self.backbone.num_features
         self.combine = nn.Conv3d(f, f, kernel_size=(n_slices, 1, 1))
         with torch.no_grad():

@@ -152,8 +152,29 @@ def local_weight_files(name: str, extra_dirs: Iterable[Path] = ()) -> tuple[list
     return found, searched
 
 
-#: Former private name of :func:`local_weight_files`.
-_candidates = local_weight_files
+def weight_file(name: str, pretrained: bool, weights: str | None) -> Path | None:
+    """The local file to load into backbone ``name``: ``weights``, else its cached ImageNet weights when
+    ``pretrained``, else None (random initialisation).
+
+    Raises:
+        UserError: a missing weight file, or pretrained weights that are not cached locally.
+    """
+    if weights:
+        file = Path(weights).expanduser()
+        if not file.is_file():
+            raise UserError(f"model.weights file not found: {file}")
+        return file
+    if not pretrained:
+        return None
+    found, searched = local_weight_files(name)
+    if not found:
+        raise UserError(
+            f"pretrained weights for {name!r} are not available offline; looked in: {'; '.join(searched)}. "
+            f"Run `rsna19 weights fetch {name}` on a machine with network (then copy the cache, or point "
+            f"${WEIGHTS_DIR_ENV} at its --dir), or set model.weights: /path/to/weights.safetensors, or "
+            "model.pretrained: false"
+        )
+    return found[0]
 
 
 def create_backbone(
@@ -166,28 +187,16 @@ def create_backbone(
         in_chans: input channels.
         pretrained: load ImageNet weights from the local cache (never downloads).
         weights: path of a weight file (``.safetensors``, ``.pth``, ``.bin``); implies ``pretrained``.
-        kwargs: passed to :func:`timm.create_model` (e.g. ``drop_path_rate``).
+        kwargs: passed to :func:`timm.create_model` (e.g. ``drop_path_rate``; a zero one is left out).
 
     Raises:
         UserError: unknown backbone, a missing weight file, or pretrained weights that are not cached locally.
     """
     if not timm.is_model(name.split(".")[0]):
         raise UserError(f"unknown timm backbone {name!r}")
-    file: Path | None = None
-    if weights:
-        file = Path(weights).expanduser()
-        if not file.is_file():
-            raise UserError(f"model.weights file not found: {file}")
-    elif pretrained:
-        found, searched = local_weight_files(name)
-        if not found:
-            raise UserError(
-                f"pretrained weights for {name!r} are not available offline; looked in: {'; '.join(searched)}. "
-                f"Run `rsna19 weights fetch {name}` on a machine with network (then copy the cache, or point "
-                f"${WEIGHTS_DIR_ENV} at its --dir), or set model.weights: /path/to/weights.safetensors, or "
-                "model.pretrained: false"
-            )
-        file = found[0]
+    file = weight_file(name, pretrained, weights)
+    if not kwargs.get("drop_path_rate"):
+        kwargs.pop("drop_path_rate", None)  # 0 means none, and timm models without stochastic depth refuse it
     args: dict[str, Any] = {"in_chans": in_chans, "num_classes": 0, "global_pool": "", **kwargs}
     with offline():
         if file is None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from rsna19.core.constants import CLASSES, SUBTYPES
 from rsna19.core.errors import UserError
-from rsna19.nets.pretrained import local_weight_files, offline
+from rsna19.nets.pretrained import offline, weight_file
 from rsna19.nets.registry import register_model
 
 #: Prefixes that wrappers (DDP, timm checkpoints saved from a parent module) put before encoder keys.
@@ -122,25 +122,12 @@ class SegAux(nn.Module):
                 )
         except (KeyError, ValueError, RuntimeError) as exc:
             raise UserError(f"cannot build smp encoder {encoder!r}: {exc}") from exc
-        file: Path | None = None
-        if weights:
-            file = Path(weights).expanduser()
-            if not file.is_file():
-                raise UserError(f"model.weights file not found: {file}")
-        elif pretrained:
-            if not encoder.startswith("tu-"):
-                raise UserError(
-                    f"pretrained weights for smp encoder {encoder!r} are only looked up for 'tu-' (timm) encoders; "
-                    "set model.weights: /path/to/encoder_weights.pth, or use e.g. tu-resnet34"
-                )
-            found, searched = local_weight_files(encoder[3:])
-            if not found:
-                raise UserError(
-                    f"pretrained weights for {encoder[3:]!r} are not available offline; looked in: "
-                    f"{'; '.join(searched)}. Run `rsna19 weights fetch {encoder[3:]}` on a machine with network, "
-                    "or set model.weights or model.pretrained: false"
-                )
-            file = found[0]
+        if pretrained and not weights and not encoder.startswith("tu-"):
+            raise UserError(
+                f"pretrained weights for smp encoder {encoder!r} are only looked up for 'tu-' (timm) encoders; "
+                "set model.weights: /path/to/encoder_weights.pth, or use e.g. tu-resnet34"
+            )
+        file = weight_file(encoder.removeprefix("tu-"), pretrained, weights)
         if file is not None:
             load_encoder_weights(self.net.encoder, file)
         self.num_features = self.net.encoder.out_channels[-1]

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from rsna19.core.atomic import write_text
 from rsna19.core.errors import UserError
 
 #: SLURM job states after which a job will not run again; only ``COMPLETED`` is a success.
@@ -79,14 +80,27 @@ _KIND_OF_PREFIX = {"train": "train", "predict": "predict", "embed": "embed", "st
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class ResourcesLike(Protocol):
-    """What :func:`run_slurm` reads of ``Job.resources`` (``rsna19.pipeline.stages.Resources``)."""
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks of a machine or a scheduler (``Job.resources`` of :mod:`rsna19.pipeline.stages`).
 
-    gpus: int
-    cpus: int
-    mem_gb: float
-    time_min: int
-    partition: str | None
+    Attributes:
+        gpus: GPUs (0: CPU only).
+        cpus: CPU cores (torch threads + loader workers).
+        mem_gb: memory.
+        time_min: wall-time limit for a scheduler.
+        partition: scheduler partition (None: its default).
+    """
+
+    gpus: int = 0
+    cpus: int = 1
+    mem_gb: float = 4.0
+    time_min: int = 60
+    partition: str | None = None
+
+
+#: What one batch job asks for: ``Job.resources`` with the section's kind settings and overrides applied.
+JobRequest = Resources
 
 
 class JobLike(Protocol):
@@ -94,7 +108,7 @@ class JobLike(Protocol):
 
     key: str
     deps: tuple[str, ...]
-    resources: ResourcesLike
+    resources: Resources
 
     def done(self) -> bool: ...
 
@@ -127,17 +141,6 @@ class SlurmResources:
     def fields(self) -> dict[str, Any]:
         """The fields that are set (not None)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
-class JobRequest:
-    """What one batch job asks for: ``Job.resources`` with the section's kind settings and overrides applied."""
-
-    gpus: int = 0
-    cpus: int = 1
-    mem_gb: float = 4.0
-    time_min: int = 60
-    partition: str | None = None
 
 
 def kind_of(key: str) -> str:
@@ -367,13 +370,6 @@ def log_tail(path: Path, n: int) -> str:
     except OSError:
         return f"(no log at {path})"
     return "\n".join(lines[-n:]) if lines else f"(empty log {path})"
-
-
-def write_text(text: str, path: Path) -> None:
-    """Write ``text`` atomically (temporary file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _now() -> str:

@@ -65,6 +65,7 @@ from rsna19.pipeline.layout import (
     train_done,
     train_overrides,
 )
+from rsna19.pipeline.slurm import Resources
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.parts import (
     finish_stack,
@@ -83,25 +84,6 @@ log = logging.getLogger(__name__)
 #: Stage names in run order (the timing table's rows); every job belongs to one.
 STAGES: tuple[str, ...] = ("index", "convert", "folds", "train", "embed", "predict", "stack", "submit")
 SPLITS: tuple[str, ...] = ("oof", "test")
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one job asks of a machine or a scheduler.
-
-    Attributes:
-        gpus: GPUs (0: CPU only).
-        cpus: CPU cores (torch threads + loader workers).
-        mem_gb: memory.
-        time_min: wall-time limit for a scheduler.
-        partition: scheduler partition (None: its default).
-    """
-
-    gpus: int = 0
-    cpus: int = 1
-    mem_gb: float = 4.0
-    time_min: int = 60
-    partition: str | None = None
 
 
 @dataclass

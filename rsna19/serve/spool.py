@@ -22,6 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from rsna19.core.atomic import write_text
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -79,11 +81,8 @@ class Spool:
         return path
 
     def write_json(self, obj: Any, path: Path) -> None:
-        """Atomic JSON write (temp name + rename)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        """Atomic JSON write (temp name + rename, :func:`rsna19.core.atomic.write_text`)."""
+        write_text(json.dumps(obj, indent=1) + "\n", path)
 
     def clean_temp(self) -> int:
         """Delete the temp files a kill left in ``incoming/`` (never acknowledged); returns how many."""

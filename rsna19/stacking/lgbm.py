@@ -173,31 +173,21 @@ class LgbmStacker:
             tr = ~va
             if labels[va].min() == labels[va].max() or labels[tr].min() == labels[tr].max():
                 continue  # no positive (or no negative) on one side: this fold cannot judge the rounds
-            b = self._fit_split_rows(lgb, params, data.X, labels, margin, tr, va)
-            votes.append(b)
+            b = self._early_stopped(lgb, params, data.X, labels, margin, tr, va)
+            votes.append(self._rounds(b, data.X, labels, margin, va))
         rounds = int(round(float(np.mean(votes)))) if votes else 0
         if rounds == 0:
             return None if self.start_weights is not None else _Constant(float(labels.mean()))
         return self._train(lgb, params, data.X, labels, margin, num_boost_round=rounds)
 
-    def _fit_split_rows(
-        self,
-        lgb: Any,
-        params: dict[str, Any],
-        X: np.ndarray,
-        labels: np.ndarray,
-        margin: np.ndarray,
-        tr: np.ndarray,
-        va: np.ndarray,
-    ) -> int:
-        """Best number of rounds on one inner fold (0 when no round beats the start)."""
-        use_init = self.start_weights is not None
-        b = self._early_stopped(lgb, params, X, labels, margin, tr, va)
-        if not use_init:
-            return int(b.best_iteration or b.current_iteration())
+    def _rounds(self, b: Any, X: np.ndarray, labels: np.ndarray, margin: np.ndarray, va: np.ndarray) -> int:
+        """Best number of rounds of the early-stopped booster ``b`` on rows ``va`` (0 when none beats the start)."""
+        rounds = int(b.best_iteration or b.current_iteration())
+        if self.start_weights is None:
+            return rounds
         yv, m0 = labels[va], margin[va]
         m1 = m0 + b.predict(X[va], num_iteration=b.best_iteration or None, raw_score=True)
-        return int(b.best_iteration or b.current_iteration()) if _bce(yv, m1) < _bce(yv, m0) else 0
+        return rounds if _bce(yv, m1) < _bce(yv, m0) else 0
 
     def predict(self, data: Level2Data) -> np.ndarray:
         """(N, 6) probabilities: the start's logit plus each class's boosted correction."""

@@ -104,9 +104,3 @@ def fit_postprocess(p_oof: np.ndarray, y: np.ndarray, any_ge_max: bool = True, c
         if loss < fit.loss:
             fit.kept[step], fit.loss, current = True, loss, tried
     return fit
-
-
-def from_json(info: dict[str, Any]) -> PostprocessFit:
-    """The :class:`PostprocessFit` of what :meth:`PostprocessFit.to_json` wrote (effects unknown: NaN)."""
-    clip = float(info.get("clip", 0.0))
-    return PostprocessFit(kept={"any_ge_max": bool(info.get("any_ge_max", False)), "clip": clip > 0}, clip=clip)

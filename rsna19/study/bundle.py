@@ -56,6 +56,7 @@ from rsna19.monitor.reference import training_reference
 from rsna19.nets import get_model_spec
 from rsna19.nets.registry import PLUGINS_ENV
 from rsna19.pipeline.config import PipelineConfig
+from rsna19.stacking.base import save_json
 from rsna19.stacking.bundled import export_stacker, load_stacker
 from rsna19.stacking.config import StackConfig
 from rsna19.stacking.run import fit_stackers, predictions_frame, score_stack
@@ -67,11 +68,6 @@ BUNDLE_FORMAT = "rsna19-bundle"
 STUDY_MODEL_FILE = "study_model.json"
 #: Leading bytes of a pickle (protocol 2+) and of torch's zip checkpoint format.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _versions() -> dict[str, str]:
@@ -182,13 +178,13 @@ def _export_model(work: Path, name: str, folds: list[int], mdir: Path) -> dict[s
             # The views the training embeddings were averaged over: new series must be embedded the same way.
             info = json.loads((work / "runs" / embeddings / f"fold_{k}" / "embeddings_oof.json").read_text())
             meta["embeddings"] = {"model": embeddings, "tta": list(info["tta"])}
-        _write_json(meta, mdir / f"fold_{k}.json")
+        save_json(meta, mdir / f"fold_{k}.json")
         cfg_dict = cfg_dict or state["config"]
     assert cfg_dict is not None
     # Paths of the training machine mean nothing to a bundle user.
     cfg_dict = {**cfg_dict, "runs": None, "data": {**cfg_dict["data"], "cache": None, "folds": None, "masks": None}}
     (mdir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
-    _write_json(cfg_dict, mdir / "config.json")
+    save_json(cfg_dict, mdir / "config.json")
     d = cfg_dict["data"]
     return {
         "name": name,
@@ -316,15 +312,15 @@ def export_bundle(
         for name in models:
             entries.append(_export_model(work, name, folds, tmp / "models" / name))
         info, l2, stacker_test = export_stacker(scfg, which, models, tmp / "stacker")
-        _write_json(info, tmp / "stacker" / "stacker.json")
+        save_json(info, tmp / "stacker" / "stacker.json")
         study_model, oof = _fit_study_model(scfg, which, models, l2, info, sensitivity, study_score)
-        _write_json(study_model, tmp / STUDY_MODEL_FILE)
+        save_json(study_model, tmp / STUDY_MODEL_FILE)
 
         drift = training_reference(work / "cache", work / "index.parquet", study_model, oof)
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = _manifest(work, pipeline, entries, {"method": which, "members": info["members"]}, study_model, drift)
         manifest["files"] = files
-        _write_json(manifest, tmp / "bundle.json")
+        save_json(manifest, tmp / "bundle.json")
     return ExportResult(out, models, folds, stacker_test, l2, study_model)
 
 
@@ -706,7 +702,7 @@ def write_recalibrated_bundle(
         raise UserError(str(exc)) from None
     with atomic_path(dst) as tmp:
         shutil.copytree(src, tmp)
-        _write_json(study_model, tmp / STUDY_MODEL_FILE)
+        save_json(study_model, tmp / STUDY_MODEL_FILE)
         manifest = {**manifest, "files": {**files, STUDY_MODEL_FILE: sha256_file(tmp / STUDY_MODEL_FILE)}}
         manifest["study_model"] = {
             "file": STUDY_MODEL_FILE,
@@ -718,5 +714,5 @@ def write_recalibrated_bundle(
             },
         }
         manifest["recalibration"] = {**recalibration, "original_bundle_sha256": sha}
-        _write_json(manifest, tmp / "bundle.json")
+        save_json(manifest, tmp / "bundle.json")
     return hashlib.sha256((dst / "bundle.json").read_bytes()).hexdigest()

@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pydicom
-import torch
 
 from rsna19.conversion.series import convert_series, write_series
 from rsna19.core.calibration import apply_study_model
@@ -49,7 +48,7 @@ from rsna19.core.errors import UserError
 from rsna19.inference.assess import NotAssessable, gate_limits
 from rsna19.inference.assess_out import StudyGate
 from rsna19.inference.dicom_out import read_source_slices
-from rsna19.inference.gradcam import grad_cam
+from rsna19.inference.gradcam import cam_target, grad_cam
 from rsna19.inference.inputs import SeriesInput, StudyInput, StudyInputs, collect_studies, group_files
 from rsna19.inference.reformat import needs_reformat, reformat_slabs
 from rsna19.inference.result import SeriesPrediction, StudyResult
@@ -356,16 +355,6 @@ def stack_probabilities(
     return np.asarray(stacked, dtype=np.float64)[where]
 
 
-def _cam_target(net: Any) -> Any:
-    """The last 4-D feature stage of a 2D model's backbone (timm ResNets: ``layer4``), else its last Conv2d."""
-    backbone = getattr(net, "backbone", net)
-    for name in ("layer4", "stages", "features", "blocks"):
-        if hasattr(backbone, name):
-            return getattr(backbone, name)
-    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    return convs[-1] if convs else None
-
-
 def top_slice_cam(bundle: Bundle, cache: Path, rows: pd.DataFrame, z: int, shape: tuple[int, int]) -> np.ndarray | None:
     """Grad-CAM of ``any`` on slice ``z`` from the first single-slice-input (channels layout) model, or None.
 
@@ -380,7 +369,7 @@ def top_slice_cam(bundle: Bundle, cache: Path, rows: pd.DataFrame, z: int, shape
         return None
     predictor = models[0]
     member = predictor.members[0]
-    target = _cam_target(member.net)
+    target = cam_target(member.net)
     if target is None:
         return None
     x = predictor.input_image(member, cache, rows, z)

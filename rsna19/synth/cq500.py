@@ -38,6 +38,7 @@ from rsna19.core.constants import CLASSES, SUBTYPES
 from rsna19.core.errors import UserError
 from rsna19.io.cq500 import FINDINGS, OTHER_FINDINGS, READERS
 from rsna19.io.dicom_write import SliceGeometry, write_ct_dicom
+from rsna19.synth.dataset import existing_summary
 from rsna19.synth.geometry import SeriesGeometry
 from rsna19.synth.phantom import SUBTYPE_BIT, render
 from rsna19.synth.plan import SeriesPlan, make_plan
@@ -251,14 +252,9 @@ def generate_cq500(
     out = Path(out_dir)
     n_slices = n_slices or ((6, 8) if image_size < 128 else (20, 28))
     params = {"studies": int(n_studies), "seed": int(seed), "image_size": int(image_size), "n_slices": list(n_slices)}
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"{out}: exists and is not a folder")
-        old = _summary(out)
-        if old is None and any(out.iterdir()) and not force:
-            raise UserError(f"{out}: folder is not empty and is not a synthetic dataset; use --force to replace it")
-        if old is not None and not force and old.get("version") == VERSION and old.get("params") == params:
-            return {**old, "elapsed_s": 0.0, "skipped": True}
+    old = existing_summary(out, GENERATOR, force)
+    if old is not None and old.get("version") == VERSION and old.get("params") == params:
+        return {**old, "elapsed_s": 0.0, "skipped": True}
     start = time.perf_counter()
     plans = cq500_plans(n_studies, seed, image_size, n_slices)
     truth = np.zeros((n_studies, len(CLASSES)), dtype=np.uint8)
@@ -295,14 +291,6 @@ def generate_cq500(
         }
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return {**summary, "elapsed_s": round(time.perf_counter() - start, 2), "skipped": False}
-
-
-def _summary(out: Path) -> dict[str, Any] | None:
-    try:
-        s = json.loads((out / SUMMARY_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return s if isinstance(s, dict) and s.get("generator") == GENERATOR else None
 
 
 def format_cq500_summary(summary: dict[str, Any]) -> str:

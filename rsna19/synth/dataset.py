@@ -197,12 +197,34 @@ def _render_job(args: tuple[SeriesPlan, str]) -> SeriesResult:
     return render_series(*args)
 
 
+def synth_summary(path: str | os.PathLike[str], generator: str = GENERATOR) -> dict[str, Any] | None:
+    """The ``synth_summary.json`` of a dataset ``generator`` wrote at ``path``; None where there is none."""
+    try:
+        summary = json.loads((Path(path) / SUMMARY_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("generator") == generator else None
+
+
 def is_synth_output(path: str | os.PathLike[str]) -> bool:
     """True where ``path`` holds a dataset written by this generator."""
-    try:
-        return json.loads((Path(path) / SUMMARY_NAME).read_text())["generator"] == GENERATOR
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return synth_summary(path) is not None
+
+
+def existing_summary(out: Path, generator: str, force: bool) -> dict[str, Any] | None:
+    """The summary of the dataset ``generator`` wrote at ``out`` earlier; None where there is none, or with ``force``.
+
+    Raises:
+        UserError: ``out`` is a file, or a non-empty folder ``generator`` did not write (without ``force``).
+    """
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    old = synth_summary(out, generator)
+    if old is None and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: folder is not empty and is not a synthetic dataset; use --force to replace it")
+    return None if force else old
 
 
 def generate_dataset(
@@ -239,16 +261,10 @@ def generate_dataset(
     """
     out = Path(out_dir)
     spec = preset if isinstance(preset, Preset) else get_preset(preset)
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"{out}: exists and is not a folder")
-        if any(out.iterdir()) and not is_synth_output(out) and not force:
-            raise UserError(f"{out}: folder is not empty and is not a synthetic dataset; use --force to replace it")
-        if is_synth_output(out) and not force:
-            old = json.loads((out / SUMMARY_NAME).read_text())
-            wanted = (VERSION, spec.name, int(seed), _realism(spec))
-            if (old.get("version"), old.get("preset"), old.get("seed"), old.get("realism")) == wanted:
-                return {**old, "elapsed_s": 0.0, "skipped": True}
+    old = existing_summary(out, GENERATOR, force)
+    wanted = (VERSION, spec.name, int(seed), _realism(spec))
+    if old is not None and (old.get("version"), old.get("preset"), old.get("seed"), old.get("realism")) == wanted:
+        return {**old, "elapsed_s": 0.0, "skipped": True}
 
     start = time.perf_counter()
     plans = make_plan(spec, int(seed))

@@ -3,7 +3,7 @@ demo-sized set whose single slices are ambiguous the way real head CT is (see :c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rsna19.core.errors import UserError
 
@@ -70,6 +70,18 @@ class Preset:
         return self.slab_samples > 1 or self.mimics or self.beam_hardening or self.small_bleed_fraction > 0
 
 
+_DEMO = Preset(
+    name="demo",
+    image_size=256,
+    n_train_studies=80,
+    n_test_studies=20,
+    n_repeat_patients=8,
+    n_slices=(20, 28),
+    table_step=(4.0, 5.0),
+    slab_offset=(-2.0, 10.0),
+    description="100 studies of 256x256 for an end-to-end run that learns",
+)
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
@@ -82,26 +94,10 @@ PRESETS: dict[str, Preset] = {
         slab_offset=(4.0, 12.0),
         description="8 studies of 64x64 for tests (about a second)",
     ),
-    "demo": Preset(
-        name="demo",
-        image_size=256,
-        n_train_studies=80,
-        n_test_studies=20,
-        n_repeat_patients=8,
-        n_slices=(20, 28),
-        table_step=(4.0, 5.0),
-        slab_offset=(-2.0, 10.0),
-        description="100 studies of 256x256 for an end-to-end run that learns",
-    ),
-    "context": Preset(
+    "demo": _DEMO,
+    "context": replace(
+        _DEMO,
         name="context",
-        image_size=256,
-        n_train_studies=80,
-        n_test_studies=20,
-        n_repeat_patients=8,
-        n_slices=(20, 28),
-        table_step=(4.0, 5.0),
-        slab_offset=(-2.0, 10.0),
         description="demo-sized, with partial volume, blood mimics, skull-base streaks and small bleeds",
         slab_samples=3,
         mimics=True,
@@ -110,16 +106,12 @@ PRESETS: dict[str, Preset] = {
     ),
     # A second, smaller dataset of demo-sized studies: checks that the second level carries over to data nobody
     # tuned it to (another seed, fewer training patients).
-    "demo60": Preset(
+    "demo60": replace(
+        _DEMO,
         name="demo60",
         description="demo-sized, 60 train + 20 test studies: a second dataset for the second level",
-        image_size=256,
         n_train_studies=60,
-        n_test_studies=20,
         n_repeat_patients=6,
-        n_slices=(20, 28),
-        table_step=(4.0, 5.0),
-        slab_offset=(-2.0, 10.0),
     ),
 }
 

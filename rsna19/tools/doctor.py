@@ -19,7 +19,7 @@ import platform
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,13 +83,7 @@ class Check:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
-        return {
-            "name": self.name,
-            "status": self.status,
-            "message": self.message,
-            "details": self.details,
-            "data": self.data,
-        }
+        return asdict(self)
 
 
 @dataclass

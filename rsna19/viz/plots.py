@@ -55,7 +55,7 @@ KIND_COLOURS: dict[str, str] = {
 CURVE_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "val_wll", *(f"val_loss_{c}" for c in CLASSES))
 
 
-def _save(fig: Figure, out_png: str | os.PathLike[str]) -> Path:
+def save_png(fig: Figure, out_png: str | os.PathLike[str]) -> Path:
     """Write ``fig`` to ``out_png`` atomically as a deterministic PNG."""
     with atomic_path(out_png) as tmp:
         # No "Software" entry (matplotlib version) and PNG has no date by default: same inputs, same bytes.
@@ -122,7 +122,7 @@ def plot_training_curves(log_csv: str | os.PathLike[str], out_png: str | os.Path
         axes[-1].set_xlim(epochs[0] - 1, epochs[0] + 1)
     for a in axes:
         a.tick_params(labelsize=8)
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
 def _draw_losses(axes: np.ndarray, df: pd.DataFrame, marker: str | None) -> None:
@@ -265,7 +265,7 @@ def plot_score_table(scores: pd.DataFrame, out_png: str | os.PathLike[str], titl
         xlabel += f"; axis starts at {left:g}, not 0"
     ax.set_xlabel(xlabel, fontsize=9)
     _score_legend(ax, df, has_test)
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
 def _score_rows(scores: pd.DataFrame) -> pd.DataFrame:
@@ -439,7 +439,7 @@ def plot_roc(
     fig, axes = _panels(curves, title)
     for ax, (panel, classes) in zip(axes, curves.items()):
         _draw_roc(ax, panel, classes, (operating_points or {}).get(panel, {}))
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
 def plot_reliability(curves: CurveSet, out_png: str | os.PathLike[str], title: str, n_bins: int = 10) -> Path:
@@ -456,7 +456,7 @@ def plot_reliability(curves: CurveSet, out_png: str | os.PathLike[str], title: s
     fig, axes = _panels(curves, title)
     for ax, (panel, classes) in zip(axes, curves.items()):
         _draw_reliability(ax, panel, classes, n_bins)
-    return _save(fig, out_png)
+    return save_png(fig, out_png)
 
 
 def plot_roc_reliability(
@@ -478,4 +478,4 @@ def plot_roc_reliability(
     fig, (ax_roc, ax_rel) = _panels({"roc": curves, "reliability": curves}, title)
     _draw_roc(ax_roc, "ROC (dot: the bundle's operating point)", curves, operating_points)
     _draw_reliability(ax_rel, "reliability", curves, n_bins)
-    return _save(fig, out_png)
+    return save_png(fig, out_png)

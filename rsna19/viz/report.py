@@ -20,10 +20,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from rsna19.core.atomic import atomic_path
 from rsna19.core.calibration import consistent_flags
 from rsna19.core.constants import CLASSES, PROB_COLUMNS, SHORT_NAMES, WINDOWS
-from rsna19.viz.plots import CLASS_COLOURS
+from rsna19.viz.plots import CLASS_COLOURS, save_png
 
 #: Report geometry in inches (the layout is placed by hand, so the size never depends on text extents).
 PANEL_INCHES: float = 2.0  # one montage cell, image plus gap
@@ -172,9 +171,7 @@ def render_study_report(
     plot_top = header + _SLICE_TITLE + 2 * PANEL_INCHES + _PLOT_GAP
     ax = _add_axes(fig, _LEFT + 0.15, plot_top, cols * PANEL_INCHES - _GAP - 0.15 - _LEGEND, _PLOT)
     _draw_probabilities(ax, probs, positions, shown, threshold)
-    with atomic_path(out_png) as tmp:
-        # No "Software" entry (matplotlib version) and PNG has no date by default: same inputs, same bytes.
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    save_png(fig, out_png)
     return [int(z) for z in shown]
 
 
@@ -405,5 +402,4 @@ def render_not_assessable_report(
         uid = str(sop_uids[z])
         uid = uid if len(uid) <= 18 else uid[:17] + "…"
         ax.set_title(f"z {z} · {float(positions[z]):.1f} mm\n{uid}", fontsize=7.5, pad=3)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    save_png(fig, out_png)
