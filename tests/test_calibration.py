@@ -180,6 +180,25 @@ def test_study_model_round_trip_and_operating_points():
     assert one["flag"] == ("positive" if cal.at[uid, "flag_any"] else "negative")
 
 
+def test_a_study_is_scored_per_fold_like_its_out_of_fold_studies():
+    """With each fold's predictions, the study score is the mean of the folds' own maxima: two folds that put their
+    worst slice on different slices score the study as each alone would, not by the lower maximum of their mean."""
+    model = {
+        "score": "max",
+        "method": "platt",
+        "classes": {c: {"a": 1.0, "b": 0.0, "threshold": 0.6, "target_sensitivity": 0.95} for c in CLASSES},
+    }
+    fold_a = pd.DataFrame([[0.1] * 5 + [0.9], [0.1] * 5 + [0.2]], columns=list(PROB_COLUMNS))
+    fold_b = pd.DataFrame([[0.1] * 5 + [0.2], [0.1] * 5 + [0.8]], columns=list(PROB_COLUMNS))
+    mean = (fold_a + fold_b) / 2  # p_any 0.55 / 0.5: its maximum 0.55 is below either fold's own
+    averaged = apply_study_model(model, mean)
+    per_fold = apply_study_model(model, mean, [fold_a, fold_b])
+    assert averaged["folds"] == 0 and averaged["classes"]["any"]["score"] == pytest.approx(0.55)
+    assert per_fold["folds"] == 2 and per_fold["classes"]["any"]["score"] == pytest.approx(0.85)
+    assert per_fold["classes"]["any"]["probability"] == pytest.approx(apply_platt(0.85, 1.0, 0.0))
+    assert averaged["flag"] == "negative" and per_fold["flag"] == "positive"
+
+
 def test_subtypes_are_reported_only_within_a_positive_any():
     """Each class has its own operating point; a subtype over its own on an any-negative study is withheld."""
     slices = pd.DataFrame([[0.3, 0.05, 0.05, 0.05, 0.4, 0.2]], columns=list(PROB_COLUMNS))

@@ -36,6 +36,8 @@ class SeriesPrediction:
         meta: the conversion's meta of what the models saw (sop_uids, positions, ...).
         per_model: model name → (Z, 6) fold-averaged probabilities.
         stacked: (Z, 6) the stacker's probabilities (slice order).
+        stacked_folds: fold → (Z, 6) the stacker's probabilities from that fold's base models alone (what one
+            out-of-fold prediction is: the study model's operating points were fitted on such).
         input_meta: the conversion's meta of the input slices when the series was reformatted, else None.
         slab_of: (Z_in,) the slab of each input slice when reformatted, else None.
         seconds: wall time per step (``convert_s``, ``reformat_s``, ``models_s``, ``stack_s``).
@@ -47,6 +49,7 @@ class SeriesPrediction:
     meta: dict[str, Any]
     per_model: dict[str, np.ndarray] = field(default_factory=dict)
     stacked: np.ndarray | None = None
+    stacked_folds: dict[int, np.ndarray] = field(default_factory=dict)
     input_meta: dict[str, Any] | None = None
     slab_of: np.ndarray | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -164,6 +167,15 @@ class StudyResult:
             for sp in self.series
         ]
         return pd.concat(parts, ignore_index=True)[list(SLICE_COLUMNS)]
+
+    def fold_slices(self) -> list[pd.DataFrame]:
+        """Per bundled fold (present in every series), the study's slices as that fold's models alone predict them
+        (``study_uid``, ``sop_uid`` and the ``p_<class>`` columns); empty without per-fold predictions."""
+        folds = sorted(set.intersection(*(set(sp.stacked_folds) for sp in self.series))) if self.series else []
+        return [
+            pd.concat([sp.frame(self.study_uid, sp.stacked_folds[k]) for sp in self.series], ignore_index=True)
+            for k in folds
+        ]
 
     def models(self) -> pd.DataFrame:
         """``models.csv`` rows (:data:`MODEL_COLUMNS`): each base model's probabilities before the stacker."""

@@ -234,7 +234,7 @@ class StudyPredictor:
         slices = result.slices()
         result.prediction = summarise_study(slices, top_k=self.options.top_k, threshold=self.options.threshold)
         sm = self.bundle.study_model
-        result.study_result = apply_study_model(sm, slices) if sm is not None else None
+        result.study_result = apply_study_model(sm, slices, result.fold_slices()) if sm is not None else None
         best = result.report_series
         result.input_facts = study_input_facts(study, best)  # for the drift watch (rsna19/monitor)
         if self.options.seg:  # the bleed map of the SEG, also drawn on the report picture
@@ -355,6 +355,16 @@ def stack_probabilities(
     return np.asarray(stacked, dtype=np.float64)[where]
 
 
+def fold_stacked(
+    bundle: Bundle, rows: pd.DataFrame, per_fold: dict[str, dict[int, np.ndarray]]
+) -> dict[int, np.ndarray]:
+    """The stacker's (N, 6) probabilities from each fold's base models alone (folds every model has), for the study
+    score the operating points were fitted on (:func:`rsna19.core.calibration.apply_study_model`)."""
+    models = bundle.stacker.models
+    folds = sorted(set.intersection(*(set(per_fold[m]) for m in models)))
+    return {k: stack_probabilities(bundle, rows, {m: per_fold[m][k] for m in models}) for k in folds}
+
+
 def top_slice_cam(bundle: Bundle, cache: Path, rows: pd.DataFrame, z: int, shape: tuple[int, int]) -> np.ndarray | None:
     """Grad-CAM of ``any`` on slice ``z`` from the first single-slice-input (channels layout) model, or None.
 
@@ -455,6 +465,7 @@ def predict_series(
     sp.per_model = {name: _fold_mean(folds) for name, folds in per_fold.items()}
     t3 = time.perf_counter()
     sp.stacked = stack_probabilities(bundle, rows, sp.per_model, per_fold)
+    sp.stacked_folds = fold_stacked(bundle, rows, per_fold)
     t4 = time.perf_counter()
     sp.seconds = {
         "convert_s": round(t1 - t0, 3),
