@@ -326,43 +326,44 @@ def stack_probabilities(
     rows: pd.DataFrame,
     per_model: dict[str, np.ndarray],
     per_fold: dict[str, dict[int, np.ndarray]] | None = None,
-) -> np.ndarray:
-    """The bundled stacker's (N, 6) probabilities for ``rows`` (one or more series), in ``rows`` order.
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """The bundled stacker's (N, 6) probabilities for ``rows`` (one or more series), in ``rows`` order, and the same
+    from each fold's base models alone.
 
     Args:
         per_model: model name → (N, 6) fold-averaged probabilities.
-        per_fold: model name → fold → (N, 6); when the stacker stacks each base fold separately (bundles with
-            ``test_per_fold``), its level-2 features are built per fold and its predictions averaged.
+        per_fold: model name → fold → (N, 6). Each fold's level-2 features are built once and serve twice: when the
+            stacker stacks each base fold separately (bundles with ``test_per_fold``) its predictions of them are
+            averaged into the first result, and each alone is the second (what one out-of-fold prediction is: the
+            study score the operating points were fitted on, :func:`rsna19.core.calibration.apply_study_model`).
+
+    Returns:
+        ``(stacked, fold → stacked)``; the second is empty without ``per_fold``.
     """
     st = bundle.stacker
 
-    def features(probs: dict[str, np.ndarray]) -> pd.DataFrame:
+    order: list[pd.Series] = []  # the feature rows' sop_uid order (the same for every set of these rows)
+
+    def level2(probs: dict[str, np.ndarray]) -> Level2Data:
         preds = {}
         for m in st.models:
             df = rows[["sop_uid", "series_uid", "study_uid", "patient_id"]].copy()
             df["slice_idx"] = rows["z"].to_numpy()
             df[list(PROB_COLUMNS)] = probs[m]
             preds[m] = df
-        return build_features(preds, st.offsets, st.windows)
+        features = build_features(preds, st.offsets, st.windows)
+        order.append(features["sop_uid"])
+        return Level2Data.from_features(features, st.models)
 
-    if st.per_fold and per_fold:
-        folds = sorted(set.intersection(*(set(per_fold[m]) for m in st.models)))
-        sets = [features({m: per_fold[m][k] for m in st.models}) for k in folds]
-    else:
-        sets = [features(per_model)]
-    stacked = st.predict([Level2Data.from_features(f, st.models) for f in sets])
-    where = pd.Index(sets[0]["sop_uid"]).get_indexer(rows["sop_uid"])
-    return np.asarray(stacked, dtype=np.float64)[where]
+    folds = sorted(set.intersection(*(set(per_fold[m]) for m in st.models))) if per_fold else []
+    fold_sets = {k: level2({m: per_fold[m][k] for m in st.models}) for k in folds} if per_fold else {}
+    sets = list(fold_sets.values()) if st.per_fold and fold_sets else [level2(per_model)]
+    where = pd.Index(order[0]).get_indexer(rows["sop_uid"])
 
+    def ordered(stacked: np.ndarray) -> np.ndarray:
+        return np.asarray(stacked, dtype=np.float64)[where]
 
-def fold_stacked(
-    bundle: Bundle, rows: pd.DataFrame, per_fold: dict[str, dict[int, np.ndarray]]
-) -> dict[int, np.ndarray]:
-    """The stacker's (N, 6) probabilities from each fold's base models alone (folds every model has), for the study
-    score the operating points were fitted on (:func:`rsna19.core.calibration.apply_study_model`)."""
-    models = bundle.stacker.models
-    folds = sorted(set.intersection(*(set(per_fold[m]) for m in models)))
-    return {k: stack_probabilities(bundle, rows, {m: per_fold[m][k] for m in models}) for k in folds}
+    return ordered(st.predict(sets)), {k: ordered(st.predict(d)) for k, d in fold_sets.items()}
 
 
 def top_slice_cam(bundle: Bundle, cache: Path, rows: pd.DataFrame, z: int, shape: tuple[int, int]) -> np.ndarray | None:
@@ -464,8 +465,7 @@ def predict_series(
     per_fold = fold_probabilities(bundle, cache, rows)
     sp.per_model = {name: _fold_mean(folds) for name, folds in per_fold.items()}
     t3 = time.perf_counter()
-    sp.stacked = stack_probabilities(bundle, rows, sp.per_model, per_fold)
-    sp.stacked_folds = fold_stacked(bundle, rows, per_fold)
+    sp.stacked, sp.stacked_folds = stack_probabilities(bundle, rows, sp.per_model, per_fold)
     t4 = time.perf_counter()
     sp.seconds = {
         "convert_s": round(t1 - t0, 3),
