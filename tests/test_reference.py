@@ -123,6 +123,30 @@ def test_intensity_augment_draws_per_sample_and_applies_each_factor():
         IntensityAugment(AugmentConfig(intensity_p=1.0, sharpen=[0.5, -0.5]), train=True)
 
 
+def test_streaks_draw_lines_inside_the_body_only_and_keep_the_other_draws():
+    body = np.full((96, 96), 30.0, np.float32)
+    body[:, :20] = -1000.0  # air on the left
+    cfg = AugmentConfig(streak_p=1.0, streak_hu=100.0)
+    aug = IntensityAugment(cfg, train=True)
+    d = aug.draw(5)
+    assert d is not None and d.streak_seed is not None and d == aug.draw(5)
+    out = aug.apply(body.copy(), d, 0)
+    np.testing.assert_array_equal(out[:, :20], -1000.0)  # air is left alone
+    delta = out[:, 20:] - 30.0
+    assert delta.max() > 20.0 or delta.min() < -20.0  # a line of tens of HU
+    assert 0.02 < np.mean(np.abs(delta) > 5.0) < 0.6  # lines, not a change of the whole slice
+    np.testing.assert_array_equal(aug.apply(body.copy(), d, 3), out)  # the same object on every slice
+    # Off by default, and adding streaks to a config leaves its other draws as they were.
+    assert IntensityAugment(AugmentConfig(streak_hu=100.0), train=True).draw(5) is None
+    base = AugmentConfig(intensity_p=0.5, noise_sd=5.0, hu_offset=4.0)
+    both = AugmentConfig(intensity_p=0.5, noise_sd=5.0, hu_offset=4.0, streak_p=0.5)
+    for seed in range(20):
+        a, b = IntensityAugment(base, train=True).draw(seed), IntensityAugment(both, train=True).draw(seed)
+        assert (a.noise_sd, a.offset, a.noise_seed) == (b.noise_sd, b.offset, b.noise_seed) if a and b else True
+    with pytest.raises(UserError, match="streak_p"):
+        IntensityAugment(AugmentConfig(streak_p=-0.1), train=True)
+
+
 def test_training_items_are_augmented_reproducibly(shifted_cache):
     cache, _ = shifted_cache
     index = pd.read_parquet(cache / "cache_index.parquet")

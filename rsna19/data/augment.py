@@ -68,6 +68,10 @@ class AugmentConfig:
     noise_sd: float = 0.0  # extra dose noise: SD uniform in [0, noise_sd] HU
     hu_scale: float = 0.0  # HU gain uniform in [1 - hu_scale, 1 + hu_scale]
     hu_offset: float = 0.0  # HU offset uniform in [-hu_offset, hu_offset]
+    # Metal-like streaks (lines through a point, bright or dark, inside the body), drawn with probability
+    # ``streak_p`` per sample, each line up to ``streak_hu`` HU (rsna19/data/intensity.py).
+    streak_p: float = 0.0
+    streak_hu: float = 120.0
 
 
 def _translate(tx: float, ty: float) -> np.ndarray:
