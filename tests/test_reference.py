@@ -178,6 +178,33 @@ def test_shift_preset_changes_only_the_pixels_inside_the_body(tmp_path):
     assert again == plus
 
 
+@pytest.mark.parametrize("name", ["thick2.5", "thick5", "thick7", "tilt", "hospital"])
+def test_slice_geometry_presets_image_the_same_heads_and_bleeds(name):
+    from rsna19.synth.shift import get_shift_preset, shift_plans
+
+    spec = get_shift_preset(name)
+    base, shifted = shift_plans(get_shift_preset("none"), 6, base="tiny"), shift_plans(spec, 6, base="tiny")
+    for a, b in zip(base, shifted, strict=True):
+        assert (a.study_uid, a.head, a.bleeds) == (b.study_uid, b.head, b.bleeds)  # the same patient and bleeds
+        ga, gb = a.geometry, b.geometry
+        # The middle plane crosses the head's vertical axis where it did (tilt moves the planes, not the stretch).
+        mid_a = ga.centre[2] + (ga.n_slices - 1) / 2 * ga.table_step
+        mid_b = gb.centre[2] + (gb.n_slices - 1) / 2 * gb.table_step
+        lift = (gb.centre[1] - b.head.centre[1]) * np.tan(np.radians(gb.tilt_deg))
+        lift_a = (ga.centre[1] - a.head.centre[1]) * np.tan(np.radians(ga.tilt_deg))
+        assert mid_b + lift == pytest.approx(mid_a + lift_a, abs=1e-6)
+        assert len(b.sop_uids) == len(b.file_names) == len(b.instance_numbers) == gb.n_slices
+        if spec.table_step is not None:
+            assert gb.table_step == spec.table_step
+            extent = (ga.n_slices - 1) * ga.table_step
+            assert (gb.n_slices - 1) * gb.table_step == pytest.approx(extent, abs=spec.table_step)
+        if spec.tilt_all:
+            assert 10.0 <= abs(gb.tilt_deg) <= 30.0
+        assert b.slab_samples == (spec.slab_samples or a.slab_samples)
+    uids = [u for p in shifted for u in (p.study_uid, p.series_uid, *p.sop_uids)]
+    assert len(uids) == len(set(uids))
+
+
 def test_a_model_trained_with_the_reference_records_it_and_predicts_with_it(tmp_path):
     from pathlib import Path
 

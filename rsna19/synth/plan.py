@@ -107,7 +107,7 @@ class SeriesPlan:
         return STORAGE_VARIANTS[self.variant_name]
 
 
-class _Ids:
+class Ids:
     """Kaggle-style hashed identifiers ``ID_`` + 9 hex digits, unique within a dataset."""
 
     def __init__(self, rng: np.random.Generator) -> None:
@@ -269,7 +269,7 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
     """Draw the whole dataset for ``preset`` and ``seed``: a list of series, train first then test."""
     rng = np.random.default_rng(seed)
     extra = np.random.default_rng([int(seed), 15])  # realism switches only: the main stream stays as it was
-    ids = _Ids(rng)
+    ids = Ids(rng)
     plans: list[SeriesPlan] = []
     corrupt_series = int(rng.integers(preset.n_train_studies))
     for split, n_studies in (("train", preset.n_train_studies), ("test", preset.n_test_studies)):
@@ -303,7 +303,7 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
                                            skull_base=preset.beam_hardening)  # fmt: skip
             n = geom.n_slices
             order = orders[s]
-            numbers = _instance_numbers(rng, n, order)
+            numbers = instance_numbers(rng, n, order)
             variant_name = variants[s]
             outside = -1024.0
             signed = STORAGE_VARIANTS[variant_name].signed and not STORAGE_VARIANTS[variant_name].wrap12
@@ -345,7 +345,7 @@ def make_plan(preset: Preset, seed: int) -> list[SeriesPlan]:
     return plans
 
 
-def _instance_numbers(rng: np.random.Generator, n: int, order: str) -> tuple[int, ...]:
+def instance_numbers(rng: np.random.Generator, n: int, order: str) -> tuple[int, ...]:
     """InstanceNumbers of ``n`` slices in spatial order for an ``order`` of :data:`INSTANCE_ORDERS`."""
     if order == "ascending":
         numbers = np.arange(1, n + 1)

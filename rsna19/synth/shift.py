@@ -7,14 +7,17 @@ Each preset changes **one acquisition factor** of the ``demo`` preset, or severa
   HU calibration offset and gain inside the body, reconstruction kernel (smoother or sharper: an unsharp mask),
   dose (noise SD), motion (a ghost of the slice shifted by a few mm), metal-like streaks, and the vendor's
   padding value outside the reconstruction circle;
-* geometry factors (:class:`~rsna19.synth.presets.Preset` fields): in-plane resolution (a 512² matrix), field of
-  view, slice thickness (2.5 / 7 mm slabs with partial volume), gantry tilt on every series, beam hardening at the
-  skull base, patient size and position in the field of view.
+* geometry factors: in-plane resolution (a 512² matrix), field of view, beam hardening at the skull base, patient
+  size and position in the field of view (:class:`~rsna19.synth.presets.Preset` fields that draw the same random
+  numbers), and the slice geometry of each drawn series, changed afterwards: slice thickness (2.5 / 5 / 7 mm slabs
+  with partial volume over the same stretch of the head) and gantry tilt on every series.
 
 All presets draw their heads and bleeds from one seed (:data:`SHIFT_SEED`, which the demo's own training data does
-not use), so a pixel factor changes only the pixels of the same studies; a geometry factor redraws what depends on
-the geometry (where a bleed sits on the slices). ``none`` is the same studies as the demo writes them: the
-in-domain reference.
+not use) and keep them: a factor changes how the same heads and bleeds are imaged, never which ones are imaged. (The
+slice geometry is therefore changed on the drawn plans, not through the preset: a preset with other slice counts
+or tilts would consume the generator differently and draw other patients and bleeds, which is what the first
+version of this suite did, so its thickness rows compared other studies.) ``none`` is the same studies as the demo
+writes them: the in-domain reference.
 
 :func:`write_shift_preset` writes one preset's test studies in the RSNA layout (``stage_2_test/`` flat DICOM files,
 ``masks/``) plus ``labels.csv`` (``study_uid, series_uid, sop_uid, z`` and the six classes), atomically: a folder
@@ -41,7 +44,8 @@ from rsna19.core.atomic import atomic_path
 from rsna19.core.constants import CLASSES
 from rsna19.core.errors import UserError
 from rsna19.synth.dataset import SPLIT_DIRS, render_series
-from rsna19.synth.plan import make_plan
+from rsna19.synth.geometry import SeriesGeometry
+from rsna19.synth.plan import Ids, instance_numbers, make_plan
 from rsna19.synth.presets import PRESETS, Preset
 
 if TYPE_CHECKING:
@@ -50,7 +54,7 @@ if TYPE_CHECKING:
 #: Seed of the shift studies' heads and bleeds (the demo trains on seed 0 … 2).
 SHIFT_SEED = 23
 SUMMARY_NAME = "shift_summary.json"
-VERSION = 1
+VERSION = 2  # 2: the slice geometry (thickness, tilt) changes on the drawn plans: the same heads and bleeds
 
 
 @dataclass(frozen=True)
@@ -121,12 +125,15 @@ class ShiftPreset:
     Attributes:
         name: preset name (``none`` is the in-domain reference).
         factor: what it changes, for the tables.
-        preset: :class:`Preset` field overrides of the demo preset (geometry, realism switches).
+        preset: :class:`Preset` field overrides of the demo preset (in-plane geometry, head size, realism
+            switches): only fields that leave the number of random draws alone, so the heads stay those of ``none``.
         acquisition: the pixel change.
         noise_scale: factor on the plan's noise SD (dose: 2 = a quarter of the dose).
         blur_px: the scanner blur's σ in pixels (None: the plan's 0.5–0.8).
         tilt_all: every series tilted (10–30°), not ~30 %.
         padding_all: every series stored signed with ``acquisition.outside_hu`` outside the circle.
+        table_step: slices every this many mm over the same stretch of the head (None: the plan's 4–5 mm).
+        slab_samples: sub-planes averaged across each slice's thickness (partial volume; None: the plan's).
     """
 
     name: str
@@ -137,6 +144,8 @@ class ShiftPreset:
     blur_px: float | None = None
     tilt_all: bool = False
     padding_all: bool = False
+    table_step: float | None = None
+    slab_samples: int | None = None
 
 
 _HOSPITAL = Acquisition(hu_offset=6.0, hu_scale=1.03, sharpen=0.5, outside_hu=-2000.0)
@@ -155,10 +164,9 @@ SHIFT_PRESETS: dict[str, ShiftPreset] = {
         ShiftPreset("dose_low", "low dose (noise ×2)", noise_scale=2.0),
         ShiftPreset("matrix512", "in-plane resolution: 512² matrix", preset={"image_size": 512}),
         ShiftPreset("fov_large", "field of view 360–410 mm", preset={"pixel_spacing_512": (0.7, 0.8)}),
-        ShiftPreset("thick2.5", "2.5 mm slices (partial volume)",
-                    preset={"table_step": (2.5, 2.5), "n_slices": (36, 48), "slab_samples": 3}),
-        ShiftPreset("thick7", "7 mm slices (partial volume)",
-                    preset={"table_step": (7.0, 7.0), "n_slices": (14, 18), "slab_samples": 3}),
+        ShiftPreset("thick2.5", "2.5 mm slices (partial volume)", table_step=2.5, slab_samples=3),
+        ShiftPreset("thick5", "4–5 mm slices with partial volume (the demo's spacing)", slab_samples=3),
+        ShiftPreset("thick7", "7 mm slices (partial volume)", table_step=7.0, slab_samples=3),
         ShiftPreset("tilt", "gantry tilt 10–30° on every series", tilt_all=True),
         ShiftPreset("beam_hardening", "beam hardening at the skull base", preset={"beam_hardening": True}),
         ShiftPreset("streaks", "metal-like streaks (±80 HU)", acquisition=Acquisition(streaks=80.0)),
@@ -170,7 +178,8 @@ SHIFT_PRESETS: dict[str, ShiftPreset] = {
         ShiftPreset(
             "hospital",
             "another hospital: HU +6 ×1.03, sharp 0.5, noise ×1.5, 7 mm, tilt, padding −2000",
-            preset={"table_step": (7.0, 7.0), "n_slices": (14, 18), "slab_samples": 3},
+            table_step=7.0,
+            slab_samples=3,
             acquisition=_HOSPITAL,
             noise_scale=1.5,
             tilt_all=True,
@@ -192,13 +201,28 @@ def shift_plans(spec: ShiftPreset, n_studies: int, seed: int = SHIFT_SEED, base:
     """The ``n_studies`` test series of ``spec`` (one per study) on top of preset ``base``, drawn from ``seed``."""
     base_preset = PRESETS[base]
     fields = {**spec.preset, "n_train_studies": 1, "n_test_studies": n_studies, "n_repeat_patients": 0}
-    if spec.tilt_all:
-        fields["tilt_fraction"] = 1.0
     preset: Preset = dataclasses.replace(base_preset, name=f"shift-{spec.name}", **fields)
     plans = [p for p in make_plan(preset, seed) if p.split == "test"]
+    # New slice identifiers (a series with other slices) from a generator of their own, unique in the dataset.
+    ids = Ids(np.random.default_rng([seed, 24]))
+    ids.used.update(u for p in plans for u in (p.study_uid, p.series_uid, *p.sop_uids))
     out = []
     for p in plans:
         change: dict[str, Any] = {"noise_sd": p.noise_sd * spec.noise_scale}
+        if spec.slab_samples is not None:
+            change["slab_samples"] = spec.slab_samples
+        geom = p.geometry
+        if spec.tilt_all and geom.tilt_deg == 0.0:
+            geom = tilted(geom, p.head.centre, np.random.default_rng([*p.seed, 24]))
+        if spec.table_step is not None:
+            geom = restepped(geom, spec.table_step)
+        if geom != p.geometry:
+            change["geometry"] = geom
+        if geom.n_slices != p.geometry.n_slices:
+            n = geom.n_slices
+            change["sop_uids"] = tuple(ids.new() for _ in range(n))
+            change["file_names"] = tuple(f"{ids.new()}.dcm" for _ in range(n))
+            change["instance_numbers"] = instance_numbers(np.random.default_rng([*p.seed, 25]), n, p.instance_order)
         if spec.blur_px is not None:
             change["blur_px"] = spec.blur_px
         if spec.acquisition != Acquisition():
@@ -208,6 +232,43 @@ def shift_plans(spec: ShiftPreset, n_studies: int, seed: int = SHIFT_SEED, base:
             change["outside_hu"] = spec.acquisition.outside_hu
         out.append(dataclasses.replace(p, **change))
     return out
+
+
+def tilted(geom: SeriesGeometry, head_centre: tuple[float, float, float], rng: np.random.Generator) -> SeriesGeometry:
+    """``geom`` with a gantry tilt of 10–30° (either way), its middle plane still crossing the head where it did.
+
+    Args:
+        geom: an untilted series.
+        head_centre: (3,) the head's centre (LPS mm).
+        rng: the series' generator.
+    """
+    tilt = float(rng.uniform(10.0, 30.0)) * (1.0 if rng.random() < 0.75 else -1.0)
+    # An untilted plane k meets the head's vertical axis at z0 + k·step; a tilted one at
+    # z0 + k·step + (y_iso − c_y)·tan θ (rsna19.synth.plan.random_geometry): move z0 to cancel that.
+    dz = (geom.centre[1] - head_centre[1]) * math.tan(math.radians(tilt))
+    return dataclasses.replace(
+        geom,
+        tilt_deg=tilt,
+        centre=(geom.centre[0], geom.centre[1], geom.centre[2] - dz),
+        slice_thickness=round(geom.table_step * math.cos(math.radians(tilt)), 2),
+    )
+
+
+def restepped(geom: SeriesGeometry, step: float) -> SeriesGeometry:
+    """``geom`` with slices every ``step`` mm (thickness to match) over the same stretch of the head.
+
+    The first and last planes of ``geom`` bound the stretch; the middle plane stays where it was.
+    """
+    extent = (geom.n_slices - 1) * geom.table_step
+    n = max(3, round(extent / step) + 1)
+    z0 = geom.centre[2] + (extent - (n - 1) * step) / 2
+    return dataclasses.replace(
+        geom,
+        table_step=float(step),
+        n_slices=n,
+        centre=(geom.centre[0], geom.centre[1], z0),
+        slice_thickness=round(step * math.cos(math.radians(geom.tilt_deg)), 2),
+    )
 
 
 def write_shift_preset(
