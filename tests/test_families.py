@@ -7,6 +7,7 @@ Models are tiny (resnet10t at 32–64 px) and run on one thread; datasets read c
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tinyfamilies import FAMILIES
 
 from rsna19.conversion import convert_series, write_series
 from rsna19.core.config import load_config
-from rsna19.core.constants import CLASSES, SUBTYPES, WINDOWS
+from rsna19.core.constants import CLASSES, PROB_COLUMNS, SUBTYPES, WINDOWS
 from rsna19.core.errors import UserError
 from rsna19.data.augment import AugmentConfig
 from rsna19.data.datasets import read_cache_index
@@ -457,7 +458,7 @@ def test_every_family_of_the_package_runs_in_the_tiny_pipeline():
 # ---------------------------------------------------------------------------------------- embeddings + seq e2e
 
 
-def test_embed_a_trained_run_and_train_seq_on_it(tmp_path):
+def test_embed_a_trained_run_and_train_seq_on_it(tmp_path, caplog):
     from rsna19.cli import main
     from rsna19.core.config import load_config
     from rsna19.data.folds import make_folds
@@ -471,13 +472,28 @@ def test_embed_a_trained_run_and_train_seq_on_it(tmp_path):
     run = train(resolve_paths(cfg, str(cache), str(tmp_path / "folds.csv"), str(tmp_path / "runs")), 0)
 
     # TTA "none" first: the stored logits are then exactly the logits behind `rsna19 predict`'s OOF probabilities.
-    assert main(["embed", str(run.parent), "--fold", "0", "--splits", "oof", "--tta", "none", "--device", "cpu"]) == 0
+    # Predict first (a forward pass: no embeddings yet), then embed.
     assert main(["predict", str(run.parent), "--fold", "0", "--split", "oof", "--tta", "none", "--device", "cpu"]) == 0
+    forward = pd.read_parquet(run / "oof.parquet")
+    assert main(["embed", str(run.parent), "--fold", "0", "--splits", "oof", "--tta", "none", "--device", "cpu"]) == 0
     frame, _, info = read_embeddings(run, "oof")
     assert info["logits"] is True
-    oof = pd.read_parquet(run / "oof.parquet").set_index("sop_uid")
+    oof = forward.set_index("sop_uid")
     got = 1 / (1 + np.exp(-frame[[f"logit_{c}" for c in CLASSES]].to_numpy(dtype=np.float64)))
     np.testing.assert_allclose(got, oof.loc[frame["sop_uid"], [f"p_{c}" for c in CLASSES]].to_numpy(), atol=1e-5)
+    # Now the embeddings are current: predict writes their sigmoid without a second pass, the same table.
+    (run / "oof.parquet").unlink()
+    with caplog.at_level(logging.INFO, logger="rsna19.inference.predict"):
+        assert main(["predict", str(run.parent), "--fold", "0", "--split", "oof", "--tta", "none"]) == 0
+    assert "from the logits of the fold's oof embeddings" in caplog.text
+    reused = pd.read_parquet(run / "oof.parquet")
+    pd.testing.assert_frame_equal(reused.drop(columns=list(PROB_COLUMNS)), forward.drop(columns=list(PROB_COLUMNS)))
+    np.testing.assert_allclose(reused[list(PROB_COLUMNS)].to_numpy(), forward[list(PROB_COLUMNS)].to_numpy(), atol=1e-6)
+    # Two TTA views are not reused (a prediction averages probabilities, an embedding logits): a forward pass.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rsna19.inference.predict"):
+        assert main(["predict", str(run.parent), "--fold", "0", "--split", "oof", "--tta", "none", "hflip"]) == 0
+    assert "embeddings" not in caplog.text and "TTA none,hflip" in caplog.text
     assert (
         main(["embed", str(run.parent), "--fold", "0", "--tta", "none", "hflip", "--device", "cpu", "--overwrite"]) == 0
     )

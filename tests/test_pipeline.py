@@ -81,12 +81,25 @@ def test_print_jobs_lists_every_job_with_its_dependencies(tiny_dataset, tmp_path
         assert after[f"train/{m}/fold_0"] == f"folds, embed/{image}/fold_0, embed/{image}/fold_1"
         assert after[f"embed/{image}/fold_1"] == f"train/{image}/fold_1"
         assert f"embed/{image}/fold_0" in after[f"predict/{m}/fold_0"]
+        # Two TTA views (the tiny pipeline's): the image model predicts with its own pass, beside its embed job.
+        assert len(load_pipeline(PIPELINE).tta) == 2 and "embed/" not in after[f"predict/{image}/fold_0"]
     keys = [h.split()[2] for h in heads]
     assert all(keys.index(d) < keys.index(k) for k, deps in after.items() for d in deps.split(", ") if d != "-")
     assert any(" rsna19 stack " in x and f"models=[{','.join(MODELS)}]" in x and "--part finish" in x for x in cmds)
     assert "stack/features" in after["stack"] and "stack/lgbm/fold_1" in after["stack"]
     assert any(x.startswith("rsna19 submit ") for x in cmds)
     assert not work.exists()  # printing the jobs runs nothing
+
+
+def test_with_one_view_an_embedded_image_model_predicts_after_its_embed_job(tiny_dataset, tmp_path):
+    from rsna19.pipeline.stages import plan
+
+    jobs = {j.key: j for j in plan(tiny_dataset, tmp_path / "w", load_pipeline(PIPELINE, ["tta=[none]"]))}
+    for image in set(EMBEDDINGS.values()):
+        for k in range(2):
+            assert f"embed/{image}/fold_{k}" in jobs[f"predict/{image}/fold_{k}"].deps
+    others = [m for m in MODELS if m not in EMBEDDINGS.values()]
+    assert others and all("embed/" + m not in " ".join(jobs[f"predict/{m}/fold_0"].deps) for m in others)
 
 
 def test_print_jobs_assigns_a_gpu_slot_to_each_parallel_job(tiny_dataset, tmp_path):

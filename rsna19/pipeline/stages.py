@@ -23,7 +23,9 @@ job key            waits for                                  done when
 A sequence model reads the embeddings of the image model named by its ``data.embeddings``: an ``embed`` job per
 fold of that image model writes them (the splits every sequence model needs: ``oof`` + ``test``, and ``train``
 when one trains on its own fold's embeddings), and the sequence model's fold-k training waits for the ``embed``
-jobs of the folds it reads (every fold with ``embedding_source: oof``, fold k alone with ``fold``).
+jobs of the folds it reads (every fold with ``embedding_source: oof``, fold k alone with ``fold``). With one TTA view,
+an embedded image model's ``predict`` job also waits for its own ``embed`` job and writes the embeddings' logits as
+its predictions instead of a second pass (:func:`rsna19.inference.predict.predictions_from_embeddings`).
 """
 
 from __future__ import annotations
@@ -619,6 +621,9 @@ def plan(
                 jobs.append(EmbedJob(ctx, name, k, embeds[name], (f"train/{name}/fold_{k}",), res))
         for k in range(cfg.n_folds):
             deps = (f"train/{name}/fold_{k}",) + ((f"embed/{upstream}/fold_{k}",) if upstream else ())
+            if name in embeds and len(cfg.tta) == 1:
+                # After its own embed job: the predictions are then the embeddings' logits (no second pass).
+                deps += (f"embed/{name}/fold_{k}",)
             jobs.append(PredictJob(ctx, name, k, deps, res))
     second = stack_jobs(ctx, tuple(j.key for j in jobs if isinstance(j, PredictJob)))
     stack = second[-1]
