@@ -18,6 +18,7 @@ from rsna19.core.calibration import (
     check_study_model,
     consistent_flags,
     fit_platt,
+    fit_study_class,
     fit_study_model,
     parse_sensitivity,
     study_scores,
@@ -138,6 +139,32 @@ def test_threshold_is_the_highest_with_the_target_sensitivity():
     # 0.95 · 20 is 19.000000000000004 in floating point: 19 of 20 positives, not 20.
     thr, sens, _ = threshold_for_sensitivity(np.linspace(1, 0.05, 20), np.ones(20), 0.95)
     assert sens == 0.95 and thr == pytest.approx(0.1)
+
+
+def test_conformal_threshold_keeps_the_promise_for_a_new_study():
+    # 39 positives at 0.95: rank ⌈0.95 · 40⌉ = 38 (the in-sample rule: ⌈37.05⌉ = 38 too); 36 positives: rank 36
+    # (the lowest), where the in-sample rule takes 35 and promises 35 / 37 = 0.946 for a new study.
+    for n, conformal_rank, in_sample_rank in ((39, 38, 38), (36, 36, 35), (10, 10, 10), (100, 96, 95)):
+        p = np.linspace(0.99, 0.01, n)
+        y = np.ones(n)
+        assert threshold_for_sensitivity(p, y, 0.95, conformal=True)[0] == p[conformal_rank - 1]
+        assert threshold_for_sensitivity(p, y, 0.95)[0] == p[in_sample_rank - 1]
+    # The promise, checked by simulation: over exchangeable draws, a new positive passes the conformal threshold in
+    # at least 95 % of cases; the in-sample threshold falls short with 36 positives.
+    rng = np.random.default_rng(0)
+    passed = {True: 0, False: 0}
+    trials = 20000
+    for _ in range(trials):
+        scores = rng.random(37)  # 36 fitted on, one new
+        for conformal in (True, False):
+            thr = threshold_for_sensitivity(scores[:36], np.ones(36), 0.95, conformal=conformal)[0]
+            passed[conformal] += scores[36] >= thr
+    assert passed[True] / trials >= 0.95 - 0.01 and passed[False] / trials < 0.95
+    # The bundle's study model uses it.
+    score = np.r_[np.linspace(0.9, 0.5, 36), np.linspace(0.45, 0.05, 44)]
+    y = np.r_[np.ones(36), np.zeros(44)]
+    entry = fit_study_class(score, y, 0.95)
+    assert entry["oof_sensitivity"] == 1.0 and entry["score_threshold"] == pytest.approx(0.5)
 
 
 def test_parse_sensitivity():

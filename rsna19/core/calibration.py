@@ -16,11 +16,15 @@ stacker's own), and Platt's smoothed targets ``(N₊ + 1) / (N₊ + 2)`` and ``1
 when the OOF studies are perfectly separated, which small demo runs often are. A fit whose slope is not positive
 (a score that does not rank) is replaced by the identity (``a = 1, b = 0``) and marked ``fitted: false``.
 
-The **operating point** of class c is the highest calibrated probability threshold whose sensitivity on the OOF
-studies is at least the target (default 0.95): the ⌈target · N₊⌉-th highest probability of the positive
-studies; a study is flagged positive when ``p_cal >= threshold``. The same rule on OOF slice probabilities gives
-a slice-level threshold (what ``rsna19 evaluate`` uses for slice sensitivity and specificity). Without a positive
-OOF study no threshold can be chosen; the class falls back to 0.5 and says so.
+The **operating point** of class c is a promise about new studies, so it is chosen the split-conformal way: the
+⌈target · (N₊ + 1)⌉-th highest calibrated probability of the N₊ positive OOF studies (default target 0.95). A new
+positive study from the same population then ranks above it with probability ≥ target (its rank among the N₊ + 1
+is uniform), which the in-sample rule, the ⌈target · N₊⌉-th highest, does not give: with 36 positives it promises
+35 / 37 = 0.946. Where ⌈target · (N₊ + 1)⌉ > N₊ (fewer than 19 positives at 0.95) the lowest positive is used, and
+the promise is only what N₊ positives can back. A study is flagged positive when ``p_cal >= threshold``. The
+in-sample rule on OOF slice probabilities gives a slice-level threshold (what ``rsna19 evaluate`` uses for slice
+sensitivity and specificity; ``rsna19 validate`` reports in-sample thresholds too, as descriptions of the site's
+studies). Without a positive OOF study no threshold can be chosen; the class falls back to 0.5 and says so.
 
 The study model is plain JSON (:func:`fit_study_model` returns it, :func:`check_study_model` validates a loaded
 one, :func:`apply_study_model` uses it); ``rsna19 bundle`` stores it as ``study_model.json``.
@@ -128,11 +132,16 @@ def apply_platt(score: np.ndarray, a: float, b: float) -> np.ndarray:
     return _sigmoid(a * _logit(score) + b)
 
 
-def threshold_for_sensitivity(p: np.ndarray, y: np.ndarray, target: float) -> tuple[float | None, float, float]:
+def threshold_for_sensitivity(
+    p: np.ndarray, y: np.ndarray, target: float, conformal: bool = False
+) -> tuple[float | None, float, float]:
     """The highest threshold whose sensitivity on ``(p, y)`` is at least ``target`` (positive: ``p >= t``).
 
     Args:
         p: (N,) probabilities; y: (N,) 0/1 labels; target: sensitivity in (0, 1].
+        conformal: the highest threshold a *new* positive from the same population passes with probability at
+            least ``target``: the ⌈target · (N₊ + 1)⌉-th highest positive instead of the ⌈target · N₊⌉-th (the lowest
+            positive when that rank does not exist).
 
     Returns:
         ``(threshold, sensitivity, specificity)`` at that threshold; ``(None, nan, nan)`` without positives
@@ -144,7 +153,7 @@ def threshold_for_sensitivity(p: np.ndarray, y: np.ndarray, target: float) -> tu
     if len(pos) == 0:
         return None, float("nan"), float("nan")
     # ceil with a tolerance: 0.95 · 20 is 19.000000000000004 in floating point and must mean 19.
-    k = min(max(math.ceil(target * len(pos) - 1e-9), 1), len(pos))
+    k = min(max(math.ceil(target * (len(pos) + int(conformal)) - 1e-9), 1), len(pos))
     thr = float(pos[k - 1])
     sens = float((p[y] >= thr).mean())
     neg = p[~y]
@@ -271,7 +280,7 @@ def fit_study_class(score: np.ndarray, y: np.ndarray, target: float) -> dict[str
     s, y = np.asarray(score, dtype=np.float64), np.asarray(y, dtype=np.float64)
     a, b, fitted = fit_platt(s, y)
     p_cal = apply_platt(s, a, b)
-    thr, sens, spec = threshold_for_sensitivity(p_cal, y, target)
+    thr, sens, spec = threshold_for_sensitivity(p_cal, y, target, conformal=True)
     return {
         "a": a,
         "b": b,
