@@ -28,7 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("predict", help="predict OOF or test slices with one fold's model (+TTA)")
+    p = subparsers.add_parser(
+        "predict",
+        help="predict OOF or test slices with one fold's model (+TTA)",
+        description="Predict the OOF or test slices of one fold's model. An image model whose embeddings of the split "
+        "are current (rsna19 embed, written after best.pt with the same single TTA view) is not run again: the "
+        "predictions are the sigmoid of the embeddings' logits, the same forward pass.",
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
