@@ -1,4 +1,4 @@
-"""`rsna19 demo` end to end, as a new user runs it (marker `slow`, `make test-slow`: two demos of ~8 minutes each on
+"""`rsna19 demo` end to end, as a new user runs it (marker `slow`, `make test-slow`: two demos of ~6.5 minutes each on
 two float32 cores, seeds 0 and 1, and ~2 minutes a seed for the HU-offset check).
 
 The model-quality goals of the demo are asserted on its default seed, so a change that loses them shows up here:
