@@ -35,7 +35,8 @@ def add_study_model_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="[CLASS=]S",
         help="target sensitivity of the study-level operating points: 0.9 (every class) and/or any=0.95 "
-        "subdural=0.9 ... (default 0.95 each)",
+        "subdural=0.9 ... (default 0.95 each); the point is the ceil(S*(N+1))-th highest of the N positive OOF "
+        "studies, so a new positive study passes it with probability >= S",
     )
     p.add_argument(
         "--study-score",
