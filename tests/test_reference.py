@@ -32,15 +32,10 @@ def _phantom_volume(index: int) -> np.ndarray:
     return vol + np.random.default_rng(index).normal(0.0, 6.0, vol.shape)
 
 
-@pytest.fixture(scope="module")
-def shifted_cache(tmp_path_factory):
-    """A cache of one phantom head written three times: as rendered, and with HU +10 / −10 inside the body."""
-    root = tmp_path_factory.mktemp("refcache")
-    vol = _phantom_volume(0)
-    body = vol > -500
+def _write_cache(root, volumes: dict[str, np.ndarray]) -> None:
+    """A conversion cache of ``volumes`` (series name → (Z, H, W) HU), one study and patient each, no bleed labels."""
     rows = []
-    for name, off in (("ID_base", 0.0), ("ID_plus", 10.0), ("ID_minus", -10.0)):
-        v = np.where(body, vol + off, vol)
+    for name, v in volumes.items():
         (root / name).mkdir()
         np.save(root / name / "volume.npy", np.round(v).astype(np.int16))
         (root / name / "meta.json").write_text(json.dumps({"sop_uids": [f"{name}_{z}" for z in range(len(v))]}))
@@ -48,7 +43,31 @@ def shifted_cache(tmp_path_factory):
             rows.append({"sop_uid": f"{name}_{z}", "series_uid": name, "study_uid": name, "patient_id": name,
                          "split": "train", "z": z, "n_slices": len(v), **dict.fromkeys(CLASSES, 0.0)})  # fmt: skip
     pd.DataFrame(rows).to_parquet(root / "cache_index.parquet", index=False)
+
+
+@pytest.fixture(scope="module")
+def shifted_cache(tmp_path_factory):
+    """A cache of one phantom head written three times: as rendered, and with HU +10 / −10 inside the body."""
+    root = tmp_path_factory.mktemp("refcache")
+    vol = _phantom_volume(0)
+    body = vol > -500
+    _write_cache(root, {n: np.where(body, vol + off, vol) for n, off in (("ID_base", 0.0), ("ID_plus", 10.0),
+                                                                         ("ID_minus", -10.0))})  # fmt: skip
     return root, body
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    """One phantom head as rendered, through a sharper kernel (unsharp mask 0.8: the edges overshoot by hundreds of
+    HU at the skull) and through a smoother one (Gaussian), as the shift suite's kernels at the scale the demo's
+    network sees them: σ 1 and 1.2 mm of the scanner in pixels of 1.78 mm (0.56 and 0.67 px)."""
+    from scipy.ndimage import gaussian_filter
+
+    root = tmp_path_factory.mktemp("kernelcache")
+    vol = _phantom_volume(1)
+    sharp = vol + 0.8 * (vol - gaussian_filter(vol, (0, 0.56, 0.56)))
+    _write_cache(root, {"ID_base": vol, "ID_sharp": sharp, "ID_smooth": gaussian_filter(vol, (0, 0.67, 0.67))})
+    return root
 
 
 @pytest.mark.parametrize("index", [0, 1, 2, 3])
@@ -98,6 +117,31 @@ def test_reference_survives_the_checkpoint_state():
     assert MultiWindow.from_state(state).reference_hu == BRAIN_HU
     old = {k: v for k, v in state.items() if k != "reference_hu"}  # a checkpoint from before the reference
     assert MultiWindow.from_state(old).reference_hu is None
+
+
+def test_input_smoothing_brings_sharper_and_smoother_kernels_together(kernel_cache):
+    plain, smoothed = MultiWindow(WINDOWS), MultiWindow(WINDOWS, smooth_px=1.0)
+    for other in ("ID_sharp", "ID_smooth"):
+        gaps = [
+            np.abs(_images(kernel_cache, m, other) - _images(kernel_cache, m, "ID_base")).mean()
+            for m in (plain, smoothed)
+        ]
+        # The blur is wider than the kernels' difference: what a network sees moves at most a third as much.
+        assert gaps[1] < gaps[0] / 3, f"{other}: mean |Δ input| {gaps[0]:.4f} unsmoothed, {gaps[1]:.4f} smoothed"
+    # The loader's in-place per-slice path and the any-shape path agree.
+    hu = _phantom_volume(1)[3].astype(np.float32)
+    out = np.empty((len(WINDOWS), *hu.shape), np.float32)
+    np.testing.assert_allclose(smoothed.map_slice(hu.copy(), out), smoothed(hu[None])[0], atol=1e-6)
+    assert np.abs(out - plain(hu[None])[0]).max() > 0.05
+    with pytest.raises(UserError, match="smooth_px"):
+        MultiWindow(WINDOWS, smooth_px=-1.0)
+
+
+def test_input_smoothing_survives_the_checkpoint_state():
+    state = MultiWindow(WINDOWS, smooth_px=0.75).state()
+    assert MultiWindow.from_state(state).smooth_px == 0.75
+    old = {k: v for k, v in state.items() if k != "smooth_px"}  # a checkpoint from before the blur
+    assert MultiWindow.from_state(old).smooth_px == 0.0
 
 
 def test_intensity_augment_draws_per_sample_and_applies_each_factor():

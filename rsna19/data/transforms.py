@@ -202,6 +202,11 @@ class MultiWindow:
         reference_hu: with a number, the datasets shift each series' HU so that its brain parenchyma reads this
             value before the windows (``data.hu_reference: brain``, :mod:`rsna19.data.reference`); None: absolute
             HU. It is part of :meth:`state`, so prediction feeds a model what it was trained on.
+        smooth_px: σ of a Gaussian applied to each (H, W) HU slice before the windows, in pixels of the image the
+            network sees (``data.smooth_px``; 0: none). It sets a floor under the image's resolution, so
+            reconstruction kernels and doses that differ in fine detail and noise reach the network alike (an
+            unsharp mask integrates to zero, so its edge overshoot averages out under a wider blur). Part of
+            :meth:`state`, as ``reference_hu``.
 
     Example:
         >>> mw = MultiWindow(["brain", "subdural", "bone"])
@@ -209,11 +214,20 @@ class MultiWindow:
         (5, 3, 64, 64)
     """
 
-    def __init__(self, names: Sequence[str], cdf: CdfMapping | None = None, reference_hu: float | None = None) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        cdf: CdfMapping | None = None,
+        reference_hu: float | None = None,
+        smooth_px: float = 0.0,
+    ) -> None:
         if not names:
             raise UserError("at least one window is needed")
+        if not (smooth_px >= 0.0 and np.isfinite(smooth_px)):
+            raise UserError(f"data.smooth_px must be a finite σ >= 0 (pixels), got {smooth_px}")
         self.names = list(names)
         self.reference_hu = None if reference_hu is None else float(reference_hu)
+        self.smooth_px = float(smooth_px)
         self.cdf = cdf if cdf is not None else CdfMapping.linear()
         self.maps = [self.cdf if n == CDF else Window.named(n) for n in self.names]
 
@@ -237,6 +251,7 @@ class MultiWindow:
             array of ``dtype`` with one more axis of length :attr:`n_channels`.
         """
         axis = axis % (np.ndim(hu) + 1)
+        hu = self.smoothed(hu)
         shape = list(np.shape(hu))
         shape.insert(axis, self.n_channels)
         if out is None:
@@ -248,25 +263,58 @@ class MultiWindow:
             m(hu, out=out[(slice(None),) * axis + (c,)])
         return out
 
+    def smoothed(self, hu: np.ndarray, in_place: bool = False) -> np.ndarray:
+        """``hu`` (..., H, W) with each (H, W) plane blurred by :attr:`smooth_px` (``hu`` itself when that is 0).
+
+        Args:
+            hu: HU array whose last two axes are a slice.
+            in_place: write into ``hu`` (a float32 array the caller owns) instead of a new float32 array.
+        """
+        if self.smooth_px == 0.0 or np.ndim(hu) < 2:
+            return hu
+        src = np.asarray(hu, dtype=np.float32)
+        out = src if in_place and src is hu else np.empty_like(src)
+        planes_in, planes_out = src.reshape(-1, *src.shape[-2:]), out.reshape(-1, *src.shape[-2:])
+        for p_in, p_out in zip(planes_in, planes_out):
+            # Replicated borders: the crop's edge is air or head, not a dark frame that would bleed inwards.
+            cv2.GaussianBlur(p_in, (0, 0), self.smooth_px, dst=p_out, borderType=cv2.BORDER_REPLICATE)
+        return out
+
     def map_slice(self, hu: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Map one (H, W) HU slice into ``out`` (C, H, W), float32 or uint8: the loader's per-slice path."""
+        """Map one (H, W) HU slice into ``out`` (C, H, W), float32 or uint8: the loader's per-slice path.
+
+        With :attr:`smooth_px` the slice is blurred first, in place when it is float32 (the loader's own buffer).
+        """
+        hu = self.smoothed(hu, in_place=True)
         for c, m in enumerate(self.maps):
             m.map_image(hu, out[c])
         return out
 
     def state(self) -> dict[str, Any]:
-        """Plain-dict state: window names, CDF knots and the brain reference (None: absolute HU)."""
-        return {"names": self.names, "cdf": self.cdf.state(), "reference_hu": self.reference_hu}
+        """Plain-dict state: window names, CDF knots, the brain reference (None: absolute HU) and the blur."""
+        return {
+            "names": self.names,
+            "cdf": self.cdf.state(),
+            "reference_hu": self.reference_hu,
+            "smooth_px": self.smooth_px,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> MultiWindow:
-        """Rebuild from :meth:`state` (a state written before ``reference_hu`` existed reads absolute HU)."""
+        """Rebuild from :meth:`state` (a state written before ``reference_hu`` or ``smooth_px`` existed reads
+        absolute HU, no blur)."""
         cdf = CdfMapping(**state["cdf"]) if state.get("cdf") else None
-        return cls(state["names"], cdf=cdf, reference_hu=state.get("reference_hu"))
+        return cls(
+            state["names"],
+            cdf=cdf,
+            reference_hu=state.get("reference_hu"),
+            smooth_px=float(state.get("smooth_px") or 0.0),
+        )
 
     def __repr__(self) -> str:
         ref = "" if self.reference_hu is None else f", reference_hu={self.reference_hu:g}"
-        return f"MultiWindow({self.names}{ref})"
+        blur = f", smooth_px={self.smooth_px:g}" if self.smooth_px else ""
+        return f"MultiWindow({self.names}{ref}{blur})"
 
 
 #: Image dtypes a dataset can emit (``data.image_dtype``).

@@ -31,6 +31,9 @@ class DataConfig:
     # "brain": shift each series' HU so its brain parenchyma reads rsna19.data.reference.BRAIN_HU before the windows
     # (invariant to a scanner's HU offset by construction); "none": absolute HU
     hu_reference: Literal["none", "brain"] = "none"
+    # σ (pixels of the network's input) of a Gaussian on each HU slice before the windows: sharper and smoother
+    # reconstruction kernels, and doses, reach the network alike (rsna19.data.transforms.MultiWindow); 0: none
+    smooth_px: float = 0.0
     samples_per_epoch: int | None = None
     # training order (rsna19/data/sampler.py): "random" shuffles all slices; "blocked" shuffles blocks of
     # block_slices slices of one series, so one read of a volume serves several samples of a batch (a cache larger

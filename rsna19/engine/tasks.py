@@ -215,7 +215,12 @@ class ImageTask(Task):
         cdf = None
         if CDF in cfg.data.windows:
             cdf = fit_cdf(cfg.data.cache, train_rows["series_uid"].tolist(), cfg.data.cdf_series, cfg.train.seed)
-        mapping = MultiWindow(cfg.data.windows, cdf=cdf, reference_hu=reference_target(cfg.data.hu_reference))
+        mapping = MultiWindow(
+            cfg.data.windows,
+            cdf=cdf,
+            reference_hu=reference_target(cfg.data.hu_reference),
+            smooth_px=cfg.data.smooth_px,
+        )
         return FoldData(
             self.train_dataset(train_rows, mapping),
             self.eval_dataset(cfg.data.cache, val_rows, mapping),
