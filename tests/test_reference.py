@@ -133,6 +133,8 @@ def test_input_smoothing_brings_sharper_and_smoother_kernels_together(kernel_cac
     out = np.empty((len(WINDOWS), *hu.shape), np.float32)
     np.testing.assert_allclose(smoothed.map_slice(hu.copy(), out), smoothed(hu[None])[0], atol=1e-6)
     assert np.abs(out - plain(hu[None])[0]).max() > 0.05
+    strided = np.repeat(hu, 2, axis=1)[:, ::2]  # a non-contiguous view of the same slice
+    np.testing.assert_allclose(smoothed.map_slice(strided, np.empty_like(out)), out, atol=1e-6)
     with pytest.raises(UserError, match="smooth_px"):
         MultiWindow(WINDOWS, smooth_px=-1.0)
 

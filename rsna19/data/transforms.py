@@ -273,7 +273,8 @@ class MultiWindow:
         if self.smooth_px == 0.0 or np.ndim(hu) < 2:
             return hu
         src = np.asarray(hu, dtype=np.float32)
-        out = src if in_place and src is hu else np.empty_like(src)
+        # In place only on a contiguous buffer: the per-plane reshape of a strided view would be a copy.
+        out = src if in_place and src is hu and src.flags.c_contiguous else np.empty_like(src)
         planes_in, planes_out = src.reshape(-1, *src.shape[-2:]), out.reshape(-1, *src.shape[-2:])
         for p_in, p_out in zip(planes_in, planes_out):
             # Replicated borders: the crop's edge is air or head, not a dark frame that would bleed inwards.
