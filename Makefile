@@ -10,6 +10,10 @@ STAMP := $(VENV)/.installed
 # is built: rm -rf .venv to switch.
 TORCH_INDEX ?=
 TORCH_PINS = $(shell grep -E '^(torch|torchvision)==' requirements.txt)
+# A flaky network should not fail a fresh install: pip retries a broken connection and resumes a cut download
+# (the CUDA torch build is several GB). Unknown to an older pip, which ignores them.
+export PIP_RETRIES ?= 10
+export PIP_RESUME_RETRIES ?= 10
 
 .PHONY: demo test test-slow test-slurm test-pacs test-dicom lint bench fuzz clean venv
 
