@@ -20,7 +20,7 @@ from rsna19.core.config import load_config
 from rsna19.core.constants import CLASSES, PROB_COLUMNS
 from rsna19.core.errors import UserError
 from rsna19.data.datasets import read_cache_index
-from rsna19.data.embeddings import SequenceDataset, read_embeddings
+from rsna19.data.embeddings import LOGIT_COLUMNS, SequenceDataset, read_embeddings
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.engine.checkpoint import load_checkpoint
 from rsna19.engine.config import TrainConfig, model_kwargs, resolve_paths
@@ -221,6 +221,19 @@ def test_seq_trains_on_the_oof_embeddings_of_every_fold_and_predicts(prepared, c
     frame_tr, _, _ = read_embeddings(image / "fold_0", "train")
     assert isinstance(train, SequenceDataset) and train.frame["sop_uid"].tolist() == frame_tr["sop_uid"].tolist()
     assert set(train.frame["patient_id"]) == fold1  # 2 folds: the same patients, but fold 0's model's view
+
+    # train_logits "oof": the same in-sample embeddings, but each slice's held-out logits (fold 1's image model,
+    # which never trained on fold 1's patients), as confident as a validation or test series' logits.
+    cfg.data.train_logits = "oof"
+    task = get_task(cfg)
+    assert task.train_sources(0, 2) == {0: ("train", "oof"), 1: ("oof",)}
+    held = task.fold_data(0, torch.device("cpu")).train
+    assert isinstance(held, SequenceDataset)
+    assert held.frame["sop_uid"].tolist() == frame_tr["sop_uid"].tolist()
+    np.testing.assert_array_equal(held.features, train.features)
+    oof1 = frame1.set_index("sop_uid").loc[frame_tr["sop_uid"], list(LOGIT_COLUMNS)].to_numpy(np.float32)
+    np.testing.assert_array_equal(held.logits, oof1)
+    assert not np.array_equal(held.logits, train.logits)
 
 
 CONFIGS = sorted(p for p in TINY.parent.glob("*/*.yaml") if p.parent.name not in ("stack", "pipelines"))

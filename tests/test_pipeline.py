@@ -102,6 +102,21 @@ def test_with_one_view_an_embedded_image_model_predicts_after_its_embed_job(tiny
     assert others and all("embed/" + m not in " ".join(jobs[f"predict/{m}/fold_0"].deps) for m in others)
 
 
+def test_a_sequence_model_on_its_own_fold_waits_for_the_embed_jobs_it_reads(tiny_dataset, tmp_path):
+    """``embedding_source: fold`` reads fold k's embeddings alone; with ``train_logits: oof`` also the other folds'
+    held-out logits, so its training waits for every fold's embed job."""
+    from rsna19.pipeline.stages import plan
+
+    for extra, reads in (([], [0]), (["data.train_logits=oof"], [0, 1])):
+        cfg = load_pipeline(PIPELINE)
+        for m in EMBEDDINGS:
+            cfg.model_overrides[m] = [*cfg.model_overrides.get(m, []), "data.embedding_source=fold", *extra]
+        jobs = {j.key: j for j in plan(tiny_dataset, tmp_path / "w", cfg)}
+        for m, image in EMBEDDINGS.items():
+            embeds = [d for d in jobs[f"train/{m}/fold_0"].deps if d.startswith("embed/")]
+            assert embeds == [f"embed/{image}/fold_{j}" for j in reads]
+
+
 def test_print_jobs_assigns_a_gpu_slot_to_each_parallel_job(tiny_dataset, tmp_path):
     from rsna19.pipeline.jobs import pipeline_jobs
 

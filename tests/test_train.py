@@ -13,14 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from cachefactory import write_cache_and_folds
 
 from rsna19.cli import main
-from rsna19.core.config import load_config
+from rsna19.core.config import load_config, to_dict
 from rsna19.core.constants import PROB_COLUMNS
 from rsna19.core.errors import UserError
 from rsna19.data.datasets import read_cache_index
-from rsna19.engine.checkpoint import load_checkpoint
+from rsna19.engine.checkpoint import load_checkpoint, save_checkpoint
 from rsna19.engine.config import TrainConfig, resolve_paths
 from rsna19.engine.embed import CheckpointOptions
 from rsna19.engine.forward import finish_rows, predict_rows
@@ -28,6 +29,7 @@ from rsna19.engine.predictor import build_net
 from rsna19.engine.runtime import Runtime
 from rsna19.engine.tasks import get_task
 from rsna19.inference.predict import predict
+from rsna19.pipeline.layout import trained_config_diff
 from rsna19.training.trainer import LOG_COLUMNS, epoch_indices, lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +172,29 @@ def test_resume_refuses_another_config(data, tmp_path):
         train(_cfg(data, tmp_path, overrides=["train.epochs=1", "optim.lr=0.1"]), fold=0)
     # A finished run with the same config is a no-op.
     assert train(_cfg(data, tmp_path, overrides=["train.epochs=1"]), fold=0).is_dir()
+
+
+def test_a_run_from_before_a_config_key_existed_still_matches_at_its_default(data, tmp_path):
+    """A config key added after a run was trained (here ``data.smooth_px``, dropped from what the run saved) reads
+    as its default: the run resumes and counts as trained, until the config sets the key to something else."""
+    run = train(_cfg(data, tmp_path, overrides=["train.epochs=1"]), fold=0)
+    state = load_checkpoint(run / "last.pt")
+    del state["config"]["data"]["smooth_px"]
+    save_checkpoint(state, run / "last.pt")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["data"]["smooth_px"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    mtime = (run / "best.pt").stat().st_mtime_ns
+
+    current = to_dict(_cfg(data, tmp_path, overrides=["train.epochs=1"]))
+    assert trained_config_diff(run, current) == []
+    assert train(_cfg(data, tmp_path, overrides=["train.epochs=1"]), fold=0) == run
+    assert (run / "best.pt").stat().st_mtime_ns == mtime  # nothing retrained
+
+    changed = to_dict(_cfg(data, tmp_path, overrides=["train.epochs=1", "data.smooth_px=0.5"]))
+    assert trained_config_diff(run, changed) == ["data.smooth_px"]
+    with pytest.raises(UserError, match="data.smooth_px"):
+        train(_cfg(data, tmp_path, overrides=["train.epochs=1", "data.smooth_px=0.5"]), fold=0)
 
 
 def test_config_errors(data, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rsna19.core.config import to_dict
 from rsna19.core.errors import UserError
 from rsna19.data.augment import AugmentConfig
 
@@ -50,6 +51,10 @@ class DataConfig:
     # sequence: training embeddings of fold k are "oof" (each fold j≠k's OOF embeddings, by fold j's image model)
     # or "fold" (fold k's image model's own training patients: in-sample, but one feature space; see SequenceTask)
     embedding_source: Literal["oof", "fold"] = "oof"
+    # sequence with model.args.logit_skip and embedding_source "fold": the base logits of the training series are
+    # "embedding" (fold k's image model's, in-sample like the embeddings) or "oof" (each training patient's held-out
+    # logits, from the image fold that did not train on it: as confident as what validation and test series carry)
+    train_logits: Literal["embedding", "oof"] = "embedding"
 
 
 @dataclass
@@ -144,17 +149,28 @@ VOLATILE_KEYS: tuple[str, ...] = (
 )
 
 
-def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+def config_diff(
+    a: dict[str, Any], b: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None
+) -> list[str]:
     """Dotted keys whose values differ between two resolved configs (as nested dicts), :data:`VOLATILE_KEYS`
-    left out: what makes a run directory written with ``a`` a different experiment from ``b``."""
+    left out: what makes a run directory written with ``a`` a different experiment from ``b``.
+
+    ``a`` is the saved one: a key it lacks reads as its value in ``defaults`` (nested like ``a``; default: a
+    :class:`TrainConfig` of defaults), so a run trained before a config key existed still matches a config that
+    leaves that key at its default.
+    """
+    if defaults is None and not prefix:
+        defaults = to_dict(TrainConfig())
+    defaults = defaults or {}
     out = []
     for k in sorted(set(a) | set(b)):
         key = f"{prefix}{k}"
         if key in VOLATILE_KEYS:
             continue
-        va, vb = a.get(k), b.get(k)
+        va, vb = a.get(k, defaults.get(k)), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, key + ".")
+            sub = defaults.get(k)
+            out += config_diff(va, vb, key + ".", sub if isinstance(sub, dict) else {})
         elif va != vb:
             out.append(key)
     return out

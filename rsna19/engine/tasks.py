@@ -40,7 +40,13 @@ from torch.utils.data import ConcatDataset, Dataset
 from rsna19.core.constants import CLASSES
 from rsna19.core.errors import UserError
 from rsna19.data.datasets import SliceDataset, fit_cdf, read_cache_index
-from rsna19.data.embeddings import SequenceDataset, collate_sequences, embeddings_complete, read_embeddings
+from rsna19.data.embeddings import (
+    LOGIT_COLUMNS,
+    SequenceDataset,
+    collate_sequences,
+    embeddings_complete,
+    read_embeddings,
+)
 from rsna19.data.folds import read_folds, split_by_fold
 from rsna19.data.masks import SegSliceDataset
 from rsna19.data.reference import reference_target
@@ -430,6 +436,8 @@ class SequenceTask(Task):
       0.232 OOF wll vs 0.2195 with ``"fold"``; without it 0.397 vs 0.308: docs/benchmarks.md, "Families").
     * ``"fold"``: ``embeddings_train`` of fold k's image model, i.e. the embeddings of the very patients it
       trained on. No leak at all, but they are cleaner than the held-out ones, so the sequence model may overfit.
+      With ``data.train_logits: "oof"`` (and the logit skip) their logits are each patient's held-out ones from
+      the other folds' ``embeddings_oof`` (:meth:`_with_held_out_logits`).
 
     :meth:`required_embeddings` lists what must exist first; an item is a whole series in slice order. In
     ``predict-study`` the embeddings are computed in memory by the bundled image model (:mod:`rsna19.engine.predictor`).
@@ -452,10 +460,19 @@ class SequenceTask(Task):
             raise UserError("a sequence model needs data.embeddings: the image run whose embeddings it reads")
         return Path(runs) / self.cfg.data.embeddings / f"fold_{fold}"
 
-    def _train_sources(self, fold: int, n_folds: int) -> dict[int, tuple[str, ...]]:
+    @property
+    def _held_out_train_logits(self) -> bool:
+        """Training series read fold k's in-sample embeddings but the other folds' held-out logits."""
+        d = self.cfg.data
+        return self._logit_skip and d.embedding_source == "fold" and d.train_logits == "oof"
+
+    def train_sources(self, fold: int, n_folds: int) -> dict[int, tuple[str, ...]]:
         """Image fold → the embedding splits fold ``fold``'s training and validation read from it."""
         if self.cfg.data.embedding_source == "fold":
-            return {fold: ("train", "oof")}
+            sources: dict[int, tuple[str, ...]] = {fold: ("train", "oof")}
+            if self._held_out_train_logits:
+                sources.update({j: ("oof",) for j in range(n_folds) if j != fold})
+            return sources
         return {j: ("oof",) for j in range(n_folds)}
 
     def required_embeddings(self, runs: str | os.PathLike[str], fold: int, splits: Sequence[str]) -> list[Embedding]:
@@ -463,14 +480,14 @@ class SequenceTask(Task):
             return [Embedding(self._image_fold_dir(runs, fold), fold, tuple(splits))]
         assert self.cfg.data.folds
         n_folds = int(read_folds(self.cfg.data.folds)["fold"].max()) + 1
-        sources = self._train_sources(fold, n_folds)
+        sources = self.train_sources(fold, n_folds)
         return [Embedding(self._image_fold_dir(runs, j), j, sp) for j, sp in sources.items()]
 
     def fold_data(self, fold: int, device: torch.device, is_main: bool = True) -> FoldData:
         cfg = self.cfg
         assert cfg.runs and cfg.data.folds
         folds = read_folds(cfg.data.folds)
-        sources = self._train_sources(fold, int(folds["fold"].max()) + 1)
+        sources = self.train_sources(fold, int(folds["fold"].max()) + 1)
         missing = [
             f"{self._image_fold_dir(cfg.runs, j)} ({s})"
             for j, splits in sources.items()
@@ -496,6 +513,8 @@ class SequenceTask(Task):
             self._check_held_out(other, folds, j if held else fold, frame, held=held)
             if info["dim"] != val_info["dim"]:
                 raise UserError(f"{other}: {split} embeddings have {info['dim']} features, {src} oof {val_info['dim']}")
+            if self._held_out_train_logits:
+                frame = self._with_held_out_logits(frame, fold, [j for j in sources if j != fold])
             parts.append(SequenceDataset(frame, x, with_logits=self._logit_skip))
         # One dataset per source keeps each memory map as it is; the loss reads x/target/mask, not frame rows.
         train: Dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
@@ -508,6 +527,31 @@ class SequenceTask(Task):
             None,
             {"in_features": int(val_info["dim"])},
         )
+
+    def _with_held_out_logits(self, frame: pd.DataFrame, fold: int, others: list[int]) -> pd.DataFrame:
+        """``frame`` (fold ``fold``'s in-sample training rows) with its logit columns replaced by each row's logits
+        in the OOF embeddings of the image folds ``others``, which never trained on those patients.
+
+        In-sample logits are more confident than any a new series gets; a sequence model that learns its
+        correction on them learns to push a moderate logit down, which costs the moderate positives of a harder
+        test set or another scanner (docs/benchmarks.md, "Scanner shift").
+
+        Raises:
+            UserError: a training slice has no held-out logits (the image run's folds differ from the folds file).
+        """
+        assert self.cfg.runs
+        held = pd.concat(
+            [read_embeddings(self._image_fold_dir(self.cfg.runs, j), "oof")[0] for j in others], ignore_index=True
+        ).set_index("sop_uid")[list(LOGIT_COLUMNS)]
+        missing = ~frame["sop_uid"].isin(held.index)
+        if missing.any():
+            raise UserError(
+                f"fold {fold}: {int(missing.sum())} training slices have no held-out logits in the OOF embeddings of "
+                f"image folds {others}; re-embed with the same folds file"
+            )
+        out = frame.copy()
+        out[list(LOGIT_COLUMNS)] = held.loc[out["sop_uid"].to_numpy()].to_numpy()
+        return out
 
     def _check_held_out(self, src: Path, folds: pd.DataFrame, fold: int, frame: pd.DataFrame, held: bool) -> None:
         """``frame``'s patients must be all in fold ``fold`` (``held``) or all outside it: else the folds differ."""

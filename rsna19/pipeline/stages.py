@@ -23,7 +23,8 @@ job key            waits for                                  done when
 A sequence model reads the embeddings of the image model named by its ``data.embeddings``: an ``embed`` job per
 fold of that image model writes them (the splits every sequence model needs: ``oof`` + ``test``, and ``train``
 when one trains on its own fold's embeddings), and the sequence model's fold-k training waits for the ``embed``
-jobs of the folds it reads (every fold with ``embedding_source: oof``, fold k alone with ``fold``). With one TTA view,
+jobs of the folds it reads (every fold with ``embedding_source: oof``, fold k alone with ``fold``, every fold with
+``fold`` and ``train_logits: oof``). With one TTA view,
 an embedded image model's ``predict`` job also waits for its own ``embed`` job and writes the embeddings' logits as
 its predictions instead of a second pass (:func:`rsna19.inference.predict.predictions_from_embeddings`).
 """
@@ -49,7 +50,7 @@ from rsna19.data.datasets import read_cache_index
 from rsna19.data.embeddings import embedding_paths
 from rsna19.data.folds import read_folds, write_folds
 from rsna19.engine.embed import CheckpointOptions, extract_embeddings
-from rsna19.engine.tasks import get_task
+from rsna19.engine.tasks import SequenceTask, get_task
 from rsna19.inference.predict import predict
 from rsna19.inference.submission import write_submission
 from rsna19.io.index import build_index
@@ -613,7 +614,12 @@ def plan(
         for k in range(cfg.n_folds):
             deps: tuple[str, ...] = ("folds",)
             if upstream:
-                reads = [k] if tc.data.embedding_source == "fold" else list(range(cfg.n_folds))
+                task = get_task(tc)
+                reads = (
+                    sorted(task.train_sources(k, cfg.n_folds))
+                    if isinstance(task, SequenceTask)
+                    else list(range(cfg.n_folds))
+                )
                 deps += tuple(f"embed/{upstream}/fold_{j}" for j in reads)
             jobs.append(TrainJob(ctx, name, k, deps, res))
         if name in embeds:
