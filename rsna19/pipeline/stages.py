@@ -615,11 +615,10 @@ def plan(
             deps: tuple[str, ...] = ("folds",)
             if upstream:
                 task = get_task(tc)
-                reads = (
-                    sorted(task.train_sources(k, cfg.n_folds))
-                    if isinstance(task, SequenceTask)
-                    else list(range(cfg.n_folds))
-                )
+                if isinstance(task, SequenceTask):
+                    reads = sorted(task.train_sources(k, cfg.n_folds))
+                else:  # another task reading embeddings: the rule of data.embedding_source alone, as before
+                    reads = [k] if tc.data.embedding_source == "fold" else list(range(cfg.n_folds))
                 deps += tuple(f"embed/{upstream}/fold_{j}" for j in reads)
             jobs.append(TrainJob(ctx, name, k, deps, res))
         if name in embeds:
